@@ -1,0 +1,20 @@
+"""How tokens look at each other: masks, attention backends, multi-head attention."""
+
+from tformer.attention.backends import available_backends, get_backend, math_attention, sdpa_attention
+from tformer.attention.masks import causal_mask, check_mask, combine, lengths_mask, padding_mask
+from tformer.attention.multihead import KV, AttentionOutput, MultiHeadAttention
+
+__all__ = [
+    "KV",
+    "AttentionOutput",
+    "MultiHeadAttention",
+    "available_backends",
+    "causal_mask",
+    "check_mask",
+    "combine",
+    "get_backend",
+    "lengths_mask",
+    "math_attention",
+    "padding_mask",
+    "sdpa_attention",
+]

@@ -1,0 +1,117 @@
+"""Attention kernels behind one signature, and a registry by name.
+
+Every backend is `fn(q, k, v, mask=None, *, causal=False, dropout_p=0.0, need_weights=False, scale=None)`
+with q (B, H, T, D), k and v (B, H, S, D), a bool mask broadcastable to (B, H, T, S) (True = may attend),
+and returns (output (B, H, T, D), weights (B, H, T, S) or None). `causal` aligns the queries with the last
+T keys, so a decoding step with a cache of earlier keys stays causal. A query row with nothing to attend
+to yields zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tformer.attention.masks import causal_mask, combine
+
+AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: AttentionFn
+    supports_weights: bool
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(name: str, *, supports_weights: bool) -> Callable[[AttentionFn], AttentionFn]:
+    def wrap(fn: AttentionFn) -> AttentionFn:
+        _REGISTRY[name] = Backend(name, fn, supports_weights)
+        return fn
+
+    return wrap
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _full_mask(mask: Tensor | None, causal: bool, t: int, s: int, device: torch.device) -> Tensor | None:
+    if causal and t > 1:  # a single query is the newest position: causality masks nothing
+        return combine(mask, causal_mask(t, s, device=device))
+    return mask
+
+
+@register("math", supports_weights=True)
+def math_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(D)) v, written out (paper eq. 1). The reference every backend is tested against."""
+    t, s = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    allowed = _full_mask(mask, causal, t, s, q.device)
+    if allowed is not None:
+        # The most negative finite value, not -inf: a fully masked row then gives a uniform (finite)
+        # softmax that we zero below, so neither the output nor its gradient ever sees NaN.
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    if allowed is not None:
+        weights = weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    out = torch.matmul(weights, v)  # (B, H, T, D)
+    return out, (weights if need_weights else None)
+
+
+@register("sdpa", supports_weights=False)
+def sdpa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """torch's fused `scaled_dot_product_attention` (flash / memory-efficient kernels where available)."""
+    if need_weights:
+        raise ValueError("the 'sdpa' backend cannot return attention weights; use the 'math' backend")
+    t, s = q.shape[-2], k.shape[-2]
+    if mask is None and causal and t == s:
+        # The kernel's own causal fast path (top-left aligned, which equals ours when T == S).
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        return out, None
+    allowed = _full_mask(mask, causal, t, s, q.device)
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
+    # Rows with no key to attend to would be NaN inside the kernel: let them attend everywhere (finite),
+    # then zero their output.
+    empty = ~allowed.any(dim=-1, keepdim=True)  # (B?, H?, T, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(empty, 0.0), None

@@ -1,0 +1,114 @@
+"""Multi-head attention (paper section 3.2.2): projections, split/merge heads, the KV cache, a backend."""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from tformer.attention.backends import get_backend
+from tformer.attention.masks import check_mask
+
+
+class KV(NamedTuple):
+    """Projected keys and values of one attention layer, (B, H, S, D) each."""
+
+    k: Tensor
+    v: Tensor
+
+    def index_select(self, index: Tensor) -> KV:
+        """Keep / reorder batch rows (beam search): index (B',) -> KV with batch B'."""
+        return KV(self.k.index_select(0, index), self.v.index_select(0, index))
+
+
+class AttentionOutput(NamedTuple):
+    out: Tensor  # (B, T, C)
+    weights: Tensor | None  # (B, H, T, S) when asked for
+    kv: KV | None  # keys and values attended to, for the caller's cache
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/output projections.
+
+    `forward(x, memory=None)` attends from x (B, T, C) to `memory` (B, S, C), or to x itself when memory is
+    None. Cached decoding passes `past` (the KV of earlier positions, extended with this step's) or
+    `static_kv` (cross-attention keys/values computed once per source by `project_kv`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model = {d_model} must be divisible by n_heads = {n_heads}")
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.dropout = dropout
+        self.backend = get_backend(backend)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, D)
+
+    def project_kv(self, memory: Tensor) -> KV:
+        """(B, S, C) -> keys and values (B, H, S, D); computed once per source for cross-attention."""
+        return KV(self._split(self.k_proj(memory)), self._split(self.v_proj(memory)))
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        past: KV | None = None,
+        static_kv: KV | None = None,
+        need_weights: bool = False,
+    ) -> AttentionOutput:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"attention input has shape {tuple(x.shape)}; expected (B, T, C={self.d_model})")
+        b, t, _ = x.shape
+        q = self._split(self.q_proj(x))  # (B, H, T, D)
+        if static_kv is not None:
+            kv = static_kv
+        else:
+            source = x if memory is None else memory
+            if source.dim() != 3 or source.shape[0] != b or source.shape[-1] != self.d_model:
+                raise ValueError(
+                    f"attention memory has shape {tuple(source.shape)}; expected (B={b}, S, C={self.d_model})"
+                )
+            kv = self.project_kv(source)
+            if past is not None:
+                kv = KV(torch.cat([past.k, kv.k], dim=2), torch.cat([past.v, kv.v], dim=2))
+        s = kv.k.shape[2]
+        if mask is not None:
+            check_mask(mask, b=b, t=t, s=s)
+        backend = self.backend
+        if need_weights and not backend.supports_weights:
+            warnings.warn(
+                f"attention backend '{backend.name}' cannot return weights; using 'math' for this call",
+                stacklevel=2,
+            )
+            backend = get_backend("math")
+        out, weights = backend.fn(
+            q,
+            kv.k,
+            kv.v,
+            mask,
+            causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
+        out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, C)
+        return AttentionOutput(self.out_proj(out), weights, kv)

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def copy_mha(ours, ref):
+    """Copy torch.nn.MultiheadAttention's packed in-projection into our separate q/k/v projections."""
+    import torch
+
+    c = ours.d_model
+    with torch.no_grad():
+        w, b = ref.in_proj_weight, ref.in_proj_bias
+        for i, proj in enumerate((ours.q_proj, ours.k_proj, ours.v_proj)):
+            proj.weight.copy_(w[i * c : (i + 1) * c])
+            proj.bias.copy_(b[i * c : (i + 1) * c])
+        ours.out_proj.weight.copy_(ref.out_proj.weight)
+        ours.out_proj.bias.copy_(ref.out_proj.bias)
+
+
+def copy_ff_norms(ours, ref, n_norms):
+    with torch.no_grad():
+        ours.ff.linear1.load_state_dict(ref.linear1.state_dict())
+        ours.ff.linear2.load_state_dict(ref.linear2.state_dict())
+        for i in range(1, n_norms + 1):
+            getattr(ours, f"norm{i}").load_state_dict(getattr(ref, f"norm{i}").state_dict())
+
+
+def copy_encoder_layer(ours, ref):
+    copy_mha(ours.self_attn, ref.self_attn)
+    copy_ff_norms(ours, ref, 2)
+
+
+def copy_decoder_layer(ours, ref):
+    copy_mha(ours.self_attn, ref.self_attn)
+    copy_mha(ours.cross_attn, ref.multihead_attn)
+    copy_ff_norms(ours, ref, 3)
