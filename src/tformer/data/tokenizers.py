@@ -1,0 +1,87 @@
+"""One Tokenizer interface over Hugging Face `tokenizers`, saved next to the model as tokenizer.json.
+
+Special tokens are declared once (SPECIALS) and get the same ids in every vocabulary: <pad>=0, <bos>=1,
+<eos>=2, <unk>=3. Kinds: "word" (whole words, with hyphens and commas split off as their own tokens) and
+"bpe" (byte-pair merges learned on the training split). Both round-trip text exactly through a Metaspace
+pre-tokenizer and decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+KINDS = ("word", "bpe")
+
+
+class Tokenizer:
+    """Text <-> ids. `encode` adds no BOS/EOS; the task decides where those go."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        for i, tok in enumerate(SPECIALS):
+            if hf.token_to_id(tok) != i:
+                raise ValueError(f"tokenizer must map {tok!r} to id {i}, got {hf.token_to_id(tok)}")
+        self.hf = hf
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(4)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], *, kind: str = "word", vocab_size: int = 8000) -> Tokenizer:
+        if kind == "word":
+            hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+            trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS), vocab_size=vocab_size)
+        elif kind == "bpe":
+            hf = HFTokenizer(models.BPE(unk_token=UNK))
+            trainer = trainers.BpeTrainer(special_tokens=list(SPECIALS), vocab_size=vocab_size)
+        else:
+            raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(r"[-,.;:!?]"), behavior="isolated")]
+        )
+        hf.decoder = decoders.Metaspace()
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([i for i in ids if i >= len(SPECIALS)]).strip()
+
+    def tokens(self, text: str) -> list[str]:
+        return self.hf.encode(text, add_special_tokens=False).tokens
+
+    def id_to_token(self, i: int) -> str:
+        return self.hf.id_to_token(i)
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    @classmethod
+    def from_str(cls, text: str) -> Tokenizer:
+        return cls(HFTokenizer.from_str(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_str(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        try:
+            return cls.from_str(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: tokenizer file not found") from None
+        except (Exception, json.JSONDecodeError) as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{path}: not a valid tokenizer file ({exc})") from None

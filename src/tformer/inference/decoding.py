@@ -1,0 +1,173 @@
+"""Autoregressive decoding of an encoder-decoder: greedy and batched beam search, both incremental.
+
+The source is encoded once; every decoder layer's cross-attention keys/values are computed once per
+source (`Seq2Seq.start_cache`); each step feeds one token and extends the cached self-attention keys and
+values. Scores are sums of token log-probabilities (EOS included); beam search ranks finished hypotheses
+by score / lp(length), with GNMT's lp(n) = ((5 + n) / 6) ** length_penalty (Wu et al., 2016).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tformer.models.seq2seq import Seq2Seq
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids, without BOS and EOS
+    score: float  # sum of log-probabilities, EOS included when it was produced
+    finished: bool  # ended with EOS (False: cut at max_len)
+
+
+def _max_steps(model: Seq2Seq, max_len: int | None, src_len: int) -> int:
+    limit = model.config.max_seq_len
+    if max_len is None:
+        max_len = min(limit, 2 * src_len + 10)
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    return min(max_len, limit)
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: Seq2Seq,
+    src: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_len: int | None = None,
+    src_mask: Tensor | None = None,
+) -> list[Hypothesis]:
+    """Pick the most probable token at each step. src (B, S) -> one hypothesis per row."""
+    steps = _max_steps(model, max_len, src.shape[1])
+    memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
+    cache = model.start_cache(memory, memory_mask)
+    b = src.shape[0]
+    token = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
+    out = torch.empty(b, steps, dtype=torch.long, device=src.device)
+    scores = torch.zeros(b, dtype=torch.float64, device=src.device)
+    done = torch.zeros(b, dtype=torch.bool, device=src.device)
+    for t in range(steps):
+        step = model.decode_step(token, cache)
+        cache = step.cache
+        logp = torch.log_softmax(step.logits[:, -1].float(), dim=-1)  # (B, V)
+        best = logp.argmax(dim=-1)  # (B,)
+        scores += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0].double())
+        out[:, t] = best
+        done |= best == eos_id
+        token = best[:, None]
+        if bool(done.all()):
+            out = out[:, : t + 1]
+            break
+    hyps = []
+    for row, score in zip(out.tolist(), scores.tolist(), strict=True):
+        finished = eos_id in row
+        hyps.append(Hypothesis(row[: row.index(eos_id)] if finished else row, score, finished))
+    return hyps
+
+
+@torch.no_grad()
+def beam_search(
+    model: Seq2Seq,
+    src: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int = 4,
+    length_penalty_alpha: float = 0.6,
+    max_len: int | None = None,
+    src_mask: Tensor | None = None,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
+    """Batched beam search. src (B, S) -> for each row, its `n_best` hypotheses, best first.
+
+    Each step expands every live beam, keeps the 2K best continuations, moves those ending in EOS (ranked
+    within the best K) to the finished list, and keeps the K best others. A source stops once it has K
+    finished hypotheses and no live beam could still beat the worst of them.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be in [1, beam_size={beam_size}], got {n_best}")
+    k = beam_size
+    steps = _max_steps(model, max_len, src.shape[1])
+    b, device = src.shape[0], src.device
+    memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
+    # Cross-attention keys/values once per source, then repeated for its K beams.
+    cache = model.start_cache(memory, memory_mask).index_select(torch.arange(b, device=device).repeat_interleave(k))
+    scores = torch.full((b, k), float("-inf"), dtype=torch.float64, device=device)
+    scores[:, 0] = 0.0  # all beams start as the same BOS: expand only one at the first step
+    history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (B*K, t+1), BOS first
+    finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    done = [False] * b
+    lp_max = length_penalty(steps, length_penalty_alpha)
+
+    def norm(score: float, length: int) -> float:
+        return score / length_penalty(length, length_penalty_alpha)
+
+    for t in range(steps):
+        step = model.decode_step(history[:, -1:], cache)
+        logp = torch.log_softmax(step.logits[:, -1].double(), dim=-1)  # (B*K, V)
+        v = logp.shape[-1]
+        cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)
+        top_scores, top_idx = cand.topk(2 * k, dim=1)  # (B, 2K)
+        top_beam, top_tok = top_idx // v, top_idx % v
+        new_scores = torch.full((b, k), float("-inf"), dtype=torch.float64, device=device)
+        new_src = torch.zeros(b, k, dtype=torch.long, device=device)
+        new_tok = torch.full((b, k), eos_id, dtype=torch.long, device=device)
+        ts, tb, tt = top_scores.tolist(), top_beam.tolist(), top_tok.tolist()
+        hist = None
+        for i in range(b):
+            if done[i]:
+                continue
+            slot = 0
+            for rank in range(2 * k):
+                score, beam, tok = ts[i][rank], tb[i][rank], tt[i][rank]
+                if score == float("-inf"):
+                    break
+                if tok == eos_id:
+                    if rank < k:
+                        if hist is None:
+                            hist = history.tolist()
+                        finished[i].append(Hypothesis(hist[i * k + beam][1:], score, True))
+                    continue
+                new_scores[i, slot], new_src[i, slot], new_tok[i, slot] = score, beam, tok
+                slot += 1
+                if slot == k:
+                    break
+            if len(finished[i]) >= k:
+                worst = min(norm(h.score, len(h.tokens) + 1) for h in finished[i])
+                best_live = float(new_scores[i, 0])
+                bound = best_live / lp_max if length_penalty_alpha > 0 else norm(best_live, t + 1)
+                if bound <= worst:
+                    done[i] = True
+        if all(done):
+            break
+        scores = new_scores
+        rows = (torch.arange(b, device=device)[:, None] * k + new_src).view(-1)  # (B*K,)
+        history = torch.cat([history.index_select(0, rows), new_tok.view(-1, 1)], dim=1)
+        cache = step.cache.index_select(rows)
+    else:
+        # Out of steps: live beams count as (unfinished) hypotheses.
+        hist = history.tolist()
+        sc = scores.tolist()
+        for i in range(b):
+            if done[i]:
+                continue
+            for j in range(k):
+                if sc[i][j] != float("-inf"):
+                    finished[i].append(Hypothesis(hist[i * k + j][1:], sc[i][j], False))
+
+    results = []
+    for hyps in finished:
+        hyps.sort(key=lambda h: norm(h.score, len(h.tokens) + int(h.finished)), reverse=True)
+        results.append(hyps[:n_best])
+    return results

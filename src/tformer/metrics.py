@@ -1,0 +1,41 @@
+"""Metrics people report: BLEU and chrF through sacrebleu, exact match, perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sacrebleu
+
+
+@dataclass(frozen=True)
+class Bleu:
+    score: float
+    signature: str
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Bleu:
+    """Corpus BLEU, cased and detokenised (sacrebleu's defaults), with sacrebleu's signature."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    metric = sacrebleu.metrics.BLEU()
+    result = metric.corpus_score(list(hypotheses), [list(references)])
+    return Bleu(result.score, str(metric.get_signature()))
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    return sacrebleu.metrics.CHRF().corpus_score(list(hypotheses), [list(references)]).score
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of hypotheses equal to their reference after stripping surrounding whitespace."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not references:
+        return 0.0
+    return sum(h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True)) / len(references)
+
+
+def perplexity(nll_per_token: float) -> float:
+    return math.exp(min(nll_per_token, 700.0))

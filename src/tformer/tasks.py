@@ -1,0 +1,185 @@
+"""Tasks: which model, which batches, which loss and metrics, how to predict; the trainer and CLI stay generic.
+
+This module holds translation (the paper's task); later tasks follow the same shape.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tformer.config import ModelConfig, TrainConfig
+from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch
+from tformer.data.tokenizers import Tokenizer
+from tformer.inference.decoding import beam_search, greedy_decode
+from tformer.metrics import bleu, exact_match, perplexity
+from tformer.models.seq2seq import Seq2Seq
+from tformer.training.checkpoint import CheckpointError, load_weights, read_config
+from tformer.training.losses import sequence_cross_entropy
+
+SRC_TOKENIZER = "src_tokenizer.json"
+TGT_TOKENIZER = "tgt_tokenizer.json"
+
+
+def _encode_pairs(
+    pairs: Sequence[tuple[str, str]], src_tok: Tokenizer, tgt_tok: Tokenizer, max_len: int, split: str
+) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """Encode (source, target) texts; drop (and count) pairs too long for the model."""
+    src_ids = src_tok.encode_batch([s for s, _ in pairs])
+    tgt_ids = tgt_tok.encode_batch([t for _, t in pairs])
+    keep = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True)) if len(s) <= max_len and len(t) < max_len]
+    if len(keep) < len(pairs):
+        print(
+            f"{split}: skipped {len(pairs) - len(keep)} of {len(pairs)} pairs longer than max_seq_len = {max_len}",
+            file=sys.stderr,
+        )
+    return [src_ids[i] for i in keep], [tgt_ids[i] for i in keep], keep
+
+
+class TranslationTask:
+    """Source -> target text with the encoder-decoder; loss: label-smoothed cross-entropy per token."""
+
+    name = "translation"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        src_tokenizer: Tokenizer,
+        tgt_tokenizer: Tokenizer,
+        train: Sequence[tuple[str, str]],
+        valid: Sequence[tuple[str, str]],
+        *,
+        eval_beam_size: int = 1,
+        eval_max_sentences: int | None = 500,
+    ) -> None:
+        self.model_config, self.train_config = model_config, train_config
+        self.src_tok, self.tgt_tok = src_tokenizer, tgt_tokenizer
+        max_len = model_config.max_seq_len
+        self.train_src, self.train_tgt, _ = _encode_pairs(train, src_tokenizer, tgt_tokenizer, max_len, "train")
+        self.valid_src, self.valid_tgt, kept = _encode_pairs(valid, src_tokenizer, tgt_tokenizer, max_len, "valid")
+        self.valid_refs = [valid[i][1] for i in kept]
+        self.eval_beam_size = eval_beam_size
+        self.eval_max_sentences = eval_max_sentences
+        self._lengths = [len(s) + len(t) + 1 for s, t in zip(self.train_src, self.train_tgt, strict=True)]
+
+    def _batch(self, idx: list[int], src: list[list[int]], tgt: list[list[int]]) -> PairBatch:
+        t = self.tgt_tok
+        return make_pair_batch(
+            [src[i] for i in idx], [tgt[i] for i in idx], pad_id=t.pad_id, bos_id=t.bos_id, eos_id=t.eos_id
+        )
+
+    def train_batches(self, epoch: int) -> list[PairBatch]:
+        c = self.train_config
+        groups = bucket_batches(
+            self._lengths, batch_tokens=c.batch_tokens, max_sentences=c.max_batch_sentences, seed=c.seed + epoch
+        )
+        return [self._batch(g, self.train_src, self.train_tgt) for g in groups]
+
+    def loss(self, model: Seq2Seq, batch: PairBatch) -> tuple[torch.Tensor, int]:
+        logits = model(batch.src, batch.tgt_in).logits
+        loss = sequence_cross_entropy(
+            logits, batch.tgt_out, pad_id=self.tgt_tok.pad_id, label_smoothing=self.train_config.label_smoothing
+        )
+        return loss, batch.n_tokens
+
+    def evaluate(self, model: Seq2Seq) -> dict[str, float]:
+        """Validation NLL / perplexity (no smoothing) on every pair; BLEU and exact match on decoded ones."""
+        lengths = [len(s) + len(t) for s, t in zip(self.valid_src, self.valid_tgt, strict=True)]
+        groups = bucket_batches(lengths, batch_tokens=self.train_config.batch_tokens, max_sentences=256, seed=None)
+        nll, tokens = 0.0, 0
+        for g in groups:
+            b = self._batch(g, self.valid_src, self.valid_tgt)
+            logits = model(b.src, b.tgt_in).logits
+            nll += float(sequence_cross_entropy(logits, b.tgt_out, pad_id=self.tgt_tok.pad_id))
+            tokens += b.n_tokens
+        n = len(self.valid_src) if self.eval_max_sentences is None else min(self.eval_max_sentences, len(self.valid_src))
+        translator = Translator(model, self.src_tok, self.tgt_tok)
+        hyps = translator.translate_ids(self.valid_src[:n], beam_size=self.eval_beam_size)
+        refs = self.valid_refs[:n]
+        return {
+            "valid_nll": nll / max(1, tokens),
+            "valid_ppl": perplexity(nll / max(1, tokens)),
+            "bleu": bleu(hyps, refs).score,
+            "exact_match": exact_match(hyps, refs),
+        }
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"task": self.name, "model": self.model_config.to_dict()}
+
+    def write_files(self, directory: Path) -> None:
+        self.src_tok.save(directory / SRC_TOKENIZER)
+        self.tgt_tok.save(directory / TGT_TOKENIZER)
+
+
+class Translator:
+    """A trained encoder-decoder with its tokenizers: text in, text out."""
+
+    def __init__(self, model: Seq2Seq, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer) -> None:
+        self.model, self.src_tok, self.tgt_tok = model, src_tokenizer, tgt_tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Translator:
+        path = Path(path)
+        config = read_config(path)
+        if config.get("task") != "translation":
+            raise CheckpointError(f"{path}: a {config.get('task')!r} checkpoint, not a translation model")
+        try:
+            model_config = ModelConfig.from_dict(config["model"], source=str(path / "config.json"))
+        except KeyError:
+            raise CheckpointError(f"{path / 'config.json'}: has no 'model' section") from None
+        model = Seq2Seq(model_config)
+        load_weights(path, model)
+        src_tok = Tokenizer.load(path / SRC_TOKENIZER)
+        tgt_tok = Tokenizer.load(path / TGT_TOKENIZER)
+        return cls(model.to(device).eval(), src_tok, tgt_tok)
+
+    def translate_ids(
+        self,
+        sources: Sequence[Sequence[int]],
+        *,
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+        max_len: int | None = None,
+        batch_size: int = 128,
+    ) -> list[str]:
+        """Decode pre-tokenised sources, in length-sorted batches, returning texts in input order."""
+        model, t = self.model, self.tgt_tok
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out: list[str] = [""] * len(sources)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            src = make_pair_batch([sources[i] for i in idx], [[]] * len(idx), pad_id=t.pad_id, bos_id=t.bos_id,
+                                  eos_id=t.eos_id).src.to(device)
+            if beam_size == 1:
+                hyps = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=max_len)
+            else:
+                hyps = [h[0] for h in beam_search(model, src, bos_id=t.bos_id, eos_id=t.eos_id, beam_size=beam_size,
+                                                  length_penalty_alpha=length_penalty, max_len=max_len)]
+            for i, h in zip(idx, hyps, strict=True):
+                out[i] = t.decode(h.tokens)
+        model.train(was_training)
+        return out
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        limit = self.model.config.max_seq_len
+        ids = self.src_tok.encode_batch(list(texts))
+        for n, row in enumerate(ids, 1):
+            if len(row) > limit:
+                raise ValueError(
+                    f"input {n} has {len(row)} tokens, more than the model's max_seq_len = {limit}: {texts[n - 1][:60]!r}"
+                )
+            if not row:
+                raise ValueError(f"input {n} is empty: nothing to translate")
+        return ids
+
+    def translate(self, texts: Sequence[str], **kwargs: Any) -> list[str]:
+        """Translate sentences. Keyword arguments as for `translate_ids` (beam_size, length_penalty, ...)."""
+        return self.translate_ids(self.encode(texts), **kwargs)
