@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import copy_mha
 
+from conftest import copy_mha
 from tformer.attention import (
     MultiHeadAttention,
     causal_mask,

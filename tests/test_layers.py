@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import copy_decoder_layer, copy_encoder_layer
 
+from conftest import copy_decoder_layer, copy_encoder_layer
 from tformer.attention import causal_mask, padding_mask
 from tformer.layers import DecoderLayer, EncoderLayer, FeedForward
 
@@ -38,7 +38,9 @@ def test_encoder_layer_matches_torch(norm_first, activation):
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_decoder_layer_matches_torch(norm_first):
     ours = DecoderLayer(C, H, F, dropout=0.0, norm_first=norm_first, backend="math").double()
-    ref = torch.nn.TransformerDecoderLayer(C, H, F, dropout=0.0, batch_first=True, norm_first=norm_first).double()
+    ref = torch.nn.TransformerDecoderLayer(
+        C, H, F, dropout=0.0, batch_first=True, norm_first=norm_first
+    ).double()
     copy_decoder_layer(ours, ref)
     x = torch.randn(B, T, C, dtype=torch.float64)
     memory = torch.randn(B, S, C, dtype=torch.float64)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import copy_decoder_layer, copy_encoder_layer
 
+from conftest import copy_decoder_layer, copy_encoder_layer
 from tformer.attention import causal_mask
 from tformer.config import ModelConfig
 from tformer.models import Seq2Seq
@@ -14,8 +14,16 @@ TGT = torch.tensor([[1, 4, 5, 6, 7], [1, 8, 9, 0, 0], [1, 3, 0, 0, 0]])
 
 def _config(**kw):
     base = dict(
-        src_vocab_size=20, tgt_vocab_size=15, d_model=16, n_heads=4, d_ff=32, n_layers=2, n_decoder_layers=3,
-        dropout=0.0, max_seq_len=32, attention="math",
+        src_vocab_size=20,
+        tgt_vocab_size=15,
+        d_model=16,
+        n_heads=4,
+        d_ff=32,
+        n_layers=2,
+        n_decoder_layers=3,
+        dropout=0.0,
+        max_seq_len=32,
+        attention="math",
     )
     base.update(kw)
     return ModelConfig(**base)
@@ -27,7 +35,9 @@ def _reference_logits(model: Seq2Seq, ref_encoder, ref_decoder, src, tgt):
     tgt_x = model.positions(model.tgt_embed(tgt))
     memory = ref_encoder(src_x, src_key_padding_mask=~src_keep)
     t = tgt.shape[1]
-    out = ref_decoder(tgt_x, memory, tgt_mask=~causal_mask(t), memory_key_padding_mask=~src_keep, tgt_is_causal=True)
+    out = ref_decoder(
+        tgt_x, memory, tgt_mask=~causal_mask(t), memory_key_padding_mask=~src_keep, tgt_is_causal=True
+    )
     return model.output(out)
 
 
@@ -36,10 +46,20 @@ def test_model_matches_torch_transformer(norm_first):
     """nn.Transformer always puts a LayerNorm after each stack: compare with final_norm=True."""
     c = _config(norm_first=norm_first, final_norm=True)
     model = Seq2Seq(c).double().eval()
-    ref = torch.nn.Transformer(
-        c.d_model, c.n_heads, c.n_layers, c.decoder_layers, c.d_ff, dropout=0.0, batch_first=True,
-        norm_first=norm_first,
-    ).double().eval()
+    ref = (
+        torch.nn.Transformer(
+            c.d_model,
+            c.n_heads,
+            c.n_layers,
+            c.decoder_layers,
+            c.d_ff,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=norm_first,
+        )
+        .double()
+        .eval()
+    )
     for ours, theirs in zip(model.encoder_layers, ref.encoder.layers, strict=True):
         copy_encoder_layer(ours, theirs)
     for ours, theirs in zip(model.decoder_layers, ref.decoder.layers, strict=True):
@@ -116,7 +136,14 @@ def test_embeddings_scaled_by_sqrt_d_model():
 
 def test_paper_base_is_the_default_config():
     c = ModelConfig()
-    assert (c.n_layers, c.decoder_layers, c.d_model, c.n_heads, c.d_ff, c.dropout) == (6, 6, 512, 8, 2048, 0.1)
+    assert (c.n_layers, c.decoder_layers, c.d_model, c.n_heads, c.d_ff, c.dropout) == (
+        6,
+        6,
+        512,
+        8,
+        2048,
+        0.1,
+    )
     assert not c.norm_first and c.positions == "sinusoidal"
 
 

@@ -26,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"total time:              {result.seconds:.0f} s")
     print()
     print("Translate with it:")
-    print(f"  tformer translate {shlex.quote(str(result.checkpoint))} \"deux cent quarante-sept\"")
+    print(f'  tformer translate {shlex.quote(str(result.checkpoint))} "deux cent quarante-sept"')
     return 0
 
 
@@ -72,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a `nargs="*"` positional at the first option: `translate CKPT --beam 2 "text"` leaves
+    # "text" over. Texts after options still belong to the command.
+    if extra and getattr(args, "text", None) is not None and not any(e.startswith("-") for e in extra):
+        args.text = [*args.text, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

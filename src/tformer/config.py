@@ -246,11 +246,15 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         if not section:
             section = "model" if name in model_keys else "train" if name in train_keys else ""
             if not section:
-                raise ConfigError(f"override '{item}': unknown key '{name}'{_closest(name, model_keys + train_keys)}")
+                raise ConfigError(
+                    f"override '{item}': unknown key '{name}'{_closest(name, model_keys + train_keys)}"
+                )
         if section == "model":
             config = RunConfig(model=config.model.replace(**{name: value}), train=config.train)
         elif section == "train":
             config = RunConfig(model=config.model, train=config.train.replace(**{name: value}))
         else:
-            raise ConfigError(f"override '{item}': unknown section '{section}'{_closest(section, ['model', 'train'])}")
+            raise ConfigError(
+                f"override '{item}': unknown section '{section}'{_closest(section, ['model', 'train'])}"
+            )
     return config

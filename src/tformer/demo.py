@@ -39,12 +39,20 @@ def demo_size(quick: bool, seed: int = 0) -> DemoSize:
     """The full demo (a few minutes on 2 CPU cores) or a quick one (seconds, for tests)."""
     if quick:
         model = ModelConfig(d_model=64, n_heads=4, d_ff=128, n_layers=2, dropout=0.0, max_seq_len=32)
-        train = TrainConfig(epochs=6, batch_tokens=1500, lr=3e-3, warmup_steps=30, seed=seed, log_every=10,
-                            label_smoothing=0.0)
+        train = TrainConfig(
+            epochs=6,
+            batch_tokens=1500,
+            lr=3e-3,
+            warmup_steps=30,
+            seed=seed,
+            log_every=10,
+            label_smoothing=0.0,
+        )
         return DemoSize(2000, 200, 200, model, train, beam_size=2)
     model = ModelConfig(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.1, max_seq_len=48)
-    train = TrainConfig(epochs=5, max_time=230.0, batch_tokens=3000, lr=2e-3, warmup_steps=400, seed=seed,
-                        log_every=25)
+    train = TrainConfig(
+        epochs=5, max_time=230.0, batch_tokens=3000, lr=2e-3, warmup_steps=400, seed=seed, log_every=25
+    )
     return DemoSize(30000, 500, 1000, model, train)
 
 
@@ -77,13 +85,17 @@ def run_demo(
     pairs = {k: [(p.src, p.tgt) for p in v] for k, v in splits.items()}
     src_tok = Tokenizer.train([s for s, _ in pairs["train"]], kind="word")
     tgt_tok = Tokenizer.train([t for _, t in pairs["train"]], kind="word")
-    log(f"      {size.n_train:,} train / {size.n_valid:,} valid / {size.n_test:,} held-out numbers; "
-        f"vocabularies {src_tok.vocab_size} fr, {tgt_tok.vocab_size} en")
+    log(
+        f"      {size.n_train:,} train / {size.n_valid:,} valid / {size.n_test:,} held-out numbers; "
+        f"vocabularies {src_tok.vocab_size} fr, {tgt_tok.vocab_size} en"
+    )
     model_config = size.model.replace(src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size)
     model = Seq2Seq(model_config)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[2/5] training a {model_config.n_layers}+{model_config.decoder_layers}-layer Transformer "
-        f"(d_model {model_config.d_model}, {n_params / 1e6:.2f}M parameters) on {torch.get_num_threads()} threads ...")
+    log(
+        f"[2/5] training a {model_config.n_layers}+{model_config.decoder_layers}-layer Transformer "
+        f"(d_model {model_config.d_model}, {n_params / 1e6:.2f}M parameters) on {torch.get_num_threads()} threads ..."
+    )
     task = TranslationTask(model_config, size.train, src_tok, tgt_tok, pairs["train"], pairs["valid"])
     if out.joinpath("log.jsonl").exists():
         out.joinpath("log.jsonl").unlink()  # a fresh demo run: start a fresh log
@@ -105,8 +117,16 @@ def run_demo(
 
     log("[5/5] done")
     checkpoint = trainer.checkpoint_dir
-    return DemoResult(em, score.score, score.signature, checkpoint, heatmap, curve, time.perf_counter() - start,
-                      list(zip(sources, refs, hyps, strict=True)))
+    return DemoResult(
+        em,
+        score.score,
+        score.signature,
+        checkpoint,
+        heatmap,
+        curve,
+        time.perf_counter() - start,
+        list(zip(sources, refs, hyps, strict=True)),
+    )
 
 
 def _cross_attention_png(translator: Translator, source: str, target: str, path: Path) -> Path:
@@ -122,4 +142,6 @@ def _cross_attention_png(translator: Translator, source: str, target: str, path:
     weights = out.cross_attention[-1][0].mean(0)  # (T, S), T = len(target) + 1 (the last predicts EOS)
     rows = [tgt_tok.id_to_token(i) for i in tgt_ids] + ["<eos>"]
     cols = [src_tok.id_to_token(i) for i in src_ids]
-    return attention_heatmap(weights, cols, rows, path, title="cross-attention, last decoder layer (mean of heads)")
+    return attention_heatmap(
+        weights, cols, rows, path, title="cross-attention, last decoder layer (mean of heads)"
+    )

@@ -31,7 +31,11 @@ def _encode_pairs(
     """Encode (source, target) texts; drop (and count) pairs too long for the model."""
     src_ids = src_tok.encode_batch([s for s, _ in pairs])
     tgt_ids = tgt_tok.encode_batch([t for _, t in pairs])
-    keep = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True)) if len(s) <= max_len and len(t) < max_len]
+    keep = [
+        i
+        for i, (s, t) in enumerate(zip(src_ids, tgt_ids, strict=True))
+        if len(s) <= max_len and len(t) < max_len
+    ]
     if len(keep) < len(pairs):
         print(
             f"{split}: skipped {len(pairs) - len(keep)} of {len(pairs)} pairs longer than max_seq_len = {max_len}",
@@ -60,8 +64,12 @@ class TranslationTask:
         self.model_config, self.train_config = model_config, train_config
         self.src_tok, self.tgt_tok = src_tokenizer, tgt_tokenizer
         max_len = model_config.max_seq_len
-        self.train_src, self.train_tgt, _ = _encode_pairs(train, src_tokenizer, tgt_tokenizer, max_len, "train")
-        self.valid_src, self.valid_tgt, kept = _encode_pairs(valid, src_tokenizer, tgt_tokenizer, max_len, "valid")
+        self.train_src, self.train_tgt, _ = _encode_pairs(
+            train, src_tokenizer, tgt_tokenizer, max_len, "train"
+        )
+        self.valid_src, self.valid_tgt, kept = _encode_pairs(
+            valid, src_tokenizer, tgt_tokenizer, max_len, "valid"
+        )
         self.valid_refs = [valid[i][1] for i in kept]
         self.eval_beam_size = eval_beam_size
         self.eval_max_sentences = eval_max_sentences
@@ -76,28 +84,40 @@ class TranslationTask:
     def train_batches(self, epoch: int) -> list[PairBatch]:
         c = self.train_config
         groups = bucket_batches(
-            self._lengths, batch_tokens=c.batch_tokens, max_sentences=c.max_batch_sentences, seed=c.seed + epoch
+            self._lengths,
+            batch_tokens=c.batch_tokens,
+            max_sentences=c.max_batch_sentences,
+            seed=c.seed + epoch,
         )
         return [self._batch(g, self.train_src, self.train_tgt) for g in groups]
 
     def loss(self, model: Seq2Seq, batch: PairBatch) -> tuple[torch.Tensor, int]:
         logits = model(batch.src, batch.tgt_in).logits
         loss = sequence_cross_entropy(
-            logits, batch.tgt_out, pad_id=self.tgt_tok.pad_id, label_smoothing=self.train_config.label_smoothing
+            logits,
+            batch.tgt_out,
+            pad_id=self.tgt_tok.pad_id,
+            label_smoothing=self.train_config.label_smoothing,
         )
         return loss, batch.n_tokens
 
     def evaluate(self, model: Seq2Seq) -> dict[str, float]:
         """Validation NLL / perplexity (no smoothing) on every pair; BLEU and exact match on decoded ones."""
         lengths = [len(s) + len(t) for s, t in zip(self.valid_src, self.valid_tgt, strict=True)]
-        groups = bucket_batches(lengths, batch_tokens=self.train_config.batch_tokens, max_sentences=256, seed=None)
+        groups = bucket_batches(
+            lengths, batch_tokens=self.train_config.batch_tokens, max_sentences=256, seed=None
+        )
         nll, tokens = 0.0, 0
         for g in groups:
             b = self._batch(g, self.valid_src, self.valid_tgt)
             logits = model(b.src, b.tgt_in).logits
             nll += float(sequence_cross_entropy(logits, b.tgt_out, pad_id=self.tgt_tok.pad_id))
             tokens += b.n_tokens
-        n = len(self.valid_src) if self.eval_max_sentences is None else min(self.eval_max_sentences, len(self.valid_src))
+        n = (
+            len(self.valid_src)
+            if self.eval_max_sentences is None
+            else min(self.eval_max_sentences, len(self.valid_src))
+        )
         translator = Translator(model, self.src_tok, self.tgt_tok)
         hyps = translator.translate_ids(self.valid_src[:n], beam_size=self.eval_beam_size)
         refs = self.valid_refs[:n]
@@ -156,13 +176,24 @@ class Translator:
         out: list[str] = [""] * len(sources)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            src = make_pair_batch([sources[i] for i in idx], [[]] * len(idx), pad_id=t.pad_id, bos_id=t.bos_id,
-                                  eos_id=t.eos_id).src.to(device)
+            src = make_pair_batch(
+                [sources[i] for i in idx], [[]] * len(idx), pad_id=t.pad_id, bos_id=t.bos_id, eos_id=t.eos_id
+            ).src.to(device)
             if beam_size == 1:
                 hyps = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=max_len)
             else:
-                hyps = [h[0] for h in beam_search(model, src, bos_id=t.bos_id, eos_id=t.eos_id, beam_size=beam_size,
-                                                  length_penalty_alpha=length_penalty, max_len=max_len)]
+                hyps = [
+                    h[0]
+                    for h in beam_search(
+                        model,
+                        src,
+                        bos_id=t.bos_id,
+                        eos_id=t.eos_id,
+                        beam_size=beam_size,
+                        length_penalty_alpha=length_penalty,
+                        max_len=max_len,
+                    )
+                ]
             for i, h in zip(idx, hyps, strict=True):
                 out[i] = t.decode(h.tokens)
         model.train(was_training)

@@ -44,7 +44,9 @@ def get_backend(name: str) -> Backend:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
 
 
 def available_backends() -> list[str]:

@@ -53,7 +53,9 @@ def check_mask(mask: Tensor, *, b: int, t: int, s: int, name: str = "mask") -> N
             "convert an additive float mask with `mask == 0`"
         )
     if mask.dim() > 4:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}; expected at most 4 dims broadcastable to (B, H, T, S)")
+        raise ValueError(
+            f"{name} has shape {tuple(mask.shape)}; expected at most 4 dims broadcastable to (B, H, T, S)"
+        )
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     for got, want, letter in zip(shape, (b, None, t, s), "BHTS", strict=True):
         if want is not None and got not in (1, want):

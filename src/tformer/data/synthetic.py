@@ -31,7 +31,9 @@ def sample_numbers(count: int, *, seed: int, max_digits: int = 6) -> list[int]:
     rng = random.Random(seed)
     space = 10**max_digits
     if count > space // 2:
-        raise ValueError(f"cannot draw {count} distinct numbers below {space}; lower count or raise max_digits")
+        raise ValueError(
+            f"cannot draw {count} distinct numbers below {space}; lower count or raise max_digits"
+        )
     seen: set[int] = set()
     out: list[int] = []
     while len(out) < count:

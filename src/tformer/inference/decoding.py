@@ -32,6 +32,13 @@ def _max_steps(model: Seq2Seq, max_len: int | None, src_len: int) -> int:
     return min(max_len, limit)
 
 
+def _next_logp(model: Seq2Seq, logits: Tensor, bos_id: int) -> Tensor:
+    """(N, V) last-position logits -> float64 log-probabilities; PAD and BOS are never generated."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    logp[:, [model.config.pad_id, bos_id]] = float("-inf")
+    return logp
+
+
 def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
@@ -58,9 +65,9 @@ def greedy_decode(
     for t in range(steps):
         step = model.decode_step(token, cache)
         cache = step.cache
-        logp = torch.log_softmax(step.logits[:, -1].float(), dim=-1)  # (B, V)
+        logp = _next_logp(model, step.logits[:, -1], bos_id)  # (B, V)
         best = logp.argmax(dim=-1)  # (B,)
-        scores += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0].double())
+        scores += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
         out[:, t] = best
         done |= best == eos_id
         token = best[:, None]
@@ -102,7 +109,9 @@ def beam_search(
     b, device = src.shape[0], src.device
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
     # Cross-attention keys/values once per source, then repeated for its K beams.
-    cache = model.start_cache(memory, memory_mask).index_select(torch.arange(b, device=device).repeat_interleave(k))
+    cache = model.start_cache(memory, memory_mask).index_select(
+        torch.arange(b, device=device).repeat_interleave(k)
+    )
     scores = torch.full((b, k), float("-inf"), dtype=torch.float64, device=device)
     scores[:, 0] = 0.0  # all beams start as the same BOS: expand only one at the first step
     history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (B*K, t+1), BOS first
@@ -115,7 +124,7 @@ def beam_search(
 
     for t in range(steps):
         step = model.decode_step(history[:, -1:], cache)
-        logp = torch.log_softmax(step.logits[:, -1].double(), dim=-1)  # (B*K, V)
+        logp = _next_logp(model, step.logits[:, -1], bos_id)  # (B*K, V)
         v = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)
         top_scores, top_idx = cand.topk(2 * k, dim=1)  # (B, 2K)

@@ -106,11 +106,14 @@ class Seq2Seq(nn.Module):
         """(B, S) ids -> (B, 1, 1, S) bool key mask; a given (B, S) mask is checked and reshaped."""
         if src_mask is None:
             return padding_mask(src, self.config.pad_id)
-        if src_mask.dim() == 2:
-            check_mask(src_mask[:, None, None, :], b=src.shape[0], t=1, s=src.shape[1], name="src_mask")
+        if isinstance(src_mask, Tensor) and src_mask.dim() == 2:
             if src_mask.shape != src.shape:
-                raise ValueError(f"src_mask has shape {tuple(src_mask.shape)}; expected {tuple(src.shape)} like src")
-            return src_mask[:, None, None, :]
+                raise ValueError(
+                    f"src_mask has shape {tuple(src_mask.shape)}; expected {tuple(src.shape)} like src"
+                )
+            src_mask = src_mask[:, None, None, :]
+            check_mask(src_mask, b=src.shape[0], t=1, s=src.shape[1], name="src_mask")
+            return src_mask
         check_mask(src_mask, b=src.shape[0], t=src.shape[1], s=src.shape[1], name="src_mask")
         return src_mask
 

@@ -4,4 +4,11 @@ from tformer.training.checkpoint import CheckpointError, load_weights, read_conf
 from tformer.training.losses import sequence_cross_entropy
 from tformer.training.trainer import Trainer
 
-__all__ = ["CheckpointError", "Trainer", "load_weights", "read_config", "save_checkpoint", "sequence_cross_entropy"]
+__all__ = [
+    "CheckpointError",
+    "Trainer",
+    "load_weights",
+    "read_config",
+    "save_checkpoint",
+    "sequence_cross_entropy",
+]

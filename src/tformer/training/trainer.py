@@ -75,11 +75,18 @@ class Trainer:
         self.progress = progress
         c = config
         self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=peak_lr(c.lr, d_model, c.warmup_steps), betas=c.betas, eps=c.eps,
+            model.parameters(),
+            lr=peak_lr(c.lr, d_model, c.warmup_steps),
+            betas=c.betas,
+            eps=c.eps,
             weight_decay=c.weight_decay,
         )
         self.scheduler = make_scheduler(
-            self.optimizer, c.schedule, warmup=c.warmup_steps, total=c.max_steps, min_lr=c.min_lr,
+            self.optimizer,
+            c.schedule,
+            warmup=c.warmup_steps,
+            total=c.max_steps,
+            min_lr=c.min_lr,
             peak=peak_lr(c.lr, d_model, c.warmup_steps),
         )
         self.state = TrainState()
@@ -94,7 +101,10 @@ class Trainer:
         }
         config = {**self.task.checkpoint_config(), "train": self.config.to_dict()}
         return save_checkpoint(
-            self.checkpoint_dir, model=self.model, config=config, write_extra=self.task.write_files,
+            self.checkpoint_dir,
+            model=self.model,
+            config=config,
+            write_extra=self.task.write_files,
             trainer_state=state,
         )
 
@@ -144,7 +154,9 @@ class Trainer:
             self._loop()
         except KeyboardInterrupt:
             self.save()
-            print(f"\ninterrupted: checkpoint saved at step {s.step} in {self.checkpoint_dir}", file=sys.stderr)
+            print(
+                f"\ninterrupted: checkpoint saved at step {s.step} in {self.checkpoint_dir}", file=sys.stderr
+            )
             raise
         finally:
             if previous is not None:
@@ -156,8 +168,12 @@ class Trainer:
         while s.epoch < c.epochs and not self._should_stop():
             batches = self.task.train_batches(s.epoch)
             bar = tqdm(
-                total=len(batches), initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{c.epochs}",
-                disable=not self.progress, leave=False, dynamic_ncols=True,
+                total=len(batches),
+                initial=s.batch_in_epoch,
+                desc=f"epoch {s.epoch + 1}/{c.epochs}",
+                disable=not self.progress,
+                leave=False,
+                dynamic_ncols=True,
             )
             window_loss, window_tokens, window_time = 0.0, 0, 0.0
             while s.batch_in_epoch < len(batches) and not self._should_stop():
@@ -181,8 +197,17 @@ class Trainer:
                         )
                     tps = window_tokens / max(window_time, 1e-9)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                    self._log({"type": "train", "step": s.step, "epoch": s.epoch, "loss": loss, "lr": lr,
-                               "tokens_per_s": tps, "time": s.train_time})
+                    self._log(
+                        {
+                            "type": "train",
+                            "step": s.step,
+                            "epoch": s.epoch,
+                            "loss": loss,
+                            "lr": lr,
+                            "tokens_per_s": tps,
+                            "time": s.train_time,
+                        }
+                    )
                     window_loss, window_tokens, window_time = 0.0, 0, 0.0
             bar.close()
             if s.batch_in_epoch >= len(batches):
@@ -198,8 +223,11 @@ class Trainer:
     def _report(self, record: dict[str, Any]) -> None:
         if not self.progress:
             return
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                          if k not in ("type",))
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in record.items()
+            if k not in ("type",)
+        )
         tqdm.write(f"eval: {shown}")
 
     def _step(self, batch: Any) -> tuple[torch.Tensor, int]:

@@ -22,8 +22,9 @@ def attention_heatmap(
         raise ValueError(f"weights have shape {w.shape}; expected (T={len(tgt_tokens)}, S={len(src_tokens)})")
     fig, ax = plt.subplots(figsize=(0.45 * len(src_tokens) + 2.5, 0.4 * len(tgt_tokens) + 2))
     im = ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(src_tokens)), [t.replace("\u2581", "") or "_" for t in src_tokens], rotation=60,
-                  ha="right")
+    ax.set_xticks(
+        range(len(src_tokens)), [t.replace("\u2581", "") or "_" for t in src_tokens], rotation=60, ha="right"
+    )
     ax.set_yticks(range(len(tgt_tokens)), [t.replace("\u2581", "") or "_" for t in tgt_tokens])
     ax.set_xlabel("source (keys)")
     ax.set_ylabel("target (queries)")

@@ -1,0 +1,141 @@
+"""Training: exact resume (also across processes and after Ctrl-C), schedules, label smoothing, checkpoints."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tformer.config import ModelConfig, TrainConfig
+from tformer.data.synthetic import number_translation
+from tformer.data.tokenizers import Tokenizer
+from tformer.models import Seq2Seq
+from tformer.tasks import TranslationTask
+from tformer.training import Trainer, sequence_cross_entropy
+from tformer.training.schedules import cosine, inverse_sqrt, peak_lr
+
+HERE = Path(__file__).parent
+
+
+def run_job(out_dir: str, max_steps: int, resume: bool = False, interrupt_at: int | None = None) -> None:
+    """A small, deterministic translation run with dropout; imported by the fresh-process half of the test."""
+    splits = number_translation(400, 20, 0, seed=1, max_digits=3)
+    pairs = {k: [(p.src, p.tgt) for p in v] for k, v in splits.items()}
+    src_tok = Tokenizer.train([s for s, _ in pairs["train"]])
+    tgt_tok = Tokenizer.train([t for _, t in pairs["train"]])
+    mc = ModelConfig(
+        src_vocab_size=src_tok.vocab_size,
+        tgt_vocab_size=tgt_tok.vocab_size,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_layers=1,
+        dropout=0.2,
+        max_seq_len=24,
+    )
+    tc = TrainConfig(
+        epochs=100, max_steps=max_steps, batch_tokens=400, lr=1e-3, warmup_steps=5, log_every=3, seed=7
+    )
+    torch.manual_seed(123)
+    model = Seq2Seq(mc)
+    task = TranslationTask(mc, tc, src_tok, tgt_tok, pairs["train"], pairs["valid"], eval_max_sentences=5)
+    if interrupt_at is not None:
+        real_loss = task.loss
+
+        def loss(model, batch):
+            if trainer.state.step == interrupt_at:
+                raise KeyboardInterrupt
+            return real_loss(model, batch)
+
+        task.loss = loss
+    trainer = Trainer(model, task, tc, out_dir=out_dir, d_model=32, progress=False)
+    if resume:
+        trainer.resume()
+    trainer.fit()
+
+
+def _weights(out_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out_dir) / "checkpoint" / "model.safetensors"))
+
+
+def test_resume_in_fresh_process_is_exact(tmp_path):
+    n = 16  # the 400 pairs make ~10 batches per epoch: the halves cross an epoch boundary mid-way
+    run_job(str(tmp_path / "straight"), n)
+    run_job(str(tmp_path / "halves"), n // 2 + 1)
+    code = (
+        f"import sys; sys.path.insert(0, {str(HERE)!r}); from test_training import run_job; "
+        f"run_job({str(tmp_path / 'halves')!r}, {n}, resume=True)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "halves")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # ... and they really trained: parameters moved away from the initialisation.
+    run_job(str(tmp_path / "one"), 1)
+    assert not torch.equal(
+        a["encoder_layers.0.ff.linear1.weight"],
+        _weights(tmp_path / "one")["encoder_layers.0.ff.linear1.weight"],
+    )
+
+
+def test_interrupt_saves_and_resume_is_exact(tmp_path):
+    n = 12
+    run_job(str(tmp_path / "straight"), n)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(str(tmp_path / "cut"), n, interrupt_at=5)
+    run_job(str(tmp_path / "cut"), n, resume=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    logged = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+    assert any('"type": "eval"' in line for line in logged)
+
+
+def test_checkpoint_directory_contents(tmp_path):
+    run_job(str(tmp_path), 2)
+    names = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert names == [
+        "config.json",
+        "model.safetensors",
+        "src_tokenizer.json",
+        "tgt_tokenizer.json",
+        "trainer_state.pt",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_inverse_sqrt_schedule_is_the_papers():
+    d, warmup = 512, 4000
+    peak = peak_lr(None, d, warmup)
+    f = inverse_sqrt(warmup)
+    for step in (1, 100, 3999, 4000, 10000, 100000):
+        paper = d**-0.5 * min(step**-0.5, step * warmup**-1.5)
+        assert peak * f(step - 1) == pytest.approx(paper, rel=1e-12)
+
+
+def test_cosine_schedule_ends_at_floor():
+    f = cosine(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1)
+    assert f(9) == pytest.approx(1.0)
+    assert f(59) == pytest.approx(0.55)
+    assert f(109) == pytest.approx(0.1)
+
+
+def test_label_smoothed_loss_ignores_padding_and_matches_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    targets = torch.tensor([[1, 2, 0], [3, 0, 0]])
+    eps = 0.1
+    got = sequence_cross_entropy(logits, targets, pad_id=0, label_smoothing=eps)
+    want = 0.0
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        logp = torch.log_softmax(logits[b, t].float(), -1).double()
+        q = torch.full((5,), eps / 5, dtype=torch.float64)
+        q[targets[b, t]] += 1 - eps
+        want += -(q * logp).sum().item()
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert math.isfinite(got.item())
