@@ -12,12 +12,9 @@ def copy_mha(ours, ref):
     """Copy torch.nn.MultiheadAttention's packed in-projection into our separate q/k/v projections."""
     import torch
 
-    c = ours.d_model
     with torch.no_grad():
-        w, b = ref.in_proj_weight, ref.in_proj_bias
-        for i, proj in enumerate((ours.q_proj, ours.k_proj, ours.v_proj)):
-            proj.weight.copy_(w[i * c : (i + 1) * c])
-            proj.bias.copy_(b[i * c : (i + 1) * c])
+        ours.in_proj.weight.copy_(ref.in_proj_weight)
+        ours.in_proj.bias.copy_(ref.in_proj_bias)
         ours.out_proj.weight.copy_(ref.out_proj.weight)
         ours.out_proj.bias.copy_(ref.out_proj.bias)
 

@@ -6,6 +6,7 @@ import warnings
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.attention.backends import get_backend
@@ -30,7 +31,8 @@ class AttentionOutput(NamedTuple):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with separate q/k/v/output projections.
+    """Multi-head attention. The q, k, v projections are one (3C, C) matrix `in_proj` (rows: q, then k,
+    then v), so self-attention does one matrix product for all three, as torch.nn.MultiheadAttention does.
 
     `forward(x, memory=None)` attends from x (B, T, C) to `memory` (B, S, C), or to x itself when memory is
     None. Cached decoding passes `past` (the KV of earlier positions, extended with this step's) or
@@ -52,18 +54,21 @@ class MultiHeadAttention(nn.Module):
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.dropout = dropout
         self.backend = get_backend(backend)
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def _split(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, D)
 
+    def _project(self, x: Tensor, part: slice) -> Tensor:
+        bias = None if self.in_proj.bias is None else self.in_proj.bias[part]
+        return F.linear(x, self.in_proj.weight[part], bias)
+
     def project_kv(self, memory: Tensor) -> KV:
         """(B, S, C) -> keys and values (B, H, S, D); computed once per source for cross-attention."""
-        return KV(self._split(self.k_proj(memory)), self._split(self.v_proj(memory)))
+        k, v = self._project(memory, slice(self.d_model, None)).chunk(2, dim=-1)  # (B, S, C) each
+        return KV(self._split(k), self._split(v))
 
     def forward(
         self,
@@ -78,19 +83,20 @@ class MultiHeadAttention(nn.Module):
     ) -> AttentionOutput:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"attention input has shape {tuple(x.shape)}; expected (B, T, C={self.d_model})")
-        b, t, _ = x.shape
-        q = self._split(self.q_proj(x))  # (B, H, T, D)
-        if static_kv is not None:
-            kv = static_kv
+        b, t, c = x.shape
+        if memory is None and static_kv is None:
+            q, k, v = self.in_proj(x).chunk(3, dim=-1)  # self-attention: one product, (B, T, C) each
+            q, kv = self._split(q), KV(self._split(k), self._split(v))  # (B, H, T, D)
         else:
-            source = x if memory is None else memory
-            if source.dim() != 3 or source.shape[0] != b or source.shape[-1] != self.d_model:
-                raise ValueError(
-                    f"attention memory has shape {tuple(source.shape)}; expected (B={b}, S, C={self.d_model})"
-                )
-            kv = self.project_kv(source)
-            if past is not None:
-                kv = KV(torch.cat([past.k, kv.k], dim=2), torch.cat([past.v, kv.v], dim=2))
+            q = self._split(self._project(x, slice(0, c)))  # (B, H, T, D)
+            if static_kv is not None:
+                kv = static_kv
+            else:
+                if memory.dim() != 3 or memory.shape[0] != b or memory.shape[-1] != c:
+                    raise ValueError(f"attention memory has shape {tuple(memory.shape)}; expected (B={b}, S, C={c})")
+                kv = self.project_kv(memory)
+        if past is not None:
+            kv = KV(torch.cat([past.k, kv.k], dim=2), torch.cat([past.v, kv.v], dim=2))
         s = kv.k.shape[2]
         if mask is not None:
             check_mask(mask, b=b, t=t, s=s)
