@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -16,17 +17,24 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"exact match: {100 * result.exact_match:.1f}%  (held-out numbers the model never saw)")
     print(f"BLEU: {result.bleu:.2f}  ({result.bleu_signature})")
     print()
-    for src, ref, hyp in result.examples[: args.show]:
+    wrong = [e for e in result.examples if e[1] != e[2]]
+    shown = result.examples[: args.show] + [e for e in wrong[:3] if e not in result.examples[: args.show]]
+    for src, ref, hyp in shown:
         mark = "ok " if hyp == ref else "ERR"
         print(f"  {mark} {src}\n      -> {hyp}" + ("" if hyp == ref else f"\n      reference: {ref}"))
+    print(f"  ({len(wrong)} of {len(result.examples)} held-out translations differ from the reference)")
     print()
     print(f"cross-attention heatmap: {result.heatmap}")
     print(f"loss curve:              {result.curve}")
     print(f"checkpoint:              {result.checkpoint}")
     print(f"total time:              {result.seconds:.0f} s")
     print()
-    print("Translate with it:")
-    print(f'  tformer translate {shlex.quote(str(result.checkpoint))} "deux cent quarante-sept"')
+    # The console script may sit in a virtual environment that is not on PATH (./dev runs it from .venv).
+    exe = "tformer"
+    if not shutil.which("tformer") and sys.argv[0].endswith("tformer"):
+        exe = shlex.quote(sys.argv[0])
+    print("Translate with it (sentences as arguments, or one per line on stdin):")
+    print(f'  {exe} translate {shlex.quote(str(result.checkpoint))} "deux cent quarante-sept"')
     return 0
 
 

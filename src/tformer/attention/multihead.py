@@ -93,7 +93,9 @@ class MultiHeadAttention(nn.Module):
                 kv = static_kv
             else:
                 if memory.dim() != 3 or memory.shape[0] != b or memory.shape[-1] != c:
-                    raise ValueError(f"attention memory has shape {tuple(memory.shape)}; expected (B={b}, S, C={c})")
+                    raise ValueError(
+                        f"attention memory has shape {tuple(memory.shape)}; expected (B={b}, S, C={c})"
+                    )
                 kv = self.project_kv(memory)
         if past is not None:
             kv = KV(torch.cat([past.k, kv.k], dim=2), torch.cat([past.v, kv.v], dim=2))
