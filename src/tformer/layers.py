@@ -8,6 +8,7 @@ as `x = x + Dropout(sublayer(LayerNorm(x)))` (pre-norm).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from tformer.attention.multihead import KV, MultiHeadAttention
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
 
 
 class Embedding(nn.Module):

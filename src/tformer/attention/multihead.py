@@ -92,6 +92,7 @@ class MultiHeadAttention(nn.Module):
             if static_kv is not None:
                 kv = static_kv
             else:
+                assert memory is not None
                 if memory.dim() != 3 or memory.shape[0] != b or memory.shape[-1] != c:
                     raise ValueError(
                         f"attention memory has shape {tuple(memory.shape)}; expected (B={b}, S, C={c})"

@@ -32,6 +32,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], *, kind: str = "word", vocab_size: int = 8000) -> Tokenizer:
+        trainer: trainers.Trainer
         if kind == "word":
             hf = HFTokenizer(models.WordLevel(unk_token=UNK))
             trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS), vocab_size=vocab_size)
@@ -64,7 +65,10 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False).tokens
 
     def id_to_token(self, i: int) -> str:
-        return self.hf.id_to_token(i)
+        token = self.hf.id_to_token(i)
+        if token is None:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        return token
 
     def to_str(self) -> str:
         return self.hf.to_str()

@@ -64,6 +64,7 @@ def greedy_decode(
     done = torch.zeros(b, dtype=torch.bool, device=src.device)
     for t in range(steps):
         step = model.decode_step(token, cache)
+        assert step.cache is not None
         cache = step.cache
         logp = _next_logp(model, step.logits[:, -1], bos_id)  # (B, V)
         best = logp.argmax(dim=-1)  # (B,)
@@ -163,6 +164,7 @@ def beam_search(
         scores = new_scores
         rows = (torch.arange(b, device=device)[:, None] * k + new_src).view(-1)  # (B*K,)
         history = torch.cat([history.index_select(0, rows), new_tok.view(-1, 1)], dim=1)
+        assert step.cache is not None
         cache = step.cache.index_select(rows)
     else:
         # Out of steps: live beams count as (unfinished) hypotheses.

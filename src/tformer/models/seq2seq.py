@@ -8,6 +8,7 @@ Training is one teacher-forced parallel pass (`forward`); inference encodes once
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +75,7 @@ class Seq2Seq(nn.Module):
         self.tgt_embed = self.src_embed if c.share_embeddings else Embedding(c.tgt_vocab_size, c.d_model)
         self.positions = PositionalEncoding(c.max_seq_len, c.d_model, learned=c.positions == "learned")
         self.dropout = nn.Dropout(c.dropout)
-        layer_args = dict(
+        layer_args: dict[str, Any] = dict(
             dropout=c.dropout,
             attention_dropout=c.attention_dropout,
             activation=c.activation,
@@ -125,11 +126,11 @@ class Seq2Seq(nn.Module):
         check_ids(src, vocab_size=c.src_vocab_size, max_len=c.max_seq_len, name="src")
         mask = self.source_mask(src, src_mask)
         x = self.dropout(self.positions(self.src_embed(src)))
-        weights = [] if need_weights else None
+        weights: list[Tensor] | None = [] if need_weights else None
         for layer in self.encoder_layers:
             x, w = layer(x, mask=mask, need_weights=need_weights)
             if weights is not None:
-                weights.append(w)
+                weights.append(cast(Tensor, w))
         return self.encoder_norm(x), mask, weights
 
     # --- decoder -----------------------------------------------------------------------------------
@@ -158,9 +159,9 @@ class Seq2Seq(nn.Module):
         for layer in self.decoder_layers:
             o = layer(x, memory, self_mask=tgt_mask, memory_mask=memory_mask, need_weights=need_weights)
             x = o.x
-            if need_weights:
-                self_w.append(o.self_weights)
-                cross_w.append(o.cross_weights)
+            if self_w is not None and cross_w is not None:
+                self_w.append(cast(Tensor, o.self_weights))
+                cross_w.append(cast(Tensor, o.cross_weights))
         logits = self.output(self.decoder_norm(x))
         return Seq2SeqOutput(logits, self_attention=self_w, cross_attention=cross_w)
 
@@ -187,7 +188,9 @@ class Seq2Seq(nn.Module):
     def start_cache(self, memory: Tensor, memory_mask: Tensor | None) -> DecoderCache:
         """Cross-attention keys/values for every decoder layer, computed once per source."""
         return DecoderCache(
-            cross_kv=[layer.cross_attn.project_kv(memory) for layer in self.decoder_layers],
+            cross_kv=[
+                cast(DecoderLayer, layer).cross_attn.project_kv(memory) for layer in self.decoder_layers
+            ],
             memory_mask=memory_mask,
             self_kv=[None] * len(self.decoder_layers),
         )
@@ -209,7 +212,7 @@ class Seq2Seq(nn.Module):
             x = o.x
             self_kv.append(o.self_kv)
             if cross_w is not None:
-                cross_w.append(o.cross_weights)
+                cross_w.append(cast(Tensor, o.cross_weights))
         new_cache = DecoderCache(cache.cross_kv, cache.memory_mask, self_kv, cache.length + tgt.shape[1])
         logits = self.output(self.decoder_norm(x))
         return Seq2SeqOutput(logits, cross_attention=cross_w, cache=new_cache)
