@@ -91,7 +91,7 @@ def copy_stacks(ours: Seq2Seq, ref: nn.Transformer) -> None:
             for i in (1, 2, 3):
                 if hasattr(theirs, f"norm{i}"):
                     getattr(theirs, f"norm{i}").load_state_dict(getattr(mine, f"norm{i}").state_dict())
-        ref.encoder.norm.load_state_dict(ours.encoder_norm.state_dict())
+        ref.encoder.norm.load_state_dict(ours.encoder.norm.state_dict())
         ref.decoder.norm.load_state_dict(ours.decoder_norm.state_dict())
 
 

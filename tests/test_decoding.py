@@ -123,7 +123,7 @@ def trained_reverser():
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        Trainer(model, task, tc, out_dir=d, d_model=32, progress=False).fit()
+        Trainer(model, task, tc, out_dir=d, progress=False).fit()
     return model.eval(), tok, valid
 
 

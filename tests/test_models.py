@@ -65,7 +65,7 @@ def test_model_matches_torch_transformer(norm_first):
     for ours, theirs in zip(model.decoder_layers, ref.decoder.layers, strict=True):
         copy_decoder_layer(ours, theirs)
     with torch.no_grad():
-        model.encoder_norm.load_state_dict(ref.encoder.norm.state_dict())
+        model.encoder.norm.load_state_dict(ref.encoder.norm.state_dict())
         model.decoder_norm.load_state_dict(ref.decoder.norm.state_dict())
     ours = model(SRC, TGT).logits
     want = _reference_logits(model, ref.encoder, ref.decoder, SRC, TGT)
@@ -85,7 +85,7 @@ def test_post_norm_without_final_norm_matches_torch_stacks():
     """The paper's post-norm model has no extra LayerNorm after the stacks."""
     c = _config()
     model = Seq2Seq(c).double().eval()
-    assert isinstance(model.encoder_norm, torch.nn.Identity)
+    assert isinstance(model.encoder.norm, torch.nn.Identity)
     enc_layer = torch.nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff, dropout=0.0, batch_first=True)
     dec_layer = torch.nn.TransformerDecoderLayer(c.d_model, c.n_heads, c.d_ff, dropout=0.0, batch_first=True)
     ref_enc = torch.nn.TransformerEncoder(enc_layer, c.n_layers, enable_nested_tensor=False).double().eval()

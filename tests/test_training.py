@@ -51,7 +51,7 @@ def run_job(out_dir: str, max_steps: int, resume: bool = False, interrupt_at: in
             return real_loss(model, batch)
 
         task.loss = loss
-    trainer = Trainer(model, task, tc, out_dir=out_dir, d_model=32, progress=False)
+    trainer = Trainer(model, task, tc, out_dir=out_dir, progress=False)
     if resume:
         trainer.resume()
     trainer.fit()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,16 +44,87 @@ def _translate(args: argparse.Namespace) -> int:
     from tformer.tasks import Translator
 
     translator = Translator.load(args.checkpoint)
-    texts = args.text
-    if not texts:
-        if sys.stdin.isatty():
-            print("reading sentences from stdin, one per line (Ctrl-D to end)", file=sys.stderr)
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = _read_inputs(args.text)
     outputs = translator.translate(
         texts, beam_size=args.beam, length_penalty=args.length_penalty, max_len=args.max_len
     )
     for line in outputs:
         print(line)
+    return 0
+
+
+def _read_inputs(texts: list[str]) -> list[str]:
+    if texts:
+        return texts
+    if sys.stdin.isatty():
+        print("reading one input per line from stdin (Ctrl-D to end)", file=sys.stderr)
+    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tformer.config import RunConfig, apply_overrides, load_toml
+    from tformer.pipeline import train
+
+    config = load_toml(args.config, task=args.task) if args.config else RunConfig(task=args.task)
+    overrides = list(args.overrides)
+    for key in ("train", "valid"):
+        # `--train a.txt lr=1e-3`: argparse hands the override to --train; give it back.
+        paths = [p for p in getattr(args, key) or [] if "=" not in p or Path(p).exists()]
+        overrides += [p for p in getattr(args, key) or [] if p not in paths]
+        if paths:
+            overrides.append(f"data.{key}={json.dumps(paths)}")
+    config = apply_overrides(config, overrides)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    evals = [r for r in result.history if r.get("type") == "eval"]
+    if evals:
+        shown = {k: v for k, v in evals[-1].items() if k not in ("type", "eval_seconds", "time")}
+        print(
+            "final evaluation: "
+            + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        )
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tformer.pipeline import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        beam_size=args.beam,
+        text_column=args.text_column,
+        label_column=args.label_column,
+    )
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from tformer.tasks import TextClassifier
+
+    classifier = TextClassifier.load(args.checkpoint)
+    for label, prob in classifier.predict(_read_inputs(args.text)):
+        print(f"{label}\t{prob:.4f}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tformer.tasks import TextGenerator
+
+    generator = TextGenerator.load(args.checkpoint)
+    text = generator.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        seed=args.seed,
+        stop=args.stop or (),
+    )
+    print(args.prompt + text)
     return 0
 
 
@@ -75,7 +148,54 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
     tr.add_argument("--length-penalty", type=float, default=0.6)
     tr.add_argument("--max-len", type=int, default=None, help="maximum output tokens")
-    tr.set_defaults(func=_translate)
+    tr.set_defaults(func=_translate, rest="text")
+
+    tn = sub.add_parser("train", help="train a model on your files (translation, classification or lm)")
+    tn.add_argument("task", choices=["translation", "classification", "lm"])
+    tn.add_argument("--config", help="a TOML file with [model], [train] and [data] sections (see configs/)")
+    tn.add_argument(
+        "--train",
+        nargs="+",
+        help="training data: translation: a TSV or SOURCE TARGET files; "
+        "classification: a CSV/TSV/JSONL; lm: a text file",
+    )
+    tn.add_argument("--valid", nargs="+", help="validation data, same format")
+    tn.add_argument("--out", default="runs/train", help="output directory (checkpoint, log.jsonl)")
+    tn.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    tn.add_argument("--no-progress", action="store_true")
+    tn.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.d_model=256 lr=1e-3"
+    )
+    tn.set_defaults(func=_train, rest="overrides")
+
+    ev = sub.add_parser("eval", help="score a checkpoint on a file (BLEU, accuracy / macro-F1, perplexity)")
+    ev.add_argument("checkpoint")
+    ev.add_argument(
+        "--data", nargs="+", required=True, help="a file of the checkpoint's task (two for aligned text)"
+    )
+    ev.add_argument("--beam", type=int, default=4, help="translation: beam size")
+    ev.add_argument("--text-column", default=None, help="classification: text column (default: as trained)")
+    ev.add_argument("--label-column", default=None, help="classification: label column (default: as trained)")
+    ev.set_defaults(func=_eval)
+
+    cl = sub.add_parser(
+        "classify", help="label texts with a classifier checkpoint (arguments, or stdin lines)"
+    )
+    cl.add_argument("checkpoint")
+    cl.add_argument("text", nargs="*")
+    cl.set_defaults(func=_classify, rest="text")
+
+    ge = sub.add_parser("generate", help="continue a prompt with a language-model checkpoint")
+    ge.add_argument("checkpoint")
+    ge.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    ge.add_argument("--max-new-tokens", type=int, default=200)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=None)
+    ge.add_argument("--top-p", type=float, default=None)
+    ge.add_argument("--greedy", action="store_true", help="always the most probable token")
+    ge.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    ge.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    ge.set_defaults(func=_generate)
     return parser
 
 
@@ -84,13 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse ends a `nargs="*"` positional at the first option: `translate CKPT --beam 2 "text"` leaves
     # "text" over. Texts after options still belong to the command.
-    if extra and getattr(args, "text", None) is not None and not any(e.startswith("-") for e in extra):
-        args.text = [*args.text, *extra]
+    rest = getattr(args, "rest", None)
+    if extra and rest and not any(e.startswith("-") for e in extra):
+        setattr(args, rest, [*getattr(args, rest), *extra])
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:
         print(f"tformer {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,9 +19,12 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 ATTENTION_BACKENDS = ("math", "sdpa")
-ACTIVATIONS = ("relu", "gelu")
-POSITIONS = ("sinusoidal", "learned")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+POSITIONS = ("sinusoidal", "learned", "rotary", "none")
+POOLINGS = ("cls", "mean")
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+TOKENIZERS = ("word", "bpe", "char")
+TASKS = ("translation", "classification", "lm")
 
 C = TypeVar("C", bound="_Config")
 
@@ -38,6 +41,40 @@ def _closest(name: str, options: list[str]) -> str:
 def _check_choice(cls_name: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{cls_name}.{key} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Check a value against a field annotation written as a string (from __future__ annotations)."""
+    options = [a.strip() for a in annotation.split("|")]
+    for option in options:
+        if option == "None" and value is None:
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if option == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option == "str" and isinstance(value, str):
+            return True
+        if option.startswith("tuple") and isinstance(value, (tuple, list)):
+            return True
+        if option == "Any":
+            return True
+    return False
+
+
+def _check_types(config: Any) -> None:
+    """Each field holds a value of its declared type; the error names the key, the value and the type."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if not _type_ok(value, annotation):
+            raise ConfigError(
+                f"{type(config).__name__}.{f.name} = {value!r} ({type(value).__name__}); expected {annotation}"
+            )
+        if "float" in annotation and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, f.name, float(value))
 
 
 def _check_positive(cls_name: str, **values: float) -> None:
@@ -75,35 +112,31 @@ class _Config:
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Config):
-    """Encoder-decoder hyper-parameters. The defaults are the paper's base model (Table 3, "base")."""
+class TransformerConfig(_Config):
+    """Hyper-parameters every model family shares. Defaults: the paper's base model (Table 3)."""
 
-    src_vocab_size: int = 32000
-    tgt_vocab_size: int = 32000
     d_model: int = 512
     n_heads: int = 8
     d_ff: int = 2048
     n_layers: int = 6
-    n_decoder_layers: int | None = None  # None: same as n_layers
     dropout: float = 0.1
     attention_dropout: float = 0.0  # the paper drops sublayer outputs, not attention weights
     max_seq_len: int = 512
     norm_first: bool = False  # False: post-norm, as in the paper; True: pre-norm
-    final_norm: bool | None = None  # LayerNorm after each stack; None: only with pre-norm
+    final_norm: bool | None = None  # LayerNorm after the stack(s); None: only with pre-norm
     activation: str = "relu"
     positions: str = "sinusoidal"
-    share_embeddings: bool = False  # one embedding for source and target (needs one vocabulary)
-    tie_output: bool = True  # output projection shares the target embedding (paper section 3.4)
+    scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (paper section 3.4)
+    bias: bool = True  # biases in linear layers and LayerNorms
     attention: str = "sdpa"
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         _check_positive(
             name,
-            src_vocab_size=self.src_vocab_size,
-            tgt_vocab_size=self.tgt_vocab_size,
             d_model=self.d_model,
             n_heads=self.n_heads,
             d_ff=self.d_ff,
@@ -111,22 +144,21 @@ class ModelConfig(_Config):
             max_seq_len=self.max_seq_len,
             layer_norm_eps=self.layer_norm_eps,
         )
-        if self.n_decoder_layers is not None:
-            _check_positive(name, n_decoder_layers=self.n_decoder_layers)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"{name}.d_model = {self.d_model} must be divisible by n_heads = {self.n_heads}"
             )
+        if self.positions == "rotary" and self.d_head % 2:
+            raise ConfigError(f"{name}.positions = 'rotary' needs an even d_head, got {self.d_head}")
         _check_probability(name, dropout=self.dropout, attention_dropout=self.attention_dropout)
         _check_choice(name, "activation", self.activation, ACTIVATIONS)
         _check_choice(name, "positions", self.positions, POSITIONS)
         _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
-        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
-            raise ConfigError(
-                f"{name}.share_embeddings needs src_vocab_size == tgt_vocab_size, "
-                f"got {self.src_vocab_size} and {self.tgt_vocab_size}"
-            )
-        if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
+
+    def _check_vocab(self, **sizes: int) -> None:
+        name = type(self).__name__
+        _check_positive(name, **sizes)
+        if not 0 <= self.pad_id < min(sizes.values()):
             raise ConfigError(f"{name}.pad_id = {self.pad_id} is outside the vocabulary")
 
     @property
@@ -134,12 +166,81 @@ class ModelConfig(_Config):
         return self.d_model // self.n_heads
 
     @property
+    def use_final_norm(self) -> bool:
+        return self.norm_first if self.final_norm is None else self.final_norm
+
+
+@dataclass(frozen=True)
+class ModelConfig(TransformerConfig):
+    """The paper's encoder-decoder (translation). Defaults: the base model."""
+
+    src_vocab_size: int = 32000
+    tgt_vocab_size: int = 32000
+    n_decoder_layers: int | None = None  # None: same as n_layers
+    share_embeddings: bool = False  # one embedding for source and target (needs one vocabulary)
+    tie_output: bool = True  # output projection shares the target embedding (paper section 3.4)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        self._check_vocab(src_vocab_size=self.src_vocab_size, tgt_vocab_size=self.tgt_vocab_size)
+        if self.n_decoder_layers is not None:
+            _check_positive(name, n_decoder_layers=self.n_decoder_layers)
+        if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
+            raise ConfigError(
+                f"{name}.share_embeddings needs src_vocab_size == tgt_vocab_size, "
+                f"got {self.src_vocab_size} and {self.tgt_vocab_size}"
+            )
+
+    @property
     def decoder_layers(self) -> int:
         return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
 
-    @property
-    def use_final_norm(self) -> bool:
-        return self.norm_first if self.final_norm is None else self.final_norm
+
+Seq2SeqConfig = ModelConfig
+
+
+@dataclass(frozen=True)
+class ClassifierConfig(TransformerConfig):
+    """Encoder + pooling + dropout + linear head (the literature's Transformer classifier)."""
+
+    vocab_size: int = 8000
+    n_classes: int = 2
+    pooling: str = "cls"  # "cls": the first position (BOS, prepended by the task); "mean": non-padding mean
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    max_seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_vocab(vocab_size=self.vocab_size)
+        if self.n_classes < 2:
+            raise ConfigError(f"{type(self).__name__}.n_classes must be >= 2, got {self.n_classes}")
+        _check_choice(type(self).__name__, "pooling", self.pooling, POOLINGS)
+
+
+@dataclass(frozen=True)
+class LMConfig(TransformerConfig):
+    """Decoder-only language model (GPT-style): pre-norm, GELU, learned positions, tied output."""
+
+    vocab_size: int = 8000
+    d_model: int = 384
+    n_heads: int = 6
+    d_ff: int = 1536
+    n_layers: int = 6
+    dropout: float = 0.0
+    max_seq_len: int = 256
+    norm_first: bool = True
+    activation: str = "gelu"
+    positions: str = "learned"
+    scale_embeddings: bool = False
+    tie_output: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_vocab(vocab_size=self.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -151,6 +252,7 @@ class TrainConfig(_Config):
     max_time: float | None = None  # seconds; stop (and evaluate) once training has run this long
     batch_tokens: int = 4096  # target (source + target) tokens per batch, before padding
     max_batch_sentences: int = 512
+    batch_size: int | None = None  # lm: sequences per batch (None: batch_tokens // max_seq_len)
     lr: float | None = None  # peak learning rate; None: the paper's d_model**-0.5 * warmup**-0.5
     schedule: str = "inverse_sqrt"
     warmup_steps: int = 4000
@@ -162,9 +264,13 @@ class TrainConfig(_Config):
     clip_norm: float | None = 1.0
     seed: int = 0
     eval_every_epochs: int = 1
+    eval_every_steps: int | None = None  # also evaluate every this many steps (curves for long epochs)
+    eval_beam_size: int = 1  # translation: decoding used for the BLEU printed at each evaluation
+    eval_max_sentences: int | None = 500  # translation: decode at most this many validation sentences
     log_every: int = 50
 
     def __post_init__(self) -> None:
+        _check_types(self)
         name = type(self).__name__
         _check_positive(
             name,
@@ -193,28 +299,87 @@ class TrainConfig(_Config):
 
 
 @dataclass(frozen=True)
-class RunConfig(_Config):
-    """A whole run: the model, the optimisation and the tokenizer choice, as one TOML file."""
+class DataConfig(_Config):
+    """Where the data is and how it becomes ids. In paths, "{data}" stands for $TFORMER_DATA, or
+    ../shared/data when that is unset."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    train: tuple[
+        str, ...
+    ] = ()  # translation: one TSV or two aligned files; lm: text; classification: csv/tsv/jsonl
+    valid: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+    tokenizer: str = "bpe"
+    vocab_size: int = 8000
+    shared_vocab: bool = True  # translation: one vocabulary for source and target
+    text_column: str = "text"
+    label_column: str = "label"
+    valid_fraction: float = 0.0  # lm without a valid file: hold out this final fraction of the text
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for key in ("train", "valid", "test"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, key, tuple(value))
+        _check_types(self)
+        _check_choice(name, "tokenizer", self.tokenizer, TOKENIZERS)
+        _check_positive(name, vocab_size=self.vocab_size)
+        _check_probability(name, valid_fraction=self.valid_fraction)
+
+    def paths(self, key: str) -> list[str]:
+        import os
+
+        root = os.environ.get("TFORMER_DATA", "../shared/data")
+        return [p.replace("{data}", root) for p in getattr(self, key)]
+
+
+@dataclass(frozen=True)
+class RunConfig(_Config):
+    """A whole run as one TOML file: [model], [train] and [data] sections. The task picks the model class."""
+
+    task: str = "translation"
+    model: Any = None  # the task's model config; None: its defaults
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice(type(self).__name__, "task", self.task, TASKS)
+        if self.model is None:
+            object.__setattr__(self, "model", model_config_class(self.task)())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
-        sections = {"model": ModelConfig, "train": TrainConfig}
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", task: str | None = None) -> RunConfig:
+        sections = ["task", "model", "train", "data"]
         for key in data:
             if key not in sections:
-                raise ConfigError(f"{source}: unknown section '[{key}]'{_closest(key, list(sections))}")
+                raise ConfigError(f"{source}: unknown section '[{key}]'{_closest(key, sections)}")
+        if task and data.get("task", task) != task:
+            raise ConfigError(f"{source}: a {data['task']!r} config, but the task asked for is {task!r}")
+        task = task or data.get("task", "translation")
+        if task not in TASKS:
+            raise ConfigError(f"{source}: task = {task!r} is not one of {', '.join(TASKS)}")
         return cls(
-            model=ModelConfig.from_dict(data.get("model", {}), source=source),
+            task=task,
+            model=model_config_class(task).from_dict(data.get("model", {}), source=source),
             train=TrainConfig.from_dict(data.get("train", {}), source=source),
+            data=DataConfig.from_dict(data.get("data", {}), source=source),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "train": self.train.to_dict()}
+        return {
+            "task": self.task,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "data": self.data.to_dict(),
+        }
 
 
-def load_toml(path: str | Path) -> RunConfig:
+def model_config_class(task: str) -> type[TransformerConfig]:
+    return {"translation": ModelConfig, "classification": ClassifierConfig, "lm": LMConfig}[task]
+
+
+def load_toml(path: str | Path, *, task: str | None = None) -> RunConfig:
     path = Path(path)
     try:
         with path.open("rb") as fh:
@@ -223,7 +388,7 @@ def load_toml(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return RunConfig.from_dict(data, source=str(path))
+    return RunConfig.from_dict(data, source=str(path), task=task)
 
 
 def _parse_value(text: str) -> Any:
@@ -234,27 +399,30 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `section.key=value` (or bare `key=value`, looked up in both sections) overrides."""
+    """Apply `section.key=value` overrides; a bare `key=value` is looked up in model, train, data.
+
+    All changes to a section are applied together, so `d_model=32 n_heads=2` is valid whatever the order."""
+    changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, text = item.split("=", 1)
         value = _parse_value(text.strip())
         section, _, name = key.strip().rpartition(".")
-        model_keys = [f.name for f in fields(ModelConfig)]
-        train_keys = [f.name for f in fields(TrainConfig)]
+        sections = {"model": config.model, "train": config.train, "data": config.data}
         if not section:
-            section = "model" if name in model_keys else "train" if name in train_keys else ""
-            if not section:
-                raise ConfigError(
-                    f"override '{item}': unknown key '{name}'{_closest(name, model_keys + train_keys)}"
-                )
-        if section == "model":
-            config = RunConfig(model=config.model.replace(**{name: value}), train=config.train)
-        elif section == "train":
-            config = RunConfig(model=config.model, train=config.train.replace(**{name: value}))
-        else:
+            owners = [sec for sec, cfg in sections.items() if name in [f.name for f in fields(cfg)]]
+            if not owners:
+                every = [f.name for cfg in sections.values() for f in fields(cfg)]
+                raise ConfigError(f"override '{item}': unknown key '{name}'{_closest(name, every)}")
+            section = owners[0]
+        if section not in sections:
             raise ConfigError(
-                f"override '{item}': unknown section '{section}'{_closest(section, ['model', 'train'])}"
+                f"override '{item}': unknown section '{section}'{_closest(section, list(sections))}"
             )
-    return config
+        valid = [f.name for f in fields(sections[section])]
+        if name not in valid:
+            raise ConfigError(f"override '{item}': unknown {section} key '{name}'{_closest(name, valid)}")
+        changes[section][name] = value
+    updated = {sec: getattr(config, sec).replace(**kw) for sec, kw in changes.items() if kw}
+    return dataclasses.replace(config, **updated) if updated else config

@@ -99,7 +99,7 @@ def run_demo(
     task = TranslationTask(model_config, size.train, src_tok, tgt_tok, pairs["train"], pairs["valid"])
     if out.joinpath("log.jsonl").exists():
         out.joinpath("log.jsonl").unlink()  # a fresh demo run: start a fresh log
-    trainer = Trainer(model, task, size.train, out_dir=out, d_model=model_config.d_model, progress=progress)
+    trainer = Trainer(model, task, size.train, out_dir=out, progress=progress)
     history = trainer.fit()
 
     log(f"[3/5] beam search (beam {size.beam_size}) on {size.n_test:,} held-out numbers ...")

@@ -1,4 +1,4 @@
-"""Building blocks of the paper's stacks (section 3): embeddings, feed-forward, encoder and decoder layers.
+"""Building blocks of the stacks (paper section 3): embeddings, feed-forward, encoder and decoder layers.
 
 Layers take plain values, never a config; `models/` builds them from a config. Each sublayer is wrapped as
 the paper's Add & Norm, `x = LayerNorm(x + Dropout(sublayer(x)))` (post-norm), or with `norm_first=True`
@@ -17,30 +17,43 @@ from torch import Tensor, nn
 
 from tformer.attention.multihead import KV, MultiHeadAttention
 
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu}
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+}
 
 
 class Embedding(nn.Module):
-    """Token embedding multiplied by sqrt(d_model) (section 3.4); checks ids against the vocabulary."""
+    """Token embedding, multiplied by sqrt(d_model) when `scale` (paper section 3.4)."""
 
-    def __init__(self, vocab_size: int, d_model: int) -> None:
+    def __init__(self, vocab_size: int, d_model: int, *, scale: bool = True) -> None:
         super().__init__()
         self.vocab_size, self.d_model = vocab_size, d_model
-        # std d_model**-0.5: after the sqrt(d_model) scale the embeddings have unit variance, and the
-        # tied output projection starts with logits of unit scale.
-        self.weight = nn.Parameter(torch.randn(vocab_size, d_model) * d_model**-0.5)
+        self.multiplier = math.sqrt(d_model) if scale else 1.0
+        # Scaled: std d_model**-0.5, so embeddings times sqrt(d_model) have unit variance and a tied output
+        # projection starts with logits of unit scale. Unscaled (GPT-2 style): std 0.02.
+        std = d_model**-0.5 if scale else 0.02
+        self.weight = nn.Parameter(torch.randn(vocab_size, d_model) * std)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight) * math.sqrt(self.d_model)  # (B, T, C)
+        out = F.embedding(ids, self.weight)  # (B, T, C)
+        return out * self.multiplier if self.multiplier != 1.0 else out
+
+
+def layer_norm(d_model: int, eps: float, bias: bool) -> nn.LayerNorm:
+    return nn.LayerNorm(d_model, eps=eps, bias=bias)
 
 
 class FeedForward(nn.Module):
     """FFN(x) = W2 act(W1 x + b1) + b2 (section 3.3), with dropout after the activation."""
 
-    def __init__(self, d_model: int, d_ff: int, *, dropout: float = 0.0, activation: str = "relu") -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, *, dropout: float = 0.0, activation: str = "relu", bias: bool = True
+    ) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff)
-        self.linear2 = nn.Linear(d_ff, d_model)
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.activation = _ACTIVATIONS[activation]
 
@@ -48,8 +61,18 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
+class EncoderLayerOutput(NamedTuple):
+    x: Tensor  # (B, T, C)
+    kv: KV  # self-attention keys/values (with `past` prepended), for a causal stack's cache
+    weights: Tensor | None  # (B, H, T, S) when asked for
+
+
 class EncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each inside Add & Norm."""
+    """Self-attention then feed-forward, each inside Add & Norm.
+
+    Bidirectional, it is the paper's encoder layer (and a classifier's); with `causal=True` and a KV cache
+    it is the block of a decoder-only language model.
+    """
 
     def __init__(
         self,
@@ -62,29 +85,42 @@ class EncoderLayer(nn.Module):
         activation: str = "relu",
         norm_first: bool = False,
         layer_norm_eps: float = 1e-5,
+        bias: bool = True,
         backend: str = "sdpa",
+        rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=attention_dropout, backend=backend)
-        self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.self_attn = MultiHeadAttention(
+            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=backend, rotary=rotary
+        )
+        self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
+        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, *, mask: Tensor | None = None, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        past: KV | None = None,
+        need_weights: bool = False,
+    ) -> EncoderLayerOutput:
         if self.norm_first:
-            attn = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
+            attn = self.self_attn(
+                self.norm1(x), mask=mask, causal=causal, past=past, need_weights=need_weights
+            )
             x = x + self.dropout1(attn.out)
             x = x + self.dropout2(self.ff(self.norm2(x)))
         else:
-            attn = self.self_attn(x, mask=mask, need_weights=need_weights)
+            attn = self.self_attn(x, mask=mask, causal=causal, past=past, need_weights=need_weights)
             x = self.norm1(x + self.dropout1(attn.out))
             x = self.norm2(x + self.dropout2(self.ff(x)))
-        return x, attn.weights
+        assert attn.kv is not None
+        return EncoderLayerOutput(x, attn.kv, attn.weights)
 
 
 class DecoderLayerOutput(NamedTuple):
@@ -109,16 +145,22 @@ class DecoderLayer(nn.Module):
         activation: str = "relu",
         norm_first: bool = False,
         layer_norm_eps: float = 1e-5,
+        bias: bool = True,
         backend: str = "sdpa",
+        rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=attention_dropout, backend=backend)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=attention_dropout, backend=backend)
-        self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.self_attn = MultiHeadAttention(
+            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=backend, rotary=rotary
+        )
+        self.cross_attn = MultiHeadAttention(
+            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=backend
+        )
+        self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
+        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
+        self.norm3 = layer_norm(d_model, layer_norm_eps, bias)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
@@ -155,4 +197,5 @@ class DecoderLayer(nn.Module):
             ca = cross_block(x)
             x = self.norm2(x + self.dropout2(ca.out))
             x = self.norm3(x + self.dropout3(self.ff(x)))
+        assert sa.kv is not None and ca.kv is not None
         return DecoderLayerOutput(x, sa.kv, ca.kv, sa.weights, ca.weights)

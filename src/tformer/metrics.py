@@ -39,3 +39,20 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 def perplexity(nll_per_token: float) -> float:
     return math.exp(min(nll_per_token, 700.0))
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
+    return sum(p == y for p, y in zip(predictions, labels, strict=True)) / max(1, len(labels))
+
+
+def macro_f1(predictions: Sequence[int], labels: Sequence[int], n_classes: int) -> float:
+    """Unweighted mean over classes of F1 = 2PR / (P + R); a class never predicted nor present scores 0."""
+    scores = []
+    for c in range(n_classes):
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels, strict=True))
+        fp = sum(p == c and y != c for p, y in zip(predictions, labels, strict=True))
+        fn = sum(p != c and y == c for p, y in zip(predictions, labels, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / n_classes

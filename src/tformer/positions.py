@@ -1,4 +1,8 @@
-"""Position information added to token embeddings: sinusoidal (paper section 3.5) or learned."""
+"""Position information: sinusoidal (paper section 3.5), learned, or rotary (Su et al., 2021).
+
+Sinusoidal and learned positions are added to the token embeddings (`PositionalEncoding`); rotary
+positions rotate the queries and keys inside attention (`RotaryEmbedding`, given to MultiHeadAttention).
+"""
 
 from __future__ import annotations
 
@@ -18,23 +22,66 @@ def sinusoidal_table(max_len: int, d_model: int, *, dtype: torch.dtype = torch.f
     return table.to(dtype)
 
 
-class PositionalEncoding(nn.Module):
-    """Adds positions [offset, offset + T) to x (B, T, C). `learned=False` is the paper's fixed sinusoid."""
+def _check_length(length: int, max_seq_len: int) -> None:
+    if length > max_seq_len:
+        raise ValueError(
+            f"sequence of length {length} is longer than the model's max_seq_len = {max_seq_len}"
+        )
 
-    def __init__(self, max_seq_len: int, d_model: int, *, learned: bool = False) -> None:
+
+class PositionalEncoding(nn.Module):
+    """Adds positions [offset, offset + T) to x (B, T, C): "sinusoidal" (fixed), "learned", or "none"."""
+
+    def __init__(self, max_seq_len: int, d_model: int, *, kind: str = "sinusoidal") -> None:
         super().__init__()
-        self.max_seq_len = max_seq_len
-        self.learned = learned
-        if learned:
+        self.max_seq_len, self.kind = max_seq_len, kind
+        if kind == "learned":
             self.table = nn.Parameter(torch.randn(max_seq_len, d_model) * 0.02)
-        else:
-            # Derived, not learned: not saved in checkpoints, rebuilt on any device/dtype.
+        elif kind == "sinusoidal":
+            # Derived, not learned: not saved in checkpoints, rebuilt on any device.
             self.register_buffer("table", sinusoidal_table(max_seq_len, d_model), persistent=False)
+        elif kind not in ("none", "rotary"):
+            raise ValueError(f"unknown positions {kind!r}; expected sinusoidal, learned, rotary or none")
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         t = x.shape[1]
-        if offset + t > self.max_seq_len:
-            raise ValueError(
-                f"sequence of length {offset + t} is longer than the model's max_seq_len = {self.max_seq_len}"
-            )
+        _check_length(offset + t, self.max_seq_len)
+        if self.kind in ("none", "rotary"):
+            return x
+        if self.kind == "sinusoidal" and x.dtype == torch.float64:  # exact values, not float32-rounded
+            return x + sinusoidal_table(offset + t, x.shape[-1], dtype=torch.float64)[offset:].to(x.device)
         return x + self.table[offset : offset + t].to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates pairs of query/key features by position-dependent angles (RoFormer, Su et al., 2021).
+
+    Dot products of rotated q and k then depend only on their relative position. Uses the "rotate half"
+    layout: feature i pairs with feature i + D/2.
+    """
+
+    def __init__(self, d_head: int, max_seq_len: int, *, base: float = 10000.0) -> None:
+        super().__init__()
+        self.max_seq_len, self.d_head, self.base = max_seq_len, d_head, base
+        cos, sin = self._tables(0, max_seq_len, torch.float32)
+        self.register_buffer("cos", cos, persistent=False)  # (T, D)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, start: int, stop: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv_freq = self.base ** (
+            -torch.arange(0, self.d_head, 2, dtype=torch.float64) / self.d_head
+        )  # (D/2,)
+        angles = torch.arange(start, stop, dtype=torch.float64)[:, None] * inv_freq[None]  # (T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """x (B, H, T, D) at positions [offset, offset + T) -> rotated x."""
+        t = x.shape[-2]
+        _check_length(offset + t, self.max_seq_len)
+        if x.dtype == torch.float64:
+            cos, sin = (m.to(x.device) for m in self._tables(offset, offset + t, torch.float64))
+        else:
+            cos, sin = self.cos[offset : offset + t].to(x.dtype), self.sin[offset : offset + t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin

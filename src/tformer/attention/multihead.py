@@ -47,8 +47,10 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         backend: str = "sdpa",
+        rotary: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.rotary = rotary  # rotary positions for self-attention (shared, holds no parameters)
         if d_model % n_heads:
             raise ValueError(f"d_model = {d_model} must be divisible by n_heads = {n_heads}")
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
@@ -83,10 +85,18 @@ class MultiHeadAttention(nn.Module):
     ) -> AttentionOutput:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"attention input has shape {tuple(x.shape)}; expected (B, T, C={self.d_model})")
+        if x.dtype != self.in_proj.weight.dtype:
+            raise TypeError(
+                f"attention input has dtype {x.dtype} but the weights are {self.in_proj.weight.dtype}"
+            )
         b, t, c = x.shape
         if memory is None and static_kv is None:
             q, k, v = self.in_proj(x).chunk(3, dim=-1)  # self-attention: one product, (B, T, C) each
-            q, kv = self._split(q), KV(self._split(k), self._split(v))  # (B, H, T, D)
+            q, k, v = self._split(q), self._split(k), self._split(v)  # (B, H, T, D)
+            if self.rotary is not None:
+                offset = 0 if past is None else past.k.shape[2]
+                q, k = self.rotary(q, offset), self.rotary(k, offset)
+            kv = KV(k, v)
         else:
             q = self._split(self._project(x, slice(0, c)))  # (B, H, T, D)
             if static_kv is not None:
@@ -96,6 +106,10 @@ class MultiHeadAttention(nn.Module):
                 if memory.dim() != 3 or memory.shape[0] != b or memory.shape[-1] != c:
                     raise ValueError(
                         f"attention memory has shape {tuple(memory.shape)}; expected (B={b}, S, C={c})"
+                    )
+                if memory.dtype != x.dtype:
+                    raise TypeError(
+                        f"attention memory has dtype {memory.dtype} but the queries have {x.dtype}"
                     )
                 kv = self.project_kv(memory)
         if past is not None:

@@ -1,9 +1,10 @@
 """One Tokenizer interface over Hugging Face `tokenizers`, saved next to the model as tokenizer.json.
 
 Special tokens are declared once (SPECIALS) and get the same ids in every vocabulary: <pad>=0, <bos>=1,
-<eos>=2, <unk>=3. Kinds: "word" (whole words, with hyphens and commas split off as their own tokens) and
-"bpe" (byte-pair merges learned on the training split). Both round-trip text exactly through a Metaspace
-pre-tokenizer and decoder.
+<eos>=2, <unk>=3. Kinds: "word" (whole words, with punctuation split off as its own tokens), "bpe"
+(byte-pair merges learned on the training split; Sennrich et al., 2016) and "char" (one token per
+character, newlines included). All round-trip text exactly: word and bpe through a Metaspace
+pre-tokenizer and decoder, char by fusing the characters back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-KINDS = ("word", "bpe")
+KINDS = ("word", "bpe", "char")
 
 
 class Tokenizer:
@@ -33,6 +34,12 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], *, kind: str = "word", vocab_size: int = 8000) -> Tokenizer:
         trainer: trainers.Trainer
+        if kind == "char":
+            hf = HFTokenizer(models.WordLevel(unk_token=UNK))
+            hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+            hf.decoder = decoders.Fuse()
+            hf.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(SPECIALS)))
+            return cls(hf)
         if kind == "word":
             hf = HFTokenizer(models.WordLevel(unk_token=UNK))
             trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS), vocab_size=vocab_size)
@@ -59,7 +66,7 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.hf.decode([i for i in ids if i >= len(SPECIALS)]).strip()
+        return self.hf.decode([i for i in ids if i >= len(SPECIALS)])
 
     def tokens(self, text: str) -> list[str]:
         return self.hf.encode(text, add_special_tokens=False).tokens

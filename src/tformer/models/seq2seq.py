@@ -8,7 +8,7 @@ Training is one teacher-forced parallel pass (`forward`); inference encodes once
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from tformer.attention.masks import check_mask, padding_mask
 from tformer.attention.multihead import KV
 from tformer.config import ModelConfig
-from tformer.layers import DecoderLayer, Embedding, EncoderLayer
+from tformer.layers import DecoderLayer, Embedding, layer_norm
+from tformer.models.encoder import Encoder, check_ids, layer_kwargs
 from tformer.positions import PositionalEncoding
 
 
@@ -29,11 +30,14 @@ class DecoderCache:
     self_kv: list[KV | None] = field(default_factory=list)  # per layer, grows by one position per step
     length: int = 0  # target positions already decoded
 
-    def index_select(self, index: Tensor) -> DecoderCache:
-        """Keep / reorder batch rows, e.g. the surviving hypotheses of a beam search."""
+    def index_select(self, index: Tensor, *, cross: bool = True) -> DecoderCache:
+        """Keep / reorder batch rows. `cross=False` leaves the cross-attention part alone (beam search
+        reorders beams within a source, whose cross-attention keys/values are all the same)."""
         return DecoderCache(
-            cross_kv=[kv.index_select(index) for kv in self.cross_kv],
-            memory_mask=None if self.memory_mask is None else self.memory_mask.index_select(0, index),
+            cross_kv=[kv.index_select(index) for kv in self.cross_kv] if cross else self.cross_kv,
+            memory_mask=self.memory_mask.index_select(0, index)
+            if cross and self.memory_mask is not None
+            else self.memory_mask,
             self_kv=[None if kv is None else kv.index_select(index) for kv in self.self_kv],
             length=self.length,
         )
@@ -48,94 +52,73 @@ class Seq2SeqOutput:
     cache: DecoderCache | None = None
 
 
-def check_ids(ids: Tensor, *, vocab_size: int, max_len: int, name: str) -> None:
-    """Raise a clear error for ids that are not (B, T) integers in [0, vocab_size) with T <= max_len."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} has shape {tuple(ids.shape)}; expected (B, T) token ids")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {ids.dtype}")
-    if ids.shape[1] > max_len:
-        raise ValueError(f"{name} has length {ids.shape[1]}, longer than the model's max_seq_len = {max_len}")
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size})")
-
-
 class Seq2Seq(nn.Module):
     """Encoder-decoder Transformer. Inputs are (B, S) source ids and (B, T) target ids, batch first."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.src_embed = Embedding(c.src_vocab_size, c.d_model)
-        self.tgt_embed = self.src_embed if c.share_embeddings else Embedding(c.tgt_vocab_size, c.d_model)
-        self.positions = PositionalEncoding(c.max_seq_len, c.d_model, learned=c.positions == "learned")
+        self.encoder = Encoder(c, c.src_vocab_size)
+        self.tgt_embed = (
+            self.encoder.embed
+            if c.share_embeddings
+            else Embedding(c.tgt_vocab_size, c.d_model, scale=c.scale_embeddings)
+        )
+        self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
         self.dropout = nn.Dropout(c.dropout)
-        layer_args: dict[str, Any] = dict(
-            dropout=c.dropout,
-            attention_dropout=c.attention_dropout,
-            activation=c.activation,
-            norm_first=c.norm_first,
-            layer_norm_eps=c.layer_norm_eps,
-            backend=c.attention,
-        )
-        self.encoder_layers = nn.ModuleList(
-            EncoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_args) for _ in range(c.n_layers)
-        )
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_args) for _ in range(c.decoder_layers)
+            DecoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_kwargs(c, self.encoder.rotary))
+            for _ in range(c.decoder_layers)
         )
-        final = c.use_final_norm
-        self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if final else nn.Identity()
-        self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if final else nn.Identity()
+        self.decoder_norm = (
+            layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
+        )
         self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
         if c.tie_output:
             self.output.weight = self.tgt_embed.weight
-        self._init_linear_weights()
+        for layer in [*self.encoder.layers, *self.decoder_layers]:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
 
-    def _init_linear_weights(self) -> None:
-        for name, p in self.named_parameters():
-            if p.dim() == 2 and "embed" not in name and not name.startswith("output"):
-                nn.init.xavier_uniform_(p)
+    @property
+    def src_embed(self) -> Embedding:
+        return self.encoder.embed
+
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.encoder.layers
 
     # --- encoder -----------------------------------------------------------------------------------
     def source_mask(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
-        """(B, S) ids -> (B, 1, 1, S) bool key mask; a given (B, S) mask is checked and reshaped."""
+        """(B, S) ids -> (B, 1, 1, S) bool key mask (True = real token). A given `src_mask` must be (B, S)."""
         if src_mask is None:
             return padding_mask(src, self.config.pad_id)
-        if isinstance(src_mask, Tensor) and src_mask.dim() == 2:
-            if src_mask.shape != src.shape:
-                raise ValueError(
-                    f"src_mask has shape {tuple(src_mask.shape)}; expected {tuple(src.shape)} like src"
-                )
-            src_mask = src_mask[:, None, None, :]
-            check_mask(src_mask, b=src.shape[0], t=1, s=src.shape[1], name="src_mask")
-            return src_mask
-        check_mask(src_mask, b=src.shape[0], t=src.shape[1], s=src.shape[1], name="src_mask")
-        return src_mask
+        if not isinstance(src_mask, Tensor) or src_mask.dtype != torch.bool:
+            check_mask(
+                src_mask, b=src.shape[0], t=1, s=src.shape[1], name="src_mask"
+            )  # raises the dtype error
+        if src_mask.shape != src.shape:
+            raise ValueError(
+                f"src_mask has shape {tuple(src_mask.shape)}; expected {tuple(src.shape)} like src "
+                "(a key-padding mask, True = real token)"
+            )
+        return src_mask[:, None, None, :]
 
     def encode(
         self, src: Tensor, *, src_mask: Tensor | None = None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """(B, S) ids -> memory (B, S, C), its key mask (B, 1, 1, S), per-layer weights if asked."""
-        c = self.config
-        check_ids(src, vocab_size=c.src_vocab_size, max_len=c.max_seq_len, name="src")
+        check_ids(src, vocab_size=self.config.src_vocab_size, max_len=self.config.max_seq_len, name="src")
         mask = self.source_mask(src, src_mask)
-        x = self.dropout(self.positions(self.src_embed(src)))
-        weights: list[Tensor] | None = [] if need_weights else None
-        for layer in self.encoder_layers:
-            x, w = layer(x, mask=mask, need_weights=need_weights)
-            if weights is not None:
-                weights.append(cast(Tensor, w))
-        return self.encoder_norm(x), mask, weights
+        out = self.encoder(src, mask=mask, need_weights=need_weights, name="src")
+        return out.x, mask, out.weights
 
     # --- decoder -----------------------------------------------------------------------------------
     def _check_tgt(self, tgt: Tensor, batch: int, offset: int = 0) -> None:
         c = self.config
+        if offset >= c.max_seq_len:
+            raise ValueError(f"cannot decode past the model's max_seq_len = {c.max_seq_len} target positions")
         check_ids(tgt, vocab_size=c.tgt_vocab_size, max_len=c.max_seq_len - offset, name="tgt")
         if tgt.shape[0] != batch:
             raise ValueError(f"tgt has batch size {tgt.shape[0]} but src has {batch}; they must match")
@@ -202,7 +185,7 @@ class Seq2Seq(nn.Module):
         """
         batch = cache.cross_kv[0].k.shape[0]
         self._check_tgt(tgt, batch, offset=cache.length)
-        x = self.positions(self.tgt_embed(tgt), offset=cache.length)
+        x = self.dropout(self.positions(self.tgt_embed(tgt), offset=cache.length))
         self_kv: list[KV | None] = []
         cross_w: list[Tensor] | None = [] if need_weights else None
         for layer, past, cross in zip(self.decoder_layers, cache.self_kv, cache.cross_kv, strict=True):

@@ -95,6 +95,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load model.safetensors into `model`, strictly: every tensor present and of the right shape."""
+    _recover(Path(path))
     weights = Path(path) / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{Path(path)}: {WEIGHTS} is missing")
@@ -112,6 +113,7 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    _recover(Path(path))
     state = Path(path) / STATE
     if not state.exists():
         raise CheckpointError(f"{Path(path)}: {STATE} is missing; this checkpoint cannot be resumed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -17,7 +18,9 @@ def sequence_cross_entropy(
     """
     v = logits.shape[-1]
     return F.cross_entropy(
-        logits.reshape(-1, v).float(),
+        logits.reshape(-1, v).float()
+        if logits.dtype in (torch.float16, torch.bfloat16)
+        else logits.reshape(-1, v),
         targets.reshape(-1),
         ignore_index=pad_id,
         label_smoothing=label_smoothing,

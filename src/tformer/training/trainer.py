@@ -1,8 +1,9 @@
 """One training loop for every task: Adam, schedule, clipping, evaluation, progress, logs, checkpoints.
 
 The trainer knows nothing about the model's inputs: a task gives it batches (`train_batches(epoch)`), a
-loss (`loss(model, batch) -> (summed loss, tokens)`), an evaluation (`evaluate(model) -> metrics`) and a
-way to save what the checkpoint needs besides weights (`checkpoint_config()`, `write_files(dir)`).
+loss (`loss(model, batch) -> LossValue(summed loss, count it is averaged over, tokens in the batch)`), an
+evaluation (`evaluate(model) -> metrics`) and what the checkpoint needs besides weights
+(`checkpoint_config()`, `write_files(dir)`).
 
 Resuming is exact: an epoch's batch order is a function of (seed, epoch), and the checkpoint holds the
 position inside the epoch plus every RNG state, so N steps straight and N/2 + resume + N/2 give the same
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -30,9 +31,15 @@ from tformer.training.checkpoint import load_trainer_state, load_weights, save_c
 from tformer.training.schedules import make_scheduler, peak_lr
 
 
+class LossValue(NamedTuple):
+    total: torch.Tensor  # summed loss over the batch
+    count: int  # what it is averaged over (target tokens, examples)
+    tokens: int  # tokens read (for tokens per second)
+
+
 class Task(Protocol):
     def train_batches(self, epoch: int) -> list[Any]: ...
-    def loss(self, model: Any, batch: Any) -> tuple[torch.Tensor, int]: ...
+    def loss(self, model: Any, batch: Any) -> LossValue: ...
     def evaluate(self, model: Any) -> dict[str, float]: ...
     def checkpoint_config(self) -> dict[str, Any]: ...
     def write_files(self, directory: Path) -> None: ...
@@ -48,13 +55,27 @@ class TrainState:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam with decoupled weight decay (AdamW) on matrices only; biases, norms get none. With
+    weight_decay = 0 this is the paper's Adam."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps)
 
 
 class Trainer:
@@ -65,8 +86,8 @@ class Trainer:
         config: TrainConfig,
         *,
         out_dir: str | Path,
-        d_model: int,
         progress: bool = True,
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.task, self.config = model, task, config
         self.out_dir = Path(out_dir)
@@ -74,22 +95,14 @@ class Trainer:
         self.log_path = self.out_dir / "log.jsonl"
         self.progress = progress
         c = config
-        self.optimizer = torch.optim.Adam(
-            model.parameters(),
-            lr=peak_lr(c.lr, d_model, c.warmup_steps),
-            betas=c.betas,
-            eps=c.eps,
-            weight_decay=c.weight_decay,
-        )
+        peak = peak_lr(c.lr, model.config.d_model, c.warmup_steps)  # type: ignore[union-attr]
+        self.optimizer = make_optimizer(model, c, peak)
         self.scheduler = make_scheduler(
-            self.optimizer,
-            c.schedule,
-            warmup=c.warmup_steps,
-            total=c.max_steps,
-            min_lr=c.min_lr,
-            peak=peak_lr(c.lr, d_model, c.warmup_steps),
+            self.optimizer, c.schedule, warmup=c.warmup_steps, total=c.max_steps, min_lr=c.min_lr, peak=peak
         )
         self.state = TrainState()
+        self._interrupted = False
+        self.extra_config = extra_config or {}  # more sections for config.json (e.g. the data config)
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -99,7 +112,7 @@ class Trainer:
             "trainer": vars(self.state),
             "rng": _rng_state(),
         }
-        config = {**self.task.checkpoint_config(), "train": self.config.to_dict()}
+        config = {**self.task.checkpoint_config(), "train": self.config.to_dict(), **self.extra_config}
         return save_checkpoint(
             self.checkpoint_dir,
             model=self.model,
@@ -132,9 +145,17 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         self.model.eval()
+        t0 = time.perf_counter()
         with torch.no_grad():
             metrics = self.task.evaluate(self.model)
-        record = {"type": "eval", "step": self.state.step, "epoch": self.state.epoch, **metrics}
+        record = {
+            "type": "eval",
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "time": self.state.train_time,
+            **metrics,
+            "eval_seconds": time.perf_counter() - t0,
+        }
         self._log(record)
         return record
 
@@ -149,7 +170,12 @@ class Trainer:
             torch.manual_seed(c.seed)
             random.seed(c.seed)
             np.random.seed(c.seed)
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        # Ctrl-C / SIGTERM only set a flag; the loop stops between steps, so the checkpoint never holds
+        # weights updated by a step it has not counted.
+        previous = {}
+        if _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
         try:
             self._loop()
         except KeyboardInterrupt:
@@ -159,9 +185,15 @@ class Trainer:
             )
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return s.history
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._interrupted:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._interrupted = True
+        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
 
     def _loop(self) -> None:
         c, s = self.config, self.state
@@ -176,21 +208,24 @@ class Trainer:
                 dynamic_ncols=True,
             )
             window_loss: float | torch.Tensor = 0.0
-            window_tokens, window_time = 0, 0.0
+            window_count, window_tokens, window_time = 0, 0, 0.0
             while s.batch_in_epoch < len(batches) and not self._should_stop():
+                if self._interrupted:
+                    raise KeyboardInterrupt
                 t0 = time.perf_counter()
-                loss_value, n_tokens = self._step(batches[s.batch_in_epoch])
+                loss_value, n_count, n_tokens = self._step(batches[s.batch_in_epoch])
                 dt = time.perf_counter() - t0
                 s.train_time += dt
                 s.batch_in_epoch += 1
                 s.step += 1
                 window_loss = window_loss + loss_value
+                window_count += n_count
                 window_tokens += n_tokens
                 window_time += dt
                 bar.update(1)
                 if s.step % c.log_every == 0:
                     lr = self.scheduler.get_last_lr()[0]
-                    loss = float(window_loss) / max(1, window_tokens)  # the only host sync: once per log
+                    loss = float(window_loss) / max(1, window_count)  # the only host sync: once per log
                     if not math.isfinite(loss):
                         raise FloatingPointError(
                             f"training loss became {loss} before step {s.step}; lower the learning rate "
@@ -209,7 +244,13 @@ class Trainer:
                             "time": s.train_time,
                         }
                     )
-                    window_loss, window_tokens, window_time = 0.0, 0, 0.0
+                    window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
+                if (
+                    c.eval_every_steps
+                    and s.step % c.eval_every_steps == 0
+                    and s.batch_in_epoch < len(batches)
+                ):
+                    self._report(self.evaluate())
             bar.close()
             if s.batch_in_epoch >= len(batches):
                 s.epoch += 1
@@ -231,21 +272,17 @@ class Trainer:
         )
         tqdm.write(f"eval: {shown}")
 
-    def _step(self, batch: Any) -> tuple[torch.Tensor, int]:
+    def _step(self, batch: Any) -> tuple[torch.Tensor, int, int]:
         self.model.train()
-        loss_sum, n_tokens = self.task.loss(self.model, batch)
-        loss = loss_sum / max(1, n_tokens)
+        loss_sum, n_count, n_tokens = self.task.loss(self.model, batch)
+        loss = loss_sum / max(1, n_count)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return loss_sum.detach(), n_tokens
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+        return loss_sum.detach(), n_count, n_tokens
 
 
 def _main_thread() -> bool:

@@ -1,7 +1,5 @@
-"""Tasks: which model, which batches, which loss and metrics, how to predict; the trainer and CLI stay generic.
-
-This module holds translation (the paper's task); later tasks follow the same shape.
-"""
+"""Translation (the paper's task): parallel text -> Seq2Seq; label-smoothed loss; BLEU / exact match;
+beam-search prediction from a checkpoint."""
 
 from __future__ import annotations
 
@@ -13,13 +11,15 @@ from typing import Any
 import torch
 
 from tformer.config import ModelConfig, TrainConfig
-from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch
+from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pad
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.metrics import bleu, exact_match, perplexity
 from tformer.models.seq2seq import Seq2Seq
-from tformer.training.checkpoint import CheckpointError, load_weights, read_config
+from tformer.tasks.common import model_device, read_task_config
+from tformer.training.checkpoint import load_weights
 from tformer.training.losses import sequence_cross_entropy
+from tformer.training.trainer import LossValue
 
 SRC_TOKENIZER = "src_tokenizer.json"
 TGT_TOKENIZER = "tgt_tokenizer.json"
@@ -91,7 +91,8 @@ class TranslationTask:
         )
         return [self._batch(g, self.train_src, self.train_tgt) for g in groups]
 
-    def loss(self, model: Seq2Seq, batch: PairBatch) -> tuple[torch.Tensor, int]:
+    def loss(self, model: Seq2Seq, batch: PairBatch) -> LossValue:
+        batch = batch.to(model_device(model))
         logits = model(batch.src, batch.tgt_in).logits
         loss = sequence_cross_entropy(
             logits,
@@ -99,7 +100,7 @@ class TranslationTask:
             pad_id=self.tgt_tok.pad_id,
             label_smoothing=self.train_config.label_smoothing,
         )
-        return loss, batch.n_tokens
+        return LossValue(loss, batch.n_tokens, batch.n_tokens + batch.src.numel())
 
     def evaluate(self, model: Seq2Seq) -> dict[str, float]:
         """Validation NLL / perplexity (no smoothing) on every pair; BLEU and exact match on decoded ones."""
@@ -109,7 +110,7 @@ class TranslationTask:
         )
         nll, tokens = 0.0, 0
         for g in groups:
-            b = self._batch(g, self.valid_src, self.valid_tgt)
+            b = self._batch(g, self.valid_src, self.valid_tgt).to(model_device(model))
             logits = model(b.src, b.tgt_in).logits
             nll += float(sequence_cross_entropy(logits, b.tgt_out, pad_id=self.tgt_tok.pad_id))
             tokens += b.n_tokens
@@ -145,13 +146,7 @@ class Translator:
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Translator:
         path = Path(path)
-        config = read_config(path)
-        if config.get("task") != "translation":
-            raise CheckpointError(f"{path}: a {config.get('task')!r} checkpoint, not a translation model")
-        try:
-            model_config = ModelConfig.from_dict(config["model"], source=str(path / "config.json"))
-        except KeyError:
-            raise CheckpointError(f"{path / 'config.json'}: has no 'model' section") from None
+        _, model_config = read_task_config(path, "translation")
         model = Seq2Seq(model_config)
         load_weights(path, model)
         src_tok = Tokenizer.load(path / SRC_TOKENIZER)
@@ -171,14 +166,12 @@ class Translator:
         model, t = self.model, self.tgt_tok
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
+        device = model_device(model)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[str] = [""] * len(sources)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            src = make_pair_batch(
-                [sources[i] for i in idx], [[]] * len(idx), pad_id=t.pad_id, bos_id=t.bos_id, eos_id=t.eos_id
-            ).src.to(device)
+            src = pad([sources[i] for i in idx], self.src_tok.pad_id).to(device)  # (B, S)
             if beam_size == 1:
                 hyps = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=max_len)
             else:

@@ -1,0 +1,102 @@
+"""Text generation from a decoder-only language model: greedy or sampled (temperature, top-k, top-p),
+incremental with the KV cache, reproducible with a seed.
+
+With the cache the prompt is fed once and each step feeds one token; without it every step re-reads the
+whole context, and the two give the same tokens while the text fits in `max_seq_len`. Past that, the
+uncached path slides a window of the last `max_seq_len` tokens per step; the cached path re-reads the last
+`max_seq_len // 2` tokens once and goes on caching (so its context is between half and all of the window),
+which keeps each step cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tformer.models.lm import LanguageModel, LMCache
+
+
+def filter_logits(
+    logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """(N, V) logits -> logits with everything outside the top-k / nucleus set to -inf, divided by temperature.
+
+    top-p keeps the smallest set of most probable tokens whose probabilities sum to at least p
+    (Holtzman et al., 2020); the most probable token is always kept.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    logits = logits / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        before = probs.cumsum(-1) - probs  # probability mass strictly above each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: LanguageModel,
+    prompt: Tensor,
+    *,
+    max_new_tokens: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    stop: callable | None = None,  # type: ignore[valid-type]
+) -> Tensor:
+    """prompt (B, T0) ids -> (B, T0 + n) ids, n <= max_new_tokens. Stops early when every row has produced
+    `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared)."""
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt has shape {tuple(prompt.shape)}; expected (B, T) with at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = model.config.max_seq_len
+    generator = torch.Generator(device=prompt.device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    was_training = model.training
+    model.eval()
+    ids = prompt
+    cache: LMCache | None = None
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        if use_cache:
+            if cache is None or cache.length >= limit:
+                context = ids[:, -(limit // 2) :] if ids.shape[1] >= limit else ids
+                out = model(context, use_cache=True)
+            else:
+                out = model(ids[:, -1:], cache=cache)
+            cache = out.cache
+        else:
+            out = model(ids[:, -limit:])
+        logits = out.logits[:, -1].float()  # (B, V)
+        if greedy:
+            token = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(
+                filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1
+            )
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if eos_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_id), token)
+            done |= token == eos_id
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        if (eos_id is not None and bool(done.all())) or (stop is not None and stop(ids)):
+            break
+    model.train(was_training)
+    return ids

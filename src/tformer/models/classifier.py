@@ -1,0 +1,51 @@
+"""Text classifier: the paper's encoder, pooled to one vector, then dropout and a linear layer.
+
+Pooling "cls" reads the first position, where the task puts a BOS token (BERT's [CLS]); "mean" averages
+the non-padding positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tformer.attention.masks import padding_mask
+from tformer.config import ClassifierConfig
+from tformer.models.encoder import Encoder
+
+
+@dataclass
+class ClassifierOutput:
+    logits: Tensor  # (B, n_classes)
+    attention: list[Tensor] | None = None  # per layer (B, H, T, T), when asked for
+
+
+class Classifier(nn.Module):
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.encoder = Encoder(c, c.vocab_size)
+        self.dropout = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.d_model, c.n_classes)
+        for layer in self.encoder.layers:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.xavier_uniform_(module.weight)
+
+    def forward(self, ids: Tensor, *, need_weights: bool = False) -> ClassifierOutput:
+        """ids (B, T), padded with pad_id -> class logits (B, n_classes)."""
+        mask = padding_mask(ids, self.config.pad_id) if ids.dim() == 2 else None  # (B, 1, 1, T)
+        out = self.encoder(ids, mask=mask, need_weights=need_weights)
+        if self.config.pooling == "cls":
+            pooled = out.x[:, 0]  # (B, C)
+        else:
+            assert mask is not None
+            keep = mask[:, 0, 0, :, None].to(out.x.dtype)  # (B, T, 1)
+            pooled = (out.x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return ClassifierOutput(self.head(self.dropout(pooled)), out.weights)
+
+    @torch.no_grad()
+    def probabilities(self, ids: Tensor) -> Tensor:
+        return torch.softmax(self.forward(ids).logits.float(), dim=-1)

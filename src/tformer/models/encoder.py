@@ -1,0 +1,94 @@
+"""A stack of self-attention layers with its embedding: the paper's encoder, a classifier's body, and, with
+`causal=True` and a KV cache, a decoder-only language model."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from tformer.attention.multihead import KV
+from tformer.config import TransformerConfig
+from tformer.layers import Embedding, EncoderLayer, layer_norm
+from tformer.positions import PositionalEncoding, RotaryEmbedding
+
+
+class StackOutput(NamedTuple):
+    x: Tensor  # (B, T, C), after the final norm when there is one
+    kv: list[KV]  # per layer, the self-attention keys/values including `past` (for a causal cache)
+    weights: list[Tensor] | None  # per layer (B, H, T, S), when asked for
+
+
+def check_ids(ids: Tensor, *, vocab_size: int, max_len: int, name: str) -> None:
+    """Raise a clear error for ids that are not (B, T) integers in [0, vocab_size) with T <= max_len."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}; expected (B, T) token ids")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {ids.dtype}")
+    if ids.shape[1] > max_len:
+        raise ValueError(f"{name} has length {ids.shape[1]}, longer than the model's max_seq_len = {max_len}")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def layer_kwargs(c: TransformerConfig, rotary: nn.Module | None) -> dict[str, Any]:
+    return dict(
+        dropout=c.dropout,
+        attention_dropout=c.attention_dropout,
+        activation=c.activation,
+        norm_first=c.norm_first,
+        layer_norm_eps=c.layer_norm_eps,
+        bias=c.bias,
+        backend=c.attention,
+        rotary=rotary,
+    )
+
+
+class Encoder(nn.Module):
+    """Embedding (+ positions, dropout) -> N self-attention layers -> optional final LayerNorm."""
+
+    def __init__(self, c: TransformerConfig, vocab_size: int, *, n_layers: int | None = None) -> None:
+        super().__init__()
+        self.config, self.vocab_size = c, vocab_size
+        self.embed = Embedding(vocab_size, c.d_model, scale=c.scale_embeddings)
+        self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
+        self.rotary = RotaryEmbedding(c.d_head, c.max_seq_len) if c.positions == "rotary" else None
+        self.dropout = nn.Dropout(c.dropout)
+        n = c.n_layers if n_layers is None else n_layers
+        self.layers = nn.ModuleList(
+            EncoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_kwargs(c, self.rotary)) for _ in range(n)
+        )
+        self.norm = layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
+
+    def forward(
+        self,
+        ids: Tensor,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        past: list[KV] | None = None,
+        need_weights: bool = False,
+        name: str = "ids",
+    ) -> StackOutput:
+        """ids (B, T); `past` holds each layer's keys/values of T0 earlier positions (causal decoding)."""
+        c = self.config
+        offset = 0 if past is None else past[0].k.shape[2]
+        check_ids(ids, vocab_size=self.vocab_size, max_len=c.max_seq_len - offset, name=name)
+        x = self.dropout(self.positions(self.embed(ids), offset))
+        kvs: list[KV] = []
+        weights: list[Tensor] | None = [] if need_weights else None
+        for i, layer in enumerate(self.layers):
+            o = layer(
+                x, mask=mask, causal=causal, past=None if past is None else past[i], need_weights=need_weights
+            )
+            x = o.x
+            kvs.append(o.kv)
+            if weights is not None and o.weights is not None:
+                weights.append(o.weights)
+        return StackOutput(self.norm(x), kvs, weights)

@@ -1,0 +1,218 @@
+"""From a RunConfig to a trained checkpoint: read the files, build tokenizers, task and model, train.
+
+`tformer train` and the real-data benchmarks call `train`; it knows the three tasks through their builders.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tformer.config import ConfigError, RunConfig
+from tformer.data.readers import read_labelled, read_parallel, read_text, report_skipped
+from tformer.data.tokenizers import Tokenizer
+from tformer.models.classifier import Classifier
+from tformer.models.lm import LanguageModel
+from tformer.models.seq2seq import Seq2Seq
+from tformer.tasks import ClassificationTask, LanguageModelTask, TranslationTask
+from tformer.training.trainer import Trainer
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    history: list[dict[str, Any]]
+    model: torch.nn.Module
+    task: Any
+
+
+def _need(config: RunConfig, key: str) -> list[str]:
+    paths = config.data.paths(key)
+    if not paths:
+        raise ConfigError(f"no {key} data: give --{key} FILE (or data.{key} in the config)")
+    return paths
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def build_translation(config: RunConfig) -> tuple[TranslationTask, Seq2Seq]:
+    d = config.data
+    train_pairs, stats = read_parallel(_need(config, "train"))
+    report_skipped(stats)
+    valid_pairs, vstats = read_parallel(_need(config, "valid"))
+    report_skipped(vstats)
+    _log(f"translation: {len(train_pairs):,} training pairs, {len(valid_pairs):,} validation pairs")
+    if d.shared_vocab:
+        src_tok = tgt_tok = Tokenizer.train(
+            (text for pair in train_pairs for text in pair), kind=d.tokenizer, vocab_size=d.vocab_size
+        )
+    else:
+        src_tok = Tokenizer.train((s for s, _ in train_pairs), kind=d.tokenizer, vocab_size=d.vocab_size)
+        tgt_tok = Tokenizer.train((t for _, t in train_pairs), kind=d.tokenizer, vocab_size=d.vocab_size)
+    model_config = config.model.replace(
+        src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size, pad_id=tgt_tok.pad_id
+    )
+    if model_config.share_embeddings and not d.shared_vocab:
+        raise ConfigError("model.share_embeddings needs data.shared_vocab = true (one vocabulary)")
+    _log(
+        f"tokenizer: {d.tokenizer}, vocabulary {src_tok.vocab_size:,}"
+        + ("" if d.shared_vocab else f" (source) / {tgt_tok.vocab_size:,} (target)")
+    )
+    task = TranslationTask(
+        model_config,
+        config.train,
+        src_tok,
+        tgt_tok,
+        train_pairs,
+        valid_pairs,
+        eval_beam_size=config.train.eval_beam_size,
+        eval_max_sentences=config.train.eval_max_sentences,
+    )
+    return task, Seq2Seq(model_config)
+
+
+def build_classification(config: RunConfig) -> tuple[ClassificationTask, Classifier]:
+    d = config.data
+    (train_path,) = _one(config, "train")
+    (valid_path,) = _one(config, "valid")
+    train_rows, stats = read_labelled(train_path, text_column=d.text_column, label_column=d.label_column)
+    report_skipped(stats)
+    labels = sorted({y for _, y in train_rows})
+    if len(labels) < 2:
+        raise ConfigError(f"{train_path}: found only the label(s) {labels}; a classifier needs at least two")
+    valid_rows, vstats = read_labelled(
+        valid_path, text_column=d.text_column, label_column=d.label_column, labels=labels
+    )
+    report_skipped(vstats)
+    _log(
+        f"classification: {len(train_rows):,} training and {len(valid_rows):,} validation texts, labels {labels}"
+    )
+    tok = Tokenizer.train((t for t, _ in train_rows), kind=d.tokenizer, vocab_size=d.vocab_size)
+    _log(f"tokenizer: {d.tokenizer}, vocabulary {tok.vocab_size:,}")
+    model_config = config.model.replace(vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id)
+    task = ClassificationTask(model_config, config.train, tok, labels, train_rows, valid_rows)
+    return task, Classifier(model_config)
+
+
+def build_lm(config: RunConfig) -> tuple[LanguageModelTask, LanguageModel]:
+    d = config.data
+    (train_path,) = _one(config, "train")
+    text = read_text(train_path)
+    if config.data.valid:
+        (valid_path,) = _one(config, "valid")
+        train_text, valid_text = text, read_text(valid_path)
+    elif d.valid_fraction > 0:
+        cut = int(len(text) * (1 - d.valid_fraction))
+        train_text, valid_text = text[:cut], text[cut:]
+    else:
+        raise ConfigError("no validation text: give --valid FILE or data.valid_fraction (e.g. 0.1)")
+    tok = Tokenizer.train(train_text.splitlines(keepends=True), kind=d.tokenizer, vocab_size=d.vocab_size)
+    _log(
+        f"lm: {len(train_text):,} training and {len(valid_text):,} validation characters; "
+        f"tokenizer {d.tokenizer}, vocabulary {tok.vocab_size:,}"
+    )
+    model_config = config.model.replace(vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+    task = LanguageModelTask(model_config, config.train, tok, train_text, valid_text)
+    return task, LanguageModel(model_config)
+
+
+def _one(config: RunConfig, key: str) -> list[str]:
+    paths = _need(config, key)
+    if len(paths) != 1:
+        raise ConfigError(f"{config.task}: --{key} takes one file, got {len(paths)}: {paths}")
+    return paths
+
+
+BUILDERS: dict[str, Any] = {
+    "translation": build_translation,
+    "classification": build_classification,
+    "lm": build_lm,
+}
+
+
+def train(
+    config: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
+) -> TrainResult:
+    """Train `config.task` on `config.data`; checkpoints and log.jsonl go to `out_dir`."""
+    torch.manual_seed(config.train.seed)
+    task, model = BUILDERS[config.task](config)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
+    trainer = Trainer(
+        model,
+        task,
+        config.train,
+        out_dir=out_dir,
+        progress=progress,
+        extra_config={"data": config.data.to_dict()},
+    )
+    if resume:
+        trainer.resume()
+        _log(f"resumed at step {trainer.state.step} (epoch {trainer.state.epoch + 1})")
+    history = trainer.fit()
+    return TrainResult(trainer.checkpoint_dir, history, model, task)
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    data: list[str],
+    *,
+    beam_size: int = 4,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> dict[str, Any]:
+    """Score a checkpoint on a file of its task: BLEU / chrF / exact match, accuracy / macro-F1, or
+    perplexity. Column names default to the ones the model was trained with."""
+    from tformer.config import DataConfig
+    from tformer.metrics import accuracy, bleu, chrf, exact_match, macro_f1, perplexity
+    from tformer.tasks import TextClassifier, TextGenerator, Translator, load_predictor
+    from tformer.tasks.lm import mean_nll
+    from tformer.training.checkpoint import read_config
+
+    raw = read_config(path)
+    trained = DataConfig.from_dict(raw.get("data", {}), source=str(path)) if "data" in raw else DataConfig()
+    predictor = load_predictor(path)
+    if isinstance(predictor, Translator):
+        pairs, stats = read_parallel(data)
+        report_skipped(stats)
+        hyps = predictor.translate([s for s, _ in pairs], beam_size=beam_size)
+        refs = [t for _, t in pairs]
+        score = bleu(hyps, refs)
+        return {
+            "sentences": len(refs),
+            "bleu": score.score,
+            "bleu_signature": score.signature,
+            "chrf": chrf(hyps, refs),
+            "exact_match": exact_match(hyps, refs),
+        }
+    if isinstance(predictor, TextClassifier):
+        if len(data) != 1:
+            raise ConfigError(f"classification: --data takes one file, got {len(data)}")
+        rows, stats = read_labelled(
+            data[0],
+            text_column=text_column or trained.text_column,
+            label_column=label_column or trained.label_column,
+            labels=predictor.labels,
+        )
+        report_skipped(stats)
+        probs = predictor.probabilities([t for t, _ in rows])
+        index = {label: i for i, label in enumerate(predictor.labels)}
+        gold = [index[y] for _, y in rows]
+        pred = probs.argmax(-1).tolist()
+        return {
+            "texts": len(rows),
+            "accuracy": accuracy(pred, gold),
+            "macro_f1": macro_f1(pred, gold, len(predictor.labels)),
+        }
+    assert isinstance(predictor, TextGenerator)
+    if len(data) != 1:
+        raise ConfigError(f"lm: --data takes one file, got {len(data)}")
+    ids = torch.tensor(predictor.tok.encode(read_text(data[0])), dtype=torch.long)
+    nll = mean_nll(predictor.model.eval(), ids)
+    return {"tokens": len(ids), "nll": nll, "perplexity": perplexity(nll)}

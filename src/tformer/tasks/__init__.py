@@ -1,0 +1,38 @@
+"""Tasks: which model, which batches, which loss and metrics, how to predict. The trainer and CLI stay
+generic; `load_predictor` opens any checkpoint as the right predictor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tformer.tasks.classification import ClassificationTask, TextClassifier
+from tformer.tasks.lm import LanguageModelTask, TextGenerator
+from tformer.tasks.translation import TranslationTask, Translator
+from tformer.training.checkpoint import CheckpointError, read_config
+
+PREDICTORS: dict[str, Any] = {
+    "translation": Translator,
+    "classification": TextClassifier,
+    "lm": TextGenerator,
+}
+
+
+def load_predictor(path: str | Path, *, device: str = "cpu") -> Translator | TextClassifier | TextGenerator:
+    task = read_config(path).get("task")
+    if task not in PREDICTORS:
+        raise CheckpointError(
+            f"{path}: unknown task {task!r} in config.json; expected one of {', '.join(PREDICTORS)}"
+        )
+    return PREDICTORS[task].load(path, device=device)
+
+
+__all__ = [
+    "ClassificationTask",
+    "LanguageModelTask",
+    "TextClassifier",
+    "TextGenerator",
+    "TranslationTask",
+    "Translator",
+    "load_predictor",
+]

@@ -1,0 +1,143 @@
+"""Classification: labelled text -> Classifier; cross-entropy; accuracy and macro-F1; label + probability
+prediction from a checkpoint.
+
+Each text becomes [BOS] + its tokens, cut to max_seq_len (the count of cut texts is printed); BOS is the
+[CLS] position that "cls" pooling reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tformer.config import ClassifierConfig, TrainConfig
+from tformer.data.batching import bucket_batches, pad
+from tformer.data.tokenizers import Tokenizer
+from tformer.metrics import accuracy, macro_f1
+from tformer.models.classifier import Classifier
+from tformer.tasks.common import log, model_device, read_task_config
+from tformer.training.checkpoint import load_weights
+from tformer.training.trainer import LossValue
+
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class LabelBatch:
+    ids: torch.Tensor  # (B, T), BOS first, padded
+    labels: torch.Tensor  # (B,)
+
+    def to(self, device: torch.device) -> LabelBatch:
+        return LabelBatch(self.ids.to(device), self.labels.to(device))
+
+
+def encode_texts(tok: Tokenizer, texts: Sequence[str], max_len: int, what: str) -> list[list[int]]:
+    rows = [[tok.bos_id, *ids] for ids in tok.encode_batch(list(texts))]
+    cut = sum(len(r) > max_len for r in rows)
+    if cut:
+        log(f"{what}: cut {cut} of {len(rows)} texts to max_seq_len = {max_len} tokens")
+    return [r[:max_len] for r in rows]
+
+
+def class_probabilities(model: Classifier, rows: list[list[int]], batch_size: int = 256) -> torch.Tensor:
+    """Encoded texts -> probabilities (N, n_classes), in input order (batched by length)."""
+    device = model_device(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty(len(rows), model.config.n_classes)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids = pad([rows[i] for i in idx], model.config.pad_id).to(device)
+        out[idx] = model.probabilities(ids).cpu()
+    return out
+
+
+class ClassificationTask:
+    name = "classification"
+
+    def __init__(
+        self,
+        model_config: ClassifierConfig,
+        train_config: TrainConfig,
+        tokenizer: Tokenizer,
+        labels: Sequence[str],
+        train: Sequence[tuple[str, str]],
+        valid: Sequence[tuple[str, str]],
+    ) -> None:
+        self.model_config, self.train_config, self.tok = model_config, train_config, tokenizer
+        self.labels = list(labels)
+        index = {label: i for i, label in enumerate(self.labels)}
+        n = model_config.max_seq_len
+        self.train_ids = encode_texts(tokenizer, [t for t, _ in train], n, "train")
+        self.train_y = [index[y] for _, y in train]
+        self.valid_ids = encode_texts(tokenizer, [t for t, _ in valid], n, "valid")
+        self.valid_y = [index[y] for _, y in valid]
+
+    def _batch(self, idx: list[int], ids: list[list[int]], ys: list[int]) -> LabelBatch:
+        return LabelBatch(pad([ids[i] for i in idx], self.tok.pad_id), torch.tensor([ys[i] for i in idx]))
+
+    def train_batches(self, epoch: int) -> list[LabelBatch]:
+        c = self.train_config
+        groups = bucket_batches(
+            [len(r) for r in self.train_ids],
+            batch_tokens=c.batch_tokens,
+            max_sentences=c.max_batch_sentences,
+            seed=c.seed + epoch,
+        )
+        return [self._batch(g, self.train_ids, self.train_y) for g in groups]
+
+    def loss(self, model: Classifier, batch: LabelBatch) -> LossValue:
+        batch = batch.to(model_device(model))
+        logits = model(batch.ids).logits
+        loss = F.cross_entropy(
+            logits.float(), batch.labels, reduction="sum", label_smoothing=self.train_config.label_smoothing
+        )
+        return LossValue(loss, batch.labels.numel(), batch.ids.numel())
+
+    def evaluate(self, model: Classifier) -> dict[str, float]:
+        probs = class_probabilities(model, self.valid_ids)
+        y = torch.tensor(self.valid_y)
+        nll = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
+        pred = probs.argmax(-1).tolist()
+        return {
+            "valid_nll": nll,
+            "accuracy": accuracy(pred, self.valid_y),
+            "macro_f1": macro_f1(pred, self.valid_y, len(self.labels)),
+        }
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"task": self.name, "model": self.model_config.to_dict(), "labels": self.labels}
+
+    def write_files(self, directory: Path) -> None:
+        self.tok.save(directory / TOKENIZER)
+
+
+class TextClassifier:
+    """A trained classifier with its tokenizer and label names: text in, (label, probability) out."""
+
+    def __init__(self, model: Classifier, tokenizer: Tokenizer, labels: Sequence[str]) -> None:
+        self.model, self.tok, self.labels = model, tokenizer, list(labels)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> TextClassifier:
+        path = Path(path)
+        raw, model_config = read_task_config(path, "classification")
+        model = Classifier(model_config)
+        load_weights(path, model)
+        return cls(model.to(device).eval(), Tokenizer.load(path / TOKENIZER), raw.get("labels", []))
+
+    def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
+        for n, text in enumerate(texts, 1):
+            if not text.strip():
+                raise ValueError(f"input {n} is empty: nothing to classify")
+        rows = encode_texts(self.tok, texts, self.model.config.max_seq_len, "input")
+        return class_probabilities(self.model.eval(), rows)
+
+    def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
+        probs = self.probabilities(texts)
+        best = probs.argmax(-1)
+        return [(self.labels[int(i)], float(probs[n, i])) for n, i in enumerate(best)]

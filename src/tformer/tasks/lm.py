@@ -1,0 +1,164 @@
+"""Language modelling: plain text -> LanguageModel; next-token cross-entropy; perplexity; sampling from a
+checkpoint.
+
+Training batches are random windows of max_seq_len + 1 tokens (as nanoGPT draws them): an "epoch" is
+len(train) / (batch_size * max_seq_len) such batches, drawn with a generator seeded by (seed, epoch), so a
+resumed run draws the same ones. Validation reads the whole validation text once, in consecutive windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tformer.config import LMConfig, TrainConfig
+from tformer.data.tokenizers import Tokenizer
+from tformer.inference.sampling import generate
+from tformer.metrics import perplexity
+from tformer.models.lm import LanguageModel
+from tformer.tasks.common import model_device, read_task_config
+from tformer.training.checkpoint import load_weights
+from tformer.training.trainer import LossValue
+
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class WindowBatch:
+    starts: torch.Tensor  # (B,) offsets into the token stream; windows are materialised in `loss`
+
+
+@torch.no_grad()
+def mean_nll(model: LanguageModel, ids: torch.Tensor, *, windows_per_batch: int = 64) -> float:
+    """Mean next-token NLL (nats) over a token stream, read in consecutive max_seq_len windows."""
+    t = model.config.max_seq_len
+    if len(ids) < t + 1:
+        raise ValueError(f"text has {len(ids)} tokens; need at least max_seq_len + 1 = {t + 1}")
+    device = model_device(model)
+    starts = torch.arange((len(ids) - 1) // t) * t
+    total, count = 0.0, 0
+    for chunk in starts.split(windows_per_batch):
+        w = ids[chunk[:, None] + torch.arange(t + 1)].to(device)  # (B, T + 1)
+        logits = model(w[:, :-1]).logits
+        total += float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1), reduction="sum"
+            )
+        )
+        count += w[:, 1:].numel()
+    return total / count
+
+
+class LanguageModelTask:
+    name = "lm"
+
+    def __init__(
+        self,
+        model_config: LMConfig,
+        train_config: TrainConfig,
+        tokenizer: Tokenizer,
+        train_text: str,
+        valid_text: str,
+        *,
+        eval_max_tokens: int | None = None,
+    ) -> None:
+        self.model_config, self.train_config, self.tok = model_config, train_config, tokenizer
+        self.train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+        self.valid_ids = torch.tensor(tokenizer.encode(valid_text), dtype=torch.long)
+        if eval_max_tokens is not None:
+            self.valid_ids = self.valid_ids[:eval_max_tokens]
+        t = model_config.max_seq_len
+        for name, ids in (("train", self.train_ids), ("valid", self.valid_ids)):
+            if len(ids) < t + 1:
+                raise ValueError(
+                    f"{name} text has {len(ids)} tokens; need at least max_seq_len + 1 = {t + 1}"
+                )
+        self.batch_size = train_config.batch_size or max(1, train_config.batch_tokens // t)
+
+    def train_batches(self, epoch: int) -> list[WindowBatch]:
+        t, b = self.model_config.max_seq_len, self.batch_size
+        n = max(1, len(self.train_ids) // (b * t))
+        g = torch.Generator().manual_seed(self.train_config.seed * 100_003 + epoch)
+        starts = torch.randint(len(self.train_ids) - t, (n, b), generator=g)
+        return [WindowBatch(s) for s in starts]
+
+    def _windows(self, data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.model_config.max_seq_len
+        idx = starts[:, None] + torch.arange(t + 1)  # (B, T + 1)
+        w = data[idx]
+        return w[:, :-1], w[:, 1:]
+
+    def loss(self, model: LanguageModel, batch: WindowBatch) -> LossValue:
+        x, y = self._windows(self.train_ids, batch.starts)
+        device = model_device(model)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+        return LossValue(loss, y.numel(), y.numel())
+
+    def evaluate(self, model: LanguageModel) -> dict[str, float]:
+        nll = mean_nll(model, self.valid_ids)
+        return {"valid_nll": nll, "valid_ppl": perplexity(nll)}
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"task": self.name, "model": self.model_config.to_dict()}
+
+    def write_files(self, directory: Path) -> None:
+        self.tok.save(directory / TOKENIZER)
+
+
+class TextGenerator:
+    """A trained language model with its tokenizer: prompt in, continuation out."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer) -> None:
+        self.model, self.tok = model, tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> TextGenerator:
+        path = Path(path)
+        _, model_config = read_task_config(path, "lm")
+        model = LanguageModel(model_config)
+        load_weights(path, model)
+        return cls(model.to(device).eval(), Tokenizer.load(path / TOKENIZER))
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> str:
+        """The continuation of `prompt` (without the prompt), cut before the first stop string."""
+        ids = self.tok.encode(prompt)
+        if not ids:
+            ids = [self.tok.bos_id]  # an empty prompt: start from BOS
+        prompt_ids = torch.tensor([ids], device=model_device(self.model))
+
+        def stopped(seq: torch.Tensor) -> bool:
+            return bool(stop) and any(s in self.tok.decode(seq[0, len(ids) :].tolist()) for s in stop)
+
+        out = generate(
+            self.model,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            seed=seed,
+            eos_id=self.tok.eos_id,
+            stop=stopped,
+        )
+        text = self.tok.decode(out[0, len(ids) :].tolist())
+        cuts = [text.index(s) for s in stop if s in text]
+        return text[: min(cuts)] if cuts else text
