@@ -1,6 +1,9 @@
 """Training: exact resume (also across processes and after Ctrl-C), schedules, label smoothing, checkpoints."""
 
 import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +23,13 @@ from tformer.training.schedules import cosine, inverse_sqrt, peak_lr
 HERE = Path(__file__).parent
 
 
-def run_job(out_dir: str, max_steps: int, resume: bool = False, interrupt_at: int | None = None) -> None:
+def run_job(
+    out_dir: str,
+    max_steps: int,
+    resume: bool = False,
+    interrupt_at: int | None = None,
+    signal_at: int | None = None,
+) -> None:
     """A small, deterministic translation run with dropout; imported by the fresh-process half of the test."""
     splits = number_translation(400, 20, 0, seed=1, max_digits=3)
     pairs = {k: [(p.src, p.tgt) for p in v] for k, v in splits.items()}
@@ -42,15 +51,16 @@ def run_job(out_dir: str, max_steps: int, resume: bool = False, interrupt_at: in
     torch.manual_seed(123)
     model = Seq2Seq(mc)
     task = TranslationTask(mc, tc, src_tok, tgt_tok, pairs["train"], pairs["valid"], eval_max_sentences=5)
-    if interrupt_at is not None:
-        real_loss = task.loss
+    real_loss = task.loss
 
-        def loss(model, batch):
-            if trainer.state.step == interrupt_at:
-                raise KeyboardInterrupt
-            return real_loss(model, batch)
+    def loss(model, batch):
+        if trainer.state.step == interrupt_at:
+            raise KeyboardInterrupt  # an exception inside a step, before the update
+        if trainer.state.step == signal_at:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arriving in the middle of a step
+        return real_loss(model, batch)
 
-        task.loss = loss
+    task.loss = loss
     trainer = Trainer(model, task, tc, out_dir=out_dir, progress=False)
     if resume:
         trainer.resume()
@@ -77,8 +87,8 @@ def test_resume_in_fresh_process_is_exact(tmp_path):
     # ... and they really trained: parameters moved away from the initialisation.
     run_job(str(tmp_path / "one"), 1)
     assert not torch.equal(
-        a["encoder_layers.0.ff.linear1.weight"],
-        _weights(tmp_path / "one")["encoder_layers.0.ff.linear1.weight"],
+        a["encoder.layers.0.ff.linear1.weight"],
+        _weights(tmp_path / "one")["encoder.layers.0.ff.linear1.weight"],
     )
 
 
@@ -93,6 +103,33 @@ def test_interrupt_saves_and_resume_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     logged = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
     assert any('"type": "eval"' in line for line in logged)
+
+
+def test_ctrl_c_mid_step_finishes_the_step_then_saves(tmp_path):
+    n = 12
+    run_job(str(tmp_path / "straight"), n)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(str(tmp_path / "cut"), n, signal_at=4)
+    state = torch.load(tmp_path / "cut" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert (
+        state["trainer"]["step"] == 5
+    )  # the step that was running when Ctrl-C came was completed and counted
+    run_job(str(tmp_path / "cut"), n, resume=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_recovers_a_checkpoint_left_between_renames(tmp_path):
+    n = 8
+    run_job(str(tmp_path / "straight"), n)
+    run_job(str(tmp_path / "cut"), n // 2)
+    ckpt = tmp_path / "cut" / "checkpoint"
+    shutil.move(ckpt, ckpt.with_name(".checkpoint.old"))  # as if a save died after its first rename
+    run_job(str(tmp_path / "cut"), n, resume=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_checkpoint_directory_contents(tmp_path):
@@ -119,7 +156,8 @@ def test_inverse_sqrt_schedule_is_the_papers():
 
 def test_cosine_schedule_ends_at_floor():
     f = cosine(10, 110, 0.1)
-    assert f(0) == pytest.approx(0.1)
+    assert f(0) == pytest.approx(0.1)  # warm-up: step 1 of 10
+    assert f(4) == pytest.approx(0.5)
     assert f(9) == pytest.approx(1.0)
     assert f(59) == pytest.approx(0.55)
     assert f(109) == pytest.approx(0.1)
@@ -133,9 +171,11 @@ def test_label_smoothed_loss_ignores_padding_and_matches_formula():
     got = sequence_cross_entropy(logits, targets, pad_id=0, label_smoothing=eps)
     want = 0.0
     for b, t in [(0, 0), (0, 1), (1, 0)]:
-        logp = torch.log_softmax(logits[b, t].float(), -1).double()
-        q = torch.full((5,), eps / 5, dtype=torch.float64)
-        q[targets[b, t]] += 1 - eps
+        row = logits[b, t]
+        logp = row - torch.logsumexp(row, 0)  # float64 throughout
+        q = torch.full((5,), eps / 5, dtype=torch.float64)  # eps spread over all V classes ...
+        q[targets[b, t]] += 1 - eps  # ... and 1 - eps on the gold one
         want += -(q * logp).sum().item()
-    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(want, rel=1e-12)
     assert math.isfinite(got.item())

@@ -60,6 +60,9 @@ class RotaryEmbedding(nn.Module):
     layout: feature i pairs with feature i + D/2.
     """
 
+    cos: Tensor  # (max_seq_len, D) buffers, float32
+    sin: Tensor
+
     def __init__(self, d_head: int, max_seq_len: int, *, base: float = 10000.0) -> None:
         super().__init__()
         self.max_seq_len, self.d_head, self.base = max_seq_len, d_head, base

@@ -45,7 +45,7 @@ def _open_bytes(path: Path) -> io.BufferedIOBase:
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a file")
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
+        return gzip.open(path, "rb")
     return path.open("rb")
 
 

@@ -33,7 +33,7 @@ from tformer.training.schedules import make_scheduler, peak_lr
 
 class LossValue(NamedTuple):
     total: torch.Tensor  # summed loss over the batch
-    count: int  # what it is averaged over (target tokens, examples)
+    items: int  # what it is averaged over (target tokens, examples)
     tokens: int  # tokens read (for tokens per second)
 
 
@@ -95,7 +95,8 @@ class Trainer:
         self.log_path = self.out_dir / "log.jsonl"
         self.progress = progress
         c = config
-        peak = peak_lr(c.lr, model.config.d_model, c.warmup_steps)  # type: ignore[union-attr]
+        d_model: int = getattr(model, "config").d_model  # noqa: B009  (every tformer model has a config)
+        peak = peak_lr(c.lr, d_model, c.warmup_steps)
         self.optimizer = make_optimizer(model, c, peak)
         self.scheduler = make_scheduler(
             self.optimizer, c.schedule, warmup=c.warmup_steps, total=c.max_steps, min_lr=c.min_lr, peak=peak
