@@ -41,6 +41,11 @@ class Embedding(nn.Module):
         return out * self.multiplier if self.multiplier != 1.0 else out
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """Dropout, or nothing at p = 0 (training-mode dropout with p = 0 still draws a random mask)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def layer_norm(d_model: int, eps: float, bias: bool) -> nn.LayerNorm:
     return nn.LayerNorm(d_model, eps=eps, bias=bias)
 
@@ -54,7 +59,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
         self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.activation = _ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,8 +102,8 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
         self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = dropout_layer(dropout)
+        self.dropout2 = dropout_layer(dropout)
 
     def forward(
         self,
@@ -161,9 +166,9 @@ class DecoderLayer(nn.Module):
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
         self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
         self.norm3 = layer_norm(d_model, layer_norm_eps, bias)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = dropout_layer(dropout)
+        self.dropout2 = dropout_layer(dropout)
+        self.dropout3 = dropout_layer(dropout)
 
     def forward(
         self,

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from tformer.attention.masks import padding_mask
 from tformer.config import ClassifierConfig
+from tformer.layers import dropout_layer
 from tformer.models.encoder import Encoder
 
 
@@ -27,7 +28,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.config = c = config
         self.encoder = Encoder(c, c.vocab_size)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = dropout_layer(c.dropout)
         self.head = nn.Linear(c.d_model, c.n_classes)
         for layer in self.encoder.layers:
             for module in layer.modules():

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from tformer.attention.multihead import KV
 from tformer.config import TransformerConfig
-from tformer.layers import Embedding, EncoderLayer, layer_norm
+from tformer.layers import Embedding, EncoderLayer, dropout_layer, layer_norm
 from tformer.positions import PositionalEncoding, RotaryEmbedding
 
 
@@ -59,7 +59,7 @@ class Encoder(nn.Module):
         self.embed = Embedding(vocab_size, c.d_model, scale=c.scale_embeddings)
         self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
         self.rotary = RotaryEmbedding(c.d_head, c.max_seq_len) if c.positions == "rotary" else None
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = dropout_layer(c.dropout)
         n = c.n_layers if n_layers is None else n_layers
         self.layers = nn.ModuleList(
             EncoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_kwargs(c, self.rotary)) for _ in range(n)

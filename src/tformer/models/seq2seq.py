@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tformer.attention.masks import check_mask, padding_mask
 from tformer.attention.multihead import KV
 from tformer.config import ModelConfig
-from tformer.layers import DecoderLayer, Embedding, layer_norm
+from tformer.layers import DecoderLayer, Embedding, dropout_layer, layer_norm
 from tformer.models.encoder import Encoder, check_ids, layer_kwargs
 from tformer.positions import PositionalEncoding
 
@@ -65,7 +65,7 @@ class Seq2Seq(nn.Module):
             else Embedding(c.tgt_vocab_size, c.d_model, scale=c.scale_embeddings)
         )
         self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = dropout_layer(c.dropout)
         self.decoder_layers = nn.ModuleList(
             DecoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_kwargs(c, self.encoder.rotary))
             for _ in range(c.decoder_layers)

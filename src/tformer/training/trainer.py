@@ -75,7 +75,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float) -> to
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps)
+    # The fused kernel (one op for all parameters) where every parameter is a floating CPU/CUDA tensor.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + rest)
+    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps, fused=fused)
 
 
 class Trainer:
@@ -274,7 +276,10 @@ class Trainer:
         tqdm.write(f"eval: {shown}")
 
     def _step(self, batch: Any) -> tuple[torch.Tensor, int, int]:
-        self.model.train()
+        if (
+            not self.model.training
+        ):  # evaluation switched it off; train() walks every module, so only when needed
+            self.model.train()
         loss_sum, n_count, n_tokens = self.task.loss(self.model, batch)
         loss = loss_sum / max(1, n_count)
         self.optimizer.zero_grad(set_to_none=True)
