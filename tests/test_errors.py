@@ -120,3 +120,18 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
         input="",
     )
     assert proc.returncode == 2 and "config.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_decoding_inputs_are_checked(model):
+    from tformer.inference import beam_search, greedy_decode
+
+    with pytest.raises(ValueError, match=r"src has shape \(3,\); expected \(B, S\) token ids"):
+        greedy_decode(model, torch.tensor([3, 4, 5]), bos_id=1, eos_id=2)
+    with pytest.raises(ValueError, match=r"eos_id = 99 is outside the target vocabulary \[0, 15\)"):
+        beam_search(model, torch.tensor([[3, 4]]), bos_id=1, eos_id=99)
+
+
+def test_wrong_dtype_activations_are_named():
+    mha = MultiHeadAttention(16, 4)
+    with pytest.raises(TypeError, match="attention input has dtype torch.float64 but the weights are torch.float32"):
+        mha(torch.randn(1, 2, 16, dtype=torch.float64))

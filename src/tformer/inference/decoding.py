@@ -23,6 +23,15 @@ class Hypothesis:
     finished: bool  # ended with EOS (False: cut at max_len)
 
 
+def _check_inputs(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int) -> None:
+    if not isinstance(src, Tensor) or src.dim() != 2:
+        raise ValueError(f"src has shape {tuple(getattr(src, 'shape', ()))}; expected (B, S) token ids")
+    v = model.config.tgt_vocab_size
+    for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
+        if not 0 <= value < v:
+            raise ValueError(f"{name} = {value} is outside the target vocabulary [0, {v})")
+
+
 def _max_steps(model: Seq2Seq, max_len: int | None, src_len: int) -> int:
     limit = model.config.max_seq_len
     if max_len is None:
@@ -54,6 +63,7 @@ def greedy_decode(
     src_mask: Tensor | None = None,
 ) -> list[Hypothesis]:
     """Pick the most probable token at each step. src (B, S) -> one hypothesis per row."""
+    _check_inputs(model, src, bos_id, eos_id)
     steps = _max_steps(model, max_len, src.shape[1])
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
     cache = model.start_cache(memory, memory_mask)
@@ -106,6 +116,7 @@ def beam_search(
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be in [1, beam_size={beam_size}], got {n_best}")
     k = beam_size
+    _check_inputs(model, src, bos_id, eos_id)
     steps = _max_steps(model, max_len, src.shape[1])
     b, device = src.shape[0], src.device
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
@@ -154,7 +165,8 @@ def beam_search(
                 if slot == k:
                     break
             if len(finished[i]) >= k:
-                worst = min(norm(h.score, len(h.tokens) + 1) for h in finished[i])
+                # the K-th best finished score: what a live beam must beat to still matter
+                worst = sorted((norm(h.score, len(h.tokens) + 1) for h in finished[i]), reverse=True)[k - 1]
                 best_live = float(new_scores[i, 0])
                 bound = best_live / lp_max if length_penalty_alpha > 0 else norm(best_live, t + 1)
                 if bound <= worst:
@@ -165,7 +177,9 @@ def beam_search(
         rows = (torch.arange(b, device=device)[:, None] * k + new_src).view(-1)  # (B*K,)
         history = torch.cat([history.index_select(0, rows), new_tok.view(-1, 1)], dim=1)
         assert step.cache is not None
-        cache = step.cache.index_select(rows)
+        # Beams move only within their source, whose K rows share one cross-attention cache: reorder only
+        # the self-attention part.
+        cache = step.cache.index_select(rows, cross=False)
     else:
         # Out of steps: live beams count as (unfinished) hypotheses.
         hist = history.tolist()

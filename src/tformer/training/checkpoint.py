@@ -47,6 +47,7 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
         (tmp / CONFIG).write_text(json.dumps({**config, "tformer_version": tformer.__version__}, indent=2))
         save_model(model, str(tmp / WEIGHTS))

@@ -132,6 +132,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = TrainState(**state["trainer"])
         _set_rng_state(state["rng"])
+        # Records logged after this checkpoint (a run killed before its next save) will be logged again.
+        if self.log_path.exists():
+            kept = [
+                line
+                for line in self.log_path.read_text().splitlines()
+                if json.loads(line)["step"] <= self.state.step
+            ]
+            self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         self.state.history.append(record)
