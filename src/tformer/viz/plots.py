@@ -13,6 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def attention_heatmap(
     weights: Any, src_tokens: Sequence[str], tgt_tokens: Sequence[str], path: str | Path, *, title: str = ""
 ) -> Path:
@@ -31,12 +40,7 @@ def attention_heatmap(
     if title:
         ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def loss_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "training") -> Path:
@@ -47,18 +51,13 @@ def loss_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: st
         raise ValueError("no training or evaluation records to plot")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss (label-smoothed)", lw=1.2)
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
     if valid:
         ax.plot(*zip(*valid, strict=True), "o-", label="validation NLL", lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss per token (nats)")
+    ax.set_ylabel("loss (nats per token or example)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
