@@ -20,7 +20,7 @@ from tformer.data.batching import bucket_batches, pad
 from tformer.data.tokenizers import Tokenizer
 from tformer.metrics import accuracy, macro_f1
 from tformer.models.classifier import Classifier
-from tformer.tasks.common import log, model_device, read_task_config
+from tformer.tasks.common import log, model_device, progress, read_task_config
 from tformer.training.checkpoint import load_weights
 from tformer.training.trainer import LossValue
 
@@ -49,7 +49,7 @@ def class_probabilities(model: Classifier, rows: list[list[int]], batch_size: in
     device = model_device(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows), model.config.n_classes)
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), -(-len(order) // batch_size), "classifying"):
         idx = order[start : start + batch_size]
         ids = pad([rows[i] for i in idx], model.config.pad_id).to(device)
         out[idx] = model.probabilities(ids).cpu()

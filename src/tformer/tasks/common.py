@@ -12,6 +12,13 @@ from tformer.config import model_config_class
 from tformer.training.checkpoint import CheckpointError, read_config
 
 
+def progress(iterable: Any, total: int, desc: str) -> Any:
+    """A progress bar on a terminal (tqdm decides: none when stderr is not a TTY), gone when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

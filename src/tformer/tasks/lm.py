@@ -21,7 +21,7 @@ from tformer.data.tokenizers import Tokenizer
 from tformer.inference.sampling import generate
 from tformer.metrics import perplexity
 from tformer.models.lm import LanguageModel
-from tformer.tasks.common import model_device, read_task_config
+from tformer.tasks.common import model_device, progress, read_task_config
 from tformer.training.checkpoint import load_weights
 from tformer.training.trainer import LossValue
 
@@ -42,7 +42,8 @@ def mean_nll(model: LanguageModel, ids: torch.Tensor, *, windows_per_batch: int 
     device = model_device(model)
     starts = torch.arange((len(ids) - 1) // t) * t
     total, count = 0.0, 0
-    for chunk in starts.split(windows_per_batch):
+    chunks = starts.split(windows_per_batch)
+    for chunk in progress(chunks, len(chunks), "perplexity"):
         w = ids[chunk[:, None] + torch.arange(t + 1)].to(device)  # (B, T + 1)
         logits = model(w[:, :-1]).logits
         total += float(

@@ -16,7 +16,7 @@ from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.metrics import bleu, exact_match, perplexity
 from tformer.models.seq2seq import Seq2Seq
-from tformer.tasks.common import model_device, read_task_config
+from tformer.tasks.common import model_device, progress, read_task_config
 from tformer.training.checkpoint import load_weights
 from tformer.training.losses import sequence_cross_entropy
 from tformer.training.trainer import LossValue
@@ -169,7 +169,7 @@ class Translator:
         device = model_device(model)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[str] = [""] * len(sources)
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), -(-len(order) // batch_size), "decoding"):
             idx = order[start : start + batch_size]
             src = pad([sources[i] for i in idx], self.src_tok.pad_id).to(device)  # (B, S)
             if beam_size == 1:
