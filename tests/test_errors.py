@@ -133,5 +133,7 @@ def test_decoding_inputs_are_checked(model):
 
 def test_wrong_dtype_activations_are_named():
     mha = MultiHeadAttention(16, 4)
-    with pytest.raises(TypeError, match="attention input has dtype torch.float64 but the weights are torch.float32"):
+    with pytest.raises(
+        TypeError, match="attention input has dtype torch.float64 but the weights are torch.float32"
+    ):
         mha(torch.randn(1, 2, 16, dtype=torch.float64))

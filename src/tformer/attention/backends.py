@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,3 +118,13 @@ def sdpa_attention(
     empty = ~allowed.any(dim=-1, keepdim=True)  # (B?, H?, T, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(empty, 0.0), None
+
+
+@register("chunked", supports_weights=False)
+def _chunked(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """Exact attention in key blocks with an online softmax (attention/chunked.py): O(T) memory."""
+    from tformer.attention.chunked import chunked_attention
+
+    return chunked_attention(q, k, v, mask, **kwargs)
