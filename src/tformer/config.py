@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-ATTENTION_BACKENDS = ("math", "sdpa", "chunked")
+ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 POSITIONS = ("sinusoidal", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")
@@ -129,6 +129,7 @@ class TransformerConfig(_Config):
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (paper section 3.4)
     bias: bool = True  # biases in linear layers and LayerNorms
     attention: str = "sdpa"
+    attention_window: int = 256  # "local" attention: how far each query sees
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
 
@@ -143,6 +144,7 @@ class TransformerConfig(_Config):
             n_layers=self.n_layers,
             max_seq_len=self.max_seq_len,
             layer_norm_eps=self.layer_norm_eps,
+            attention_window=self.attention_window,
         )
         if self.d_model % self.n_heads:
             raise ConfigError(

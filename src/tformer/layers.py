@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +93,18 @@ class EncoderLayer(nn.Module):
         bias: bool = True,
         backend: str = "sdpa",
         rotary: nn.Module | None = None,
+        backend_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(
-            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=backend, rotary=rotary
+            d_model,
+            n_heads,
+            dropout=attention_dropout,
+            bias=bias,
+            backend=backend,
+            rotary=rotary,
+            backend_options=backend_options,
         )
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
@@ -153,14 +160,23 @@ class DecoderLayer(nn.Module):
         bias: bool = True,
         backend: str = "sdpa",
         rotary: nn.Module | None = None,
+        backend_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(
-            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=backend, rotary=rotary
+            d_model,
+            n_heads,
+            dropout=attention_dropout,
+            bias=bias,
+            backend=backend,
+            rotary=rotary,
+            backend_options=backend_options,
         )
+        # A window over source positions means nothing to a target query: cross-attention stays full.
+        cross_backend = "sdpa" if backend == "local" else backend
         self.cross_attn = MultiHeadAttention(
-            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=backend
+            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=cross_backend
         )
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)

@@ -28,14 +28,17 @@ class Backend:
     name: str
     fn: AttentionFn
     supports_weights: bool
+    options: tuple[str, ...] = ()  # extra keyword arguments it takes (e.g. "window")
 
 
 _REGISTRY: dict[str, Backend] = {}
 
 
-def register(name: str, *, supports_weights: bool) -> Callable[[AttentionFn], AttentionFn]:
+def register(
+    name: str, *, supports_weights: bool, options: tuple[str, ...] = ()
+) -> Callable[[AttentionFn], AttentionFn]:
     def wrap(fn: AttentionFn) -> AttentionFn:
-        _REGISTRY[name] = Backend(name, fn, supports_weights)
+        _REGISTRY[name] = Backend(name, fn, supports_weights, options)
         return fn
 
     return wrap
@@ -128,3 +131,13 @@ def _chunked(
     from tformer.attention.chunked import chunked_attention
 
     return chunked_attention(q, k, v, mask, **kwargs)
+
+
+@register("local", supports_weights=False, options=("window",))
+def _local(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """Sliding-window attention (attention/local.py): O(T * window)."""
+    from tformer.attention.local import local_attention
+
+    return local_attention(q, k, v, mask, **kwargs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         backend: str = "sdpa",
         rotary: nn.Module | None = None,
+        backend_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.rotary = rotary  # rotary positions for self-attention (shared, holds no parameters)
@@ -56,6 +57,8 @@ class MultiHeadAttention(nn.Module):
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.dropout = dropout
         self.backend = get_backend(backend)
+        # only the options this backend takes (e.g. the window of "local")
+        self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in self.backend.options}
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
@@ -132,6 +135,7 @@ class MultiHeadAttention(nn.Module):
             causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
+            **(self.backend_options if backend is self.backend else {}),
         )
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, C)
         return AttentionOutput(self.out_proj(out), weights, kv)

@@ -47,6 +47,7 @@ def layer_kwargs(c: TransformerConfig, rotary: nn.Module | None) -> dict[str, An
         bias=c.bias,
         backend=c.attention,
         rotary=rotary,
+        backend_options={"window": c.attention_window},
     )
 
 
