@@ -130,6 +130,7 @@ class TransformerConfig(_Config):
     bias: bool = True  # biases in linear layers and LayerNorms
     attention: str = "sdpa"
     attention_window: int = 256  # "local" attention: how far each query sees
+    n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads; 1: multi-query)
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
 
@@ -150,6 +151,8 @@ class TransformerConfig(_Config):
             raise ConfigError(
                 f"{name}.d_model = {self.d_model} must be divisible by n_heads = {self.n_heads}"
             )
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"{name}.n_kv_heads = {self.n_kv_heads} must divide n_heads = {self.n_heads}")
         if self.positions == "rotary" and self.d_head % 2:
             raise ConfigError(f"{name}.positions = 'rotary' needs an even d_head, got {self.d_head}")
         _check_probability(name, dropout=self.dropout, attention_dropout=self.attention_dropout)

@@ -94,6 +94,7 @@ class EncoderLayer(nn.Module):
         backend: str = "sdpa",
         rotary: nn.Module | None = None,
         backend_options: dict[str, Any] | None = None,
+        n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
@@ -105,6 +106,7 @@ class EncoderLayer(nn.Module):
             backend=backend,
             rotary=rotary,
             backend_options=backend_options,
+            n_kv_heads=n_kv_heads,
         )
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
@@ -161,6 +163,7 @@ class DecoderLayer(nn.Module):
         backend: str = "sdpa",
         rotary: nn.Module | None = None,
         backend_options: dict[str, Any] | None = None,
+        n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
@@ -172,11 +175,17 @@ class DecoderLayer(nn.Module):
             backend=backend,
             rotary=rotary,
             backend_options=backend_options,
+            n_kv_heads=n_kv_heads,
         )
         # A window over source positions means nothing to a target query: cross-attention stays full.
         cross_backend = "sdpa" if backend == "local" else backend
         self.cross_attn = MultiHeadAttention(
-            d_model, n_heads, dropout=attention_dropout, bias=bias, backend=cross_backend
+            d_model,
+            n_heads,
+            dropout=attention_dropout,
+            bias=bias,
+            backend=cross_backend,
+            n_kv_heads=n_kv_heads,
         )
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)

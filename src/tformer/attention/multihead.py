@@ -49,22 +49,30 @@ class MultiHeadAttention(nn.Module):
         backend: str = "sdpa",
         rotary: nn.Module | None = None,
         backend_options: dict[str, Any] | None = None,
+        n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.rotary = rotary  # rotary positions for self-attention (shared, holds no parameters)
         if d_model % n_heads:
             raise ValueError(f"d_model = {d_model} must be divisible by n_heads = {n_heads}")
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        # Grouped-query attention (Ainslie et al., 2023): n_kv_heads key/value heads, each shared by
+        # n_heads / n_kv_heads query heads; 1 is multi-query attention (Shazeer, 2019). The KV cache shrinks
+        # by the same factor.
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if self.n_kv_heads < 1 or n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads = {n_kv_heads} must divide n_heads = {n_heads}")
+        self.kv_dim = self.n_kv_heads * self.d_head
         self.dropout = dropout
         self.backend = get_backend(backend)
         # only the options this backend takes (e.g. the window of "local")
         self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in self.backend.options}
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.in_proj = nn.Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def _split(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, D)
+        b, t, c = x.shape
+        return x.view(b, t, c // self.d_head, self.d_head).transpose(1, 2)  # (B, H or H_kv, T, D)
 
     def _project(self, x: Tensor, part: slice) -> Tensor:
         bias = None if self.in_proj.bias is None else self.in_proj.bias[part]
@@ -72,7 +80,7 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, memory: Tensor) -> KV:
         """(B, S, C) -> keys and values (B, H, S, D); computed once per source for cross-attention."""
-        k, v = self._project(memory, slice(self.d_model, None)).chunk(2, dim=-1)  # (B, S, C) each
+        k, v = self._project(memory, slice(self.d_model, None)).chunk(2, dim=-1)  # (B, S, H_kv * D) each
         return KV(self._split(k), self._split(v))
 
     def forward(
@@ -94,7 +102,8 @@ class MultiHeadAttention(nn.Module):
             )
         b, t, c = x.shape
         if memory is None and static_kv is None:
-            q, k, v = self.in_proj(x).chunk(3, dim=-1)  # self-attention: one product, (B, T, C) each
+            # self-attention: one product for q, k and v
+            q, k, v = self.in_proj(x).split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
             q, k, v = self._split(q), self._split(k), self._split(v)  # (B, H, T, D)
             if self.rotary is not None:
                 offset = 0 if past is None else past.k.shape[2]
@@ -127,10 +136,14 @@ class MultiHeadAttention(nn.Module):
                 stacklevel=2,
             )
             backend = get_backend("math")
+        k_all, v_all = kv.k, kv.v
+        if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads
+            group = self.n_heads // self.n_kv_heads
+            k_all, v_all = k_all.repeat_interleave(group, dim=1), v_all.repeat_interleave(group, dim=1)
         out, weights = backend.fn(
             q,
-            kv.k,
-            kv.v,
+            k_all,
+            v_all,
             mask,
             causal=causal,
             dropout_p=self.dropout if self.training else 0.0,

@@ -48,6 +48,7 @@ def layer_kwargs(c: TransformerConfig, rotary: nn.Module | None) -> dict[str, An
         backend=c.attention,
         rotary=rotary,
         backend_options={"window": c.attention_window},
+        n_kv_heads=c.n_kv_heads,
     )
 
 
