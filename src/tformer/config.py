@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local")
+ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local", "performer")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 POSITIONS = ("sinusoidal", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")

@@ -141,3 +141,13 @@ def _local(
     from tformer.attention.local import local_attention
 
     return local_attention(q, k, v, mask, **kwargs)
+
+
+@register("performer", supports_weights=False)
+def _performer(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """FAVOR+ random-feature attention (attention/performer.py): O(T) time and memory, approximate."""
+    from tformer.attention.performer import performer_attention
+
+    return performer_attention(q, k, v, mask, **kwargs)
