@@ -65,7 +65,18 @@ def _train(args: argparse.Namespace) -> int:
     from tformer.config import RunConfig, apply_overrides, load_toml
     from tformer.pipeline import train
 
-    config = load_toml(args.config, task=args.task) if args.config else RunConfig(task=args.task)
+    saved = Path(args.out) / "checkpoint" / "config.json"
+    if args.config:
+        config = load_toml(args.config, task=args.task)
+    elif args.resume and saved.exists():  # resume with the run's own config, unless told otherwise
+        raw = json.loads(saved.read_text())
+        config = RunConfig.from_dict(
+            {k: raw[k] for k in ("task", "model", "train", "data") if k in raw},
+            source=str(saved),
+            task=args.task,
+        )
+    else:
+        config = RunConfig(task=args.task)
     overrides = list(args.overrides)
     for key in ("train", "valid"):
         # `--train a.txt lr=1e-3`: argparse hands the override to --train; give it back.

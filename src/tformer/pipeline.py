@@ -19,6 +19,8 @@ from tformer.models.classifier import Classifier
 from tformer.models.lm import LanguageModel
 from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks import ClassificationTask, LanguageModelTask, TranslationTask
+from tformer.tasks.classification import TOKENIZER
+from tformer.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER
 from tformer.training.trainer import Trainer
 
 
@@ -41,7 +43,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def build_translation(config: RunConfig) -> tuple[TranslationTask, Seq2Seq]:
+def _tokenizer(saved: Path | None, name: str, texts: Any, config: RunConfig) -> Tokenizer:
+    """The tokenizer saved in the checkpoint being resumed, or one trained on the training texts."""
+    if saved is not None and (saved / name).exists():
+        return Tokenizer.load(saved / name)
+    return Tokenizer.train(texts, kind=config.data.tokenizer, vocab_size=config.data.vocab_size)
+
+
+def build_translation(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask, Seq2Seq]:
     d = config.data
     train_pairs, stats = read_parallel(_need(config, "train"))
     report_skipped(stats)
@@ -49,12 +58,12 @@ def build_translation(config: RunConfig) -> tuple[TranslationTask, Seq2Seq]:
     report_skipped(vstats)
     _log(f"translation: {len(train_pairs):,} training pairs, {len(valid_pairs):,} validation pairs")
     if d.shared_vocab:
-        src_tok = tgt_tok = Tokenizer.train(
-            (text for pair in train_pairs for text in pair), kind=d.tokenizer, vocab_size=d.vocab_size
+        src_tok = tgt_tok = _tokenizer(
+            saved, SRC_TOKENIZER, (x for pair in train_pairs for x in pair), config
         )
     else:
-        src_tok = Tokenizer.train((s for s, _ in train_pairs), kind=d.tokenizer, vocab_size=d.vocab_size)
-        tgt_tok = Tokenizer.train((t for _, t in train_pairs), kind=d.tokenizer, vocab_size=d.vocab_size)
+        src_tok = _tokenizer(saved, SRC_TOKENIZER, (s for s, _ in train_pairs), config)
+        tgt_tok = _tokenizer(saved, TGT_TOKENIZER, (t for _, t in train_pairs), config)
     model_config = config.model.replace(
         src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size, pad_id=tgt_tok.pad_id
     )
@@ -77,7 +86,9 @@ def build_translation(config: RunConfig) -> tuple[TranslationTask, Seq2Seq]:
     return task, Seq2Seq(model_config)
 
 
-def build_classification(config: RunConfig) -> tuple[ClassificationTask, Classifier]:
+def build_classification(
+    config: RunConfig, saved: Path | None = None
+) -> tuple[ClassificationTask, Classifier]:
     d = config.data
     (train_path,) = _one(config, "train")
     (valid_path,) = _one(config, "valid")
@@ -93,14 +104,14 @@ def build_classification(config: RunConfig) -> tuple[ClassificationTask, Classif
     _log(
         f"classification: {len(train_rows):,} training and {len(valid_rows):,} validation texts, labels {labels}"
     )
-    tok = Tokenizer.train((t for t, _ in train_rows), kind=d.tokenizer, vocab_size=d.vocab_size)
+    tok = _tokenizer(saved, TOKENIZER, (t for t, _ in train_rows), config)
     _log(f"tokenizer: {d.tokenizer}, vocabulary {tok.vocab_size:,}")
     model_config = config.model.replace(vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id)
     task = ClassificationTask(model_config, config.train, tok, labels, train_rows, valid_rows)
     return task, Classifier(model_config)
 
 
-def build_lm(config: RunConfig) -> tuple[LanguageModelTask, LanguageModel]:
+def build_lm(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTask, LanguageModel]:
     d = config.data
     (train_path,) = _one(config, "train")
     text = read_text(train_path)
@@ -112,7 +123,7 @@ def build_lm(config: RunConfig) -> tuple[LanguageModelTask, LanguageModel]:
         train_text, valid_text = text[:cut], text[cut:]
     else:
         raise ConfigError("no validation text: give --valid FILE or data.valid_fraction (e.g. 0.1)")
-    tok = Tokenizer.train(train_text.splitlines(keepends=True), kind=d.tokenizer, vocab_size=d.vocab_size)
+    tok = _tokenizer(saved, TOKENIZER, train_text.splitlines(keepends=True), config)
     _log(
         f"lm: {len(train_text):,} training and {len(valid_text):,} validation characters; "
         f"tokenizer {d.tokenizer}, vocabulary {tok.vocab_size:,}"
@@ -141,7 +152,8 @@ def train(
 ) -> TrainResult:
     """Train `config.task` on `config.data`; checkpoints and log.jsonl go to `out_dir`."""
     torch.manual_seed(config.train.seed)
-    task, model = BUILDERS[config.task](config)
+    saved = Path(out_dir) / "checkpoint" if resume else None
+    task, model = BUILDERS[config.task](config, saved)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
     trainer = Trainer(

@@ -48,10 +48,7 @@ def _phi(x: Tensor, w: Tensor, *, is_query: bool) -> Tensor:
     # Shifts cancel between numerator and denominator as long as they are shared: per query row for
     # queries; for keys one constant that depends on no key (so a masked or future key cannot change
     # anything): max_i |w_i|^2 / 2 bounds w.x - |x|^2/2, so no key feature overflows.
-    if is_query:
-        shift = proj.amax(-1, keepdim=True)
-    else:
-        shift = (w * w).sum(-1).amax() / 2
+    shift = proj.amax(-1, keepdim=True) if is_query else (w * w).sum(-1).amax() / 2
     return torch.exp(proj - sq - shift) / math.sqrt(w.shape[0])
 
 
