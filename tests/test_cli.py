@@ -70,8 +70,10 @@ def test_classification_train_eval_classify_and_resume(tmp_path, capsys):
     code, out, err = _run([*args, "train.epochs=10"], capsys)
     assert code == 0, err
     assert "accuracy 1" in out
-    code, out, err = _run([*args, "train.epochs=12", "--resume"], capsys)
-    assert code == 0 and "resumed at step 10" in err
+    # --resume alone: the run's own config (data, columns, model) comes from the checkpoint
+    code, out, err = _run(["train", "classification", "--out", str(tmp_path / "run"), "--resume", "--no-progress",
+                           "train.epochs=12"], capsys)
+    assert code == 0 and "resumed at step 10" in err, err
     ckpt = str(tmp_path / "run" / "checkpoint")
     code, out, _ = _run(["eval", ckpt, "--data", str(tmp_path / "t.jsonl")], capsys)
     assert code == 0 and "accuracy: 1.0000" in out and "macro_f1: 1.0000" in out
