@@ -71,8 +71,18 @@ def test_classification_train_eval_classify_and_resume(tmp_path, capsys):
     assert code == 0, err
     assert "accuracy 1" in out
     # --resume alone: the run's own config (data, columns, model) comes from the checkpoint
-    code, out, err = _run(["train", "classification", "--out", str(tmp_path / "run"), "--resume", "--no-progress",
-                           "train.epochs=12"], capsys)
+    code, out, err = _run(
+        [
+            "train",
+            "classification",
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+            "--no-progress",
+            "train.epochs=12",
+        ],
+        capsys,
+    )
     assert code == 0 and "resumed at step 10" in err, err
     ckpt = str(tmp_path / "run" / "checkpoint")
     code, out, _ = _run(["eval", ckpt, "--data", str(tmp_path / "t.jsonl")], capsys)

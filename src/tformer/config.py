@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local", "performer")
+ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local", "performer", "linformer")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 POSITIONS = ("sinusoidal", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")
@@ -130,6 +130,7 @@ class TransformerConfig(_Config):
     bias: bool = True  # biases in linear layers and LayerNorms
     attention: str = "sdpa"
     attention_window: int = 256  # "local" attention: how far each query sees
+    linformer_rank: int = 64  # "linformer" attention: length keys and values are projected to
     n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads; 1: multi-query)
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
@@ -246,6 +247,10 @@ class LMConfig(TransformerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_vocab(vocab_size=self.vocab_size)
+        if self.attention == "linformer":
+            raise ConfigError(
+                "LMConfig.attention = 'linformer' cannot be causal; a language model needs another backend"
+            )
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ class DecoderLayer(nn.Module):
             n_heads,
             dropout=attention_dropout,
             bias=bias,
-            backend=backend,
+            backend="sdpa" if backend == "linformer" else backend,  # linformer cannot be causal
             rotary=rotary,
             backend_options=backend_options,
             n_kv_heads=n_kv_heads,

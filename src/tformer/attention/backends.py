@@ -151,3 +151,13 @@ def _performer(
     from tformer.attention.performer import performer_attention
 
     return performer_attention(q, k, v, mask, **kwargs)
+
+
+@register("linformer", supports_weights=False, options=("proj_k", "proj_v"))
+def _linformer(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """Low-rank projection of keys and values along the sequence (attention/linformer.py): O(T * rank)."""
+    from tformer.attention.linformer import linformer_attention
+
+    return linformer_attention(q, k, v, mask, **kwargs)

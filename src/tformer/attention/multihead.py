@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -69,6 +70,16 @@ class MultiHeadAttention(nn.Module):
         self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in self.backend.options}
         self.in_proj = nn.Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        if self.backend.name == "linformer":  # its learned sequence projections E and F (rank, max_seq_len)
+            opts = backend_options or {}
+            rank, max_len = int(opts.get("rank", 64)), int(opts.get("max_seq_len", 512))
+            self.proj_k = nn.Parameter(torch.randn(rank, max_len) / math.sqrt(max_len))
+            self.proj_v = nn.Parameter(torch.randn(rank, max_len) / math.sqrt(max_len))
+
+    def _options(self) -> dict[str, Any]:
+        if self.backend.name == "linformer":
+            return {"proj_k": self.proj_k, "proj_v": self.proj_v}
+        return self.backend_options
 
     def _split(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
@@ -148,7 +159,7 @@ class MultiHeadAttention(nn.Module):
             causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
-            **(self.backend_options if backend is self.backend else {}),
+            **(self._options() if backend is self.backend else {}),
         )
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, C)
         return AttentionOutput(self.out_proj(out), weights, kv)

@@ -47,7 +47,11 @@ def layer_kwargs(c: TransformerConfig, rotary: nn.Module | None) -> dict[str, An
         bias=c.bias,
         backend=c.attention,
         rotary=rotary,
-        backend_options={"window": c.attention_window},
+        backend_options={
+            "window": c.attention_window,
+            "rank": c.linformer_rank,
+            "max_seq_len": c.max_seq_len,
+        },
         n_kv_heads=c.n_kv_heads,
     )
 

@@ -1,0 +1,56 @@
+"""Linformer attention (Wang et al., 2020): keys and values are projected along the sequence to a fixed
+rank k by learned (k, max_seq_len) matrices E and F, so attention costs O(T * k) instead of O(T * S).
+
+softmax(Q (E K)^T / sqrt(D)) (F V). Padding keys are zeroed before the projection. It mixes all positions
+into each projected key, so it cannot be causal; and it has no (T, S) weights to return.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def linformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    scale: float | None = None,
+    proj_k: Tensor | None = None,
+    proj_v: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    if causal:
+        raise ValueError(
+            "the 'linformer' backend mixes all positions into each projected key, so it cannot be "
+            "causal; use it in encoders (classifier, translation encoder) or pick another backend"
+        )
+    if need_weights:
+        raise ValueError("the 'linformer' backend has no (T, S) attention weights; use 'math' for them")
+    if proj_k is None or proj_v is None:
+        raise ValueError("the 'linformer' backend needs its projections (MultiHeadAttention creates them)")
+    s = k.shape[-2]
+    if s > proj_k.shape[-1]:
+        raise ValueError(f"{s} keys, more than the Linformer projection's max_seq_len = {proj_k.shape[-1]}")
+    if mask is not None:
+        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if m.shape[1] != 1 or m.shape[2] != 1:
+            raise ValueError(
+                f"the 'linformer' backend takes key-padding masks of shape (B, 1, 1, S), got {tuple(mask.shape)}"
+            )
+        keep = m[:, :, 0, :, None].to(k.dtype)  # (B, 1, S, 1)
+        k, v = k * keep, v * keep
+    e, f = proj_k[:, :s].to(k.dtype), proj_v[:, :s].to(v.dtype)  # (rank, S)
+    k_low = torch.matmul(e, k)  # (B, H, rank, D)
+    v_low = torch.matmul(f, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    weights = torch.softmax(torch.matmul(q, k_low.transpose(-2, -1)) * scale, dim=-1)  # (B, H, T, rank)
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, p=dropout_p)
+    return torch.matmul(weights, v_low), None
