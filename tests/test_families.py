@@ -161,3 +161,52 @@ def test_tokenizer_round_trip_and_reload(tmp_path, kind):
     again = Tokenizer.load(tmp_path / "t.json")
     assert again.to_str() == tok.to_str()
     assert again.encode(texts[0]) == tok.encode(texts[0])
+
+
+def test_generator_keeps_the_space_after_the_prompt_with_bpe():
+    from tformer.tasks import TextGenerator
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train(["to be or not to be that is the question"] * 5, kind="bpe", vocab_size=60)
+    model = LanguageModel(LMConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, d_ff=32, n_layers=1))
+    text = TextGenerator(model, tok).generate("to be", greedy=True, max_new_tokens=6)
+    ids = generate(
+        model, torch.tensor([tok.encode("to be")]), max_new_tokens=6, greedy=True, eos_id=tok.eos_id
+    )
+    assert "to be" + text == tok.decode(ids[0].tolist())
+
+
+def test_unseeded_generation_leaves_the_global_rng_alone():
+    model = _lm()
+    prompt = torch.randint(4, 50, (1, 3))
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    generate(model, prompt, max_new_tokens=3)
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_prompt_exactly_max_seq_len_cached_equals_uncached():
+    model = _lm(max_seq_len=16)
+    prompt = torch.randint(4, 50, (1, 16))
+    a = generate(model, prompt, max_new_tokens=1, greedy=True, use_cache=True)
+    b = generate(model, prompt, max_new_tokens=1, greedy=True, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_macro_f1_averages_over_present_classes():
+    from tformer.metrics import macro_f1
+
+    assert macro_f1([1, 1], [1, 1], 3) == 1.0
+    assert macro_f1([0, 1, 1, 0], [0, 1, 0, 0], 2) == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_ambiguous_bare_override_is_an_error():
+    from tformer.config import ConfigError, RunConfig, apply_overrides
+
+    with pytest.raises(
+        ConfigError,
+        match="'vocab_size' is a key of model and data; write model.vocab_size or data.vocab_size",
+    ):
+        apply_overrides(RunConfig(task="lm"), ["vocab_size=123"])
+    assert apply_overrides(RunConfig(task="lm"), ["data.vocab_size=123"]).data.vocab_size == 123

@@ -55,3 +55,25 @@ def test_clear_errors():
         performer_attention(q, k, v, need_weights=True)
     with pytest.raises(ValueError, match=r"key-padding masks of shape \(B, 1, 1, S\)"):
         performer_attention(q, k, v, torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_cached_decoding_equals_the_full_causal_pass():
+    from tformer.config import LMConfig
+    from tformer.inference.sampling import generate
+    from tformer.models import LanguageModel
+
+    torch.manual_seed(0)
+    c = LMConfig(vocab_size=30, d_model=16, n_heads=2, d_ff=32, n_layers=2, attention="performer")
+    model = LanguageModel(c).double().eval()
+    ids = torch.randint(0, 30, (2, 12))
+    full = model(ids).logits
+    first = model(ids[:, :5], use_cache=True)
+    steps = [first.logits]
+    cache = first.cache
+    for t in range(5, 12):
+        o = model(ids[:, t : t + 1], cache=cache)
+        cache, steps = o.cache, [*steps, o.logits]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-9, rtol=0)
+    a = generate(model, ids[:, :4], max_new_tokens=10, greedy=True, use_cache=True)
+    b = generate(model, ids[:, :4], max_new_tokens=10, greedy=True, use_cache=False)
+    assert torch.equal(a, b)

@@ -81,3 +81,19 @@ def test_labelled_missing_column_and_unknown_label(tmp_path):
     (tmp_path / "short.csv").write_text("text,label\nonly text\n")
     with pytest.raises(DataError, match=r"short.csv:2: 1 column\(s\); expected 2"):
         read_labelled(tmp_path / "short.csv")
+
+
+def test_empty_labels_bom_quotes_and_all_blank(tmp_path):
+    (tmp_path / "d.csv").write_bytes("\ufefftext,label\ngood,pos\nbad,\n".encode())  # BOM, an empty label
+    rows, stats = read_labelled(tmp_path / "d.csv")
+    assert rows == [("good", "pos")] and stats.skipped == {"empty label": 1}
+    (tmp_path / "q.csv").write_text('text,label\n"starts a quote\n')
+    with pytest.raises(DataError, match=r"q.csv:2: a quoted field runs past the end of the line"):
+        read_labelled(tmp_path / "q.csv")
+    (tmp_path / "blank.tsv").write_text("\n\n\t\n")
+    with pytest.raises(DataError, match="blank.tsv: no sentence pairs"):
+        read_parallel([tmp_path / "blank.tsv"])
+    corrupt = tmp_path / "c.txt.gz"
+    corrupt.write_bytes(gzip.compress(b"line one\nline two\n")[:-12])
+    with pytest.raises(DataError, match="c.txt.gz:.*cannot read"):
+        read_text(corrupt)

@@ -58,7 +58,10 @@ def _read_inputs(texts: list[str]) -> list[str]:
         return texts
     if sys.stdin.isatty():
         print("reading one input per line from stdin (Ctrl-D to end)", file=sys.stderr)
-    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    lines = [line.rstrip("\n") for line in sys.stdin]
+    while lines and not lines[-1].strip():  # trailing blank lines only; others are reported as empty inputs
+        lines.pop()
+    return lines
 
 
 def _train(args: argparse.Namespace) -> int:

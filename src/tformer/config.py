@@ -160,6 +160,8 @@ class TransformerConfig(_Config):
         _check_choice(name, "activation", self.activation, ACTIVATIONS)
         _check_choice(name, "positions", self.positions, POSITIONS)
         _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
+        if self.attention_dropout > 0 and self.attention in ("chunked", "performer"):
+            raise ConfigError(f"{name}.attention = {self.attention!r} does not support attention_dropout > 0")
 
     def _check_vocab(self, **sizes: int) -> None:
         name = type(self).__name__
@@ -422,6 +424,11 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         sections = {"model": config.model, "train": config.train, "data": config.data}
         if not section:
             owners = [sec for sec, cfg in sections.items() if name in [f.name for f in fields(cfg)]]
+            if len(owners) > 1:
+                raise ConfigError(
+                    f"override '{item}': '{name}' is a key of {' and '.join(owners)}; write "
+                    + " or ".join(f"{sec}.{name}" for sec in owners)
+                )
             if not owners:
                 every = [f.name for cfg in sections.values() for f in fields(cfg)]
                 raise ConfigError(f"override '{item}': unknown key '{name}'{_closest(name, every)}")

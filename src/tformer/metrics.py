@@ -48,11 +48,15 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
 
 
 def macro_f1(predictions: Sequence[int], labels: Sequence[int], n_classes: int) -> float:
-    """Unweighted mean over classes of F1 = 2PR / (P + R); a class never predicted nor present scores 0."""
+    """Unweighted mean of F1 = 2PR / (P + R) over the classes that occur in the labels or the predictions
+    (as scikit-learn averages); `n_classes` bounds the class ids."""
+    present = sorted(set(labels) | set(predictions))
+    if any(not 0 <= c < n_classes for c in present):
+        raise ValueError(f"class ids must be in [0, {n_classes}), got {present}")
     scores = []
-    for c in range(n_classes):
+    for c in present:
         tp = sum(p == c and y == c for p, y in zip(predictions, labels, strict=True))
         fp = sum(p == c and y != c for p, y in zip(predictions, labels, strict=True))
         fn = sum(p != c and y == c for p, y in zip(predictions, labels, strict=True))
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / n_classes
+    return sum(scores) / max(1, len(scores))

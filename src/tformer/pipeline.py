@@ -193,6 +193,13 @@ def evaluate_checkpoint(
     if isinstance(predictor, Translator):
         pairs, stats = read_parallel(data)
         report_skipped(stats)
+        limit = predictor.model.config.max_seq_len
+        fits = [p for p in pairs if len(predictor.src_tok.encode(p[0])) <= limit]
+        if len(fits) < len(pairs):
+            _log(
+                f"skipped {len(pairs) - len(fits)} of {len(pairs)} sentences longer than max_seq_len = {limit}"
+            )
+        pairs = fits
         hyps = predictor.translate([s for s, _ in pairs], beam_size=beam_size)
         refs = [t for _, t in pairs]
         score = bleu(hyps, refs)

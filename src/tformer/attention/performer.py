@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from tformer.attention.masks import causal_mask
+
 _FEATURES: dict[tuple[int, int, int, str, torch.dtype], Tensor] = {}
 
 
@@ -93,8 +95,9 @@ def performer_attention(
         num = torch.matmul(qf, kv)
         den = torch.matmul(qf, kf.sum(-2, keepdim=True).transpose(-2, -1))  # (B, H, T, 1)
         return num / den.clamp_min(1e-30), None
-    if t != s:
-        raise ValueError("the causal 'performer' backend needs as many queries as keys (no KV cache)")
+    if t != s:  # decoding with a cache: T (usually 1) new queries over all S keys, directly
+        a = torch.matmul(qf, kf.transpose(-2, -1)) * causal_mask(t, s, device=q.device)  # (B, H, T, S)
+        return torch.matmul(a, v) / a.sum(-1, keepdim=True).clamp_min(1e-30), None
     state = torch.zeros(b, h, n_features, d, dtype=q.dtype, device=q.device)  # running sum of phi(k) v^T
     norm = torch.zeros(b, h, 1, n_features, dtype=q.dtype, device=q.device)  # running sum of phi(k)
     outs = []

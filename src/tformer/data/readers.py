@@ -57,7 +57,7 @@ def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         try:
             for n, raw in enumerate(fh, 1):
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading BOM is not text
                 except UnicodeDecodeError as exc:
                     raise DataError(
                         f"{path}:{n}: bytes that are not UTF-8 at column {exc.start + 1} "
@@ -95,6 +95,7 @@ def read_parallel(
                 continue
             pairs.append((src, tgt))
         stats.read = len(pairs)
+        _need_some(pairs, str(path))
         return pairs, stats
     if len(paths) != 2:
         raise DataError(f"a parallel corpus is one TSV file or two aligned files, got {len(paths)} paths")
@@ -115,7 +116,13 @@ def read_parallel(
             continue
         pairs.append((s.strip(), t.strip()))
     stats.read = len(pairs)
+    _need_some(pairs, stats.path)
     return pairs, stats
+
+
+def _need_some(pairs: list[tuple[str, str]], where: str) -> None:
+    if not pairs:
+        raise DataError(f"{where}: no sentence pairs with both a source and a target")
 
 
 def read_text(path: str | Path) -> str:
@@ -161,6 +168,11 @@ def _labelled_rows(
         if not line.strip():
             yield n, None, None
             continue
+        if delimiter == "," and line.count('"') % 2:
+            raise DataError(
+                f"{path}:{n}: a quoted field runs past the end of the line; quoted newlines are not supported "
+                "(one record per line)"
+            )
         cols = next(
             csv.reader(
                 [line], delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
@@ -193,6 +205,9 @@ def read_labelled(
         text, label = text.strip(), label.strip()
         if not text:
             stats.skip("empty text")
+            continue
+        if not label:
+            stats.skip("empty label")
             continue
         if known is not None and label not in known:
             raise DataError(f"{path}:{n}: label {label!r} is not one of the training labels {sorted(known)}")

@@ -3,8 +3,9 @@
 Special tokens are declared once (SPECIALS) and get the same ids in every vocabulary: <pad>=0, <bos>=1,
 <eos>=2, <unk>=3. Kinds: "word" (whole words, with punctuation split off as its own tokens), "bpe"
 (byte-pair merges learned on the training split; Sennrich et al., 2016) and "char" (one token per
-character, newlines included). All round-trip text exactly: word and bpe through a Metaspace
-pre-tokenizer and decoder, char by fusing the characters back.
+character, newlines included). char and bpe round-trip text exactly (bpe through a Metaspace
+pre-tokenizer and decoder, char by fusing the characters back); word maps every run of whitespace to one
+space first.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ class Tokenizer:
             trainer = trainers.BpeTrainer(special_tokens=list(SPECIALS), vocab_size=vocab_size)
         else:
             raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
-        # Any run of whitespace (newlines, tabs) is one space; word boundaries then mean the same everywhere.
-        hf.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+        if kind == "word":
+            # Any run of whitespace (newlines, tabs) is one space, so a word after a newline is the same
+            # token as after a space. BPE keeps the text exact: its merges can hold newlines.
+            hf.normalizer = normalizers.Sequence(
+                [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+            )
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Metaspace(), pre_tokenizers.Split(Regex(r"[-,.;:!?]"), behavior="isolated")]
         )

@@ -68,7 +68,10 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     limit = model.config.max_seq_len
     generator = torch.Generator(device=prompt.device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        generator.seed()  # a fresh seed for this generator only; the global RNG is left alone
+    else:
+        generator.manual_seed(seed)
     was_training = model.training
     model.eval()
     ids = prompt
@@ -76,9 +79,10 @@ def generate(
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
         if use_cache:
-            if cache is None or cache.length >= limit:
-                context = ids[:, -(limit // 2) :] if ids.shape[1] >= limit else ids
-                out = model(context, use_cache=True)
+            if cache is None:  # the prompt (its last max_seq_len tokens), once
+                out = model(ids[:, -limit:], use_cache=True)
+            elif cache.length >= limit:  # the cache is full: re-read the last half window, once
+                out = model(ids[:, -(limit // 2) :], use_cache=True)
             else:
                 out = model(ids[:, -1:], cache=cache)
             cache = out.cache

@@ -21,7 +21,7 @@ from tformer.data.tokenizers import Tokenizer
 from tformer.metrics import accuracy, macro_f1
 from tformer.models.classifier import Classifier
 from tformer.tasks.common import log, model_device, progress, read_task_config
-from tformer.training.checkpoint import load_weights
+from tformer.training.checkpoint import CheckpointError, load_weights
 from tformer.training.trainer import LossValue
 
 TOKENIZER = "tokenizer.json"
@@ -128,7 +128,12 @@ class TextClassifier:
         raw, model_config = read_task_config(path, "classification")
         model = Classifier(model_config)
         load_weights(path, model)
-        return cls(model.to(device).eval(), Tokenizer.load(path / TOKENIZER), raw.get("labels", []))
+        labels = raw.get("labels")
+        if not isinstance(labels, list) or len(labels) != model_config.n_classes:
+            raise CheckpointError(
+                f"{path / 'config.json'}: 'labels' must list the {model_config.n_classes} class names"
+            )
+        return cls(model.to(device).eval(), Tokenizer.load(path / TOKENIZER), labels)
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         for n, text in enumerate(texts, 1):

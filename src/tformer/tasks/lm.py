@@ -77,7 +77,8 @@ class LanguageModelTask:
         for name, ids in (("train", self.train_ids), ("valid", self.valid_ids)):
             if len(ids) < t + 1:
                 raise ValueError(
-                    f"{name} text has {len(ids)} tokens; need at least max_seq_len + 1 = {t + 1}"
+                    f"the {name} text has {len(ids)} tokens; need at least max_seq_len + 1 = {t + 1} (a longer "
+                    "file, a larger data.valid_fraction, or a smaller model.max_seq_len)"
                 )
         self.batch_size = train_config.batch_size or max(1, train_config.batch_tokens // t)
 
@@ -145,8 +146,18 @@ class TextGenerator:
             ids = [self.tok.bos_id]  # an empty prompt: start from BOS
         prompt_ids = torch.tensor([ids], device=model_device(self.model))
 
+        prompt_text = self.tok.decode(ids)
+
+        def continuation(seq: list[int]) -> str:
+            # Decode prompt and continuation together, so a space at the boundary survives (word and BPE
+            # decoders drop the leading space of a lone first token).
+            full = self.tok.decode(seq)
+            return (
+                full[len(prompt_text) :] if full.startswith(prompt_text) else self.tok.decode(seq[len(ids) :])
+            )
+
         def stopped(seq: torch.Tensor) -> bool:
-            return bool(stop) and any(s in self.tok.decode(seq[0, len(ids) :].tolist()) for s in stop)
+            return bool(stop) and any(s in continuation(seq[0].tolist()) for s in stop)
 
         out = generate(
             self.model,
@@ -160,6 +171,6 @@ class TextGenerator:
             eos_id=self.tok.eos_id,
             stop=stopped,
         )
-        text = self.tok.decode(out[0, len(ids) :].tolist())
+        text = continuation(out[0].tolist())
         cuts = [text.index(s) for s in stop if s in text]
         return text[: min(cuts)] if cuts else text
