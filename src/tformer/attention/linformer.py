@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from tformer.attention.masks import key_padding
+
 
 def linformer_attention(
     q: Tensor,
@@ -38,14 +40,9 @@ def linformer_attention(
     s = k.shape[-2]
     if s > proj_k.shape[-1]:
         raise ValueError(f"{s} keys, more than the Linformer projection's max_seq_len = {proj_k.shape[-1]}")
-    if mask is not None:
-        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if m.shape[1] != 1 or m.shape[2] != 1:
-            raise ValueError(
-                f"the 'linformer' backend takes key-padding masks of shape (B, 1, 1, S), got {tuple(mask.shape)}"
-            )
-        keep = m[:, :, 0, :, None].to(k.dtype)  # (B, 1, S, 1)
-        k, v = k * keep, v * keep
+    keep = key_padding(mask, backend="linformer")  # (B, 1, S, 1)
+    if keep is not None:
+        k, v = k * keep.to(k.dtype), v * keep.to(v.dtype)
     e, f = proj_k[:, :s].to(k.dtype), proj_v[:, :s].to(v.dtype)  # (rank, S)
     k_low = torch.matmul(e, k)  # (B, H, rank, D)
     v_low = torch.matmul(f, v)

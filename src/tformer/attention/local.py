@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tformer.attention.masks import key_padding
+
 
 def band_mask(t: int, s: int, window: int, *, causal: bool, device: torch.device | None = None) -> Tensor:
     """(T, S) bool: query i (absolute position i + S - T) may see key j when |i - j| <= window
@@ -22,19 +24,6 @@ def band_mask(t: int, s: int, window: int, *, causal: bool, device: torch.device
     k = torch.arange(s, device=device)[None, :]
     near = (q - k).abs() <= window
     return near & (k <= q) if causal else near
-
-
-def _key_padding(mask: Tensor | None, b: int, s: int) -> Tensor | None:
-    """Accept only masks that depend on the key alone ((B|1, 1, 1, S)); return them as (B, S)."""
-    if mask is None:
-        return None
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if m.shape[1] != 1 or m.shape[2] != 1:
-        raise ValueError(
-            f"the 'local' backend takes key-padding masks of shape (B, 1, 1, S), got {tuple(mask.shape)}; "
-            "use 'math' for general masks"
-        )
-    return m[:, 0, 0, :].expand(b, s)
 
 
 def local_attention(
@@ -58,7 +47,8 @@ def local_attention(
     b, h, t, d = q.shape
     s = k.shape[-2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    keys_ok = _key_padding(mask, b, s)  # (B, S) or None
+    padding = key_padding(mask, backend="local")
+    keys_ok = None if padding is None else padding[:, 0, :, 0].expand(b, s)  # (B, S)
     if t != s:  # decoding with a cache (usually T = 1): the band is short, do it directly
         allowed = band_mask(t, s, window, causal=causal, device=q.device)
         if keys_ok is not None:

@@ -63,3 +63,17 @@ def check_mask(mask: Tensor, *, b: int, t: int, s: int, name: str = "mask") -> N
                 f"{name} has shape {tuple(mask.shape)}, which does not broadcast to "
                 f"(B={b}, H, T={t}, S={s}): dimension {letter} is {got}"
             )
+
+
+def key_padding(mask: Tensor | None, *, backend: str) -> Tensor | None:
+    """For backends that never form the (T, S) matrix: accept only masks that depend on the key alone,
+    shaped (B|1, 1, 1, S) (or fewer leading dims), and return them as (B|1, 1, S, 1) to scale keys by."""
+    if mask is None:
+        return None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if m.shape[1] != 1 or m.shape[2] != 1:
+        raise ValueError(
+            f"the {backend!r} backend takes key-padding masks of shape (B, 1, 1, S), got {tuple(mask.shape)}; "
+            "use 'math' for general masks"
+        )
+    return m[:, :, 0, :, None]

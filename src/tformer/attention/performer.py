@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from tformer.attention.masks import causal_mask
+from tformer.attention.masks import causal_mask, key_padding
 
 _FEATURES: dict[tuple[int, int, int, str, torch.dtype], Tensor] = {}
 
@@ -83,13 +83,9 @@ def performer_attention(
     w = orthogonal_features(d, n_features, seed=seed, device=q.device, dtype=q.dtype)
     qf = _phi(q, w, is_query=True)  # (B, H, T, m)
     kf = _phi(k, w, is_query=False)  # (B, H, S, m)
-    if mask is not None:
-        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if m.shape[1] != 1 or m.shape[2] != 1:
-            raise ValueError(
-                f"the 'performer' backend takes key-padding masks of shape (B, 1, 1, S), got {tuple(mask.shape)}"
-            )
-        kf = kf * m[:, :, 0, :, None].to(kf.dtype)  # masked keys contribute nothing
+    keep = key_padding(mask, backend="performer")  # (B, 1, S, 1)
+    if keep is not None:
+        kf = kf * keep.to(kf.dtype)  # masked keys contribute nothing
     if not causal:
         kv = torch.matmul(kf.transpose(-2, -1), v)  # (B, H, m, D)
         num = torch.matmul(qf, kv)
