@@ -280,6 +280,8 @@ class TrainConfig(_Config):
     eval_beam_size: int = 1  # translation: decoding used for the BLEU printed at each evaluation
     eval_max_sentences: int | None = 500  # translation: decode at most this many validation sentences
     log_every: int = 50
+    precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward pass (CPU and GPU)
+    compile: bool = False  # torch.compile the model (slow to start, faster steps)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -301,6 +303,7 @@ class TrainConfig(_Config):
         if self.warmup_steps < 0:
             raise ConfigError(f"{name}.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check_choice(name, "schedule", self.schedule, SCHEDULES)
+        _check_choice(name, "precision", self.precision, ("fp32", "bf16"))
         _check_probability(name, label_smoothing=self.label_smoothing)
         if self.schedule == "cosine" and self.max_steps is None:
             raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")

@@ -105,6 +105,8 @@ class Trainer:
         )
         self.state = TrainState()
         self._interrupted = False
+        if c.compile:
+            model.compile()  # torch.compile of forward, in place: the module, its state dict and names stay
         self.extra_config = extra_config or {}  # more sections for config.json (e.g. the data config)
 
     # --- checkpoints -------------------------------------------------------------------------------
@@ -200,6 +202,13 @@ class Trainer:
                 signal.signal(sig, handler)
         return s.history
 
+    def _autocast(self) -> Any:
+        """bfloat16 autocast for the forward pass when `precision = "bf16"` (weights and optimiser stay
+        float32); a no-op context otherwise."""
+        device = next(self.model.parameters()).device.type
+        enabled = self.config.precision == "bf16"
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._interrupted:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
@@ -284,11 +293,10 @@ class Trainer:
         tqdm.write(f"eval: {shown}")
 
     def _step(self, batch: Any) -> tuple[torch.Tensor, int, int]:
-        if (
-            not self.model.training
-        ):  # evaluation switched it off; train() walks every module, so only when needed
+        if not self.model.training:  # evaluation switched it off; train() walks every module: only then
             self.model.train()
-        loss_sum, n_count, n_tokens = self.task.loss(self.model, batch)
+        with self._autocast():
+            loss_sum, n_count, n_tokens = self.task.loss(self.model, batch)
         loss = loss_sum / max(1, n_count)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
