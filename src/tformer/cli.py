@@ -142,6 +142,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from tformer.bench.attention import BACKENDS, run
+
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    backends = tuple(args.backends.split(",")) if args.backends else BACKENDS
+    report = run(
+        backends=backends,
+        lengths=lengths,
+        repeats=args.repeats,
+        out_dir=args.out,
+        max_seconds=args.max_seconds,
+    )
+    from tformer.bench.attention import markdown
+
+    print(markdown(report))
+    print(f"written: {args.out}/attention.json, attention.md, attention.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -210,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     ge.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     ge.set_defaults(func=_generate)
+
+    be = sub.add_parser("bench", help="benchmarks: `bench attention` times every attention backend")
+    be.add_argument("what", choices=["attention"])
+    be.add_argument("--lengths", default="256,512,1024,2048,4096,8192,16384")
+    be.add_argument("--backends", default=None, help="comma-separated (default: all)")
+    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument(
+        "--max-seconds", type=float, default=60.0, help="stop a backend's sweep after a slower point"
+    )
+    be.add_argument("--out", default="runs/bench-attention")
+    be.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks people run from the CLI (`tformer bench ...`): timings, peak memory, JSON + markdown + PNG."""
