@@ -81,11 +81,13 @@ class Encoder(nn.Module):
         past: list[KV] | None = None,
         need_weights: bool = False,
         name: str = "ids",
+        checked: bool = False,
     ) -> StackOutput:
         """ids (B, T); `past` holds each layer's keys/values of T0 earlier positions (causal decoding)."""
         c = self.config
         offset = 0 if past is None else past[0].k.shape[2]
-        check_ids(ids, vocab_size=self.vocab_size, max_len=c.max_seq_len - offset, name=name)
+        if not checked:  # a caller that already validated the ids (Seq2Seq.encode) skips the second pass
+            check_ids(ids, vocab_size=self.vocab_size, max_len=c.max_seq_len - offset, name=name)
         x = self.dropout(self.positions(self.embed(ids), offset))
         kvs: list[KV] = []
         weights: list[Tensor] | None = [] if need_weights else None

@@ -111,7 +111,7 @@ class Seq2Seq(nn.Module):
         """(B, S) ids -> memory (B, S, C), its key mask (B, 1, 1, S), per-layer weights if asked."""
         check_ids(src, vocab_size=self.config.src_vocab_size, max_len=self.config.max_seq_len, name="src")
         mask = self.source_mask(src, src_mask)
-        out = self.encoder(src, mask=mask, need_weights=need_weights, name="src")
+        out = self.encoder(src, mask=mask, need_weights=need_weights, name="src", checked=True)
         return out.x, mask, out.weights
 
     # --- decoder -----------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ class WindowBatch:
     starts: torch.Tensor  # (B,) offsets into the token stream; windows are materialised in `loss`
 
 
+def windows(data: torch.Tensor, starts: torch.Tensor, t: int) -> torch.Tensor:
+    """(B,) start offsets into a token stream -> (B, T + 1) windows: inputs [:, :-1], targets [:, 1:]."""
+    return data[starts[:, None] + torch.arange(t + 1)]
+
+
 @torch.no_grad()
 def mean_nll(model: LanguageModel, ids: torch.Tensor, *, windows_per_batch: int = 64) -> float:
     """Mean next-token NLL (nats) over a token stream, read in consecutive max_seq_len windows."""
@@ -44,7 +49,7 @@ def mean_nll(model: LanguageModel, ids: torch.Tensor, *, windows_per_batch: int 
     total, count = 0.0, 0
     chunks = starts.split(windows_per_batch)
     for chunk in progress(chunks, len(chunks), "perplexity"):
-        w = ids[chunk[:, None] + torch.arange(t + 1)].to(device)  # (B, T + 1)
+        w = windows(ids, chunk, t).to(device)
         logits = model(w[:, :-1]).logits
         total += float(
             F.cross_entropy(
@@ -89,14 +94,9 @@ class LanguageModelTask:
         starts = torch.randint(len(self.train_ids) - t, (n, b), generator=g)
         return [WindowBatch(s) for s in starts]
 
-    def _windows(self, data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.model_config.max_seq_len
-        idx = starts[:, None] + torch.arange(t + 1)  # (B, T + 1)
-        w = data[idx]
-        return w[:, :-1], w[:, 1:]
-
     def loss(self, model: LanguageModel, batch: WindowBatch) -> LossValue:
-        x, y = self._windows(self.train_ids, batch.starts)
+        w = windows(self.train_ids, batch.starts, self.model_config.max_seq_len)
+        x, y = w[:, :-1], w[:, 1:]
         device = model_device(model)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x).logits
