@@ -1,4 +1,4 @@
-"""PNG plots: an attention heatmap with token labels, and training / validation loss curves."""
+"""PNG plots: attention heatmaps with token labels (one map, or every head of a layer), loss curves."""
 
 from __future__ import annotations
 
@@ -41,6 +41,58 @@ def attention_heatmap(
         ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path)
+
+
+def attention_grid(
+    weights: Any,
+    key_tokens: Sequence[str],
+    query_tokens: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    xlabel: str = "key",
+    ylabel: str = "query",
+) -> Path:
+    """weights (H, T, S): one panel per head, on one colour scale (0 to 1), tokens on both axes."""
+    w = np.asarray(weights, dtype=float)
+    t, s = len(query_tokens), len(key_tokens)
+    if w.ndim != 3 or w.shape[1:] != (t, s):
+        raise ValueError(f"weights have shape {w.shape}; expected (H, T={t}, S={s})")
+    h = w.shape[0]
+    cols = min(h, 4)
+    rows = -(-h // cols)
+    cell = 0.28 if max(t, s) <= 24 else max(0.06, 7.0 / max(t, s))  # inches per token; long inputs shrink
+    panel_w, panel_h = max(2.2, cell * s + 1.0), max(2.0, cell * t + 0.9)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(panel_w * cols + 1.2, panel_h * rows + 0.8),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    every = max(1, -(-max(t, s) // 40))  # at most ~40 labels per axis
+    im = None
+    for i, ax in enumerate(axes.flat):
+        if i >= h:
+            ax.set_visible(False)
+            continue
+        im = ax.imshow(w[i], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        ax.set_title(f"head {i + 1}", fontsize=9)
+        ax.set_xticks(range(0, s, every), list(key_tokens)[::every], rotation=90, fontsize=7)
+        ax.set_yticks(range(0, t, every), list(query_tokens)[::every], fontsize=7)
+        if i % cols == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+        if i // cols == rows - 1 or i + cols >= h:
+            ax.set_xlabel(xlabel, fontsize=8)
+    assert im is not None  # h >= 1 panels were drawn
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="attention weight")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def loss_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "training") -> Path:
