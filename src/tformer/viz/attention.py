@@ -128,6 +128,7 @@ def translation_maps(
     device = model_device(model)
     src = torch.tensor([src_ids], device=device)
     info: dict[str, str] = {}
+    ends = True  # whether the last decoder position is the one that predicts EOS
     if target is None:
         was_training = model.training
         model.eval()
@@ -139,27 +140,30 @@ def translation_maps(
                 model, src, bos_id=t.bos_id, eos_id=t.eos_id, beam_size=beam_size, max_len=max_len
             )[0][0]
         model.train(was_training)
-        tgt_ids = hyp.tokens
-        info["translation"] = tgt_tok.decode(tgt_ids)
-        info["target"] = (
-            "the model's own translation (" + ("greedy" if beam_size == 1 else f"beam {beam_size}") + ")"
+        tgt_ids, ends = list(hyp.tokens), hyp.finished
+        how = "greedy" if beam_size == 1 else f"beam {beam_size}"
+        info["target"] = f"the model's own translation ({how})" + (
+            "" if ends else ", cut at the length limit"
         )
     else:
         tgt_ids = tgt_tok.encode(target)
         if not tgt_ids:
             raise ValueError("--target is empty: give the target sentence to teacher-force, or leave it out")
         info["target"] = "given (teacher-forced)"
-        info["translation"] = tgt_tok.decode(tgt_ids)
+    info["translation"] = tgt_tok.decode(tgt_ids) or "(empty: the model predicts EOS first)"
+    # Teacher forcing: the decoder reads BOS + outputs[:-1] and position i predicts outputs[i].
+    outputs = [*tgt_ids, tgt_tok.eos_id] if ends else tgt_ids
+    inputs = [tgt_tok.bos_id, *outputs[:-1]]
     limit = model.config.max_seq_len
-    if len(tgt_ids) + 1 > limit:
+    if len(inputs) > limit:
         raise ValueError(
             f"the target has {len(tgt_ids)} tokens; with BOS that is more than the model's max_seq_len = {limit}"
         )
-    tgt_in = torch.tensor([[tgt_tok.bos_id, *tgt_ids]], device=device)  # (1, T)
-    out = _weights_from(model, src, tgt_in)
+    out = _weights_from(model, src, torch.tensor([inputs], device=device))  # tgt (1, T)
     src_tokens = _tokens(src_tok, src_ids)
-    inputs = ["<bos>", *_tokens(tgt_tok, tgt_ids)]
-    predicts = [*_tokens(tgt_tok, tgt_ids), "<eos>"]
+    special = {tgt_tok.bos_id: "<bos>", tgt_tok.eos_id: "<eos>"}
+    inputs_shown = [special.get(i) or display_token(tgt_tok.id_to_token(i)) for i in inputs]
+    predicts = [special.get(i) or display_token(tgt_tok.id_to_token(i)) for i in outputs]
     kinds = [
         AttentionKind(
             "encoder",
@@ -176,7 +180,7 @@ def translation_maps(
             "target position (query), by the token it predicts",
             "target input (key)",
             predicts,
-            inputs,
+            inputs_shown,
             _heads(out.self_attention, "decoder self-attention"),
         ),
         AttentionKind(

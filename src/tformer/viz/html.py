@@ -255,7 +255,11 @@ function draw() {
   for (const f of [0, 0.5, 1]) ctx.fillText((f * vmax).toFixed(vmax < 0.1 ? 3 : 2), bx + barW + 5, top + (1 - f) * (bh - 1));
   geometry = { left, top, cell, t, s, m };
   highlight(null);
-  document.body.dataset.view = kind().name + "/" + (state.layer + 1) + "/" + (state.head < 0 ? "mean" : state.head + 1);
+  // what is on screen, for links and for tests: kind, 1-based layer and head, and where the cells are
+  const view = { kind: kind().name, layer: state.layer + 1, head: state.head < 0 ? "mean" : state.head + 1,
+    left, top, cell, rows: t, cols: s, vmax };
+  window.tformerView = view;
+  document.body.dataset.view = view.kind + "/" + view.layer + "/" + view.head;
 }
 
 function highlight(at) {

@@ -93,13 +93,18 @@ def softmax_saturation(
         for name, scores in (("scaled", z / np.sqrt(d)), ("unscaled", z)):
             p = np.exp(scores - scores.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
-            # ||diag(p) - p p^T||_F^2 = sum_i p_i^2 - 2 sum_i p_i^3 + (sum_i p_i^2)^2
-            s2, s3 = (p**2).sum(-1), (p**3).sum(-1)
             out[f"score_std_{name}"].append(float(scores.std()))
             out[f"max_prob_{name}"].append(float(p.max(-1).mean()))
             out[f"entropy_{name}"].append(float(-(p * np.log(np.where(p > 0, p, 1.0))).sum(-1).mean()))
-            out[f"jacobian_norm_{name}"].append(float(np.sqrt(np.maximum(s2 - 2 * s3 + s2**2, 0.0)).mean()))
+            out[f"jacobian_norm_{name}"].append(float(softmax_jacobian_norm(p).mean()))
     return out
+
+
+def softmax_jacobian_norm(p: np.ndarray) -> np.ndarray:
+    """Frobenius norm of d softmax / d scores = diag(p) - p p^T for probabilities p (..., n), in closed form:
+    ||J||_F^2 = sum_i p_i^2 - 2 sum_i p_i^3 + (sum_i p_i^2)^2 (no n x n matrix is formed)."""
+    s2, s3 = (p**2).sum(-1), (p**3).sum(-1)
+    return np.sqrt(np.maximum(s2 - 2 * s3 + s2**2, 0.0))
 
 
 def softmax_scale_png(path: str | Path, numbers: dict[str, Any] | None = None) -> Path:
@@ -132,7 +137,7 @@ def softmax_scale_png(path: str | Path, numbers: dict[str, Any] | None = None) -
     return save_figure(fig, path, dpi=110)
 
 
-def write_softmax_json(numbers: dict[str, Any], path: str | Path) -> Path:
+def write_json(numbers: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(numbers, indent=1))
