@@ -65,9 +65,16 @@ def _checkpoint(
     lines = [f"{key}: {value}" for key, value in result.maps.info.items() if key != "checkpoint"]
     if result.maps.note:
         lines.append(f"note: {result.maps.note}")
-    kinds = ", ".join(f"{k.title} ({len(k.layers)} layers x {k.n_heads} heads)" for k in result.maps.kinds)
+    kinds = ", ".join(
+        f"{k.title} ({_count(len(k.layers), 'layer')} x {_count(k.n_heads, 'head')})"
+        for k in result.maps.kinds
+    )
     lines += [f"attention: {kinds}", f"page:   {result.html}", f"PNGs:   {len(result.pngs)} in {Path(out)}/"]
     return lines
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 def _positions(path: Path, *, positions: int = 100, d_model: int = 512) -> list[str]:
@@ -79,8 +86,9 @@ def _positions(path: Path, *, positions: int = 100, d_model: int = 512) -> list[
 def _softmax(path: Path, *, keys: int = 16, samples: int = 2000, seed: int = 0) -> list[str]:
     from tformer.viz.pictures import softmax_saturation, softmax_scale_png, write_json
 
+    _png(path)  # a bad name fails before the work
     numbers = softmax_saturation(n_keys=keys, samples=samples, seed=seed)
-    png = softmax_scale_png(_png(path), numbers)
+    png = softmax_scale_png(path, numbers)
     data = write_json(numbers, path.with_suffix(".json"))
     lines = [f"{'d_k':>6} {'max p scaled':>13} {'unscaled':>9} {'entropy scaled':>15} {'unscaled':>9}"]
     for i, d in enumerate(numbers["d_k"]):
