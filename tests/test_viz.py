@@ -225,7 +225,7 @@ def test_html_page_is_self_contained_and_carries_the_maps(tmp_path):
 def test_cli_viz_checkpoint(tmp_path, capsys):
     ckpt = viz_models.save_translator(viz_models.translator(n_layers=1), tmp_path / "ckpt")
     out = tmp_path / "viz"
-    assert main(["viz", str(ckpt), TEXT, "--out", str(out), "--target", TARGET]) == 0
+    assert main(["viz", str(ckpt), "--out", str(out), "--target", TARGET, TEXT]) == 0  # text after options
     printed = capsys.readouterr().out
     assert "translation: " + TARGET in printed and "1 layer x 4 heads" in printed
     assert (out / "attention.html").is_file() and len(list(out.glob("*-layer*.png"))) == 3
@@ -245,6 +245,7 @@ def test_cli_viz_checkpoint(tmp_path, capsys):
     [
         (["CKPT", TEXT, "--positions", "5"], "--positions does not apply to a checkpoint"),
         (["CKPT"], "missing the input text"),
+        (["CKPT", "le", "chat"], "give one input text (quote it)"),
         (["CKPT", TEXT, "--beam", "0"], "--beam must be at least 1"),
         (["positions"], "tformer viz positions OUT.png"),
         (["softmax", "x.png", "--target", "y"], "--target does not apply to 'viz softmax'"),

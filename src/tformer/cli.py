@@ -252,11 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     vz = sub.add_parser(
         "viz",
         help="pictures: `viz CHECKPOINT TEXT` attention maps (PNG + HTML); `viz positions|softmax OUT.png`",
+        usage='tformer viz CHECKPOINT "text" [--out DIR] [--target TEXT] [--beam N]\n'
+        "       tformer viz positions OUT.png [--positions N] [--d-model D]\n"
+        "       tformer viz softmax OUT.png [--keys N] [--samples N] [--seed S]",
     )
-    vz.add_argument("source", help="a checkpoint directory, or 'positions' or 'softmax'")
-    vz.add_argument(
-        "arg", nargs="?", help="the input text (checkpoint) or the output PNG (positions, softmax)"
-    )
+    vz.add_argument("source", metavar="CHECKPOINT|positions|softmax")
+    vz.add_argument("arg", nargs="*", metavar="TEXT|OUT.png", help="the input text, or the picture's file")
     vz.add_argument("--out", default=None, help="checkpoint: output directory (default: runs/viz)")
     vz.add_argument(
         "--target", default=None, help="translation: teacher-force this target, not the model's own"
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--keys", type=int, default=None, help="softmax: keys per query (default 16)")
     vz.add_argument("--samples", type=int, default=None, help="softmax: queries per d_k (default 2000)")
     vz.add_argument("--seed", type=int, default=None, help="softmax: random seed (default 0)")
-    vz.set_defaults(func=_viz)
+    vz.set_defaults(func=_viz, rest="arg")
     return parser
 
 

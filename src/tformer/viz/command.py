@@ -21,9 +21,14 @@ OPTIONS = {  # form -> the options it takes (argparse dest names)
 }
 
 
-def run_viz(source: str, arg: str | None, options: dict[str, Any]) -> list[str]:
-    """Draw what `source` names; returns lines to print (the files written, a few numbers)."""
+def run_viz(source: str, args: list[str], options: dict[str, Any]) -> list[str]:
+    """Draw what `source` names; `args`: the input text or the output file (one). Returns lines to print
+    (the files written, a few numbers)."""
     form = source if source in PICTURES else "checkpoint"
+    if len(args) > 1:
+        what = "input text (quote it)" if form == "checkpoint" else "output file"
+        raise ValueError(f"give one {what}; got {len(args)} arguments: {' '.join(args)[:80]!r}")
+    arg = args[0] if args else None
     every = {o for opts in OPTIONS.values() for o in opts}
     wrong = [o for o in sorted(every - set(OPTIONS[form])) if options.get(o) is not None]
     if wrong:
