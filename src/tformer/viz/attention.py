@@ -9,7 +9,8 @@ nothing is read from or stored on modules. `render` writes them as PNG grids and
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,16 +97,23 @@ def _note(config: TransformerConfig) -> str:
     return f"this model's '{config.attention}' attention " + template.format(window=config.attention_window)
 
 
-def _weights_from(model: torch.nn.Module, *args: torch.Tensor) -> Any:
-    """One forward pass in eval mode with `need_weights=True`; the backend's fallback warning is expected."""
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd inside; the model's own mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="attention backend .* cannot return weights")
-            return model(*args, need_weights=True)
+        with torch.no_grad():
+            yield
     finally:
         model.train(was_training)
+
+
+def _weights_from(model: torch.nn.Module, *args: torch.Tensor) -> Any:
+    """One forward pass in eval mode with `need_weights=True`; the backend's fallback warning is expected."""
+    with _evaluating(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="attention backend .* cannot return weights")
+        return model(*args, need_weights=True)
 
 
 def translation_maps(
@@ -130,16 +138,14 @@ def translation_maps(
     info: dict[str, str] = {}
     ends = True  # whether the last decoder position is the one that predicts EOS
     if target is None:
-        was_training = model.training
-        model.eval()
         t = tgt_tok
-        if beam_size == 1:
-            hyp = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=max_len)[0]
-        else:
-            hyp = beam_search(
-                model, src, bos_id=t.bos_id, eos_id=t.eos_id, beam_size=beam_size, max_len=max_len
-            )[0][0]
-        model.train(was_training)
+        with _evaluating(model):
+            if beam_size == 1:
+                hyp = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=max_len)[0]
+            else:
+                hyp = beam_search(
+                    model, src, bos_id=t.bos_id, eos_id=t.eos_id, beam_size=beam_size, max_len=max_len
+                )[0][0]
         tgt_ids, ends = list(hyp.tokens), hyp.finished
         how = "greedy" if beam_size == 1 else f"beam {beam_size}"
         info["target"] = f"the model's own translation ({how})" + (
