@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def attention_grid(
     h = w.shape[0]
     cols = min(h, 4)
     rows = -(-h // cols)
-    cell = 0.28 if max(t, s) <= 24 else max(0.06, 7.0 / max(t, s))  # inches per token; long inputs shrink
+    # inches per token: 0.28 for short inputs, shrinking so the figure stays within about 16 x 14 inches
+    cell = max(0.02, min(0.28, (16 - 1.0 * cols) / (cols * s), (14 - 0.9 * rows) / (rows * t)))
     panel_w, panel_h = max(2.2, cell * s + 1.0), max(2.0, cell * t + 0.9)
     fig, axes = plt.subplots(
         rows,
@@ -72,7 +74,7 @@ def attention_grid(
         squeeze=False,
         constrained_layout=True,
     )
-    every = max(1, -(-max(t, s) // 40))  # at most ~40 labels per axis
+    every = max(1, math.ceil(0.11 / cell))  # label every n-th token where 7-point labels would overlap
     im = None
     for i, ax in enumerate(axes.flat):
         if i >= h:
