@@ -161,6 +161,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viz(args: argparse.Namespace) -> int:
+    from tformer.viz.command import run_viz
+
+    for line in run_viz(args.source, args.arg, vars(args)):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -240,6 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--out", default="runs/bench-attention")
     be.set_defaults(func=_bench)
+
+    vz = sub.add_parser(
+        "viz",
+        help="pictures: `viz CHECKPOINT TEXT` attention maps (PNG + HTML); `viz positions|softmax OUT.png`",
+        usage='tformer viz CHECKPOINT "text" [--out DIR] [--target TEXT] [--beam N]\n'
+        "       tformer viz positions OUT.png [--positions N] [--d-model D]\n"
+        "       tformer viz softmax OUT.png [--keys N] [--samples N] [--seed S]",
+    )
+    vz.add_argument("source", metavar="CHECKPOINT|positions|softmax")
+    vz.add_argument("arg", nargs="*", metavar="TEXT|OUT.png", help="the input text, or the picture's file")
+    vz.add_argument("--out", default=None, help="checkpoint: output directory (default: runs/viz)")
+    vz.add_argument(
+        "--target", default=None, help="translation: teacher-force this target, not the model's own"
+    )
+    vz.add_argument(
+        "--beam", type=int, default=None, help="translation: beam size of its own (default 4; 1: greedy)"
+    )
+    vz.add_argument("--positions", type=int, default=None, help="positions: how many (default 100)")
+    vz.add_argument("--d-model", type=int, default=None, help="positions: d_model (default 512)")
+    vz.add_argument("--keys", type=int, default=None, help="softmax: keys per query (default 16)")
+    vz.add_argument("--samples", type=int, default=None, help="softmax: queries per d_k (default 2000)")
+    vz.add_argument("--seed", type=int, default=None, help="softmax: random seed (default 0)")
+    vz.set_defaults(func=_viz, rest="arg")
     return parser
 
 

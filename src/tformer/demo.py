@@ -8,7 +8,6 @@ exact match and BLEU, draw a cross-attention heatmap and the loss curve, save th
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from tformer.metrics import bleu, exact_match
 from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks import TranslationTask, Translator
 from tformer.training.trainer import Trainer
+from tformer.viz.attention import translation_maps
 from tformer.viz.plots import attention_heatmap, loss_curve
 
 
@@ -131,17 +131,12 @@ def run_demo(
 
 def _cross_attention_png(translator: Translator, source: str, target: str, path: Path) -> Path:
     """Cross-attention of the last decoder layer, averaged over heads, teacher-forced on `target`."""
-    src_tok, tgt_tok, model = translator.src_tok, translator.tgt_tok, translator.model
-    src_ids = src_tok.encode(source)
-    tgt_ids = tgt_tok.encode(target)
-    src = torch.tensor([src_ids])
-    tgt_in = torch.tensor([[tgt_tok.bos_id, *tgt_ids]])
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # weights come from the reference kernel; that is the point here
-        out = model(src, tgt_in, need_weights=True)
-    weights = out.cross_attention[-1][0].mean(0)  # (T, S), T = len(target) + 1 (the last predicts EOS)
-    rows = [tgt_tok.id_to_token(i) for i in tgt_ids] + ["<eos>"]
-    cols = [src_tok.id_to_token(i) for i in src_ids]
+    cross = translation_maps(translator, source, target=target).kind("cross")
+    weights = cross.layers[-1].mean(0)  # (T, S), T = len(target) + 1 (the last predicts EOS)
     return attention_heatmap(
-        weights, cols, rows, path, title="cross-attention, last decoder layer (mean of heads)"
+        weights,
+        cross.key_tokens,
+        cross.query_tokens,
+        path,
+        title="cross-attention, last decoder layer (mean of heads)",
     )

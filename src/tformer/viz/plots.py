@@ -1,7 +1,8 @@
-"""PNG plots: an attention heatmap with token labels, and training / validation loss curves."""
+"""PNG plots: attention heatmaps with token labels (one map, or every head of a layer), loss curves."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    fig.tight_layout()
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 120, tight: bool = True) -> Path:
+    """Write `fig` as a PNG (parent folders made) and close it."""
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -40,7 +43,56 @@ def attention_heatmap(
     if title:
         ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def attention_grid(
+    weights: Any,
+    key_tokens: Sequence[str],
+    query_tokens: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    xlabel: str = "key",
+    ylabel: str = "query",
+) -> Path:
+    """weights (H, T, S): one panel per head, on one colour scale (0 to 1), tokens on both axes."""
+    w = np.asarray(weights, dtype=float)
+    t, s = len(query_tokens), len(key_tokens)
+    if w.ndim != 3 or w.shape[1:] != (t, s):
+        raise ValueError(f"weights have shape {w.shape}; expected (H, T={t}, S={s})")
+    h = w.shape[0]
+    cols = min(h, 4)
+    rows = -(-h // cols)
+    # inches per token: 0.28 for short inputs, shrinking so the figure stays within about 16 x 14 inches
+    cell = max(0.02, min(0.28, (16 - 1.0 * cols) / (cols * s), (14 - 0.9 * rows) / (rows * t)))
+    panel_w, panel_h = max(2.2, cell * s + 1.0), max(2.0, cell * t + 0.9)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(panel_w * cols + 1.2, panel_h * rows + 0.8),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    every = max(1, math.ceil(0.11 / cell))  # label every n-th token where 7-point labels would overlap
+    im = None
+    for i, ax in enumerate(axes.flat):
+        if i >= h:
+            ax.set_visible(False)
+            continue
+        im = ax.imshow(w[i], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        ax.set_title(f"head {i + 1}", fontsize=9)
+        ax.set_xticks(range(0, s, every), list(key_tokens)[::every], rotation=90, fontsize=7)
+        ax.set_yticks(range(0, t, every), list(query_tokens)[::every], fontsize=7)
+        if i % cols == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+        if i // cols == rows - 1 or i + cols >= h:
+            ax.set_xlabel(xlabel, fontsize=8)
+    assert im is not None  # h >= 1 panels were drawn
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="attention weight")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, dpi=110, tight=False)  # constrained_layout already placed the panels
 
 
 def loss_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "training") -> Path:
@@ -60,4 +112,4 @@ def loss_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: st
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
