@@ -31,7 +31,7 @@ def reference(mha, x, memory, allowed, score):
     group = H // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     if score == "cosine":
-        tau = mha.score.log_temperature.double().exp()  # (H, 1, 1)
+        tau = mha.score.log_temperature.double().exp().view(H, 1, 1)
         s = tau * (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-2, -1)
     else:  # -||q_i - k_j||^2 / sqrt(D), written out
         s = -(q[:, :, :, None, :] - k[:, :, None, :, :]).square().sum(-1) / math.sqrt(d)
@@ -63,7 +63,7 @@ def test_self_attention_equals_float64_formula(score, backend, n_kv):
     mha = mha.double()
     if score == "cosine":  # distinct temperatures per head, so a wrong broadcast would show
         with torch.no_grad():
-            mha.score.log_temperature.copy_(torch.linspace(0.5, 3.0, H).view(H, 1, 1))
+            mha.score.log_temperature.copy_(torch.linspace(0.5, 3.0, H))
     x, _, pad = _inputs(t, t)
     pad = pad[:, :, :, :t]
     allowed = pad & torch.ones(t, t, dtype=torch.bool).tril()

@@ -66,14 +66,13 @@ class AttentionScore(nn.Module):
         self.kind, self.d_head = kind, d_head
         self.scale: float | None = {"dot": None, "cosine": 1.0, "l2": 1.0 / math.sqrt(d_head)}[kind]
         if kind == "cosine":
-            # one log-temperature per query head, broadcast over (B, H, T, D)
-            self.log_temperature = nn.Parameter(
-                torch.full((n_heads, 1, 1), math.log(COSINE_INIT_TEMPERATURE))
-            )
+            # one log-temperature per query head; 1-D, so the optimiser treats it like a bias or a norm's
+            # gain (no weight decay, which would pull the temperature towards 1)
+            self.log_temperature = nn.Parameter(torch.full((n_heads,), math.log(COSINE_INIT_TEMPERATURE)))
 
     def temperature(self) -> Tensor:
         """(H, 1, 1) cosine temperatures, exp of the clamped log-parameter."""
-        return self.log_temperature.clamp(max=math.log(COSINE_MAX_TEMPERATURE)).exp()
+        return self.log_temperature.clamp(max=math.log(COSINE_MAX_TEMPERATURE)).exp().view(-1, 1, 1)
 
     def keys(self, k: Tensor) -> Tensor:
         if self.kind == "cosine":
