@@ -122,10 +122,11 @@ def bench_translation(path: Path, repeats: int, max_sentences: int, files: list[
     pairs = [p for p in pairs if len(models["fp32"].src_tok.encode(p[0])) <= limit][:max_sentences]  # type: ignore[union-attr]
     sources, refs = [s for s, _ in pairs], [t for _, t in pairs]
     rows: dict[str, dict[str, Any]] = {}
+    hyps: dict[str, list[str]] = {}
     for p, m in models.items():
         assert isinstance(m, Translator)
-        hyps = m.translate(sources, beam_size=4)
-        rows[p] = {"bleu": bleu(hyps, refs).score, "exact_match": exact_match(hyps, refs), "hyps": hyps}
+        hyps[p] = m.translate(sources, beam_size=4)
+        rows[p] = {"bleu": bleu(hyps[p], refs).score, "exact_match": exact_match(hyps[p], refs)}
     batch = sources[:64]
     one = sources[len(sources) // 2]
     fast = median_times(
@@ -133,14 +134,13 @@ def bench_translation(path: Path, repeats: int, max_sentences: int, files: list[
     )
     lat = median_times({p: (lambda m=m: m.translate([one], beam_size=1)) for p, m in models.items()}, repeats)
     for p, m in models.items():
-        same = sum(a == b for a, b in zip(rows[p].pop("hyps"), rows["fp32"]["hyps"], strict=True))
+        same = sum(a == b for a, b in zip(hyps[p], hyps["fp32"], strict=True))
         rows[p].update(
             same_as_fp32=same / len(sources),
             sentences_per_s=len(batch) / fast[p],
             latency_ms=1e3 * lat[p],
             weights_mb=weight_megabytes(m.model),  # type: ignore[union-attr]
         )
-    rows["fp32"].pop("hyps", None)
     return {"checkpoint": str(path), "data": files, "sentences": len(sources), "rows": rows}
 
 
