@@ -273,7 +273,9 @@ def main() -> int:
     out = Path(args.out)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "machine": " ".join(
+            x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} cores") if x
+        ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average_start": os.getloadavg()[0],
