@@ -38,6 +38,7 @@ _EXPORTS = {
     "CheckpointError": "tformer.training",
     "greedy_decode": "tformer.inference",
     "beam_search": "tformer.inference",
+    "apply_precision": "tformer.inference",
     "run_demo": "tformer.demo",
 }
 

@@ -43,7 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     from tformer.tasks import Translator
 
-    translator = Translator.load(args.checkpoint)
+    translator = Translator.load(args.checkpoint, precision=args.precision)
     texts = _read_inputs(args.text)
     outputs = translator.translate(
         texts, beam_size=args.beam, length_penalty=args.length_penalty, max_len=args.max_len
@@ -109,6 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
         beam_size=args.beam,
         text_column=args.text_column,
         label_column=args.label_column,
+        precision=args.precision,
     )
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
@@ -118,7 +119,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from tformer.tasks import TextClassifier
 
-    classifier = TextClassifier.load(args.checkpoint)
+    classifier = TextClassifier.load(args.checkpoint, precision=args.precision)
     for label, prob in classifier.predict(_read_inputs(args.text)):
         print(f"{label}\t{prob:.4f}")
     return 0
@@ -127,7 +128,7 @@ def _classify(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tformer.tasks import TextGenerator
 
-    generator = TextGenerator.load(args.checkpoint)
+    generator = TextGenerator.load(args.checkpoint, precision=args.precision)
     text = generator.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -169,6 +170,15 @@ def _viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="inference precision: bf16 weights, or int8 linear layers (needs torchao: tformer[quant])",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -189,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
     tr.add_argument("--length-penalty", type=float, default=0.6)
     tr.add_argument("--max-len", type=int, default=None, help="maximum output tokens")
+    _precision_option(tr)
     tr.set_defaults(func=_translate, rest="text")
 
     tn = sub.add_parser("train", help="train a model on your files (translation, classification or lm)")
@@ -217,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beam", type=int, default=4, help="translation: beam size")
     ev.add_argument("--text-column", default=None, help="classification: text column (default: as trained)")
     ev.add_argument("--label-column", default=None, help="classification: label column (default: as trained)")
+    _precision_option(ev)
     ev.set_defaults(func=_eval)
 
     cl = sub.add_parser(
@@ -224,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cl.add_argument("checkpoint")
     cl.add_argument("text", nargs="*")
+    _precision_option(cl)
     cl.set_defaults(func=_classify, rest="text")
 
     ge = sub.add_parser("generate", help="continue a prompt with a language-model checkpoint")
@@ -236,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--greedy", action="store_true", help="always the most probable token")
     ge.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     ge.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    _precision_option(ge)
     ge.set_defaults(func=_generate)
 
     be = sub.add_parser("bench", help="benchmarks: `bench attention` times every attention backend")

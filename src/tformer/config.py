@@ -19,6 +19,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local", "performer", "linformer")
+ATTENTION_SCORES = ("dot", "cosine", "l2")  # attention/scores.py
+SCORE_BACKENDS = ("math", "sdpa", "chunked", "local")  # the exact kernels, which take any q and k
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 POSITIONS = ("sinusoidal", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")
@@ -132,6 +134,7 @@ class TransformerConfig(_Config):
     attention_window: int = 256  # "local" attention: how far each query sees
     linformer_rank: int = 64  # "linformer" attention: length keys and values are projected to
     n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads; 1: multi-query)
+    attention_score: str = "dot"  # "dot" (paper), "cosine" (learned temperature), "l2" (-squared distance)
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
 
@@ -160,6 +163,13 @@ class TransformerConfig(_Config):
         _check_choice(name, "activation", self.activation, ACTIVATIONS)
         _check_choice(name, "positions", self.positions, POSITIONS)
         _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
+        _check_choice(name, "attention_score", self.attention_score, ATTENTION_SCORES)
+        if self.attention_score != "dot" and self.attention not in SCORE_BACKENDS:
+            raise ConfigError(
+                f"{name}.attention = {self.attention!r} cannot compute attention_score = "
+                f"{self.attention_score!r} (it approximates the dot-product softmax itself); use one of "
+                f"{', '.join(SCORE_BACKENDS)}"
+            )
         if self.attention_dropout > 0 and self.attention in ("chunked", "performer"):
             raise ConfigError(f"{name}.attention = {self.attention!r} does not support attention_dropout > 0")
 

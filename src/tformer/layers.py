@@ -95,6 +95,7 @@ class EncoderLayer(nn.Module):
         rotary: nn.Module | None = None,
         backend_options: dict[str, Any] | None = None,
         n_kv_heads: int | None = None,
+        score: str = "dot",
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
@@ -107,6 +108,7 @@ class EncoderLayer(nn.Module):
             rotary=rotary,
             backend_options=backend_options,
             n_kv_heads=n_kv_heads,
+            score=score,
         )
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
@@ -164,6 +166,7 @@ class DecoderLayer(nn.Module):
         rotary: nn.Module | None = None,
         backend_options: dict[str, Any] | None = None,
         n_kv_heads: int | None = None,
+        score: str = "dot",
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
@@ -176,6 +179,7 @@ class DecoderLayer(nn.Module):
             rotary=rotary,
             backend_options=backend_options,
             n_kv_heads=n_kv_heads,
+            score=score,
         )
         # A window over source positions means nothing to a target query: cross-attention stays full.
         cross_backend = "sdpa" if backend == "local" else backend
@@ -186,6 +190,7 @@ class DecoderLayer(nn.Module):
             bias=bias,
             backend=cross_backend,
             n_kv_heads=n_kv_heads,
+            score=score,
         )
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)

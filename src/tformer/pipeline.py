@@ -178,9 +178,11 @@ def evaluate_checkpoint(
     beam_size: int = 4,
     text_column: str | None = None,
     label_column: str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Score a checkpoint on a file of its task: BLEU / chrF / exact match, accuracy / macro-F1, or
-    perplexity. Column names default to the ones the model was trained with."""
+    perplexity, with the model in `precision` ("fp32", "bf16", "int8"). Column names default to the ones
+    the model was trained with."""
     from tformer.config import DataConfig
     from tformer.metrics import accuracy, bleu, chrf, exact_match, macro_f1, perplexity
     from tformer.tasks import TextClassifier, TextGenerator, Translator, load_predictor
@@ -189,7 +191,7 @@ def evaluate_checkpoint(
 
     raw = read_config(path)
     trained = DataConfig.from_dict(raw.get("data", {}), source=str(path)) if "data" in raw else DataConfig()
-    predictor = load_predictor(path)
+    predictor = load_predictor(path, precision=precision)
     if isinstance(predictor, Translator):
         pairs, stats = read_parallel(data)
         report_skipped(stats)

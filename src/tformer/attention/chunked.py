@@ -42,7 +42,7 @@ class _ChunkedAttention(torch.autograd.Function):
         s = k.shape[-2]
         m = torch.full((*q.shape[:-1], 1), float("-inf"), dtype=q.dtype, device=q.device)  # (B, H, T, 1)
         l = torch.zeros_like(m)
-        acc = torch.zeros_like(q)  # (B, H, T, D)
+        acc = q.new_zeros(*q.shape[:-1], v.shape[-1])  # (B, H, T, D_v); D_v != D for the "l2" score
         for s0 in range(0, s, block):
             s1 = min(s, s0 + block)
             scores = torch.matmul(q, k[..., s0:s1, :].transpose(-2, -1)) * scale  # (B, H, T, blk)

@@ -81,5 +81,5 @@ def local_attention(
     p = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     if dropout_p > 0.0:
         p = F.dropout(p, p=dropout_p)
-    out = torch.matmul(p, vw).reshape(b, h, nb * w, d)[:, :, :t]  # (B, H, T, D)
+    out = torch.matmul(p, vw).reshape(b, h, nb * w, v.shape[-1])[:, :, :t]  # (B, H, T, D_v)
     return out, None

@@ -12,10 +12,13 @@ from torch import Tensor, nn
 
 from tformer.attention.backends import get_backend
 from tformer.attention.masks import check_mask
+from tformer.attention.scores import AttentionScore, check_score
 
 
 class KV(NamedTuple):
-    """Projected keys and values of one attention layer, (B, H, S, D) each."""
+    """Projected keys and values of one attention layer, (B, H, S, D) each. Keys are stored as the kernel
+    consumes them: after rotary positions and the score's key transform (attention/scores.py; unit keys for
+    "cosine", (B, H, S, D + 1) augmented keys for "l2")."""
 
     k: Tensor
     v: Tensor
@@ -37,7 +40,8 @@ class MultiHeadAttention(nn.Module):
 
     `forward(x, memory=None)` attends from x (B, T, C) to `memory` (B, S, C), or to x itself when memory is
     None. Cached decoding passes `past` (the KV of earlier positions, extended with this step's) or
-    `static_kv` (cross-attention keys/values computed once per source by `project_kv`).
+    `static_kv` (cross-attention keys/values computed once per source by `project_kv`). `score` picks the
+    score function ("dot", "cosine", "l2"; attention/scores.py).
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class MultiHeadAttention(nn.Module):
         rotary: nn.Module | None = None,
         backend_options: dict[str, Any] | None = None,
         n_kv_heads: int | None = None,
+        score: str = "dot",
     ) -> None:
         super().__init__()
+        check_score(score, backend)
         self.rotary = rotary  # rotary positions for self-attention (shared, holds no parameters)
         if d_model % n_heads:
             raise ValueError(f"d_model = {d_model} must be divisible by n_heads = {n_heads}")
@@ -68,6 +74,7 @@ class MultiHeadAttention(nn.Module):
         self.backend = get_backend(backend)
         # only the options this backend takes (e.g. the window of "local")
         self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in self.backend.options}
+        self.score = AttentionScore(score, n_heads, self.d_head)
         self.in_proj = nn.Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         if self.backend.name == "linformer":  # its learned sequence projections E and F (rank, max_seq_len)
@@ -92,7 +99,7 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, memory: Tensor) -> KV:
         """(B, S, C) -> keys and values (B, H, S, D); computed once per source for cross-attention."""
         k, v = self._project(memory, slice(self.d_model, None)).chunk(2, dim=-1)  # (B, S, H_kv * D) each
-        return KV(self._split(k), self._split(v))
+        return KV(self.score.keys(self._split(k)), self._split(v))
 
     def forward(
         self,
@@ -119,7 +126,7 @@ class MultiHeadAttention(nn.Module):
             if self.rotary is not None:
                 offset = 0 if past is None else past.k.shape[2]
                 q, k = self.rotary(q, offset), self.rotary(k, offset)
-            kv = KV(k, v)
+            kv = KV(self.score.keys(k), v)
         else:
             q = self._split(self._project(x, slice(0, c)))  # (B, H, T, D)
             if static_kv is not None:
@@ -152,13 +159,14 @@ class MultiHeadAttention(nn.Module):
             group = self.n_heads // self.n_kv_heads
             k_all, v_all = k_all.repeat_interleave(group, dim=1), v_all.repeat_interleave(group, dim=1)
         out, weights = backend.fn(
-            q,
+            self.score.queries(q),
             k_all,
             v_all,
             mask,
             causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
+            scale=self.score.scale,
             **(self._options() if backend is self.backend else {}),
         )
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, C)

@@ -53,6 +53,7 @@ def layer_kwargs(c: TransformerConfig, rotary: nn.Module | None) -> dict[str, An
             "max_seq_len": c.max_seq_len,
         },
         n_kv_heads=c.n_kv_heads,
+        score=c.attention_score,
     )
 
 

@@ -18,13 +18,16 @@ PREDICTORS: dict[str, Any] = {
 }
 
 
-def load_predictor(path: str | Path, *, device: str = "cpu") -> Translator | TextClassifier | TextGenerator:
+def load_predictor(
+    path: str | Path, *, device: str = "cpu", precision: str = "fp32"
+) -> Translator | TextClassifier | TextGenerator:
+    """Any checkpoint -> its task's predictor, the model in `precision` ("fp32", "bf16", "int8")."""
     task = read_config(path).get("task")
     if task not in PREDICTORS:
         raise CheckpointError(
             f"{path}: unknown task {task!r} in config.json; expected one of {', '.join(PREDICTORS)}"
         )
-    return PREDICTORS[task].load(path, device=device)
+    return PREDICTORS[task].load(path, device=device, precision=precision)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tformer.config import ClassifierConfig, TrainConfig
 from tformer.data.batching import bucket_batches, pad
 from tformer.data.tokenizers import Tokenizer
+from tformer.inference.precision import apply_precision, check_precision
 from tformer.metrics import accuracy, macro_f1
 from tformer.models.classifier import Classifier
 from tformer.tasks.common import log, model_device, progress, read_task_config
@@ -123,7 +124,12 @@ class TextClassifier:
         self.model, self.tok, self.labels = model, tokenizer, list(labels)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> TextClassifier:
+    def load(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> TextClassifier:
+        """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
+        (inference/precision.py)."""
+        check_precision(precision)
         path = Path(path)
         raw, model_config = read_task_config(path, "classification")
         model = Classifier(model_config)
@@ -133,7 +139,7 @@ class TextClassifier:
             raise CheckpointError(
                 f"{path / 'config.json'}: 'labels' must list the {model_config.n_classes} class names"
             )
-        return cls(model.to(device).eval(), Tokenizer.load(path / TOKENIZER), labels)
+        return cls(apply_precision(model.to(device), precision), Tokenizer.load(path / TOKENIZER), labels)
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         for n, text in enumerate(texts, 1):

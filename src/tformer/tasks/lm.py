@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tformer.config import LMConfig, TrainConfig
 from tformer.data.tokenizers import Tokenizer
+from tformer.inference.precision import apply_precision, check_precision
 from tformer.inference.sampling import generate
 from tformer.metrics import perplexity
 from tformer.models.lm import LanguageModel
@@ -121,12 +122,17 @@ class TextGenerator:
         self.model, self.tok = model, tokenizer
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> TextGenerator:
+    def load(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> TextGenerator:
+        """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
+        (inference/precision.py)."""
+        check_precision(precision)
         path = Path(path)
         _, model_config = read_task_config(path, "lm")
         model = LanguageModel(model_config)
         load_weights(path, model)
-        return cls(model.to(device).eval(), Tokenizer.load(path / TOKENIZER))
+        return cls(apply_precision(model.to(device), precision), Tokenizer.load(path / TOKENIZER))
 
     def generate(
         self,

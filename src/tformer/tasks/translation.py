@@ -14,6 +14,7 @@ from tformer.config import ModelConfig, TrainConfig
 from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pad
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
+from tformer.inference.precision import apply_precision, check_precision
 from tformer.metrics import bleu, exact_match, perplexity
 from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks.common import model_device, progress, read_task_config
@@ -144,14 +145,19 @@ class Translator:
         self.model, self.src_tok, self.tgt_tok = model, src_tokenizer, tgt_tokenizer
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Translator:
+    def load(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> Translator:
+        """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
+        (inference/precision.py)."""
+        check_precision(precision)
         path = Path(path)
         _, model_config = read_task_config(path, "translation")
         model = Seq2Seq(model_config)
         load_weights(path, model)
         src_tok = Tokenizer.load(path / SRC_TOKENIZER)
         tgt_tok = Tokenizer.load(path / TGT_TOKENIZER)
-        return cls(model.to(device).eval(), src_tok, tgt_tok)
+        return cls(apply_precision(model.to(device), precision), src_tok, tgt_tok)
 
     def translate_ids(
         self,
