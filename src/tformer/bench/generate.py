@@ -231,3 +231,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cli(args: Any) -> int:
+    """`tformer bench generate` (options from tformer.bench.add_cli_options)."""
+    out = args.out or "runs/bench-generate"
+    report = run(
+        batches=tuple(int(b) for b in args.batches.split(",") if b),
+        precisions=tuple(p for p in args.precisions.split(",") if p),
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        out_dir=out,
+    )
+    print(markdown(report))
+    print(f"written: {out}/generate.json, generate.md, generate.png")
+    return 0

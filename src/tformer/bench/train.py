@@ -64,8 +64,8 @@ class _Runner:
     def __init__(self, name: str, model: nn.Module, logits: Callable[[Tensor], Tensor], batches: Tensor):
         self.name, self.model, self.logits, self.batches = name, model, logits, batches
         model.train()
-        # the same AdamW for every model (nanoGPT's learning rate for the baby shape), foreach kernels
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        # the same AdamW for every model (nanoGPT's learning rate for the baby shape), torch's fused kernel
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
         self.position = 0
 
     def step(self, precision: str) -> Tensor:
@@ -225,8 +225,8 @@ def run(
 ) -> dict[str, Any]:
     """Measure every shape; write train.json, train.md and train.png under `out_dir`."""
     shapes = SHAPES if shapes is None else shapes
-    steps = steps or {"baby": 10, "gpt2-small": 1}
-    loss_steps = loss_steps or {"baby": 20, "gpt2-small": 4}
+    steps = {"baby": 10, "gpt2-small": 1, **(steps or {})}
+    loss_steps = {"baby": 20, "gpt2-small": 4, **(loss_steps or {})}
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"unknown precision {p!r}; expected one of {', '.join(PRECISIONS)}")
@@ -338,3 +338,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def cli(args: Any) -> int:
+    """`tformer bench train` (options from tformer.bench.add_cli_options)."""
+    names = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in names if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shape {unknown[0]!r}; expected one of {', '.join(SHAPES)}")
+    out = args.out or "runs/bench-train"
+    report = run(
+        shapes={s: SHAPES[s] for s in names},
+        precisions=tuple(p for p in args.precisions.split(",") if p),
+        steps=None if args.steps is None else dict.fromkeys(names, args.steps),
+        loss_steps=None if args.loss_steps is None else dict.fromkeys(names, args.loss_steps),
+        repeats=args.repeats,
+        compile=not args.no_compile,
+        out_dir=out,
+    )
+    print(markdown(report))
+    print(f"written: {out}/train.json, train.md, train.png")
+    return 0
