@@ -143,11 +143,13 @@ def have_transformers() -> bool:
     return True
 
 
-def loss_curves(shape: GPTShape, steps: int, *, with_hf: bool) -> dict[str, dict[str, list[float]]]:
+def loss_curves(
+    shape: GPTShape, steps: int, *, precisions: tuple[str, ...], with_hf: bool
+) -> dict[str, dict[str, list[float]]]:
     """Per precision, per model: the first `steps` training losses from the same weights and batches."""
     batches = _batches(shape, steps, SEED)
     curves: dict[str, dict[str, list[float]]] = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         curves[precision] = {}
         for runner in _models(shape, batches, with_hf=with_hf):
             curves[precision][runner.name] = [float(runner.step(precision)) for _ in range(steps)]
@@ -247,7 +249,7 @@ def run(
     }
     for name, shape in shapes.items():
         print(f"{name}: loss curves", file=sys.stderr)
-        curves = loss_curves(shape, loss_steps.get(name, 4), with_hf=with_hf)
+        curves = loss_curves(shape, loss_steps.get(name, 4), precisions=precisions, with_hf=with_hf)
         print(f"{name}: speed", file=sys.stderr)
         rows = speed(
             shape,
