@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tformer.bench.common import matmul_ceiling
+from tformer.bench.common import matmul_ceiling, pyplot, write_outputs
 
 BACKENDS = ("math", "sdpa", "chunked", "local", "performer", "linformer")
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -116,9 +116,7 @@ def run(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "attention.json").write_text(json.dumps(report, indent=2))
-    (out / "attention.md").write_text(markdown(report))
-    plot(report, out / "attention.png")
+    write_outputs(out, "attention", report, markdown, plot)
     return report
 
 
@@ -145,10 +143,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for causal, style in ((False, "-"), (True, "--")):

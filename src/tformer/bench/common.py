@@ -8,11 +8,13 @@ when a benchmark asks for it.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 
 from tformer.config import LMConfig
 from tformer.models.lm import LanguageModel
+
+PlotFn = Callable[[dict[str, Any], Path], None]
 
 
 def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -40,6 +44,25 @@ def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     dst = torch.empty_like(src)
     seconds = median_seconds(lambda: dst.copy_(src), repeats)
     return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def write_outputs(
+    out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], plot: PlotFn
+) -> None:
+    """The three files every benchmark writes: STEM.json, STEM.md (the markdown table), STEM.png."""
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(markdown(report))
+    plot(report, out / f"{stem}.png")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:

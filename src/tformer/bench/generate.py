@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tformer.bench.common import GPTShape, copy_bandwidth, gpt2_into_lm, hf_gpt2, require_transformers
+from tformer.bench.common import (
+    GPTShape,
+    copy_bandwidth,
+    gpt2_into_lm,
+    hf_gpt2,
+    pyplot,
+    require_transformers,
+    write_outputs,
+)
 from tformer.inference.sampling import generate
 from tformer.models.lm import LanguageModel
 
@@ -154,9 +161,7 @@ def run(
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
-    (out / "generate.json").write_text(json.dumps(report, indent=2))
-    (out / "generate.md").write_text(markdown(report))
-    plot(report, out / "generate.png")
+    write_outputs(out, "generate", report, markdown, plot)
     return report
 
 
@@ -190,10 +195,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = sorted({(r["precision"], r["batch"]) for r in report["rows"]})
     variants = list(dict.fromkeys(r["variant"] for r in report["rows"]))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import statistics
 import sys
 import time
@@ -41,6 +40,8 @@ from tformer.bench.common import (
     hf_gpt2,
     markov_tokens,
     matmul_ceiling,
+    pyplot,
+    write_outputs,
 )
 from tformer.models.lm import LanguageModel
 
@@ -271,9 +272,7 @@ def run(
                 if "hf-gpt2" in c
             },
         }
-    (out / "train.json").write_text(json.dumps(report, indent=2))
-    (out / "train.md").write_text(markdown(report))
-    plot(report, out / "train.png")
+    write_outputs(out, "train", report, markdown, plot)
     return report
 
 
@@ -314,10 +313,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(report["shapes"])
     fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 8), squeeze=False)
