@@ -22,3 +22,10 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,8", help="generate: comma-separated batch sizes")
     parser.add_argument("--prompt-len", type=int, default=32, help="generate: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="generate: tokens generated per row")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="train, generate: torch threads (default: torch's; 1 is steadier on a machine shared with "
+        "other jobs, whose barriers stall multi-threaded kernels)",
+    )

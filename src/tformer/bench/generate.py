@@ -237,6 +237,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def cli(args: Any) -> int:
     """`tformer bench generate` (options from tformer.bench.add_cli_options)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = args.out or "runs/bench-generate"
     report = run(
         batches=tuple(int(b) for b in args.batches.split(",") if b),

@@ -340,6 +340,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def cli(args: Any) -> int:
     """`tformer bench train` (options from tformer.bench.add_cli_options)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     names = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in names if s not in SHAPES]
     if unknown:
