@@ -17,6 +17,16 @@ TINY = GPTShape(n_layers=2, n_heads=2, d_model=16, vocab_size=23, block=12, batc
 HAVE_HF = train.have_transformers()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a busy machine every multi-threaded kernel can wait
+    on a stalled thread barrier: run these single-threaded, then restore torch's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=[True, False] if HAVE_HF else [False], ids=["hf", "no-hf"][: 2 if HAVE_HF else 1])
 def hf_installed(request, monkeypatch):
     """Run with transformers (when installed) and as if it were not."""
