@@ -144,7 +144,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.what != "attention":  # train / generate: their options and output live in tformer.bench.<what>
+        import importlib
+
+        return int(importlib.import_module(f"tformer.bench.{args.what}").cli(args))
     from tformer.bench.attention import BACKENDS, run
+
+    args.out = args.out or "runs/bench-attention"
 
     lengths = tuple(int(x) for x in args.lengths.split(","))
     backends = tuple(args.backends.split(",")) if args.backends else BACKENDS
@@ -252,15 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_option(ge)
     ge.set_defaults(func=_generate)
 
-    be = sub.add_parser("bench", help="benchmarks: `bench attention` times every attention backend")
-    be.add_argument("what", choices=["attention"])
+    be = sub.add_parser(
+        "bench",
+        help="benchmarks: `bench attention` times every attention backend, `bench train` / `bench generate` "
+        "the language model against Hugging Face GPT-2",
+    )
+    be.add_argument("what", choices=["attention", "train", "generate"])
     be.add_argument("--lengths", default="256,512,1024,2048,4096,8192,16384")
     be.add_argument("--backends", default=None, help="comma-separated (default: all)")
     be.add_argument("--repeats", type=int, default=3)
     be.add_argument(
         "--max-seconds", type=float, default=60.0, help="stop a backend's sweep after a slower point"
     )
-    be.add_argument("--out", default="runs/bench-attention")
+    be.add_argument("--out", default=None, help="output directory (default: runs/bench-WHAT)")
+    from tformer.bench import add_cli_options
+
+    add_cli_options(be)
     be.set_defaults(func=_bench)
 
     vz = sub.add_parser(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.attention.multihead import KV, MultiHeadAttention
+from tformer.attention.multihead import KV, KVCache, MultiHeadAttention
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -68,7 +68,7 @@ class FeedForward(nn.Module):
 
 class EncoderLayerOutput(NamedTuple):
     x: Tensor  # (B, T, C)
-    kv: KV  # self-attention keys/values (with `past` prepended), for a causal stack's cache
+    kv: KV | KVCache  # self-attention keys/values (with `past`), or `past` itself when it is a KVCache
     weights: Tensor | None  # (B, H, T, S) when asked for
 
 
@@ -122,7 +122,7 @@ class EncoderLayer(nn.Module):
         *,
         mask: Tensor | None = None,
         causal: bool = False,
-        past: KV | None = None,
+        past: KV | KVCache | None = None,
         need_weights: bool = False,
     ) -> EncoderLayerOutput:
         if self.norm_first:
@@ -141,7 +141,7 @@ class EncoderLayer(nn.Module):
 
 class DecoderLayerOutput(NamedTuple):
     x: Tensor  # (B, T, C)
-    self_kv: KV  # keys/values of every target position so far, for the cache
+    self_kv: KV | KVCache  # keys/values of every target position so far (the KVCache when one is used)
     cross_kv: KV  # keys/values of the encoder output, computed once per source
     self_weights: Tensor | None
     cross_weights: Tensor | None
@@ -208,7 +208,7 @@ class DecoderLayer(nn.Module):
         self_mask: Tensor | None = None,
         memory_mask: Tensor | None = None,
         causal: bool = True,
-        past: KV | None = None,
+        past: KV | KVCache | None = None,
         cross_kv: KV | None = None,
         need_weights: bool = False,
     ) -> DecoderLayerOutput:

@@ -1,1 +1,31 @@
 """Benchmarks people run from the CLI (`tformer bench ...`): timings, peak memory, JSON + markdown + PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_cli_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `tformer bench train` and `tformer bench generate` (no torch import: --help is fast)."""
+    parser.add_argument(
+        "--shapes", default="baby,gpt2-small", help="train: comma-separated shapes (baby, gpt2-small)"
+    )
+    parser.add_argument("--precisions", default="fp32,bf16", help="train, generate: fp32 and/or bf16")
+    parser.add_argument("--no-compile", action="store_true", help="train: no torch.compile row")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train: steps per timed repeat (default 10 baby, 1 gpt2-small)",
+    )
+    parser.add_argument("--loss-steps", type=int, default=None, help="train: loss-curve steps (20 / 4)")
+    parser.add_argument("--batches", default="1,8", help="generate: comma-separated batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=32, help="generate: prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generate: tokens generated per row")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="train, generate: torch threads (default: torch's; 1 is steadier on a machine shared with "
+        "other jobs, whose barriers stall multi-threaded kernels)",
+    )

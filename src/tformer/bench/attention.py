@@ -18,23 +18,10 @@ from typing import Any
 
 import torch
 
+from tformer.bench.common import matmul_ceiling, pyplot, write_outputs
+
 BACKENDS = ("math", "sdpa", "chunked", "local", "performer", "linformer")
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
-
-
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of an (n, n) @ (n, n) product in float32 and bfloat16 on this machine."""
-    out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        out[name] = 2 * n**3 / statistics.median(times) / 1e9
-    return out
 
 
 def _point(
@@ -129,9 +116,7 @@ def run(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "attention.json").write_text(json.dumps(report, indent=2))
-    (out / "attention.md").write_text(markdown(report))
-    plot(report, out / "attention.png")
+    write_outputs(out, "attention", report, markdown, plot)
     return report
 
 
@@ -158,10 +143,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for causal, style in ((False, "-"), (True, "--")):

@@ -1,8 +1,8 @@
 """Autoregressive decoding of an encoder-decoder: greedy and batched beam search, both incremental.
 
 The source is encoded once; every decoder layer's cross-attention keys/values are computed once per
-source (`Seq2Seq.start_cache`); each step feeds one token and extends the cached self-attention keys and
-values. Scores are sums of token log-probabilities (EOS included); beam search ranks finished hypotheses
+source (`Seq2Seq.start_cache`); each step feeds one token and writes its self-attention keys and values
+into static buffers of `max_len` positions, allocated once (beam search reorders them in place). Scores are sums of token log-probabilities (EOS included); beam search ranks finished hypotheses
 by score / lp(length), with GNMT's lp(n) = ((5 + n) / 6) ** length_penalty (Wu et al., 2016).
 """
 
@@ -66,23 +66,22 @@ def greedy_decode(
     _check_inputs(model, src, bos_id, eos_id)
     steps = _max_steps(model, max_len, src.shape[1])
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
-    cache = model.start_cache(memory, memory_mask)
+    cache = model.start_cache(memory, memory_mask, capacity=steps)  # static: written in place per step
     b = src.shape[0]
     token = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
     out = torch.empty(b, steps, dtype=torch.long, device=src.device)
     scores = torch.zeros(b, dtype=torch.float64, device=src.device)
     done = torch.zeros(b, dtype=torch.bool, device=src.device)
     for t in range(steps):
-        step = model.decode_step(token, cache)
-        assert step.cache is not None
-        cache = step.cache
-        logp = _next_logp(model, step.logits[:, -1], bos_id)  # (B, V)
+        # the tokens fed back are argmaxes over the vocabulary: no need to validate them again
+        logits = model.decode_step(token, cache, checked=True).logits
+        logp = _next_logp(model, logits[:, -1], bos_id)  # (B, V)
         best = logp.argmax(dim=-1)  # (B,)
         scores += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
         out[:, t] = best
         done |= best == eos_id
         token = best[:, None]
-        if bool(done.all()):
+        if bool(done.all()):  # the one host read per step, which stopping needs
             out = out[:, : t + 1]
             break
     hyps = []
@@ -121,12 +120,13 @@ def beam_search(
     b, device = src.shape[0], src.device
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
     # Cross-attention keys/values once per source, then repeated for its K beams.
-    cache = model.start_cache(memory, memory_mask).index_select(
+    cache = model.start_cache(memory, memory_mask, capacity=steps).index_select(
         torch.arange(b, device=device).repeat_interleave(k)
     )
     scores = torch.full((b, k), float("-inf"), dtype=torch.float64, device=device)
     scores[:, 0] = 0.0  # all beams start as the same BOS: expand only one at the first step
-    history = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)  # (B*K, t+1), BOS first
+    # (B*K, steps + 1), BOS first; column t + 1 is written at step t, earlier columns reordered in place
+    history = torch.full((b * k, steps + 1), bos_id, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     done = [False] * b
     lp_max = length_penalty(steps, length_penalty_alpha)
@@ -135,8 +135,8 @@ def beam_search(
         return score / length_penalty(length, length_penalty_alpha)
 
     for t in range(steps):
-        step = model.decode_step(history[:, -1:], cache)
-        logp = _next_logp(model, step.logits[:, -1], bos_id)  # (B*K, V)
+        logits = model.decode_step(history[:, t : t + 1], cache, checked=True).logits
+        logp = _next_logp(model, logits[:, -1], bos_id)  # (B*K, V)
         v = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)
         top_scores, top_idx = cand.topk(2 * k, dim=1)  # (B, 2K)
@@ -157,8 +157,8 @@ def beam_search(
                 if tok == eos_id:
                     if rank < k:
                         if hist is None:
-                            hist = history.tolist()
-                        finished[i].append(Hypothesis(hist[i * k + beam][1:], score, True))
+                            hist = history[:, 1 : t + 1].tolist()
+                        finished[i].append(Hypothesis(hist[i * k + beam], score, True))
                     continue
                 new_scores[i, slot], new_src[i, slot], new_tok[i, slot] = score, beam, tok
                 slot += 1
@@ -175,21 +175,21 @@ def beam_search(
             break
         scores = new_scores
         rows = (torch.arange(b, device=device)[:, None] * k + new_src).view(-1)  # (B*K,)
-        history = torch.cat([history.index_select(0, rows), new_tok.view(-1, 1)], dim=1)
-        assert step.cache is not None
+        history[:, : t + 1] = history[:, : t + 1].index_select(0, rows)
+        history[:, t + 1] = new_tok.view(-1)
         # Beams move only within their source, whose K rows share one cross-attention cache: reorder only
-        # the self-attention part.
-        cache = step.cache.index_select(rows, cross=False)
+        # the self-attention part, in place.
+        cache.reorder_(rows)
     else:
         # Out of steps: live beams count as (unfinished) hypotheses.
-        hist = history.tolist()
+        hist = history[:, 1:].tolist()
         sc = scores.tolist()
         for i in range(b):
             if done[i]:
                 continue
             for j in range(k):
                 if sc[i][j] != float("-inf"):
-                    finished[i].append(Hypothesis(hist[i * k + j][1:], sc[i][j], False))
+                    finished[i].append(Hypothesis(hist[i * k + j], sc[i][j], False))
 
     results = []
     for hyps in finished:

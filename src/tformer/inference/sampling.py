@@ -1,8 +1,8 @@
 """Text generation from a decoder-only language model: greedy or sampled (temperature, top-k, top-p),
 incremental with the KV cache, reproducible with a seed.
 
-With the cache the prompt is fed once and each step feeds one token; without it every step re-reads the
-whole context, and the two give the same tokens while the text fits in `max_seq_len`. Past that, the
+With the cache the prompt is fed once (into a static cache, allocated once for prompt + new tokens) and
+each step feeds one token; without it every step re-reads the whole context, and the two give the same tokens while the text fits in `max_seq_len`. Past that, the
 uncached path slides a window of the last `max_seq_len` tokens per step; the cached path re-reads the last
 `max_seq_len // 2` tokens once and goes on caching (so its context is between half and all of the window),
 which keeps each step cheap.
@@ -74,20 +74,25 @@ def generate(
         generator.manual_seed(seed)
     was_training = model.training
     model.eval()
-    ids = prompt
+    b, t0 = prompt.shape
+    # The output ids, allocated once: the prompt, then one column written per step.
+    ids = torch.empty(b, t0 + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
+    ids[:, :t0] = prompt
+    n = t0  # filled columns
     cache: LMCache | None = None
-    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
         if use_cache:
-            if cache is None:  # the prompt (its last max_seq_len tokens), once
-                out = model(ids[:, -limit:], use_cache=True)
-            elif cache.length >= limit:  # the cache is full: re-read the last half window, once
-                out = model(ids[:, -(limit // 2) :], use_cache=True)
-            else:
-                out = model(ids[:, -1:], cache=cache)
-            cache = out.cache
+            if cache is None:  # the prompt (its last max_seq_len tokens), once, into a static cache
+                cache = model.new_cache(min(limit, n + max_new_tokens))
+                out = model(ids[:, max(0, n - limit) : n], cache=cache, last_only=True)
+            elif cache.length >= cache.capacity:  # full: re-read the last half window, once, same buffers
+                cache.clear()
+                out = model(ids[:, n - limit // 2 : n], cache=cache, last_only=True, checked=True)
+            else:  # the token chosen last step: valid by construction, not checked again
+                out = model(ids[:, n - 1 : n], cache=cache, last_only=True, checked=True)
         else:
-            out = model(ids[:, -limit:])
+            out = model(ids[:, max(0, n - limit) : n], last_only=True)
         logits = out.logits[:, -1].float()  # (B, V)
         if greedy:
             token = logits.argmax(dim=-1)
@@ -99,8 +104,10 @@ def generate(
         if eos_id is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        if (eos_id is not None and bool(done.all())) or (stop is not None and stop(ids)):
+        ids[:, n] = token
+        n += 1
+        # Host reads only for what stopping needs: none without eos_id or a stop callback.
+        if (eos_id is not None and bool(done.all())) or (stop is not None and stop(ids[:, :n])):
             break
     model.train(was_training)
-    return ids
+    return ids[:, :n]

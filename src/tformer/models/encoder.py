@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from tformer.attention.multihead import KV
+from tformer.attention.multihead import KV, KVCache
 from tformer.config import TransformerConfig
 from tformer.layers import Embedding, EncoderLayer, dropout_layer, layer_norm
 from tformer.positions import PositionalEncoding, RotaryEmbedding
@@ -16,7 +17,7 @@ from tformer.positions import PositionalEncoding, RotaryEmbedding
 
 class StackOutput(NamedTuple):
     x: Tensor  # (B, T, C), after the final norm when there is one
-    kv: list[KV]  # per layer, the self-attention keys/values including `past` (for a causal cache)
+    kv: list[KV | KVCache]  # per layer, the self-attention keys/values including `past` (or `past` itself)
     weights: list[Tensor] | None  # per layer (B, H, T, S), when asked for
 
 
@@ -30,7 +31,9 @@ def check_ids(ids: Tensor, *, vocab_size: int, max_len: int, name: str) -> None:
         raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {ids.dtype}")
     if ids.shape[1] > max_len:
         raise ValueError(f"{name} has length {ids.shape[1]}, longer than the model's max_seq_len = {max_len}")
-    if ids.numel():
+    # The value check reads the ids on the host: eager only, so torch.compile sees one graph without a
+    # break (compiled, an out-of-range id still fails inside the embedding lookup).
+    if ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
@@ -79,18 +82,18 @@ class Encoder(nn.Module):
         *,
         mask: Tensor | None = None,
         causal: bool = False,
-        past: list[KV] | None = None,
+        past: Sequence[KV | KVCache] | None = None,
         need_weights: bool = False,
         name: str = "ids",
         checked: bool = False,
     ) -> StackOutput:
         """ids (B, T); `past` holds each layer's keys/values of T0 earlier positions (causal decoding)."""
         c = self.config
-        offset = 0 if past is None else past[0].k.shape[2]
+        offset = 0 if past is None else past[0].length
         if not checked:  # a caller that already validated the ids (Seq2Seq.encode) skips the second pass
             check_ids(ids, vocab_size=self.vocab_size, max_len=c.max_seq_len - offset, name=name)
         x = self.dropout(self.positions(self.embed(ids), offset))
-        kvs: list[KV] = []
+        kvs: list[KV | KVCache] = []
         weights: list[Tensor] | None = [] if need_weights else None
         for i, layer in enumerate(self.layers):
             o = layer(

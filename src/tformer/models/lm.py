@@ -2,7 +2,8 @@
 pre-norm, GELU, learned or rotary positions, output projection tied to the embedding.
 
 `forward(ids, cache=...)` runs T new positions after the cached ones and returns the extended cache, so
-generation feeds the prompt once and then one token per step.
+generation feeds the prompt once and then one token per step. The cache is static: each layer's keys and
+values live in buffers of `capacity` positions allocated once (`new_cache`), written in place.
 """
 
 from __future__ import annotations
@@ -12,23 +13,42 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from tformer.attention.multihead import KV
+from tformer.attention.multihead import KVCache
 from tformer.config import LMConfig
 from tformer.models.encoder import Encoder
 
 
 @dataclass
 class LMCache:
-    """Per-layer self-attention keys/values of the positions seen so far. Passed in and returned."""
+    """Per-layer self-attention keys/values of the positions seen so far (static buffers, `KVCache`).
+    Passed in and returned; written in place, so it follows one sequence (`clone` to branch)."""
 
-    kv: list[KV]
+    kv: list[KVCache]
 
     @property
     def length(self) -> int:
-        return self.kv[0].k.shape[2]
+        return self.kv[0].length
+
+    @property
+    def capacity(self) -> int:
+        return self.kv[0].capacity
 
     def index_select(self, index: Tensor) -> LMCache:
+        """A new cache with batch rows `index` (B',)."""
         return LMCache([kv.index_select(index) for kv in self.kv])
+
+    def reorder_(self, index: Tensor) -> None:
+        """Reorder batch rows in place (same batch size)."""
+        for kv in self.kv:
+            kv.reorder_(index)
+
+    def clone(self) -> LMCache:
+        return LMCache([kv.clone() for kv in self.kv])
+
+    def clear(self) -> None:
+        """Forget every cached position; the buffers stay allocated for reuse."""
+        for kv in self.kv:
+            kv.clear()
 
 
 @dataclass
@@ -61,6 +81,16 @@ class LanguageModel(nn.Module):
         if not c.tie_output:
             nn.init.normal_(self.output.weight, std=0.02)
 
+    def new_cache(self, capacity: int | None = None) -> LMCache:
+        """An empty static cache for up to `capacity` positions (default: max_seq_len). Its buffers,
+        (B, n_kv_heads, capacity, d_head) per layer for keys and for values, are allocated by the first
+        forward pass that writes to it, with that pass's batch size, dtype and device."""
+        limit = self.config.max_seq_len
+        capacity = limit if capacity is None else capacity
+        if not 1 <= capacity <= limit:
+            raise ValueError(f"cache capacity must be in [1, max_seq_len={limit}], got {capacity}")
+        return LMCache([KVCache(capacity) for _ in self.decoder.layers])
+
     def forward(
         self,
         ids: Tensor,
@@ -68,11 +98,22 @@ class LanguageModel(nn.Module):
         cache: LMCache | None = None,
         use_cache: bool = False,
         need_weights: bool = False,
+        last_only: bool = False,
+        checked: bool = False,
     ) -> LMOutput:
-        """ids (B, T) -> next-token logits (B, T, V). With `cache` (or `use_cache`) returns the new cache."""
+        """ids (B, T) -> next-token logits (B, T, V). With `cache` (or `use_cache`, which starts a cache of
+        max_seq_len positions) the T positions follow the cached ones, and the cache, extended in place,
+        is returned. `last_only` computes the logits of the last position only (B, 1, V): generation needs
+        no others. `checked` skips validating the ids (a caller feeding back tokens it chose)."""
+        if cache is None and use_cache:
+            cache = self.new_cache()
         out = self.decoder(
-            ids, causal=True, past=None if cache is None else cache.kv, need_weights=need_weights, name="ids"
+            ids,
+            causal=True,
+            past=None if cache is None else cache.kv,
+            need_weights=need_weights,
+            name="ids",
+            checked=checked,
         )
-        logits = self.output(out.x)
-        new_cache = LMCache(out.kv) if (use_cache or cache is not None) else None
-        return LMOutput(logits, new_cache, out.weights)
+        x = out.x[:, -1:] if last_only else out.x
+        return LMOutput(self.output(x), cache, out.weights)

@@ -2,19 +2,19 @@
 
 Training is one teacher-forced parallel pass (`forward`); inference encodes once (`encode`), builds a
 `DecoderCache` holding every layer's cross-attention keys/values, and feeds one token at a time
-(`decode_step`), each step extending the cached self-attention keys/values.
+(`decode_step`), each step writing its self-attention keys/values into preallocated buffers (`KVCache`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from tformer.attention.masks import check_mask, padding_mask
-from tformer.attention.multihead import KV
+from tformer.attention.multihead import KV, KVCache
 from tformer.config import ModelConfig
 from tformer.layers import DecoderLayer, Embedding, dropout_layer, layer_norm
 from tformer.models.encoder import Encoder, check_ids, layer_kwargs
@@ -23,24 +23,31 @@ from tformer.positions import PositionalEncoding
 
 @dataclass
 class DecoderCache:
-    """Everything incremental decoding keeps between steps; passed in and returned, never stored on modules."""
+    """Everything incremental decoding keeps between steps; passed in and returned, never stored on modules.
+    The self-attention part is static (preallocated, written in place), so a cache follows one decode."""
 
-    cross_kv: list[KV]  # per layer, (B, H, S, D), computed once per source
+    cross_kv: list[KV]  # per layer, (B, H_kv, S, D), computed once per source
     memory_mask: Tensor | None  # (B, 1, 1, S)
-    self_kv: list[KV | None] = field(default_factory=list)  # per layer, grows by one position per step
-    length: int = 0  # target positions already decoded
+    self_kv: list[KVCache]  # per layer, buffers (B, H_kv, capacity, D); one position written per step
 
-    def index_select(self, index: Tensor, *, cross: bool = True) -> DecoderCache:
-        """Keep / reorder batch rows. `cross=False` leaves the cross-attention part alone (beam search
-        reorders beams within a source, whose cross-attention keys/values are all the same)."""
+    @property
+    def length(self) -> int:
+        """Target positions already decoded."""
+        return self.self_kv[0].length
+
+    def index_select(self, index: Tensor) -> DecoderCache:
+        """A new cache with batch rows `index` (B', any B'): e.g. one source repeated for its K beams."""
         return DecoderCache(
-            cross_kv=[kv.index_select(index) for kv in self.cross_kv] if cross else self.cross_kv,
-            memory_mask=self.memory_mask.index_select(0, index)
-            if cross and self.memory_mask is not None
-            else self.memory_mask,
-            self_kv=[None if kv is None else kv.index_select(index) for kv in self.self_kv],
-            length=self.length,
+            cross_kv=[kv.index_select(index) for kv in self.cross_kv],
+            memory_mask=None if self.memory_mask is None else self.memory_mask.index_select(0, index),
+            self_kv=[kv.index_select(index) for kv in self.self_kv],
         )
+
+    def reorder_(self, index: Tensor) -> None:
+        """Reorder the self-attention rows in place (beam search: beams move within their source, whose
+        K rows share the same cross-attention keys/values, so those stay as they are)."""
+        for kv in self.self_kv:
+            kv.reorder_(index)
 
 
 @dataclass
@@ -168,34 +175,42 @@ class Seq2Seq(nn.Module):
         return out
 
     # --- incremental decoding ----------------------------------------------------------------------
-    def start_cache(self, memory: Tensor, memory_mask: Tensor | None) -> DecoderCache:
-        """Cross-attention keys/values for every decoder layer, computed once per source."""
+    def start_cache(
+        self, memory: Tensor, memory_mask: Tensor | None, *, capacity: int | None = None
+    ) -> DecoderCache:
+        """Cross-attention keys/values for every decoder layer, computed once per source, and empty static
+        self-attention caches for up to `capacity` target positions (default: max_seq_len)."""
+        limit = self.config.max_seq_len
+        capacity = limit if capacity is None else capacity
+        if not 1 <= capacity <= limit:
+            raise ValueError(f"cache capacity must be in [1, max_seq_len={limit}], got {capacity}")
         return DecoderCache(
             cross_kv=[
                 cast(DecoderLayer, layer).cross_attn.project_kv(memory) for layer in self.decoder_layers
             ],
             memory_mask=memory_mask,
-            self_kv=[None] * len(self.decoder_layers),
+            self_kv=[KVCache(capacity) for _ in self.decoder_layers],
         )
 
-    def decode_step(self, tgt: Tensor, cache: DecoderCache, *, need_weights: bool = False) -> Seq2SeqOutput:
+    def decode_step(
+        self, tgt: Tensor, cache: DecoderCache, *, need_weights: bool = False, checked: bool = False
+    ) -> Seq2SeqOutput:
         """Feed the next (B, T) target tokens (usually T = 1) after `cache.length` earlier ones.
 
-        Returns logits (B, T, V) and the extended cache; equal to the matching rows of `decode`.
+        Returns logits (B, T, V) and the cache, extended in place; equal to the matching rows of `decode`.
+        `checked` skips validating `tgt` (a decoding loop feeding back tokens it chose).
         """
-        batch = cache.cross_kv[0].k.shape[0]
-        self._check_tgt(tgt, batch, offset=cache.length)
-        x = self.dropout(self.positions(self.tgt_embed(tgt), offset=cache.length))
-        self_kv: list[KV | None] = []
+        offset = cache.length
+        if not checked:
+            self._check_tgt(tgt, cache.cross_kv[0].k.shape[0], offset=offset)
+        x = self.dropout(self.positions(self.tgt_embed(tgt), offset=offset))
         cross_w: list[Tensor] | None = [] if need_weights else None
         for layer, past, cross in zip(self.decoder_layers, cache.self_kv, cache.cross_kv, strict=True):
             o = layer(
                 x, None, memory_mask=cache.memory_mask, past=past, cross_kv=cross, need_weights=need_weights
             )
             x = o.x
-            self_kv.append(o.self_kv)
             if cross_w is not None:
                 cross_w.append(cast(Tensor, o.cross_weights))
-        new_cache = DecoderCache(cache.cross_kv, cache.memory_mask, self_kv, cache.length + tgt.shape[1])
         logits = self.output(self.decoder_norm(x))
-        return Seq2SeqOutput(logits, cross_attention=cross_w, cache=new_cache)
+        return Seq2SeqOutput(logits, cross_attention=cross_w, cache=cache)

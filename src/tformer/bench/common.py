@@ -1,0 +1,241 @@
+"""Pieces the benchmarks share: this machine's matrix-multiply ceiling and copy bandwidth (measured in the
+same run as what they bound), medians, and the GPT-2-shaped peers (Hugging Face `GPT2LMHeadModel`, an
+`nn.TransformerEncoder` stack) with their weights copied into / from tformer's `LanguageModel`.
+
+Hugging Face `transformers` is an optional extra (`pip install -e .[bench]`), imported only here and only
+when a benchmark asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.config import LMConfig
+from tformer.models.lm import LanguageModel
+
+PlotFn = Callable[[dict[str, Any], Path], None]
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of an (n, n) @ (n, n) product in float32 and bfloat16 on this machine."""
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        out[name] = 2 * n**3 / median_seconds(partial(torch.matmul, a, b), repeats) / 1e9
+    return out
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """GB/s of copying a `mib` MiB float32 tensor (read + write counted: 2 bytes moved per byte copied).
+
+    A decoding step must read every weight once; this is the rate at which this machine can stream them."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def write_outputs(
+    out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], plot: PlotFn
+) -> None:
+    """The three files every benchmark writes: STEM.json, STEM.md (the markdown table), STEM.png."""
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(markdown(report))
+    plot(report, out / f"{stem}.png")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """A GPT-2-style language model and the batch it is run at."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    vocab_size: int
+    block: int  # context length (max_seq_len) and training sequence length
+    batch: int
+
+    @property
+    def d_ff(self) -> int:
+        return 4 * self.d_model
+
+    def lm_config(self) -> LMConfig:
+        """tformer's LanguageModel of this shape with GPT-2's choices (tanh-approximated GELU, "gelu_new")."""
+        return LMConfig(
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_ff=self.d_ff,
+            n_layers=self.n_layers,
+            max_seq_len=self.block,
+            dropout=0.0,
+            activation="gelu_tanh",
+        )
+
+    def flops_per_token(self, context: int | None = None) -> float:
+        """Model FLOPs of one training token (forward + backward): 6 N for the weight matrices (N counts
+        the tied token matrix once, as the output projection, and no position table) plus 12 L C T for the
+        attention products over a context of T (the convention of PaLM's appendix B and nanoGPT)."""
+        t = self.block if context is None else context
+        c, L = self.d_model, self.n_layers
+        n = L * 12 * c * c + self.vocab_size * c  # per layer: 4 C^2 attention + 8 C^2 feed-forward
+        return 6 * n + 12 * L * c * t
+
+
+def require_transformers() -> Any:
+    """Import Hugging Face `transformers`, or say how to get it (it is the benchmarks' optional extra)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise RuntimeError(
+            "this benchmark compares against Hugging Face transformers, which is not installed: "
+            "pip install -e .[bench]"
+        ) from exc
+    return transformers
+
+
+def hf_gpt2(shape: GPTShape, seed: int) -> nn.Module:
+    """A randomly initialised Hugging Face GPT2LMHeadModel of `shape` (dropout 0, seeded)."""
+    transformers = require_transformers()
+    config = transformers.GPT2Config(
+        vocab_size=shape.vocab_size,
+        n_positions=shape.block,
+        n_embd=shape.d_model,
+        n_layer=shape.n_layers,
+        n_head=shape.n_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@torch.no_grad()
+def gpt2_into_lm(hf: Any, lm: LanguageModel) -> None:
+    """Copy a Hugging Face GPT-2's weights into tformer's LanguageModel of the same shape.
+
+    GPT-2's `Conv1D` stores (in, out) matrices, nn.Linear (out, in): every matrix is transposed. Its fused
+    c_attn (columns q, k, v) is tformer's in_proj (rows q, k, v). The output projection is tied in both."""
+    h = hf.transformer
+    d: Any = lm.decoder  # (Any: the layers are reached through ModuleList indexing)
+    d.embed.weight.copy_(h.wte.weight)
+    d.positions.table.copy_(h.wpe.weight)
+    for ours, theirs in zip(d.layers, h.h, strict=True):
+        pairs = (
+            (ours.norm1, theirs.ln_1),
+            (ours.norm2, theirs.ln_2),
+            (ours.self_attn.in_proj, theirs.attn.c_attn),
+            (ours.self_attn.out_proj, theirs.attn.c_proj),
+            (ours.ff.linear1, theirs.mlp.c_fc),
+            (ours.ff.linear2, theirs.mlp.c_proj),
+        )
+        for dst, src in pairs:
+            w = src.weight if isinstance(dst, nn.LayerNorm) else src.weight.t()
+            dst.weight.copy_(w)
+            dst.bias.copy_(src.bias)
+    d.norm.weight.copy_(h.ln_f.weight)
+    d.norm.bias.copy_(h.ln_f.bias)
+
+
+class TorchEncoderLM(nn.Module):
+    """The same GPT-2-shaped model from PyTorch's own blocks: token + learned position embeddings, an
+    `nn.TransformerEncoder` of pre-norm layers run with a causal mask, final LayerNorm, tied output."""
+
+    def __init__(self, shape: GPTShape) -> None:
+        super().__init__()
+        c = shape.d_model
+        self.wte = nn.Embedding(shape.vocab_size, c)
+        self.wpe = nn.Embedding(shape.block, c)
+        layer = nn.TransformerEncoderLayer(
+            c,
+            shape.n_heads,
+            shape.d_ff,
+            dropout=0.0,
+            activation=lambda x: F.gelu(x, approximate="tanh"),
+            batch_first=True,
+            norm_first=True,
+        )
+        self.stack = nn.TransformerEncoder(layer, shape.n_layers, enable_nested_tensor=False)
+        self.ln_f = nn.LayerNorm(c)
+        self.register_buffer(
+            "mask", nn.Transformer.generate_square_subsequent_mask(shape.block), persistent=False
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.shape[1]
+        x = self.wte(ids) + self.wpe.weight[:t]
+        mask: Tensor = self.mask  # type: ignore[assignment]
+        x = self.stack(x, mask=mask[:t, :t], is_causal=True)
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+
+@torch.no_grad()
+def gpt2_into_torch_encoder(hf: Any, model: Any) -> None:
+    """Copy a Hugging Face GPT-2's weights into the nn.TransformerEncoder model (same layout as tformer's)."""
+    h = hf.transformer
+    model.wte.weight.copy_(h.wte.weight)
+    model.wpe.weight.copy_(h.wpe.weight)
+    for ours, theirs in zip(model.stack.layers, h.h, strict=True):
+        ours.self_attn.in_proj_weight.copy_(theirs.attn.c_attn.weight.t())
+        ours.self_attn.in_proj_bias.copy_(theirs.attn.c_attn.bias)
+        for dst, src in (
+            (ours.self_attn.out_proj, theirs.attn.c_proj),
+            (ours.linear1, theirs.mlp.c_fc),
+            (ours.linear2, theirs.mlp.c_proj),
+        ):
+            dst.weight.copy_(src.weight.t())
+            dst.bias.copy_(src.bias)
+        for dst, src in ((ours.norm1, theirs.ln_1), (ours.norm2, theirs.ln_2)):
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+    model.ln_f.weight.copy_(h.ln_f.weight)
+    model.ln_f.bias.copy_(h.ln_f.bias)
+
+
+def markov_tokens(vocab_size: int, length: int, seed: int, branching: int = 4) -> Tensor:
+    """A learnable token stream: each token is followed by one of `branching` fixed successors, chosen at
+    random. A model's loss falls from ln(V) towards ln(branching), so loss curves say something."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(vocab_size, (vocab_size, branching), generator=g).tolist()
+    choice = torch.randint(branching, (length,), generator=g).tolist()
+    out = [0] * length
+    tok = 0
+    for i in range(length):
+        tok = successors[tok][choice[i]]
+        out[i] = tok
+    return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,253 @@
+"""`tformer bench generate`: greedy generation speed at GPT-2-small shape, batch 1 and 8.
+
+Rows: tformer's `generate` with the static KV cache and without a cache (re-reading the whole context each
+step), and Hugging Face `GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
+into tformer's LanguageModel: same architecture, GELU with tanh as GPT-2's "gelu_new"). Both generate
+exactly `new_tokens` tokens after the same prompt (no EOS), so their outputs must be the same tokens;
+the report says whether they are.
+
+The floor: each decoding step reads every weight once, so tokens/s can be at most
+batch x copy bandwidth / weight bytes. Bandwidth is measured in the same run (a large tensor copy).
+Precisions: float32 and bfloat16 (weights converted). int8 is not measured here (it comes with the
+quantisation work of issue 4, not on this branch).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tformer.bench.common import (
+    GPTShape,
+    copy_bandwidth,
+    gpt2_into_lm,
+    hf_gpt2,
+    pyplot,
+    require_transformers,
+    write_outputs,
+)
+from tformer.inference.sampling import generate
+from tformer.models.lm import LanguageModel
+
+SHAPE = GPTShape(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block=1024, batch=1)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SEED = 0
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter read by a decoding step (tied matrices once; the position table counted
+    whole, an overestimate of one row that keeps the floor conservative)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _variants(
+    lm: LanguageModel, hf: nn.Module | None, new_tokens: int
+) -> dict[str, Callable[[Tensor], Tensor]]:
+    out: dict[str, Callable[[Tensor], Tensor]] = {
+        "tformer (KV cache)": lambda p: generate(lm, p, max_new_tokens=new_tokens, greedy=True),
+        "tformer (no cache)": lambda p: generate(
+            lm, p, max_new_tokens=new_tokens, greedy=True, use_cache=False
+        ),
+    }
+    if hf is not None:
+        gen: Any = hf.generate
+
+        def hf_generate(p: Tensor) -> Tensor:
+            return gen(
+                input_ids=p,
+                attention_mask=torch.ones_like(p),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+        out["hf generate()"] = hf_generate
+    return out
+
+
+def run(
+    *,
+    shape: GPTShape = SHAPE,
+    batches: tuple[int, ...] = (1, 8),
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    prompt_len: int = 32,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    out_dir: str | Path = "runs/bench-generate",
+    bandwidth_mib: int = 512,
+) -> dict[str, Any]:
+    """Measure every (precision, batch, variant); write generate.json, .md and .png under `out_dir`."""
+    for p in precisions:
+        if p not in DTYPES:
+            raise ValueError(f"unknown precision {p!r}; expected one of {', '.join(DTYPES)}")
+    if prompt_len + new_tokens > shape.block:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} > context {shape.block}")
+    try:
+        require_transformers()
+        with_hf = True
+    except RuntimeError as exc:
+        print(f"{exc}: no Hugging Face rows", file=sys.stderr)
+        with_hf = False
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth(bandwidth_mib)
+    hf32 = hf_gpt2(shape, SEED).eval() if with_hf else None
+    torch.manual_seed(SEED)
+    lm32 = LanguageModel(shape.lm_config()).eval()
+    if hf32 is not None:
+        gpt2_into_lm(hf32, lm32)
+    g = torch.Generator().manual_seed(SEED + 1)
+    prompts = {b: torch.randint(shape.vocab_size, (b, prompt_len), generator=g) for b in batches}
+    rows = []
+    for precision in precisions:
+        dtype = DTYPES[precision]
+        lm = lm32 if dtype == torch.float32 else copy.deepcopy(lm32).to(dtype)
+        hf = None if hf32 is None else hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
+        wbytes = weight_bytes(lm)
+        variants = _variants(lm, hf, new_tokens)
+        for b in batches:
+            prompt = prompts[b]
+            outputs = {name: fn(prompt) for name, fn in variants.items()}  # warm-up, and the tokens
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(repeats):
+                for name, fn in variants.items():
+                    t0 = time.perf_counter()
+                    fn(prompt)
+                    times[name].append(time.perf_counter() - t0)
+            floor = b * bandwidth * 1e9 / wbytes
+            reference = outputs.get("hf generate()")
+            for name in variants:
+                sec = statistics.median(times[name])
+                tps = b * new_tokens / sec
+                same = None if reference is None else bool(torch.equal(outputs[name], reference))
+                rows.append(
+                    {
+                        "variant": name,
+                        "precision": precision,
+                        "batch": b,
+                        "seconds": sec,
+                        "tokens_per_s": tps,
+                        "floor_tokens_per_s": floor,
+                        "fraction_of_floor": tps / floor,
+                        "same_tokens_as_hf": same,
+                        "all_seconds": times[name],
+                    }
+                )
+                print(
+                    f"  {precision} B={b} {name:20s} {tps:8.1f} tok/s ({tps / floor:.0%} of floor)",
+                    file=sys.stderr,
+                )
+        del lm, hf, variants
+        gc.collect()
+    report = {
+        "shape": shape.__dict__,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "copy_bandwidth_gbs": bandwidth,
+        "weight_bytes_fp32": weight_bytes(lm32),
+        "hf": with_hf,
+        "int8": "not measured: int8 quantisation is another branch's work (issue 4)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    write_outputs(out, "generate", report, markdown, plot)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["shape"]
+    lines = [
+        f"Greedy generation, {s['n_layers']} layers, {s['n_heads']} heads, d_model {s['d_model']}, "
+        f"vocabulary {s['vocab_size']}; prompt {report['prompt_len']} tokens, {report['new_tokens']} new "
+        f"tokens; torch {report['torch']}, {report['threads']} threads. Copy bandwidth here: "
+        f"{report['copy_bandwidth_gbs']:.1f} GB/s; weights {report['weight_bytes_fp32'] / 2**20:.0f} MiB in "
+        "float32. Floor = batch x bandwidth / weight bytes (every weight read once per step). Medians of "
+        "interleaved repeats. int8: " + report["int8"] + ".",
+        "",
+        "| precision | batch | variant | tokens / s | of the floor | vs HF generate() | same tokens as HF |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    hf = {
+        (r["precision"], r["batch"]): r["tokens_per_s"]
+        for r in report["rows"]
+        if r["variant"] == "hf generate()"
+    }
+    for r in report["rows"]:
+        key = (r["precision"], r["batch"])
+        ratio = f"{r['tokens_per_s'] / hf[key]:.2f}x" if key in hf else "n/a"
+        same = {None: "n/a", True: "yes", False: "no"}[r["same_tokens_as_hf"]]
+        lines.append(
+            f"| {r['precision']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | "
+            f"{100 * r['fraction_of_floor']:.0f}% | {ratio} | {same} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+
+    groups = sorted({(r["precision"], r["batch"]) for r in report["rows"]})
+    variants = list(dict.fromkeys(r["variant"] for r in report["rows"]))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / (len(variants) + 1)
+    for i, v in enumerate(variants):
+        vals = [
+            next(
+                (
+                    r["tokens_per_s"]
+                    for r in report["rows"]
+                    if r["variant"] == v and (r["precision"], r["batch"]) == g
+                ),
+                0.0,
+            )
+            for g in groups
+        ]
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=v)
+    floors = [
+        next(r["floor_tokens_per_s"] for r in report["rows"] if (r["precision"], r["batch"]) == g)
+        for g in groups
+    ]
+    ax.bar(
+        [j + len(variants) * width for j in range(len(groups))],
+        floors,
+        width,
+        label="bandwidth floor",
+        color="grey",
+    )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{p}, batch {b}" for p, b in groups])
+    ax.set_ylabel("generated tokens / s")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cli(args: Any) -> int:
+    """`tformer bench generate` (options from tformer.bench.add_cli_options)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = args.out or "runs/bench-generate"
+    report = run(
+        batches=tuple(int(b) for b in args.batches.split(",") if b),
+        precisions=tuple(p for p in args.precisions.split(",") if p),
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        out_dir=out,
+    )
+    print(markdown(report))
+    print(f"written: {out}/generate.json, generate.md, generate.png")
+    return 0

@@ -1,0 +1,361 @@
+"""`tformer bench train`: training speed of tformer's LanguageModel against Hugging Face GPT-2 and a
+`torch.nn.TransformerEncoder` stack of the same shape, in one run.
+
+Shapes: nanoGPT's CPU "baby" model (4 layers, 4 heads, 128 dims, block 64, batch 12, vocabulary 65) and
+GPT-2 small (12 layers, 12 heads, 768 dims, block 256, batch 2, vocabulary 50257). Every model starts from
+the same weights (a seeded Hugging Face GPT2LMHeadModel, copied into the others), sees the same batches
+(windows of a seeded Markov token stream) and takes the same AdamW step on the same cross-entropy.
+
+Two phases per shape:
+1. Loss curves: each model, eagerly, for `loss_steps` steps in float32 and in bfloat16 autocast, from
+   the same weights on the same batches; the largest gap to Hugging Face's loss shows the curves agree.
+2. Speed: per precision, the models (and tformer with torch.compile) are timed interleaved (A B C A B C ...)
+   for `repeats` rounds of `steps` steps after a warm-up; medians. Model FLOPs utilisation divides the
+   model's FLOPs per step (6 N + 12 L C T per token) by the step time and this machine's matmul ceiling
+   of the same precision, measured at the start of the same run.
+
+Hugging Face is optional (`pip install -e .[bench]`); without it the tformer and torch rows still run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.bench.common import (
+    GPTShape,
+    TorchEncoderLM,
+    gpt2_into_lm,
+    gpt2_into_torch_encoder,
+    hf_gpt2,
+    markov_tokens,
+    matmul_ceiling,
+    pyplot,
+    write_outputs,
+)
+from tformer.models.lm import LanguageModel
+
+SHAPES = {
+    "baby": GPTShape(n_layers=4, n_heads=4, d_model=128, vocab_size=65, block=64, batch=12),
+    "gpt2-small": GPTShape(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block=256, batch=2),
+}
+PRECISIONS = ("fp32", "bf16")
+SEED = 0
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Runner:
+    """One model with its optimiser and its own cursor into the shared batch sequence."""
+
+    def __init__(self, name: str, model: nn.Module, logits: Callable[[Tensor], Tensor], batches: Tensor):
+        self.name, self.model, self.logits, self.batches = name, model, logits, batches
+        model.train()
+        # the same AdamW for every model (nanoGPT's learning rate for the baby shape), torch's fused kernel
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+        self.position = 0
+
+    def step(self, precision: str) -> Tensor:
+        """One training step on the next batch; -> the loss, not read here (no host sync in the loop)."""
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        x, y = batch[:, :-1], batch[:, 1:]
+        with _autocast(precision):
+            logits = self.logits(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def _batches(shape: GPTShape, n: int, seed: int) -> Tensor:
+    """n batches (n, B, block + 1) of windows of a seeded Markov token stream."""
+    stream = markov_tokens(shape.vocab_size, max(20_000, 4 * shape.block * shape.batch), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    starts = torch.randint(len(stream) - shape.block - 1, (n, shape.batch), generator=g)
+    return stream[starts[..., None] + torch.arange(shape.block + 1)]
+
+
+def _lm_logits(model: Callable[..., Any]) -> Callable[[Tensor], Tensor]:
+    return lambda x: model(x).logits
+
+
+def _hf_logits(model: Callable[..., Any]) -> Callable[[Tensor], Tensor]:
+    return lambda x: model(input_ids=x).logits
+
+
+def _models(shape: GPTShape, batches: Tensor, *, with_hf: bool) -> list[_Runner]:
+    """tformer, Hugging Face GPT-2 (if wanted and installed) and the torch encoder, all from one seeded
+    Hugging Face initialisation (or, without transformers, from tformer's, copied into the torch stack).
+    Every copy is made before any model trains."""
+    hf: nn.Module | None = hf_gpt2(shape, SEED) if with_hf else None
+    torch.manual_seed(SEED)
+    lm = LanguageModel(shape.lm_config())
+    enc = TorchEncoderLM(shape)
+    if hf is not None:
+        gpt2_into_lm(hf, lm)
+        gpt2_into_torch_encoder(hf, enc)
+    else:
+        _lm_into_torch_encoder(lm, enc)
+    runners = [_Runner("tformer", lm, _lm_logits(lm), batches)]
+    if hf is not None:
+        runners.append(_Runner("hf-gpt2", hf, _hf_logits(hf), batches))
+    runners.append(_Runner("torch-encoder", enc, enc, batches))
+    return runners
+
+
+@torch.no_grad()
+def _lm_into_torch_encoder(lm: LanguageModel, enc: Any) -> None:
+    """tformer's weights into the torch stack (same layout: fused in_proj, nn.Linear orientation)."""
+    d: Any = lm.decoder
+    enc.wte.weight.copy_(d.embed.weight)
+    enc.wpe.weight.copy_(d.positions.table)
+    for ours, theirs in zip(enc.stack.layers, d.layers, strict=True):
+        ours.self_attn.in_proj_weight.copy_(theirs.self_attn.in_proj.weight)
+        ours.self_attn.in_proj_bias.copy_(theirs.self_attn.in_proj.bias)
+        ours.self_attn.out_proj.load_state_dict(theirs.self_attn.out_proj.state_dict())
+        ours.linear1.load_state_dict(theirs.ff.linear1.state_dict())
+        ours.linear2.load_state_dict(theirs.ff.linear2.state_dict())
+        ours.norm1.load_state_dict(theirs.norm1.state_dict())
+        ours.norm2.load_state_dict(theirs.norm2.state_dict())
+    enc.ln_f.load_state_dict(d.norm.state_dict())
+
+
+def have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def loss_curves(
+    shape: GPTShape, steps: int, *, precisions: tuple[str, ...], with_hf: bool
+) -> dict[str, dict[str, list[float]]]:
+    """Per precision, per model: the first `steps` training losses from the same weights and batches."""
+    batches = _batches(shape, steps, SEED)
+    curves: dict[str, dict[str, list[float]]] = {}
+    for precision in precisions:
+        curves[precision] = {}
+        for runner in _models(shape, batches, with_hf=with_hf):
+            curves[precision][runner.name] = [float(runner.step(precision)) for _ in range(steps)]
+        gc.collect()
+    return curves
+
+
+def speed(
+    shape: GPTShape,
+    *,
+    precisions: tuple[str, ...],
+    steps: int,
+    repeats: int,
+    compile: bool,
+    with_hf: bool,
+    ceiling: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Interleaved timing of every model per precision; -> one row per (model, precision)."""
+    rows = []
+    batches = _batches(shape, 64, SEED + 7)
+    for precision in precisions:
+        runners = _models(shape, batches, with_hf=with_hf)
+        if compile:  # tformer compiled: the same module and optimiser, a compiled forward
+            lm = runners[0].model
+            compiled = torch.compile(lm)
+            c = _Runner("tformer+compile", lm, _lm_logits(compiled), batches)
+            c.opt = runners[0].opt
+            runners.insert(1, c)
+        for r in runners:  # warm-up (and compilation)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                r.step(precision)
+            print(f"  {r.name} {precision} warm-up {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        times: dict[str, list[float]] = {r.name: [] for r in runners}
+        for _ in range(repeats):
+            for r in runners:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    r.step(precision)
+                times[r.name].append((time.perf_counter() - t0) / steps)
+        flops = shape.flops_per_token() * shape.batch * shape.block
+        peak = ceiling["float32" if precision == "fp32" else "bfloat16"]
+        for r in runners:
+            sec = statistics.median(times[r.name])
+            rows.append(
+                {
+                    "model": r.name,
+                    "precision": precision,
+                    "seconds_per_step": sec,
+                    "steps_per_s": 1.0 / sec,
+                    "tokens_per_s": shape.batch * shape.block / sec,
+                    "mfu": flops / sec / 1e9 / peak,
+                    "all_seconds": times[r.name],
+                }
+            )
+            print(
+                f"  {r.name:16s} {precision} {1000 * sec:9.1f} ms/step  {rows[-1]['mfu']:.0%} of ceiling",
+                file=sys.stderr,
+            )
+        del runners
+        gc.collect()
+    return rows
+
+
+def run(
+    *,
+    shapes: dict[str, GPTShape] | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
+    steps: dict[str, int] | None = None,
+    repeats: int = 5,
+    loss_steps: dict[str, int] | None = None,
+    compile: bool = True,
+    out_dir: str | Path = "runs/bench-train",
+    ceiling_n: int = 2048,
+) -> dict[str, Any]:
+    """Measure every shape; write train.json, train.md and train.png under `out_dir`."""
+    shapes = SHAPES if shapes is None else shapes
+    steps = {"baby": 10, "gpt2-small": 1, **(steps or {})}
+    loss_steps = {"baby": 20, "gpt2-small": 4, **(loss_steps or {})}
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"unknown precision {p!r}; expected one of {', '.join(PRECISIONS)}")
+    with_hf = have_transformers()
+    if not with_hf:
+        print(
+            "transformers is not installed: no Hugging Face rows (pip install -e .[bench])", file=sys.stderr
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ceiling = matmul_ceiling(ceiling_n)
+    report: dict[str, Any] = {
+        "matmul_gflops": ceiling,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "hf": with_hf,
+        "shapes": {},
+    }
+    for name, shape in shapes.items():
+        print(f"{name}: loss curves", file=sys.stderr)
+        curves = loss_curves(shape, loss_steps.get(name, 4), precisions=precisions, with_hf=with_hf)
+        print(f"{name}: speed", file=sys.stderr)
+        rows = speed(
+            shape,
+            precisions=precisions,
+            steps=steps.get(name, 1),
+            repeats=repeats,
+            compile=compile,
+            with_hf=with_hf,
+            ceiling=ceiling,
+        )
+        report["shapes"][name] = {
+            "shape": shape.__dict__,
+            "flops_per_token": shape.flops_per_token(),
+            "rows": rows,
+            "loss_curves": curves,
+            "max_loss_gap_to_hf": {
+                p: max(abs(a - b) for a, b in zip(c["tformer"], c["hf-gpt2"], strict=True))
+                for p, c in curves.items()
+                if "hf-gpt2" in c
+            },
+        }
+    write_outputs(out, "train", report, markdown, plot)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    c = report["matmul_gflops"]
+    lines = [
+        f"Training step (forward, cross-entropy, backward, AdamW); torch {report['torch']}, "
+        f"{report['threads']} threads. Matmul ceiling here: {c['float32']:.0f} GFLOP/s float32, "
+        f"{c['bfloat16']:.0f} GFLOP/s bfloat16. MFU = model FLOPs (6N + 12LCT per token) / time / ceiling "
+        "of the same precision. Medians of interleaved repeats.",
+        "",
+    ]
+    for name, s in report["shapes"].items():
+        sh = s["shape"]
+        lines += [
+            f"**{name}**: {sh['n_layers']} layers, {sh['n_heads']} heads, d_model {sh['d_model']}, "
+            f"vocabulary {sh['vocab_size']}, batch {sh['batch']} x {sh['block']} tokens",
+            "",
+            "| model | precision | ms / step | steps / s | tokens / s | MFU | vs HF (same precision) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        hf = {r["precision"]: r["steps_per_s"] for r in s["rows"] if r["model"] == "hf-gpt2"}
+        for r in s["rows"]:
+            ratio = f"{r['steps_per_s'] / hf[r['precision']]:.2f}x" if r["precision"] in hf else "n/a"
+            lines.append(
+                f"| {r['model']} | {r['precision']} | {1000 * r['seconds_per_step']:.1f} | "
+                f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.0f}% | {ratio} |"
+            )
+        for p, curves in s["loss_curves"].items():
+            first = ", ".join(f"{m} {v[0]:.3f} -> {v[-1]:.3f}" for m, v in curves.items())
+            gap = s["max_loss_gap_to_hf"].get(p)
+            gap_text = f"; largest |tformer - HF| gap {gap:.2e}" if gap is not None else ""
+            lines.append(
+                f"\nLoss over the first {len(next(iter(curves.values())))} steps, {p}: {first}{gap_text}"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+
+    names = list(report["shapes"])
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 8), squeeze=False)
+    for j, name in enumerate(names):
+        s = report["shapes"][name]
+        ax = axes[0][j]
+        labels = [f"{r['model']}\n{r['precision']}" for r in s["rows"]]
+        ax.bar(range(len(labels)), [r["tokens_per_s"] for r in s["rows"]], color="tab:blue")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45, ha="right")
+        ax.set_ylabel("training tokens / s")
+        ax.set_title(name)
+        ax = axes[1][j]
+        for p, curves in s["loss_curves"].items():
+            for m, v in curves.items():
+                ax.plot(range(1, len(v) + 1), v, "-" if p == "fp32" else "--", label=f"{m} {p}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cli(args: Any) -> int:
+    """`tformer bench train` (options from tformer.bench.add_cli_options)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in names if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shape {unknown[0]!r}; expected one of {', '.join(SHAPES)}")
+    out = args.out or "runs/bench-train"
+    report = run(
+        shapes={s: SHAPES[s] for s in names},
+        precisions=tuple(p for p in args.precisions.split(",") if p),
+        steps=None if args.steps is None else dict.fromkeys(names, args.steps),
+        loss_steps=None if args.loss_steps is None else dict.fromkeys(names, args.loss_steps),
+        repeats=args.repeats,
+        compile=not args.no_compile,
+        out_dir=out,
+    )
+    print(markdown(report))
+    print(f"written: {out}/train.json, train.md, train.png")
+    return 0

@@ -1,0 +1,145 @@
+"""`tformer bench train` and `tformer bench generate` at a tiny shape: they run, write JSON / markdown /
+PNG with sane values; the weight copies make Hugging Face GPT-2, tformer and the torch stack one function
+(when transformers is installed; the tformer rows are tested without it)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from tformer.bench import common, generate, train
+from tformer.bench.common import GPTShape, TorchEncoderLM, markov_tokens
+from tformer.cli import main
+from tformer.models import LanguageModel
+
+TINY = GPTShape(n_layers=2, n_heads=2, d_model=16, vocab_size=23, block=12, batch=3)
+HAVE_HF = train.have_transformers()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a busy machine every multi-threaded kernel can wait
+    on a stalled thread barrier: run these single-threaded, then restore torch's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=[True, False] if HAVE_HF else [False], ids=["hf", "no-hf"][: 2 if HAVE_HF else 1])
+def hf_installed(request, monkeypatch):
+    """Run with transformers (when installed) and as if it were not."""
+    if not request.param:
+        monkeypatch.setattr(train, "have_transformers", lambda: False)
+
+        def missing():
+            raise RuntimeError("transformers is not installed: pip install -e .[bench]")
+
+        monkeypatch.setattr(generate, "require_transformers", missing)
+    return request.param
+
+
+def test_train_bench_tiny(tmp_path, hf_installed):
+    precisions = ("fp32", "bf16") if hf_installed else ("fp32",)  # keep the second run short
+    report = train.run(
+        shapes={"tiny": TINY},
+        precisions=precisions,
+        steps={"tiny": 2},
+        loss_steps={"tiny": 6},
+        repeats=1,
+        compile=False,
+        out_dir=tmp_path,
+        ceiling_n=128,
+    )
+    s = report["shapes"]["tiny"]
+    models = {r["model"] for r in s["rows"]}
+    assert models == (
+        {"tformer", "hf-gpt2", "torch-encoder"} if hf_installed else {"tformer", "torch-encoder"}
+    )
+    for r in s["rows"]:
+        assert r["seconds_per_step"] > 0 and r["mfu"] > 0
+        assert r["tokens_per_s"] == pytest.approx(TINY.batch * TINY.block / r["seconds_per_step"])
+    for precision, curves in s["loss_curves"].items():
+        # same weights and batches: the three implementations take the same steps
+        tol = 1e-4 if precision == "fp32" else 5e-2
+        ref = curves["tformer"]
+        assert len(ref) == 6 and ref[-1] < ref[0]  # it learns
+        for name, curve in curves.items():
+            assert max(abs(a - b) for a, b in zip(curve, ref, strict=True)) < tol, name
+    assert set(s["loss_curves"]) == set(precisions)
+    assert (set(s["max_loss_gap_to_hf"]) == set(precisions)) == hf_installed
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert saved["shapes"]["tiny"]["flops_per_token"] == TINY.flops_per_token()
+    table = (tmp_path / "train.md").read_text()
+    assert "| tformer | fp32 |" in table and f"| torch-encoder | {precisions[-1]} |" in table
+    with Image.open(tmp_path / "train.png") as im:
+        assert im.size[0] > 500
+
+
+def test_generate_bench_tiny(tmp_path, hf_installed):
+    report = generate.run(
+        shape=TINY, batches=(1, 2), precisions=("fp32",), prompt_len=3, new_tokens=5, repeats=1,
+        out_dir=tmp_path, bandwidth_mib=8,
+    )  # fmt: skip
+    rows = report["rows"]
+    assert {r["variant"] for r in rows} >= {"tformer (KV cache)", "tformer (no cache)"}
+    assert ("hf generate()" in {r["variant"] for r in rows}) == hf_installed
+    assert report["copy_bandwidth_gbs"] > 0
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["fraction_of_floor"] > 0
+        assert r["floor_tokens_per_s"] == pytest.approx(
+            r["batch"] * report["copy_bandwidth_gbs"] * 1e9 / report["weight_bytes_fp32"]
+        )
+        # greedy on the same weights: tformer (cached or not) chooses HF's tokens
+        assert r["same_tokens_as_hf"] is (True if hf_installed else None)
+    assert "| fp32 | 2 | tformer (KV cache) |" in (tmp_path / "generate.md").read_text()
+    with Image.open(tmp_path / "generate.png") as im:
+        assert im.size[0] > 500
+
+
+def test_flops_per_token_by_hand():
+    # 2 layers x 12 x 16^2 weights + 23 x 16 tied matrix; attention 12 x 2 x 16 x 12
+    assert TINY.flops_per_token() == 6 * (2 * 12 * 256 + 23 * 16) + 12 * 2 * 16 * 12
+
+
+def test_markov_stream_is_seeded_and_follows_its_successors():
+    a, b = markov_tokens(30, 500, seed=1), markov_tokens(30, 500, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, markov_tokens(30, 500, seed=2))
+    successors = {}
+    for x, y in zip(a[:-1].tolist(), a[1:].tolist(), strict=True):
+        successors.setdefault(x, set()).add(y)
+    assert max(len(s) for s in successors.values()) <= 4
+
+
+@pytest.mark.skipif(not HAVE_HF, reason="needs transformers (pip install -e .[bench])")
+def test_gpt2_weights_copied_give_the_same_logits():
+    hf = common.hf_gpt2(TINY, seed=0).double().eval()
+    lm = LanguageModel(TINY.lm_config()).double().eval()
+    enc = TorchEncoderLM(TINY).double().eval()
+    common.gpt2_into_lm(hf, lm)
+    common.gpt2_into_torch_encoder(hf, enc)
+    ids = torch.randint(23, (2, 12))
+    ref = hf(input_ids=ids).logits
+    torch.testing.assert_close(lm(ids).logits, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(enc(ids), ref, atol=1e-10, rtol=0)
+
+
+def test_missing_transformers_error_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "transformers":
+            raise ImportError("no transformers")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(RuntimeError, match=r"pip install -e \.\[bench\]"):
+        common.require_transformers()
+
+
+def test_cli_rejects_an_unknown_shape(capsys):
+    assert main(["bench", "train", "--shapes", "gpt5"]) == 2
+    assert "unknown shape 'gpt5'; expected one of baby, gpt2-small" in capsys.readouterr().err
