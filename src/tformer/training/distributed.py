@@ -12,6 +12,7 @@ nccl), so agreeing on them never waits for the GPU.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -110,10 +111,12 @@ def barrier(world: World) -> None:
 
 # --- wrapping ------------------------------------------------------------------------------------------
 def _layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer layers of any tformer model (each becomes one FSDP unit)."""
-    from tformer.layers import DecoderLayer, EncoderLayer
+    """The layers that become FSDP units of their own: every self-attention stack's layers. A Seq2Seq's
+    decoder layers stay in the root unit, because incremental decoding reaches into their cross-attention
+    (`start_cache` calls `cross_attn.project_kv`) outside any forward that FSDP could gather around."""
+    from tformer.layers import EncoderLayer
 
-    return [m for m in model.modules() if isinstance(m, EncoderLayer | DecoderLayer)]
+    return [m for m in model.modules() if isinstance(m, EncoderLayer)]
 
 
 # Model methods other than forward that training and evaluation call (FSDP2 gathers parameters around
@@ -135,15 +138,13 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [world.device.index] if world.device.type == "cuda" else None
-        # broadcast_buffers=False: tformer's buffers are constants (position tables), never updated.
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # tformer's buffers are constants (position tables): no need to broadcast them at every forward.
+        quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        kw = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=ids, **kw)
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for layer in _layers(model):
-        cross = getattr(layer, "cross_attn", None)
-        if cross is not None:  # incremental decoding calls cross_attn.project_kv outside the layer's forward
-            fully_shard(cross)
-            register_fsdp_forward_method(cross, "project_kv")
         fully_shard(layer)
     fully_shard(model)  # the rest: embeddings, positions, final norm, output (tied weights stay together)
     for name in _FORWARD_METHODS:
@@ -192,8 +193,10 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     inner = unwrap(model)
-    state = cast(dict[str, torch.Tensor], get_model_state_dict(inner, options=_options(cpu_offload=True)))
-    # Gathering copies each name separately; re-tie the names that share one parameter in the model.
+    gathered = get_model_state_dict(inner, options=_options(cpu_offload=True))
+    # Own storage per tensor (a gathered one may view a larger buffer), then re-tie the names that share
+    # one parameter in the model (gathering copies each name separately).
+    state = {k: cast(torch.Tensor, v).clone() for k, v in gathered.items()}
     first: dict[int, str] = {}
     for name, p in inner.named_parameters(remove_duplicate=False):
         if id(p) in first and first[id(p)] in state:
