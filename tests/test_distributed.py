@@ -78,7 +78,7 @@ def build(family: str, **train_kw):
     mc = ModelConfig(
         src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size, max_seq_len=24, **small
     )
-    task = TranslationTask(mc, tc, src_tok, tgt_tok, pairs["train"], pairs["valid"], eval_max_sentences=4)
+    task = TranslationTask(mc, tc, src_tok, tgt_tok, pairs["train"], pairs["valid"], eval_max_sentences=2)
     return task, Seq2Seq(mc)
 
 
@@ -128,13 +128,13 @@ def max_diff(a: Path, b: Path) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Everything the 2-process tests compare, in two spawns (process start-up dominates the time)."""
+    """Everything the 2-process tests compare, in one spawn (process start-up dominates the time)."""
     root = tmp_path_factory.mktemp("dist")
     spawn(
         [(f, str(root / f"ddp-{f}"), {}) for f in FAMILIES]
         + [("lm", str(root / "ddp-lm-half"), {"steps": STEPS // 2})]
+        + [(f, str(root / f"fsdp-{f}"), {"parallel": "fsdp"}) for f in FAMILIES]
     )
-    spawn([(f, str(root / f"fsdp-{f}"), {"parallel": "fsdp"}) for f in FAMILIES])
     for f in FAMILIES:  # one process, the same global batches: 2 per step, accumulated
         run(f, root / f"one-{f}", accumulate=2)
     return root
@@ -235,3 +235,46 @@ def _records(out: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_nproc_hands_the_command_to_torchrun(monkeypatch):
+    from tformer import cli
+    from tformer.training import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed, "launch", lambda n, argv: seen.update(n=n, argv=argv) or 0)
+    argv = ["train", "lm", "--train", "a.txt", "--nproc", "2", "--out", "o", "train.accumulate=2"]
+    assert cli.main(argv) == 0
+    assert seen == {"n": 2, "argv": ["train", "lm", "--train", "a.txt", "--out", "o", "train.accumulate=2"]}
+    assert distributed.without_option(["train", "--nproc=3", "x"], "--nproc") == ["train", "x"]
+
+
+def test_nproc_below_one_is_an_error(capsys):
+    from tformer import cli
+
+    assert cli.main(["train", "lm", "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tformer_train_nproc_2_end_to_end(tmp_path):
+    """`tformer train --nproc 2` through torchrun: rank 0 alone writes the log and the checkpoint."""
+    import subprocess
+    import sys
+
+    (tmp_path / "t.txt").write_text(TEXT * 4)
+    cmd = [sys.executable, "-m", "tformer", "train", "lm", "--train", str(tmp_path / "t.txt"), "--nproc", "2"]
+    cmd += ["--out", str(tmp_path / "run"), "--no-progress", "data.valid_fraction=0.1", "data.tokenizer=char"]
+    cmd += [
+        "model.d_model=32",
+        "model.n_heads=4",
+        "model.d_ff=64",
+        "model.n_layers=1",
+        "model.max_seq_len=16",
+    ]
+    cmd += ["train.batch_size=4", "train.max_steps=6", "train.log_every=3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("checkpoint:") == 1  # one report, from rank 0
+    assert [r["step"] for r in _records(tmp_path / "run")] == [3, 6, 6]
+    assert torch.load(tmp_path / "run/checkpoint/trainer_state.pt", weights_only=False)["world_size"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -68,6 +69,10 @@ def _train(args: argparse.Namespace) -> int:
     from tformer.config import RunConfig, apply_overrides, load_toml
     from tformer.pipeline import train
 
+    if args.nproc is not None:  # the same command in N processes under torchrun
+        from tformer.training.distributed import launch, without_option
+
+        return launch(args.nproc, without_option(args.argv, "--nproc"))
     saved = Path(args.out) / "checkpoint" / "config.json"
     if args.config:
         config = load_toml(args.config, task=args.task)
@@ -89,6 +94,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"data.{key}={json.dumps(paths)}")
     config = apply_overrides(config, overrides)
     result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     evals = [r for r in result.history if r.get("type") == "eval"]
     if evals:
         shown = {k: v for k, v in evals[-1].items() if k not in ("type", "eval_seconds", "time")}
@@ -197,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     tn.add_argument("--no-progress", action="store_true")
     tn.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train in N processes on this machine (runs torchrun; DDP, or FSDP with train.parallel=fsdp)",
+    )
+    tn.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.d_model=256 lr=1e-3"
     )
     tn.set_defaults(func=_train, rest="overrides")
@@ -246,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to torchrun
     # argparse ends a `nargs="*"` positional at the first option: `translate CKPT --beam 2 "text"` leaves
     # "text" over. Texts after options still belong to the command.
     rest = getattr(args, "rest", None)

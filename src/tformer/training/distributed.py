@@ -72,10 +72,13 @@ def setup(device: str = "auto") -> World:
     if not dist.is_initialized():
         backend = "nccl" if where.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=where if where.type == "cuda" else None)
-    host_group = None
-    if dist.get_backend() != "gloo":
-        host_group = dist.new_group(backend="gloo")
-    return World(rank, size, local_rank, where, host_group)
+    global _HOST_GROUP
+    if dist.get_backend() != "gloo" and _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")  # made once per process (a collective call)
+    return World(rank, size, local_rank, where, _HOST_GROUP if dist.get_backend() != "gloo" else None)
+
+
+_HOST_GROUP: Any = None
 
 
 def sum_on_host(world: World, values: Sequence[float]) -> list[float]:
@@ -102,6 +105,13 @@ def gather_objects(world: World, obj: Any) -> list[Any]:
     out: list[Any] = [None] * world.size
     dist.all_gather_object(out, obj, group=world.host_group)
     return out
+
+
+def check_same(world: World, value: Any, what: str) -> None:
+    """Raise if ranks disagree on `value` (e.g. a digest of the vocabularies each rank built)."""
+    values = gather_objects(world, value)
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"the {world.size} processes disagree on {what}; every rank must build the same")
 
 
 def barrier(world: World) -> None:
@@ -140,7 +150,7 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
         ids = [world.device.index] if world.device.type == "cuda" else None
         # tformer's buffers are constants (position tables): no need to broadcast them at every forward.
         quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-        kw = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
+        kw: dict[str, Any] = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=ids, **kw)
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -242,6 +252,20 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 
 # --- launching ------------------------------------------------------------------------------------------
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """`argv` less `option VALUE` / `option=VALUE` (what the launched processes must not see again)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run `python -m tformer ARGV` in `nproc` processes under torchrun (torch.distributed.run) on this
     machine; return its exit status."""
