@@ -168,6 +168,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from tformer.export.onnx import export_onnx
+
+    for graph in export_onnx(args.checkpoint, args.out, opset=args.opset):
+        print(f"{graph.path}  (ONNX Runtime vs PyTorch: max |difference| {graph.max_abs_diff:.2e})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -254,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--out", default="runs/bench-attention")
     be.set_defaults(func=_bench)
+
+    ex = sub.add_parser("export", help="write a checkpoint in another format: `export onnx`")
+    formats = ex.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    eo = formats.add_parser("onnx", help="ONNX graphs, each checked with ONNX Runtime (extra: tformer[onnx])")
+    eo.add_argument("checkpoint")
+    eo.add_argument("out", help="output directory (*.onnx, onnx.json, config and tokenizers)")
+    eo.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    eo.set_defaults(func=_export_onnx)
     return parser
 
 
