@@ -47,8 +47,8 @@ REVIEWS = [
 FAMILIES = ("lm", "classification", "translation")
 
 
-def build(family: str, **train_kw):
-    """A tiny task and model of `family`, the same in every process (fixed seeds, no dropout)."""
+def build(family: str, *, dropout: float = 0.0, **train_kw):
+    """A tiny task and model of `family`, the same in every process (fixed seeds, no dropout by default)."""
     tc = TrainConfig(
         epochs=100,
         lr=1e-3,
@@ -61,7 +61,7 @@ def build(family: str, **train_kw):
         eps=1e-6,  # see the module docstring
         **train_kw,
     )
-    small = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0)
+    small = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=dropout)
     torch.manual_seed(11)
     if family == "lm":
         tok = Tokenizer.train([TEXT], kind="char")

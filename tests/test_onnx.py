@@ -24,7 +24,7 @@ def exported(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"onnx-{family}")
     kw = {"lm": {"batch_size": 4}, "classification": {"batch_tokens": 24}}.get(family, {"batch_tokens": 120})
-    task, model = build(family, max_steps=2, **kw)
+    task, model = build(family, max_steps=2, dropout=0.3, **kw)  # the graphs must be eval-mode ones
     Trainer(model, task, task.train_config, out_dir=root / "run", progress=False).fit()
     assert cli.main(["export", "onnx", str(root / "run" / "checkpoint"), str(root / "onnx")]) == 0
     return family, model.eval(), root / "onnx"

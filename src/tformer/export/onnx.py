@@ -170,6 +170,7 @@ def export_onnx(
     results: list[ExportedGraph] = []
     graphs: dict[str, Any] = {}
     for graph in _graphs(str(task), model):
+        graph.module.eval()  # the wrappers too: export traces in the wrapper's mode (dropout off)
         path = out / f"{graph.name}.onnx"
         log = io.StringIO()  # the exporter narrates each stage on stdout; keep it for errors only
         try:

@@ -90,14 +90,6 @@ def sum_on_host(world: World, values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
-def max_on_host(world: World, values: Sequence[float]) -> list[float]:
-    if not world.distributed:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=world.host_group)
-    return t.tolist()
-
-
 def gather_objects(world: World, obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not world.distributed:
