@@ -88,11 +88,32 @@ def batch_kw(family: str) -> dict:
     )
 
 
-def run(family: str, out: Path, *, steps: int = STEPS, resume: bool = False, **train_kw) -> None:
+def run(
+    family: str,
+    out: Path,
+    *,
+    steps: int = STEPS,
+    resume: bool = False,
+    interrupt: tuple[int, int] | None = None,
+    **train_kw,
+) -> None:
+    """Train; `interrupt = (rank, step)`: that rank alone sees a Ctrl-C during that step."""
     task, model = build(family, max_steps=steps, **batch_kw(family), **train_kw)
     trainer = Trainer(model, task, task.train_config, out_dir=out, progress=False)
     if resume:
         trainer.resume()
+    if interrupt is not None:
+        real = task.loss
+
+        def loss(m, batch):
+            if (trainer.world.rank, trainer.state.step) == interrupt:
+                trainer._interrupted = True  # what the SIGINT handler does
+            return real(m, batch)
+
+        task.loss = loss
+        with pytest.raises(KeyboardInterrupt):  # on every rank, after the same step
+            trainer.fit()
+        return
     trainer.fit()
 
 
@@ -129,14 +150,22 @@ def max_diff(a: Path, b: Path) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Everything the 2-process tests compare, in one spawn (process start-up dominates the time)."""
+    import shutil
+
     root = tmp_path_factory.mktemp("dist")
+    run("lm", root / "one-lm-half", steps=STEPS // 2, accumulate=2)
+    shutil.copytree(root / "one-lm-half", root / "fsdp-lm-resumed")
     spawn(
         [(f, str(root / f"ddp-{f}"), {}) for f in FAMILIES]
         + [("lm", str(root / "ddp-lm-half"), {"steps": STEPS // 2})]
+        + [("lm", str(root / "ddp-lm-acc2"), {"accumulate": 2})]
+        + [("lm", str(root / "ddp-lm-interrupted"), {"interrupt": (1, 1)})]
         + [(f, str(root / f"fsdp-{f}"), {"parallel": "fsdp"}) for f in FAMILIES]
+        + [("lm", str(root / "fsdp-lm-resumed"), {"parallel": "fsdp", "resume": True})]
     )
     for f in FAMILIES:  # one process, the same global batches: 2 per step, accumulated
         run(f, root / f"one-{f}", accumulate=2)
+    run("lm", root / "one-lm-acc4", accumulate=4)
     return root
 
 
@@ -171,6 +200,25 @@ def test_resume_two_processes_in_one(runs, tmp_path):
     run("lm", out, resume=True, accumulate=2)  # 1 process x 2 batches = the 2 x 1 of the first half
     diff = max_diff(out, runs / "one-lm")
     assert diff < TOL, diff
+
+
+def test_resume_one_process_in_two_under_fsdp(runs):
+    # the 1-process half's optimiser state, loaded into FSDP shards, continues as the straight run
+    diff = max_diff(runs / "fsdp-lm-resumed", runs / "one-lm")
+    assert diff < TOL, diff
+
+
+def test_ddp_with_accumulation(runs):
+    # 2 processes x accumulate 2 (no_sync on the first micro-batch) = 1 process x accumulate 4
+    diff = max_diff(runs / "ddp-lm-acc2", runs / "one-lm-acc4")
+    assert diff < TOL, diff
+
+
+def test_ctrl_c_on_one_rank_stops_all_after_the_same_step(runs):
+    # rank 1 alone is interrupted during step 2 (0-based 1); the ranks agree at the end of that step,
+    # all stop there, and rank 0 saves the checkpoint of step 2 (no rank left waiting in a collective)
+    state = torch.load(runs / "ddp-lm-interrupted/checkpoint/trainer_state.pt", weights_only=False)
+    assert state["trainer"]["step"] == 2
 
 
 def test_accumulation_equals_a_larger_batch(tmp_path):
