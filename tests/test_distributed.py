@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from test_families import TEXTS
 from tformer.config import ClassifierConfig, ConfigError, LMConfig, ModelConfig, TrainConfig
 from tformer.data.synthetic import number_translation
 from tformer.data.tokenizers import Tokenizer
@@ -34,16 +35,7 @@ from tformer.training.trainer import LossValue
 TOL = 2e-5
 STEPS = 4
 TEXT = "to be or not to be, that is the question: whether tis nobler in the mind to suffer. " * 12
-REVIEWS = [
-    ("a wonderful and moving film", "pos"),
-    ("dull , slow and far too long", "neg"),
-    ("the best acting of the year", "pos"),
-    ("a tedious mess of a plot", "neg"),
-    ("funny , warm and clever", "pos"),
-    ("i wanted my two hours back", "neg"),
-    ("beautifully shot and well told", "pos"),
-    ("the jokes never land", "neg"),
-] * 3
+REVIEWS = TEXTS * 3  # labelled sentences of test_families
 FAMILIES = ("lm", "classification", "translation")
 
 

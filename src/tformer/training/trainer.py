@@ -272,10 +272,19 @@ class Trainer:
             self._loop()
         except KeyboardInterrupt:
             # Agreed between steps: every rank saves together; a second Ctrl-C on one rank: no collectives.
-            self.save(collective=self._interrupt_agreed or not self.world.distributed)
-            print(
-                f"\ninterrupted: checkpoint saved at step {s.step} in {self.checkpoint_dir}", file=sys.stderr
-            )
+            w = self.world
+            collective = self._interrupt_agreed or not w.distributed
+            self.save(collective=collective)
+            if w.is_main and (collective or not distributed.is_sharded(self.model)):
+                print(
+                    f"\ninterrupted: checkpoint saved at step {s.step} in {self.checkpoint_dir}",
+                    file=sys.stderr,
+                )
+            elif w.is_main:
+                print(
+                    "\ninterrupted at once: a sharded (FSDP) model cannot be saved by one rank",
+                    file=sys.stderr,
+                )
             raise
         finally:
             for sig, handler in previous.items():
@@ -395,8 +404,8 @@ class Trainer:
         micro-batch's loss is divided by `scale` (the same on every rank, about N / world size) and the
         gradient multiplied by world size x scale / N at the end (DDP and FSDP average over ranks).
         """
-        if not self.model.training:  # evaluation switched it off; train() walks every module: only then
-            self.model.train()
+        if not self.module.training:  # evaluation switched it off; train() walks every module: only then
+            self.model.train()  # (through a DDP wrapper, whose own flag evaluation of the module leaves alone)
         w = self.world
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum: torch.Tensor | float = 0.0
