@@ -39,6 +39,16 @@ REVIEWS = TEXTS * 3  # labelled sentences of test_families
 FAMILIES = ("lm", "classification", "translation")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: threads only add synchronisation (and stall on a busy machine). The spawned
+    ranks run one thread each too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(family: str, *, dropout: float = 0.0, **train_kw):
     """A tiny task and model of `family`, the same in every process (fixed seeds, no dropout by default)."""
     tc = TrainConfig(

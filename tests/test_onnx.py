@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from test_distributed import build
+from test_distributed import build, one_thread  # noqa: F401  (autouse fixture)
 from tformer import cli
 from tformer.inference.decoding import greedy_decode
 from tformer.training import Trainer
