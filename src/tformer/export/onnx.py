@@ -21,7 +21,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +146,18 @@ def _axes(x: Tensor, dynamic: dict[int, Any]) -> list[str | int]:
     return [dynamic[i].__name__ if i in dynamic else int(x.shape[i]) for i in range(x.dim())]
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Warnings-level log lines of `logger` off for a while (the exporter lists optional ops it skips)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _runtime() -> Any:
     try:
         import onnxruntime
@@ -174,7 +189,15 @@ def export_onnx(
         path = out / f"{graph.name}.onnx"
         log = io.StringIO()  # the exporter narrates each stage on stdout; keep it for errors only
         try:
-            with torch.no_grad(), contextlib.redirect_stdout(log):
+            # The exporter's own warnings (axis renames, deprecations inside torch) are not the user's to act
+            # on; whether the graph is right is decided by the ONNX Runtime check below.
+            with (
+                torch.no_grad(),
+                contextlib.redirect_stdout(log),
+                _quiet("torch.onnx"),
+                warnings.catch_warnings(),
+            ):
+                warnings.simplefilter("ignore")
                 torch.onnx.export(
                     graph.module,
                     tuple(graph.inputs.values()),
