@@ -134,12 +134,15 @@ def _cross_attention_png(translator: Translator, source: str, target: str, path:
     src_tok, tgt_tok, model = translator.src_tok, translator.tgt_tok, translator.model
     src_ids = src_tok.encode(source)
     tgt_ids = tgt_tok.encode(target)
-    src = torch.tensor([src_ids])
-    tgt_in = torch.tensor([[tgt_tok.bos_id, *tgt_ids]])
+    device = next(model.parameters()).device  # the trainer's (a GPU when there is one)
+    src = torch.tensor([src_ids], device=device)
+    tgt_in = torch.tensor([[tgt_tok.bos_id, *tgt_ids]], device=device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # weights come from the reference kernel; that is the point here
         out = model(src, tgt_in, need_weights=True)
-    weights = out.cross_attention[-1][0].mean(0)  # (T, S), T = len(target) + 1 (the last predicts EOS)
+    weights = (
+        out.cross_attention[-1][0].mean(0).float().cpu()
+    )  # (T, S), T = len(target) + 1 (the last predicts EOS)
     rows = [tgt_tok.id_to_token(i) for i in tgt_ids] + ["<eos>"]
     cols = [src_tok.id_to_token(i) for i in src_ids]
     return attention_heatmap(
