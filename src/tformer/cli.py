@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -68,6 +69,10 @@ def _train(args: argparse.Namespace) -> int:
     from tformer.config import RunConfig, apply_overrides, load_toml
     from tformer.pipeline import train
 
+    if args.nproc is not None:  # the same command in N processes under torchrun
+        from tformer.training.distributed import launch, without_option
+
+        return launch(args.nproc, without_option(args.argv, "--nproc"))
     saved = Path(args.out) / "checkpoint" / "config.json"
     if args.config:
         config = load_toml(args.config, task=args.task)
@@ -89,6 +94,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"data.{key}={json.dumps(paths)}")
     config = apply_overrides(config, overrides)
     result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     evals = [r for r in result.history if r.get("type") == "eval"]
     if evals:
         shown = {k: v for k, v in evals[-1].items() if k not in ("type", "eval_seconds", "time")}
@@ -185,6 +192,14 @@ def _precision_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from tformer.export.onnx import export_onnx
+
+    for graph in export_onnx(args.checkpoint, args.out, opset=args.opset):
+        print(f"{graph.path}  (ONNX Runtime vs PyTorch: max |difference| {graph.max_abs_diff:.2e})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -221,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--out", default="runs/train", help="output directory (checkpoint, log.jsonl)")
     tn.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     tn.add_argument("--no-progress", action="store_true")
+    tn.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train in N processes on this machine (runs torchrun; DDP, or FSDP with train.parallel=fsdp)",
+    )
     tn.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.d_model=256 lr=1e-3"
     )
@@ -298,12 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--samples", type=int, default=None, help="softmax: queries per d_k (default 2000)")
     vz.add_argument("--seed", type=int, default=None, help="softmax: random seed (default 0)")
     vz.set_defaults(func=_viz, rest="arg")
+    ex = sub.add_parser("export", help="write a checkpoint in another format: `export onnx`")
+    formats = ex.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    eo = formats.add_parser("onnx", help="ONNX graphs, each checked with ONNX Runtime (extra: tformer[onnx])")
+    eo.add_argument("checkpoint")
+    eo.add_argument("out", help="output directory (*.onnx, onnx.json, config and tokenizers)")
+    eo.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    eo.set_defaults(func=_export_onnx)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to torchrun
     # argparse ends a `nargs="*"` positional at the first option: `translate CKPT --beam 2 "text"` leaves
     # "text" over. Texts after options still belong to the command.
     rest = getattr(args, "rest", None)

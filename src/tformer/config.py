@@ -290,8 +290,13 @@ class TrainConfig(_Config):
     eval_beam_size: int = 1  # translation: decoding used for the BLEU printed at each evaluation
     eval_max_sentences: int | None = 500  # translation: decode at most this many validation sentences
     log_every: int = 50
-    precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward pass (CPU and GPU)
+    precision: str = (
+        "fp32"  # "bf16": bfloat16 autocast (CPU, GPU); "fp16": float16 autocast + grad scaler (GPU)
+    )
     compile: bool = False  # torch.compile the model (slow to start, faster steps)
+    accumulate: int = 1  # batches per rank summed into one optimiser step (gradient accumulation)
+    parallel: str = "ddp"  # with several processes (torchrun): "ddp" replicas or "fsdp" sharded (FSDP2)
+    device: str = "auto"  # "auto": the process's CUDA GPU when there is one, else CPU; or "cpu", "cuda"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -303,6 +308,7 @@ class TrainConfig(_Config):
             max_batch_sentences=self.max_batch_sentences,
             eval_every_epochs=self.eval_every_epochs,
             log_every=self.log_every,
+            accumulate=self.accumulate,
         )
         if self.max_steps is not None:
             _check_positive(name, max_steps=self.max_steps)
@@ -313,7 +319,9 @@ class TrainConfig(_Config):
         if self.warmup_steps < 0:
             raise ConfigError(f"{name}.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check_choice(name, "schedule", self.schedule, SCHEDULES)
-        _check_choice(name, "precision", self.precision, ("fp32", "bf16"))
+        _check_choice(name, "precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice(name, "parallel", self.parallel, ("ddp", "fsdp"))
+        _check_choice(name, "device", self.device, ("auto", "cpu", "cuda"))
         _check_probability(name, label_smoothing=self.label_smoothing)
         if self.schedule == "cosine" and self.max_steps is None:
             raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")

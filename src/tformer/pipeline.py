@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks import ClassificationTask, LanguageModelTask, TranslationTask
 from tformer.tasks.classification import TOKENIZER
 from tformer.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER
+from tformer.training import distributed
 from tformer.training.trainer import Trainer
 
 
@@ -150,12 +155,17 @@ BUILDERS: dict[str, Any] = {
 def train(
     config: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
 ) -> TrainResult:
-    """Train `config.task` on `config.data`; checkpoints and log.jsonl go to `out_dir`."""
+    """Train `config.task` on `config.data`; checkpoints and log.jsonl go to `out_dir`. Under torchrun every
+    process builds the same task and model; only rank 0 prints."""
+    world = distributed.setup(config.train.device)
     torch.manual_seed(config.train.seed)
     saved = Path(out_dir) / "checkpoint" if resume else None
-    task, model = BUILDERS[config.task](config, saved)
-    n_params = sum(p.numel() for p in model.parameters())
-    _log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
+    with contextlib.nullcontext() if world.is_main else contextlib.redirect_stderr(io.StringIO()):
+        task, model = BUILDERS[config.task](config, saved)
+        n_params = sum(p.numel() for p in model.parameters())
+        _log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
+    if world.distributed:
+        distributed.check_same(world, _files_digest(task), "the tokenizers built from the training data")
     trainer = Trainer(
         model,
         task,
@@ -166,9 +176,17 @@ def train(
     )
     if resume:
         trainer.resume()
-        _log(f"resumed at step {trainer.state.step} (epoch {trainer.state.epoch + 1})")
+        if world.is_main:
+            _log(f"resumed at step {trainer.state.step} (epoch {trainer.state.epoch + 1})")
     history = trainer.fit()
     return TrainResult(trainer.checkpoint_dir, history, model, task)
+
+
+def _files_digest(task: Any) -> str:
+    """A digest of the files the task writes into a checkpoint (its tokenizers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        task.write_files(Path(tmp))
+        return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(tmp).iterdir()))).hexdigest()
 
 
 def evaluate_checkpoint(

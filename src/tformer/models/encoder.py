@@ -32,8 +32,9 @@ def check_ids(ids: Tensor, *, vocab_size: int, max_len: int, name: str) -> None:
     if ids.shape[1] > max_len:
         raise ValueError(f"{name} has length {ids.shape[1]}, longer than the model's max_seq_len = {max_len}")
     # The value check reads the ids on the host: eager only, so torch.compile sees one graph without a
-    # break (compiled, an out-of-range id still fails inside the embedding lookup).
-    if ids.numel() and not torch.compiler.is_compiling():
+    # break (compiled, an out-of-range id still fails inside the embedding lookup), and an exported graph
+    # (ONNX), which has no host, carries no check.
+    if ids.numel() and not torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi

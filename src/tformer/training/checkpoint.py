@@ -42,15 +42,19 @@ def save_checkpoint(
     config: dict[str, Any],
     write_extra: Callable[[Path], None] | None = None,
     trainer_state: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write model + config (+ tokenizers through `write_extra`, + trainer state) to `path` atomically."""
+    """Write model + config (+ tokenizers through `write_extra`, + trainer state) to `path` atomically.
+
+    `weights`: the model's full state dict when `model` itself holds only a shard (FSDP); tied names
+    sharing one tensor are stored once, as for a module."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
         (tmp / CONFIG).write_text(json.dumps({**config, "tformer_version": tformer.__version__}, indent=2))
-        save_model(model, str(tmp / WEIGHTS))
+        save_model(model if weights is None else _StateDict(weights), str(tmp / WEIGHTS))
         if write_extra is not None:
             write_extra(tmp)
         if trainer_state is not None:
@@ -69,6 +73,17 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+class _StateDict(torch.nn.Module):
+    """Presents a ready state dict to safetensors' `save_model` (which drops duplicate tied names)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return dict(self._state)
 
 
 def _recover(path: Path) -> None:
@@ -111,6 +126,20 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
             f"{weights}: weights do not match the model in config.json "
             f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"
         )
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """model.safetensors as a state dict (tied names stored once), for loading into a sharded model."""
+    from safetensors.torch import load_file
+
+    _recover(Path(path))
+    weights = Path(path) / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{Path(path)}: {WEIGHTS} is missing")
+    try:
+        return load_file(str(weights))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights}: corrupt weights file ({exc})") from None
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Writing checkpoints in other ecosystems' formats (ONNX)."""
