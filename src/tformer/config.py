@@ -19,8 +19,8 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local", "performer", "linformer")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-POSITIONS = ("sinusoidal", "learned", "rotary", "none")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+POSITIONS = ("sinusoidal", "sinusoidal_concat", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
 TOKENIZERS = ("word", "bpe", "char")
@@ -133,6 +133,8 @@ class TransformerConfig(_Config):
     linformer_rank: int = 64  # "linformer" attention: length keys and values are projected to
     n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads; 1: multi-query)
     layer_norm_eps: float = 1e-5
+    token_types: int = 0  # segment (token type) embeddings added to the tokens' (BERT's type_vocab_size)
+    embedding_norm: bool = False  # LayerNorm over embeddings + positions, before dropout (BERT)
     pad_id: int = 0
 
     def __post_init__(self) -> None:
@@ -162,6 +164,8 @@ class TransformerConfig(_Config):
         _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
         if self.attention_dropout > 0 and self.attention in ("chunked", "performer"):
             raise ConfigError(f"{name}.attention = {self.attention!r} does not support attention_dropout > 0")
+        if self.token_types < 0:
+            raise ConfigError(f"{name}.token_types must be >= 0, got {self.token_types}")
 
     def _check_vocab(self, **sizes: int) -> None:
         name = type(self).__name__
@@ -187,11 +191,15 @@ class ModelConfig(TransformerConfig):
     n_decoder_layers: int | None = None  # None: same as n_layers
     share_embeddings: bool = False  # one embedding for source and target (needs one vocabulary)
     tie_output: bool = True  # output projection shares the target embedding (paper section 3.4)
+    output_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
         self._check_vocab(src_vocab_size=self.src_vocab_size, tgt_vocab_size=self.tgt_vocab_size)
+        for key in ("token_types", "embedding_norm"):
+            if getattr(self, key):
+                raise ConfigError(f"{name}.{key} is for encoder-only stacks; a translation model has none")
         if self.n_decoder_layers is not None:
             _check_positive(name, n_decoder_layers=self.n_decoder_layers)
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:

@@ -35,10 +35,13 @@ class Classifier(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.xavier_uniform_(module.weight)
 
-    def forward(self, ids: Tensor, *, need_weights: bool = False) -> ClassifierOutput:
-        """ids (B, T), padded with pad_id -> class logits (B, n_classes)."""
+    def forward(
+        self, ids: Tensor, *, need_weights: bool = False, token_types: Tensor | None = None
+    ) -> ClassifierOutput:
+        """ids (B, T), padded with pad_id -> class logits (B, n_classes). `token_types` (B, T): segment ids
+        for a model with token type embeddings (None: segment 0)."""
         mask = padding_mask(ids, self.config.pad_id) if ids.dim() == 2 else None  # (B, 1, 1, T)
-        out = self.encoder(ids, mask=mask, need_weights=need_weights)
+        out = self.encoder(ids, mask=mask, need_weights=need_weights, token_types=token_types)
         if self.config.pooling == "cls":
             pooled = out.x[:, 0]  # (B, C)
         else:
