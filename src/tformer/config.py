@@ -290,6 +290,7 @@ class TrainConfig(_Config):
     log_every: int = 50
     precision: str = "fp32"  # "bf16": bfloat16 autocast for the forward pass (CPU and GPU)
     compile: bool = False  # torch.compile the model (slow to start, faster steps)
+    init_from: str | None = None  # classification: start from "hf:DIR" (BERT) or a tformer checkpoint
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -312,6 +313,8 @@ class TrainConfig(_Config):
             raise ConfigError(f"{name}.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check_choice(name, "schedule", self.schedule, SCHEDULES)
         _check_choice(name, "precision", self.precision, ("fp32", "bf16"))
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError(f"{name}.init_from is empty; give hf:DIR or a checkpoint directory")
         _check_probability(name, label_smoothing=self.label_smoothing)
         if self.schedule == "cosine" and self.max_steps is None:
             raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")
@@ -370,6 +373,10 @@ class RunConfig(_Config):
         _check_choice(type(self).__name__, "task", self.task, TASKS)
         if self.model is None:
             object.__setattr__(self, "model", model_config_class(self.task)())
+        if self.train.init_from and self.task != "classification":
+            raise ConfigError(
+                f"train.init_from starts a classifier from pretrained weights; the task is {self.task!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config", task: str | None = None) -> RunConfig:
