@@ -130,6 +130,10 @@ def import_tokenizer(cfg: HFConfig, family: str, config: Any) -> Tokenizer | Non
         hf = HFTokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on a bad file
         raise InteropError(f"{path}: not a valid tokenizer file ({exc})") from None
+    # tformer's batching pads and cuts: a file that pads every text to 128 tokens (all-MiniLM-L6-v2's does)
+    # or truncates would change what `encode` returns
+    hf.no_padding()
+    hf.no_truncation()
     vocab = config.vocab_size if hasattr(config, "vocab_size") else config.tgt_vocab_size
     if hf.get_vocab_size() > vocab:
         raise InteropError(
