@@ -114,7 +114,9 @@ def build_classification(
     else:
         tok = _tokenizer(saved, TOKENIZER, (t for t, _ in train_rows), config)
         _log(f"tokenizer: {d.tokenizer}, vocabulary {tok.vocab_size:,}")
-        model_config = config.model.replace(vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id)
+        model_config = config.model.replace(
+            vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id
+        )
     task = ClassificationTask(model_config, config.train, tok, labels, train_rows, valid_rows)
     model = Classifier(model_config)
     if start is not None:

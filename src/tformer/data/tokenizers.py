@@ -53,7 +53,9 @@ class Tokenizer:
             size = hf.get_vocab_size()
             for role, i in specials.items():
                 if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < size:
-                    raise ValueError(f"special token {role!r} = {i!r} is not an id of the vocabulary [0, {size})")
+                    raise ValueError(
+                        f"special token {role!r} = {i!r} is not an id of the vocabulary [0, {size})"
+                    )
             ids = dict(specials)
         self.hf, self.specials = hf, None if specials is None else dict(specials)
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[r] for r in ROLES)

@@ -100,7 +100,9 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def read_hf_config(directory: str | Path) -> HFConfig:
     directory = Path(directory)
     if not directory.is_dir():
-        raise InteropError(f"{directory}: not a directory (expected a Hugging Face model: config.json + weights)")
+        raise InteropError(
+            f"{directory}: not a directory (expected a Hugging Face model: config.json + weights)"
+        )
     path = directory / HF_CONFIG
     if not path.exists():
         raise InteropError(f"{directory}: {HF_CONFIG} is missing; not a Hugging Face model directory")

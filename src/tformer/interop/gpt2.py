@@ -90,7 +90,9 @@ def check_exportable(c: LMConfig, source: str) -> None:
         if value != wanted:
             raise InteropError(f"{source}: model.{key} = {value!r}; GPT-2 needs {wanted!r}")
     if c.n_kv_heads not in (None, c.n_heads):
-        raise InteropError(f"{source}: model.n_kv_heads = {c.n_kv_heads}; GPT-2 has one key/value head per head")
+        raise InteropError(
+            f"{source}: model.n_kv_heads = {c.n_kv_heads}; GPT-2 has one key/value head per head"
+        )
     if c.activation not in ACTIVATIONS_OUT:
         raise InteropError(f"{source}: model.activation = {c.activation!r} has no Hugging Face name")
 

@@ -69,7 +69,9 @@ def architecture(cfg: HFConfig) -> str:
         return archs[0]
     model_type = cfg.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise InteropError(f"{cfg.path}: model_type = {model_type!r} is not supported; tformer imports {supported}")
+        raise InteropError(
+            f"{cfg.path}: model_type = {model_type!r} is not supported; tformer imports {supported}"
+        )
     return MODEL_TYPES[model_type]
 
 
@@ -190,7 +192,11 @@ def save_imported(imported: Imported, out: str | Path) -> Path:
         )
 
     def write_tokenizers(directory: Path) -> None:
-        names = ["src_tokenizer.json", "tgt_tokenizer.json"] if imported.task == "translation" else ["tokenizer.json"]
+        names = (
+            ["src_tokenizer.json", "tgt_tokenizer.json"]
+            if imported.task == "translation"
+            else ["tokenizer.json"]
+        )
         for name in names:
             tok.save(directory / name)
 
@@ -234,4 +240,3 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     tok_config |= {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seq_len}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
     return out
-

@@ -64,7 +64,10 @@ def seq2seq_config(cfg: HFConfig) -> ModelConfig:
 
 def _attention(t: Tensors, name: str, d: int) -> dict[str, Tensor]:
     qkv = [linear(t, f"{name}.{n}_proj", d, d) for n in ("q", "k", "v")]
-    return {**prefixed("in_proj", fused_qkv(*qkv)), **prefixed("out_proj", linear(t, f"{name}.out_proj", d, d))}
+    return {
+        **prefixed("in_proj", fused_qkv(*qkv)),
+        **prefixed("out_proj", linear(t, f"{name}.out_proj", d, d)),
+    }
 
 
 def _norm(t: Tensors, name: str, d: int) -> dict[str, Tensor]:
@@ -82,7 +85,9 @@ def seq2seq_state(t: Tensors, c: ModelConfig) -> dict[str, Tensor]:
         if t.has(name):
             saved = t.take(name, (c.max_seq_len, d))
             if not torch.allclose(saved, table, atol=1e-5):
-                raise InteropError(f"{t.source}: tensor '{name}' is not Marian's sinusoid; tformer cannot load it")
+                raise InteropError(
+                    f"{t.source}: tensor '{name}' is not Marian's sinusoid; tformer cannot load it"
+                )
     state = {"encoder.embed.weight": shared, "output.bias": t.take("final_logits_bias", (1, v))[0]}
     for i in range(c.n_layers):
         h, o = f"model.encoder.layers.{i}", f"encoder.layers.{i}"

@@ -107,7 +107,9 @@ class Encoder(nn.Module):
                 check_ids(token_types, vocab_size=c.token_types, max_len=ids.shape[1], name="token_types")
                 x = x + self.type_embed(token_types)
         elif token_types is not None:
-            raise ValueError("token_types given, but the model has no token type embeddings (token_types = 0)")
+            raise ValueError(
+                "token_types given, but the model has no token type embeddings (token_types = 0)"
+            )
         x = self.dropout(self.embed_norm(x))
         kvs: list[KV] = []
         weights: list[Tensor] | None = [] if need_weights else None
