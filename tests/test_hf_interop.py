@@ -334,6 +334,39 @@ def test_marian_checkpoint_translates_greedily_as_transformers(marian_dir: Path,
     assert ours.split() == [translator.tgt_tok.id_to_token(int(i)) for i in theirs[0, 1:]]
 
 
+def test_sinusoidal_concat_is_marians_table() -> None:
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    from tformer.positions import sinusoidal_table
+
+    for dim in (32, 33):
+        theirs = MarianSinusoidalPositionalEmbedding(40, dim).create_weight()
+        torch.testing.assert_close(sinusoidal_table(40, dim, layout="concat"), theirs, atol=1e-6, rtol=0)
+
+
+def test_new_model_options_are_validated() -> None:
+    from tformer.config import ClassifierConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match="token_types must be >= 0, got -1"):
+        ClassifierConfig(token_types=-1)
+    with pytest.raises(ConfigError, match="ModelConfig.embedding_norm is for encoder-only stacks"):
+        ModelConfig(embedding_norm=True)
+    with pytest.raises(ConfigError, match="activation = 'swish' is not one of relu, gelu, gelu_tanh, silu"):
+        ClassifierConfig(activation="swish")
+    model = Classifier(
+        ClassifierConfig(vocab_size=20, d_model=16, n_heads=2, d_ff=32, n_layers=1, token_types=2)
+    )
+    ids = torch.randint(1, 20, (2, 5))
+    with pytest.raises(ValueError, match=r"token_types has shape \(2, 4\); expected \(2, 5\)"):
+        model(ids, token_types=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token_types contains token id 2, outside the vocabulary \[0, 2\)"):
+        model(ids, token_types=torch.full((2, 5), 2))
+    plain = Classifier(ClassifierConfig(vocab_size=20, d_model=16, n_heads=2, d_ff=32, n_layers=1))
+    assert not any("type_embed" in n or "embed_norm" in n for n in plain.state_dict())  # defaults add nothing
+    with pytest.raises(ValueError, match="the model has no token type embeddings"):
+        plain(ids, token_types=torch.zeros_like(ids))
+
+
 # --- tokenizers ------------------------------------------------------------------------------------
 
 
