@@ -31,7 +31,7 @@ from tformer.interop import InteropError, export_hf, import_hf, save_imported  #
 from tformer.interop.init_from import classifier_start  # noqa: E402
 from tformer.models.classifier import Classifier, pool  # noqa: E402
 from tformer.models.lm import LanguageModel  # noqa: E402
-from tformer.tasks import TextGenerator, Translator  # noqa: E402
+from tformer.tasks import TextGenerator, Translator, load_predictor  # noqa: E402
 from tformer.training.checkpoint import save_checkpoint  # noqa: E402
 
 V = 64  # vocabulary of every test model
@@ -469,6 +469,10 @@ def test_missing_files_and_wrong_families(gpt2_dir: Path, bert_dir: Path, tmp_pa
     with pytest.raises(ConfigError, match="a gpt2 model; a classifier starts from an encoder"):
         classifier_start(f"hf:{gpt2_dir}")
     save_imported(import_hf(bert_dir), tmp_path / "enc")
+    with pytest.raises(ValueError, match="an encoder checkpoint .no task head.; train a classifier from it"):
+        load_predictor(tmp_path / "enc")
+    start = classifier_start(str(tmp_path / "enc"))  # the imported checkpoint starts a classifier too
+    assert start.config.token_types == 2 and start.tokenizer.bos_id == 2
     with pytest.raises(InteropError, match="a 'encoder' checkpoint; `export hf` writes GPT-2"):
         export_hf(tmp_path / "enc", tmp_path / "out")
     ckpt = _native_lm_checkpoint(tmp_path / "post", norm_first=False)

@@ -20,6 +20,11 @@ PREDICTORS: dict[str, Any] = {
 
 def load_predictor(path: str | Path, *, device: str = "cpu") -> Translator | TextClassifier | TextGenerator:
     task = read_config(path).get("task")
+    if task == "encoder":  # written by `tformer import hf` from a BERT model: no head to predict with
+        raise CheckpointError(
+            f"{path}: an encoder checkpoint (no task head); train a classifier from it with "
+            f"`tformer train classification ... train.init_from={path}`"
+        )
     if task not in PREDICTORS:
         raise CheckpointError(
             f"{path}: unknown task {task!r} in config.json; expected one of {', '.join(PREDICTORS)}"
