@@ -13,27 +13,23 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from tformer.config import apply_overrides, load_toml
+from tformer.config import RunConfig, apply_overrides, load_toml
 from tformer.pipeline import train
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/sst2.toml")
-    parser.add_argument("--out", default="runs/sst2")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    config = apply_overrides(load_toml(args.config), args.overrides)
+def run(config: RunConfig, out: str, *, what: str = "SST-2") -> dict[str, Any]:
+    """Train `config`, print and return the dev figures (also written to OUT/results.json)."""
     missing = [p for p in config.data.paths("train") + config.data.paths("valid") if not Path(p).exists()]
     if missing:
         print(f"skipping: SST-2 not found ({missing[0]}); set TFORMER_DATA to the shared data folder")
-        return 0
-    log = Path(args.out) / "log.jsonl"
+        return {}
+    log = Path(out) / "log.jsonl"
     if log.exists():
         log.unlink()
     t0 = time.perf_counter()
-    result = train(config, args.out)
+    result = train(config, out)
     wall = time.perf_counter() - t0
     evals = [r for r in result.history if r.get("type") == "eval"]
     record = {
@@ -45,9 +41,9 @@ def main() -> int:
         "best_dev_accuracy": max(r["accuracy"] for r in evals),
         "evals": evals,
     }
-    (Path(args.out) / "results.json").write_text(json.dumps(record, indent=2))
+    (Path(out) / "results.json").write_text(json.dumps(record, indent=2))
     print(
-        f"SST-2 dev accuracy {100 * record['dev_accuracy']:.1f}% (macro-F1 {record['dev_macro_f1']:.3f}) after "
+        f"{what} dev accuracy {100 * record['dev_accuracy']:.1f}% (macro-F1 {record['dev_macro_f1']:.3f}) after "
         f"{record['train_s'] / 60:.1f} min of training, {wall / 60:.1f} min in all"
     )
     for r in evals:
@@ -55,6 +51,16 @@ def main() -> int:
             f"  epoch {r['epoch']}: step {r['step']}, accuracy {100 * r['accuracy']:.1f}%, "
             f"valid NLL {r['valid_nll']:.3f}, {r['time'] / 60:.1f} min"
         )
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/sst2.toml")
+    parser.add_argument("--out", default="runs/sst2")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    run(apply_overrides(load_toml(args.config), args.overrides), args.out)
     return 0
 
 

@@ -200,6 +200,24 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from tformer.interop import import_hf, save_imported
+
+    imported = import_hf(args.dir)
+    path = save_imported(imported, args.out)
+    print(f"{imported.family} -> tformer {imported.task} checkpoint: {path}")
+    for name, why in imported.ignored.items():
+        print(f"  not used: {name} ({why})")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from tformer.interop import export_hf
+
+    print(f"GPT2LMHeadModel directory: {export_hf(args.checkpoint, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -320,13 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--samples", type=int, default=None, help="softmax: queries per d_k (default 2000)")
     vz.add_argument("--seed", type=int, default=None, help="softmax: random seed (default 0)")
     vz.set_defaults(func=_viz, rest="arg")
-    ex = sub.add_parser("export", help="write a checkpoint in another format: `export onnx`")
+    im = sub.add_parser("import", help="convert another library's model into a tformer checkpoint")
+    im_sub = im.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    im_hf = im_sub.add_parser(
+        "hf", help="a Hugging Face directory (GPT-2, BERT, Marian; config.json + safetensors)"
+    )
+    im_hf.add_argument("dir", help="the Hugging Face model directory (no hub: a local path)")
+    im_hf.add_argument("out", help="the tformer checkpoint directory to write")
+    im_hf.set_defaults(func=_import)
+
+    ex = sub.add_parser("export", help="write a checkpoint in another format: `export onnx | hf`")
     formats = ex.add_subparsers(dest="format", required=True, metavar="FORMAT")
     eo = formats.add_parser("onnx", help="ONNX graphs, each checked with ONNX Runtime (extra: tformer[onnx])")
     eo.add_argument("checkpoint")
     eo.add_argument("out", help="output directory (*.onnx, onnx.json, config and tokenizers)")
     eo.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     eo.set_defaults(func=_export_onnx)
+    ex_hf = formats.add_parser("hf", help="a language model as a Hugging Face GPT-2 directory")
+    ex_hf.add_argument("checkpoint")
+    ex_hf.add_argument("out", help="the directory to write (config.json, model.safetensors, tokenizer)")
+    ex_hf.set_defaults(func=_export_hf)
     return parser
 
 

@@ -21,8 +21,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local", "performer", "linformer")
 ATTENTION_SCORES = ("dot", "cosine", "l2")  # attention/scores.py
 SCORE_BACKENDS = ("math", "sdpa", "chunked", "local")  # the exact kernels, which take any q and k
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-POSITIONS = ("sinusoidal", "learned", "rotary", "none")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+POSITIONS = ("sinusoidal", "sinusoidal_concat", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
 TOKENIZERS = ("word", "bpe", "char")
@@ -136,6 +136,8 @@ class TransformerConfig(_Config):
     n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads; 1: multi-query)
     attention_score: str = "dot"  # "dot" (paper), "cosine" (learned temperature), "l2" (-squared distance)
     layer_norm_eps: float = 1e-5
+    token_types: int = 0  # segment (token type) embeddings added to the tokens' (BERT's type_vocab_size)
+    embedding_norm: bool = False  # LayerNorm over embeddings + positions, before dropout (BERT)
     pad_id: int = 0
 
     def __post_init__(self) -> None:
@@ -172,6 +174,8 @@ class TransformerConfig(_Config):
             )
         if self.attention_dropout > 0 and self.attention in ("chunked", "performer"):
             raise ConfigError(f"{name}.attention = {self.attention!r} does not support attention_dropout > 0")
+        if self.token_types < 0:
+            raise ConfigError(f"{name}.token_types must be >= 0, got {self.token_types}")
 
     def _check_vocab(self, **sizes: int) -> None:
         name = type(self).__name__
@@ -197,11 +201,15 @@ class ModelConfig(TransformerConfig):
     n_decoder_layers: int | None = None  # None: same as n_layers
     share_embeddings: bool = False  # one embedding for source and target (needs one vocabulary)
     tie_output: bool = True  # output projection shares the target embedding (paper section 3.4)
+    output_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
         self._check_vocab(src_vocab_size=self.src_vocab_size, tgt_vocab_size=self.tgt_vocab_size)
+        for key in ("token_types", "embedding_norm"):
+            if getattr(self, key):
+                raise ConfigError(f"{name}.{key} is for encoder-only stacks; a translation model has none")
         if self.n_decoder_layers is not None:
             _check_positive(name, n_decoder_layers=self.n_decoder_layers)
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -297,6 +305,7 @@ class TrainConfig(_Config):
     accumulate: int = 1  # batches per rank summed into one optimiser step (gradient accumulation)
     parallel: str = "ddp"  # with several processes (torchrun): "ddp" replicas or "fsdp" sharded (FSDP2)
     device: str = "auto"  # "auto": the process's CUDA GPU when there is one, else CPU; or "cpu", "cuda"
+    init_from: str | None = None  # classification: start from "hf:DIR" (BERT) or a tformer checkpoint
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -322,6 +331,8 @@ class TrainConfig(_Config):
         _check_choice(name, "precision", self.precision, ("fp32", "bf16", "fp16"))
         _check_choice(name, "parallel", self.parallel, ("ddp", "fsdp"))
         _check_choice(name, "device", self.device, ("auto", "cpu", "cuda"))
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError(f"{name}.init_from is empty; give hf:DIR or a checkpoint directory")
         _check_probability(name, label_smoothing=self.label_smoothing)
         if self.schedule == "cosine" and self.max_steps is None:
             raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")
@@ -380,6 +391,10 @@ class RunConfig(_Config):
         _check_choice(type(self).__name__, "task", self.task, TASKS)
         if self.model is None:
             object.__setattr__(self, "model", model_config_class(self.task)())
+        if self.train.init_from and self.task != "classification":
+            raise ConfigError(
+                f"train.init_from starts a classifier from pretrained weights; the task is {self.task!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config", task: str | None = None) -> RunConfig:

@@ -109,11 +109,24 @@ def build_classification(
     _log(
         f"classification: {len(train_rows):,} training and {len(valid_rows):,} validation texts, labels {labels}"
     )
-    tok = _tokenizer(saved, TOKENIZER, (t for t, _ in train_rows), config)
-    _log(f"tokenizer: {d.tokenizer}, vocabulary {tok.vocab_size:,}")
-    model_config = config.model.replace(vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id)
+    start = None
+    if config.train.init_from:  # pretrained: its tokenizer, architecture and encoder weights
+        from tformer.interop.init_from import classifier_start
+
+        start = classifier_start(config.train.init_from)
+        tok, model_config = start.tokenizer, start.model_config(config.model, n_classes=len(labels))
+        _log(f"init_from {config.train.init_from}: vocabulary {tok.vocab_size:,}")
+    else:
+        tok = _tokenizer(saved, TOKENIZER, (t for t, _ in train_rows), config)
+        _log(f"tokenizer: {d.tokenizer}, vocabulary {tok.vocab_size:,}")
+        model_config = config.model.replace(
+            vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id
+        )
     task = ClassificationTask(model_config, config.train, tok, labels, train_rows, valid_rows)
-    return task, Classifier(model_config)
+    model = Classifier(model_config)
+    if start is not None:
+        start.load_into(model)
+    return task, model
 
 
 def build_lm(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTask, LanguageModel]:

@@ -12,13 +12,21 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_table(max_len: int, d_model: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(max_len, d_model): PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(same)."""
+def sinusoidal_table(
+    max_len: int, d_model: int, *, dtype: torch.dtype = torch.float32, layout: str = "interleaved"
+) -> Tensor:
+    """(max_len, d_model): PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(same).
+
+    layout "concat" puts the same sines in the first half of the features and the cosines in the second
+    (Marian's layout: transformers' MarianSinusoidalPositionalEmbedding)."""
     pos = torch.arange(max_len, dtype=torch.float64)[:, None]
     inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    sin, cos = torch.sin(pos * inv_freq), torch.cos(pos * inv_freq)[:, : d_model // 2]
+    if layout == "concat":
+        return torch.cat([sin, cos], dim=1).to(dtype)
     table = torch.zeros(max_len, d_model, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(pos * inv_freq)
-    table[:, 1::2] = torch.cos(pos * inv_freq)[:, : d_model // 2]
+    table[:, 0::2] = sin
+    table[:, 1::2] = cos
     return table.to(dtype)
 
 
@@ -30,26 +38,32 @@ def _check_length(length: int, max_seq_len: int) -> None:
 
 
 class PositionalEncoding(nn.Module):
-    """Adds positions [offset, offset + T) to x (B, T, C): "sinusoidal" (fixed), "learned", or "none"."""
+    """Adds positions [offset, offset + T) to x (B, T, C): "sinusoidal" (fixed; "sinusoidal_concat" with
+    Marian's feature layout), "learned", or "none"."""
 
     def __init__(self, max_seq_len: int, d_model: int, *, kind: str = "sinusoidal") -> None:
         super().__init__()
         self.max_seq_len, self.kind = max_seq_len, kind
         if kind == "learned":
             self.table = nn.Parameter(torch.randn(max_seq_len, d_model) * 0.02)
-        elif kind == "sinusoidal":
+        elif kind in ("sinusoidal", "sinusoidal_concat"):
             # Derived, not learned: not saved in checkpoints, rebuilt on any device.
-            self.register_buffer("table", sinusoidal_table(max_seq_len, d_model), persistent=False)
+            self.layout = "concat" if kind == "sinusoidal_concat" else "interleaved"
+            table = sinusoidal_table(max_seq_len, d_model, layout=self.layout)
+            self.register_buffer("table", table, persistent=False)
         elif kind not in ("none", "rotary"):
-            raise ValueError(f"unknown positions {kind!r}; expected sinusoidal, learned, rotary or none")
+            raise ValueError(
+                f"unknown positions {kind!r}; expected sinusoidal, sinusoidal_concat, learned, rotary or none"
+            )
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         t = x.shape[1]
         _check_length(offset + t, self.max_seq_len)
         if self.kind in ("none", "rotary"):
             return x
-        if self.kind == "sinusoidal" and x.dtype == torch.float64:  # exact values, not float32-rounded
-            return x + sinusoidal_table(offset + t, x.shape[-1], dtype=torch.float64)[offset:].to(x.device)
+        if self.kind.startswith("sinusoidal") and x.dtype == torch.float64:  # exact, not float32-rounded
+            table = sinusoidal_table(offset + t, x.shape[-1], dtype=torch.float64, layout=self.layout)
+            return x + table[offset:].to(x.device)
         return x + self.table[offset : offset + t].to(x.dtype)
 
 

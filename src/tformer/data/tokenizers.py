@@ -6,6 +6,10 @@ Special tokens are declared once (SPECIALS) and get the same ids in every vocabu
 character, newlines included). char and bpe round-trip text exactly (bpe through a Metaspace
 pre-tokenizer and decoder, char by fusing the characters back); word maps every run of whitespace to one
 space first.
+
+A tokenizer.json made elsewhere (a Hugging Face model's) keeps its own ids: its special tokens are named
+explicitly by role (`specials={"pad": 0, "bos": 101, "eos": 102, "unk": 100}`, several roles may share
+one id) and that map is saved beside it as NAME.specials.json, which `load` reads back.
 """
 
 from __future__ import annotations
@@ -19,18 +23,43 @@ from tokenizers import Tokenizer as HFTokenizer
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
+ROLES = ("pad", "bos", "eos", "unk")
 KINDS = ("word", "bpe", "char")
 
 
-class Tokenizer:
-    """Text <-> ids. `encode` adds no BOS/EOS; the task decides where those go."""
+def specials_path(path: str | Path) -> Path:
+    """Where the role -> id map of an imported tokenizer lives: tokenizer.json -> tokenizer.specials.json."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.specials.json")
 
-    def __init__(self, hf: HFTokenizer) -> None:
-        for i, tok in enumerate(SPECIALS):
-            if hf.token_to_id(tok) != i:
-                raise ValueError(f"tokenizer must map {tok!r} to id {i}, got {hf.token_to_id(tok)}")
-        self.hf = hf
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(4)
+
+class Tokenizer:
+    """Text <-> ids. `encode` adds no BOS/EOS; the task decides where those go.
+
+    `specials=None`: tformer's own vocabulary, <pad> <bos> <eos> <unk> at ids 0..3. Otherwise a map from
+    each role in ROLES to an id of this vocabulary (an imported tokenizer keeps its own numbering)."""
+
+    def __init__(self, hf: HFTokenizer, specials: dict[str, int] | None = None) -> None:
+        if specials is None:
+            for i, tok in enumerate(SPECIALS):
+                if hf.token_to_id(tok) != i:
+                    raise ValueError(f"tokenizer must map {tok!r} to id {i}, got {hf.token_to_id(tok)}")
+            ids = dict(zip(ROLES, range(4), strict=True))
+        else:
+            if sorted(specials) != sorted(ROLES):
+                raise ValueError(
+                    f"special tokens must name exactly the roles {', '.join(ROLES)}; got {', '.join(specials)}"
+                )
+            size = hf.get_vocab_size()
+            for role, i in specials.items():
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < size:
+                    raise ValueError(
+                        f"special token {role!r} = {i!r} is not an id of the vocabulary [0, {size})"
+                    )
+            ids = dict(specials)
+        self.hf, self.specials = hf, None if specials is None else dict(specials)
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[r] for r in ROLES)
+        self.special_ids = frozenset(ids.values())
 
     @classmethod
     def train(cls, texts: Iterable[str], *, kind: str = "word", vocab_size: int = 8000) -> Tokenizer:
@@ -73,7 +102,7 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.hf.decode([i for i in ids if i >= len(SPECIALS)])
+        return self.hf.decode([i for i in ids if i not in self.special_ids])
 
     def tokens(self, text: str) -> list[str]:
         return self.hf.encode(text, add_special_tokens=False).tokens
@@ -93,13 +122,28 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_str(), encoding="utf-8")
+        if self.specials is not None:
+            specials_path(path).write_text(json.dumps(self.specials, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
+        specials = None
+        side = specials_path(path)
+        if side.exists():
+            try:
+                specials = json.loads(side.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{side}: not valid JSON ({exc})") from None
+            if not isinstance(specials, dict):
+                raise ValueError(f"{side}: expected an object mapping {', '.join(ROLES)} to token ids")
         try:
-            return cls.from_str(path.read_text(encoding="utf-8"))
+            hf = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: tokenizer file not found") from None
         except (Exception, json.JSONDecodeError) as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer file ({exc})") from None
+        try:
+            return cls(hf, specials)
+        except ValueError as exc:
+            raise ValueError(f"{side if specials is not None else path}: {exc}") from None

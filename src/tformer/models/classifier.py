@@ -23,6 +23,17 @@ class ClassifierOutput:
     attention: list[Tensor] | None = None  # per layer (B, H, T, T), when asked for
 
 
+def pool(x: Tensor, mask: Tensor | None, kind: str) -> Tensor:
+    """(B, T, C) encoder states -> (B, C): the first position ("cls"), or the mean over the positions the
+    (B, 1, 1, T) key mask keeps ("mean"; sentence-transformers' mean pooling)."""
+    if kind == "cls":
+        return x[:, 0]
+    if mask is None:
+        return x.mean(1)
+    keep = mask[:, 0, 0, :, None].to(x.dtype)  # (B, T, 1)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
 class Classifier(nn.Module):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
@@ -35,16 +46,14 @@ class Classifier(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.xavier_uniform_(module.weight)
 
-    def forward(self, ids: Tensor, *, need_weights: bool = False) -> ClassifierOutput:
-        """ids (B, T), padded with pad_id -> class logits (B, n_classes)."""
+    def forward(
+        self, ids: Tensor, *, need_weights: bool = False, token_types: Tensor | None = None
+    ) -> ClassifierOutput:
+        """ids (B, T), padded with pad_id -> class logits (B, n_classes). `token_types` (B, T): segment ids
+        for a model with token type embeddings (None: segment 0)."""
         mask = padding_mask(ids, self.config.pad_id) if ids.dim() == 2 else None  # (B, 1, 1, T)
-        out = self.encoder(ids, mask=mask, need_weights=need_weights)
-        if self.config.pooling == "cls":
-            pooled = out.x[:, 0]  # (B, C)
-        else:
-            assert mask is not None
-            keep = mask[:, 0, 0, :, None].to(out.x.dtype)  # (B, T, 1)
-            pooled = (out.x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        out = self.encoder(ids, mask=mask, need_weights=need_weights, token_types=token_types)
+        pooled = pool(out.x, mask, self.config.pooling)
         return ClassifierOutput(self.head(self.dropout(pooled)), out.weights)
 
     @torch.no_grad()

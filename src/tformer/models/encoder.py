@@ -69,6 +69,11 @@ class Encoder(nn.Module):
         self.config, self.vocab_size = c, vocab_size
         self.embed = Embedding(vocab_size, c.d_model, scale=c.scale_embeddings)
         self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
+        # BERT-style extras, absent by default: segment embeddings and a LayerNorm over the embeddings
+        self.type_embed = Embedding(c.token_types, c.d_model, scale=False) if c.token_types else None
+        self.embed_norm = (
+            layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.embedding_norm else nn.Identity()
+        )
         self.rotary = RotaryEmbedding(c.d_head, c.max_seq_len) if c.positions == "rotary" else None
         self.dropout = dropout_layer(c.dropout)
         n = c.n_layers if n_layers is None else n_layers
@@ -87,13 +92,30 @@ class Encoder(nn.Module):
         need_weights: bool = False,
         name: str = "ids",
         checked: bool = False,
+        token_types: Tensor | None = None,
     ) -> StackOutput:
-        """ids (B, T); `past` holds each layer's keys/values of T0 earlier positions (causal decoding)."""
+        """ids (B, T); `past` holds each layer's keys/values of T0 earlier positions (causal decoding);
+        `token_types` (B, T) segment ids when the config has token_types (None: all segment 0)."""
         c = self.config
         offset = 0 if past is None else past[0].length
         if not checked:  # a caller that already validated the ids (Seq2Seq.encode) skips the second pass
             check_ids(ids, vocab_size=self.vocab_size, max_len=c.max_seq_len - offset, name=name)
-        x = self.dropout(self.positions(self.embed(ids), offset))
+        x = self.positions(self.embed(ids), offset)
+        if self.type_embed is not None:
+            if token_types is None:
+                x = x + self.type_embed.weight[0]
+            else:
+                if token_types.shape != ids.shape:
+                    raise ValueError(
+                        f"token_types has shape {tuple(token_types.shape)}; expected {tuple(ids.shape)} like {name}"
+                    )
+                check_ids(token_types, vocab_size=c.token_types, max_len=ids.shape[1], name="token_types")
+                x = x + self.type_embed(token_types)
+        elif token_types is not None:
+            raise ValueError(
+                "token_types given, but the model has no token type embeddings (token_types = 0)"
+            )
+        x = self.dropout(self.embed_norm(x))
         kvs: list[KV | KVCache] = []
         weights: list[Tensor] | None = [] if need_weights else None
         for i, layer in enumerate(self.layers):

@@ -80,7 +80,9 @@ class Seq2Seq(nn.Module):
         self.decoder_norm = (
             layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
         )
-        self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
+        self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
+        if self.output.bias is not None:
+            nn.init.zeros_(self.output.bias)
         if c.tie_output:
             self.output.weight = self.tgt_embed.weight
         for layer in [*self.encoder.layers, *self.decoder_layers]:

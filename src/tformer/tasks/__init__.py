@@ -23,6 +23,11 @@ def load_predictor(
 ) -> Translator | TextClassifier | TextGenerator:
     """Any checkpoint -> its task's predictor, the model in `precision` ("fp32", "bf16", "int8")."""
     task = read_config(path).get("task")
+    if task == "encoder":  # written by `tformer import hf` from a BERT model: no head to predict with
+        raise CheckpointError(
+            f"{path}: an encoder checkpoint (no task head); train a classifier from it with "
+            f"`tformer train classification ... train.init_from={path}`"
+        )
     if task not in PREDICTORS:
         raise CheckpointError(
             f"{path}: unknown task {task!r} in config.json; expected one of {', '.join(PREDICTORS)}"
