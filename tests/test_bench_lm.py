@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from tformer.bench import common, generate, train
 from tformer.bench.common import GPTShape, TorchEncoderLM, markov_tokens
@@ -143,3 +144,22 @@ def test_missing_transformers_error_names_the_extra(monkeypatch):
 def test_cli_rejects_an_unknown_shape(capsys):
     assert main(["bench", "train", "--shapes", "gpt5"]) == 2
     assert "unknown shape 'gpt5'; expected one of baby, gpt2-small" in capsys.readouterr().err
+
+
+def test_generate_bench_int8_rows(tmp_path):
+    """int8 rows: the quantised tformer model, with a floor from int8 weight bytes (smaller than fp32's)."""
+    report = generate.run(
+        shape=TINY, batches=(1,), precisions=("fp32", "int8"), prompt_len=3, new_tokens=4, repeats=1,
+        out_dir=tmp_path, bandwidth_mib=8,
+    )  # fmt: skip
+    by = {(r["precision"], r["variant"]): r for r in report["rows"]}
+    fp32, int8 = by[("fp32", "tformer (KV cache)")], by[("int8", "tformer (KV cache)")]
+    assert int8["floor_tokens_per_s"] > fp32["floor_tokens_per_s"]  # fewer bytes per step
+    assert ("int8", "hf generate()") not in by
+    assert "| int8 | 1 | tformer (KV cache) |" in (tmp_path / "generate.md").read_text()
+
+
+def test_int8_weight_bytes_by_hand():
+    lm = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.LayerNorm(3))
+    # embedding 40 floats, linear weight 12 int8 + 3 scales, bias 3 floats, norm 6 floats
+    assert generate.int8_weight_bytes(lm) == 4 * 40 + 12 + 4 * 3 + 4 * 3 + 4 * 6

@@ -10,7 +10,11 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shapes", default="baby,gpt2-small", help="train: comma-separated shapes (baby, gpt2-small)"
     )
-    parser.add_argument("--precisions", default="fp32,bf16", help="train, generate: fp32 and/or bf16")
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="train: fp32,bf16 (default both); generate: fp32,bf16,int8 (default all three)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="train: no torch.compile row")
     parser.add_argument(
         "--steps",

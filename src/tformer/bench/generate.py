@@ -8,8 +8,9 @@ the report says whether they are.
 
 The floor: each decoding step reads every weight once, so tokens/s can be at most
 batch x copy bandwidth / weight bytes. Bandwidth is measured in the same run (a large tensor copy).
-Precisions: float32 and bfloat16 (weights converted). int8 is not measured here (it comes with the
-quantisation work of issue 4, not on this branch).
+Precisions: float32, bfloat16 (weights converted) and int8 (tformer only: its linear layers quantised by
+torchao as `--precision int8` does, dynamic int8 activations; the tied output projection, an embedding
+table, stays float32). Hugging Face rows are float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tformer.models.lm import LanguageModel
 
 SHAPE = GPTShape(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block=1024, batch=1)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16", "int8")
 SEED = 0
 
 
@@ -47,6 +49,15 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter read by a decoding step (tied matrices once; the position table counted
     whole, an overestimate of one row that keeps the floor conservative)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def int8_weight_bytes(model: nn.Module) -> int:
+    """Bytes a decoding step reads once `model` (float32) has its nn.Linear weights in int8: one byte per
+    weight plus a float32 scale per output row; everything else (embeddings, norms, biases) float32."""
+    linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    int8 = sum(w.numel() + 4 * w.shape[0] for w in linear.values())
+    rest = sum(4 * p.numel() for p in model.parameters() if id(p) not in linear)
+    return int8 + rest
 
 
 def _variants(
@@ -88,8 +99,8 @@ def run(
 ) -> dict[str, Any]:
     """Measure every (precision, batch, variant); write generate.json, .md and .png under `out_dir`."""
     for p in precisions:
-        if p not in DTYPES:
-            raise ValueError(f"unknown precision {p!r}; expected one of {', '.join(DTYPES)}")
+        if p not in PRECISIONS:
+            raise ValueError(f"unknown precision {p!r}; expected one of {', '.join(PRECISIONS)}")
     if prompt_len + new_tokens > shape.block:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} > context {shape.block}")
     try:
@@ -109,11 +120,18 @@ def run(
     g = torch.Generator().manual_seed(SEED + 1)
     prompts = {b: torch.randint(shape.vocab_size, (b, prompt_len), generator=g) for b in batches}
     rows = []
+    hf_fp32_tokens: dict[int, Tensor] = {}
     for precision in precisions:
-        dtype = DTYPES[precision]
-        lm = lm32 if dtype == torch.float32 else copy.deepcopy(lm32).to(dtype)
-        hf = None if hf32 is None else hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
-        wbytes = weight_bytes(lm)
+        if precision == "int8":
+            from tformer.inference.precision import apply_precision
+
+            wbytes = int8_weight_bytes(lm32)
+            lm, hf = apply_precision(copy.deepcopy(lm32), "int8"), None
+        else:
+            dtype = DTYPES[precision]
+            lm = lm32 if dtype == torch.float32 else copy.deepcopy(lm32).to(dtype)
+            hf = None if hf32 is None else hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
+            wbytes = weight_bytes(lm)
         variants = _variants(lm, hf, new_tokens)
         for b in batches:
             prompt = prompts[b]
@@ -125,7 +143,10 @@ def run(
                     fn(prompt)
                     times[name].append(time.perf_counter() - t0)
             floor = b * bandwidth * 1e9 / wbytes
-            reference = outputs.get("hf generate()")
+            # int8 has no HF row: compare its tokens with HF's float32 ones (equal unless a near-tie flips)
+            reference = outputs.get("hf generate()", hf_fp32_tokens.get(b))
+            if precision == "fp32" and reference is not None:
+                hf_fp32_tokens[b] = reference
             for name in variants:
                 sec = statistics.median(times[name])
                 tps = b * new_tokens / sec
@@ -156,7 +177,8 @@ def run(
         "copy_bandwidth_gbs": bandwidth,
         "weight_bytes_fp32": weight_bytes(lm32),
         "hf": with_hf,
-        "int8": "not measured: int8 quantisation is another branch's work (issue 4)",
+        "int8": "tformer only (torchao dynamic int8 linear layers; the tied output projection stays "
+        "float32); its tokens are compared with HF's float32 ones",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rows": rows,
@@ -185,6 +207,8 @@ def markdown(report: dict[str, Any]) -> str:
     }
     for r in report["rows"]:
         key = (r["precision"], r["batch"])
+        if r["precision"] == "int8":
+            key = ("fp32", r["batch"])  # against HF's float32 generate()
         ratio = f"{r['tokens_per_s'] / hf[key]:.2f}x" if key in hf else "n/a"
         same = {None: "n/a", True: "yes", False: "no"}[r["same_tokens_as_hf"]]
         lines.append(
@@ -242,7 +266,7 @@ def cli(args: Any) -> int:
     out = args.out or "runs/bench-generate"
     report = run(
         batches=tuple(int(b) for b in args.batches.split(",") if b),
-        precisions=tuple(p for p in args.precisions.split(",") if p),
+        precisions=tuple(p for p in (args.precisions or ",".join(PRECISIONS)).split(",") if p),
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         repeats=args.repeats,

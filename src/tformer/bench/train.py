@@ -349,7 +349,7 @@ def cli(args: Any) -> int:
     out = args.out or "runs/bench-train"
     report = run(
         shapes={s: SHAPES[s] for s in names},
-        precisions=tuple(p for p in args.precisions.split(",") if p),
+        precisions=tuple(p for p in (args.precisions or "fp32,bf16").split(",") if p),
         steps=None if args.steps is None else dict.fromkeys(names, args.steps),
         loss_steps=None if args.loss_steps is None else dict.fromkeys(names, args.loss_steps),
         repeats=args.repeats,
