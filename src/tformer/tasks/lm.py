@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from tformer.config import LMConfig, TrainConfig
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.sampling import generate
 from tformer.metrics import perplexity
+from tformer.models import build_model
 from tformer.models.lm import LanguageModel
 from tformer.tasks.common import model_device, progress, read_task_config
 from tformer.training.checkpoint import load_weights
@@ -124,7 +125,8 @@ class TextGenerator:
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> TextGenerator:
         path = Path(path)
         _, model_config = read_task_config(path, "lm")
-        model = LanguageModel(model_config)
+        # a baseline (models/rnn.py, models/cnn.py) has the same interface
+        model = cast(LanguageModel, build_model(model_config))
         load_weights(path, model)
         return cls(model.to(device).eval(), Tokenizer.load(path / TOKENIZER))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -15,6 +15,7 @@ from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pa
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.metrics import bleu, exact_match, perplexity
+from tformer.models import build_model
 from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks.common import model_device, progress, read_task_config
 from tformer.training.checkpoint import load_weights
@@ -147,7 +148,8 @@ class Translator:
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> Translator:
         path = Path(path)
         _, model_config = read_task_config(path, "translation")
-        model = Seq2Seq(model_config)
+        # a baseline (models/rnn.py, models/cnn.py) has the same interface
+        model = cast(Seq2Seq, build_model(model_config))
         load_weights(path, model)
         src_tok = Tokenizer.load(path / SRC_TOKENIZER)
         tgt_tok = Tokenizer.load(path / TGT_TOKENIZER)

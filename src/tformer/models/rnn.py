@@ -1,0 +1,271 @@
+"""Recurrent baselines: an LSTM / GRU encoder-decoder with additive attention (Bahdanau et al., 2015) and an
+LSTM / GRU language model.
+
+They implement the interfaces of `Seq2Seq` (encode / decode / start_cache / decode_step) and
+`LanguageModel` (forward with a cache), so the trainer, the tasks, beam search and sampling are shared with
+the Transformer. Unlike the Transformer, the decoder's teacher-forced pass is a loop over target
+positions (each step needs the previous hidden state): that sequential dependence is what the
+`parallelism` experiment measures.
+
+Sizes come from the family configs: d_model is the hidden and embedding size, n_layers the number of
+recurrent layers (encoder and decoder), dropout is applied to embeddings, between layers and before the
+output projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from tformer.config import LMConfig, ModelConfig
+from tformer.models.encoder import check_ids
+from tformer.models.lm import LMOutput
+from tformer.models.seq2seq import Seq2SeqOutput
+
+State = Tensor | tuple[Tensor, Tensor]  # GRU: h (L, B, H); LSTM: (h, c)
+
+
+def _rnn(kind: str, d_in: int, d_hidden: int, layers: int, dropout: float, bidirectional: bool) -> nn.RNNBase:
+    cls = nn.LSTM if kind == "lstm" else nn.GRU
+    return cls(
+        d_in,
+        d_hidden,
+        num_layers=layers,
+        dropout=dropout if layers > 1 else 0.0,
+        batch_first=True,
+        bidirectional=bidirectional,
+    )
+
+
+def _select_state(state: State, index: Tensor) -> State:
+    if isinstance(state, tuple):
+        return (state[0].index_select(1, index), state[1].index_select(1, index))
+    return state.index_select(1, index)
+
+
+def _top(state: State) -> Tensor:
+    """The last layer's hidden state, (B, H)."""
+    h = state[0] if isinstance(state, tuple) else state
+    return h[-1]
+
+
+class AdditiveAttention(nn.Module):
+    """score(s, h_j) = v^T tanh(W s + U h_j) (Bahdanau et al., 2015, appendix A.1.2); U h_j is computed once
+    per source (`keys`), as the Transformer's cross-attention keys are."""
+
+    def __init__(self, d_query: int, d_memory: int, d_attn: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(d_query, d_attn, bias=False)
+        self.key = nn.Linear(d_memory, d_attn)
+        self.v = nn.Linear(d_attn, 1, bias=False)
+
+    def keys(self, memory: Tensor) -> Tensor:
+        return self.key(memory)  # (B, S, A)
+
+    def forward(
+        self, query: Tensor, keys: Tensor, memory: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """query (B, H), keys (B, S, A), memory (B, S, C), mask (B, S) True = real -> context (B, C), weights (B, S)."""
+        scores = self.v(torch.tanh(self.query(query)[:, None, :] + keys)).squeeze(-1)  # (B, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1)
+        return torch.bmm(weights[:, None, :], memory).squeeze(1), weights
+
+
+@dataclass
+class RNNDecoderCache:
+    """What incremental decoding keeps: the encoder's states and attention keys (per source), the decoder's
+    recurrent state (per hypothesis). Passed in and returned, as `DecoderCache`."""
+
+    memory: Tensor  # (B, S, C)
+    keys: Tensor  # (B, S, A)
+    memory_mask: Tensor | None  # (B, 1, 1, S), as Seq2Seq returns it
+    state: State
+    length: int = 0
+
+    def index_select(self, index: Tensor, *, cross: bool = True) -> RNNDecoderCache:
+        """Keep / reorder rows. `cross=False` keeps the per-source part (beams of one source share it)."""
+        mask = self.memory_mask
+        return RNNDecoderCache(
+            self.memory.index_select(0, index) if cross else self.memory,
+            self.keys.index_select(0, index) if cross else self.keys,
+            mask.index_select(0, index) if cross and mask is not None else mask,
+            _select_state(self.state, index),
+            self.length,
+        )
+
+
+class RNNSeq2Seq(nn.Module):
+    """Encoder: (bidirectional) LSTM/GRU over the source. Decoder: LSTM/GRU whose input at step t is
+    [embedding of y_{t-1}; context c_t], where c_t attends over the encoder states with the previous top
+    hidden state as query; logits from [s_t; c_t; embedding] (the deep output of Bahdanau et al.)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        kind, d, n = c.architecture, c.d_model, c.n_layers
+        if kind not in ("lstm", "gru"):
+            raise ValueError(f"RNNSeq2Seq needs architecture 'lstm' or 'gru', got {kind!r}")
+        self.src_embed = nn.Embedding(c.src_vocab_size, d, padding_idx=c.pad_id)
+        self.tgt_embed = (
+            self.src_embed if c.share_embeddings else nn.Embedding(c.tgt_vocab_size, d, padding_idx=c.pad_id)
+        )
+        self.encoder = _rnn(kind, d, d // 2 if c.bidirectional else d, n, c.dropout, c.bidirectional)
+        self.decoder = _rnn(kind, 2 * d, d, c.decoder_layers, c.dropout, False)
+        self.attention = AdditiveAttention(d, d, d)
+        self.init_state = nn.Linear(d, d)  # first decoder state from the mean encoder state
+        self.pre_output = nn.Linear(3 * d, d)
+        self.output = nn.Linear(d, c.tgt_vocab_size, bias=False)
+        if c.tie_output:
+            self.output.weight = self.tgt_embed.weight
+        self.dropout = nn.Dropout(c.dropout)
+        nn.init.normal_(self.src_embed.weight, std=d**-0.5)
+        if not c.share_embeddings:
+            nn.init.normal_(self.tgt_embed.weight, std=d**-0.5)
+        with torch.no_grad():
+            self.src_embed.weight[c.pad_id].zero_()
+            self.tgt_embed.weight[c.pad_id].zero_()
+
+    # --- encoder -----------------------------------------------------------------------------------
+    def encode(
+        self, src: Tensor, *, src_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+        """(B, S) ids -> encoder states (B, S, C), key mask (B, 1, 1, S), None (no self-attention)."""
+        c = self.config
+        check_ids(src, vocab_size=c.src_vocab_size, max_len=c.max_seq_len, name="src")
+        mask = src != c.pad_id if src_mask is None else src_mask
+        if mask.shape != src.shape or mask.dtype != torch.bool:
+            raise ValueError(f"src_mask must be a bool tensor shaped like src {tuple(src.shape)}")
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        x = self.dropout(self.src_embed(src))
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.encoder(packed)
+        memory, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        return memory, mask[:, None, None, :], None
+
+    # --- decoder -----------------------------------------------------------------------------------
+    def start_cache(self, memory: Tensor, memory_mask: Tensor | None) -> RNNDecoderCache:
+        """Attention keys of the encoder states and the first decoder state, once per source."""
+        if memory_mask is None:
+            mean = memory.mean(1)
+        else:
+            keep = memory_mask[:, 0, 0, :, None].to(memory.dtype)
+            mean = (memory * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        h0 = torch.tanh(self.init_state(mean))[None].expand(self.config.decoder_layers, -1, -1).contiguous()
+        state: State = (h0, torch.zeros_like(h0)) if self.config.architecture == "lstm" else h0
+        return RNNDecoderCache(memory, self.attention.keys(memory), memory_mask, state)
+
+    def decode_step(
+        self, tgt: Tensor, cache: RNNDecoderCache, *, need_weights: bool = False
+    ) -> Seq2SeqOutput:
+        """Feed the next (B, T) target tokens after `cache.length` earlier ones, one position at a time."""
+        c = self.config
+        if tgt.shape[0] != cache.memory.shape[0]:
+            raise ValueError(f"tgt has batch size {tgt.shape[0]} but the cache has {cache.memory.shape[0]}")
+        if cache.length + tgt.shape[1] > c.max_seq_len:
+            raise ValueError(f"cannot decode past the model's max_seq_len = {c.max_seq_len} target positions")
+        check_ids(tgt, vocab_size=c.tgt_vocab_size, max_len=c.max_seq_len, name="tgt")
+        mask = None if cache.memory_mask is None else cache.memory_mask[:, 0, 0, :]
+        emb = self.dropout(self.tgt_embed(tgt))  # (B, T, C)
+        state = cache.state
+        outputs, weights = [], []
+        for t in range(tgt.shape[1]):
+            context, w = self.attention(_top(state), cache.keys, cache.memory, mask)
+            step_in = torch.cat([emb[:, t], context], dim=-1)[:, None, :]  # (B, 1, 2C)
+            out, state = self.decoder(step_in, state)
+            outputs.append(torch.cat([out[:, 0], context, emb[:, t]], dim=-1))
+            weights.append(w)
+        hidden = torch.tanh(self.pre_output(self.dropout(torch.stack(outputs, dim=1))))  # (B, T, C)
+        logits = self.output(self.dropout(hidden))
+        new_cache = RNNDecoderCache(
+            cache.memory, cache.keys, cache.memory_mask, state, cache.length + tgt.shape[1]
+        )
+        cross = [torch.stack(weights, dim=1)[:, None]] if need_weights else None  # (B, 1, T, S)
+        return Seq2SeqOutput(logits, cross_attention=cross, cache=new_cache)  # type: ignore[arg-type]
+
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None,
+        *,
+        tgt_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Seq2SeqOutput:
+        """Teacher forcing: the T target positions one after another (an RNN cannot do them at once)."""
+        if tgt_mask is not None:
+            raise ValueError("an RNN decoder is causal by construction; tgt_mask is not supported")
+        out = self.decode_step(tgt, self.start_cache(memory, memory_mask), need_weights=need_weights)
+        out.cache = None
+        return out
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        *,
+        src_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Seq2SeqOutput:
+        """src (B, S), tgt (B, T) decoder input (BOS first) -> logits (B, T, V) for the next tokens."""
+        memory, memory_mask, _ = self.encode(src, src_mask=src_mask)
+        if tgt.shape[0] != src.shape[0]:
+            raise ValueError(f"tgt has batch size {tgt.shape[0]} but src has {src.shape[0]}; they must match")
+        return self.decode(tgt, memory, memory_mask, tgt_mask=tgt_mask, need_weights=need_weights)
+
+
+@dataclass
+class RNNLMCache:
+    """The recurrent state after the positions seen so far, and how many there were."""
+
+    state: State
+    length: int
+
+    def index_select(self, index: Tensor) -> RNNLMCache:
+        return RNNLMCache(_select_state(self.state, index), self.length)
+
+
+class RNNLanguageModel(nn.Module):
+    """Embedding -> LSTM/GRU layers -> linear output tied to the embedding (Press & Wolf, 2017).
+
+    `forward(ids, cache=...)` continues from the cached state, so generation feeds the prompt once and then
+    one token per step, as with the Transformer's KV cache."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        if c.architecture not in ("lstm", "gru"):
+            raise ValueError(f"RNNLanguageModel needs architecture 'lstm' or 'gru', got {c.architecture!r}")
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02 if c.tie_output else 1.0)
+        self.rnn = _rnn(c.architecture, c.d_model, c.d_model, c.n_layers, c.dropout, False)
+        self.dropout = nn.Dropout(c.dropout)
+        self.output = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_output:
+            self.output.weight = self.embed.weight
+
+    def forward(
+        self,
+        ids: Tensor,
+        *,
+        cache: RNNLMCache | None = None,
+        use_cache: bool = False,
+        need_weights: bool = False,
+    ) -> LMOutput:
+        """ids (B, T) -> next-token logits (B, T, V); with `cache` (or `use_cache`) also the new cache."""
+        c = self.config
+        past = 0 if cache is None else cache.length
+        check_ids(ids, vocab_size=c.vocab_size, max_len=c.max_seq_len, name="ids")
+        if cache is not None:
+            cache_batch = (cache.state[0] if isinstance(cache.state, tuple) else cache.state).shape[1]
+            if cache_batch != ids.shape[0]:
+                raise ValueError(f"ids have batch size {ids.shape[0]} but the cache has {cache_batch}")
+        out, state = self.rnn(self.dropout(self.embed(ids)), None if cache is None else cache.state)
+        logits = self.output(self.dropout(out))
+        new_cache = RNNLMCache(state, past + ids.shape[1]) if (use_cache or cache is not None) else None
+        return LMOutput(logits, new_cache)  # type: ignore[arg-type]
