@@ -13,7 +13,7 @@ from tformer.config import ClassifierConfig, ConfigError, LMConfig, ModelConfig,
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.models import build_model
 from tformer.models.cnn import CNNClassifier
-from tformer.models.rnn import RNNLanguageModel, RNNSeq2Seq
+from tformer.models.rnn import RNNClassifier, RNNLanguageModel, RNNSeq2Seq
 
 
 def _seq2seq(kind: str, **kw) -> RNNSeq2Seq:
@@ -31,7 +31,7 @@ def test_config_rejects_impossible_combinations():
     with pytest.raises(ConfigError, match="not available for translation"):
         ModelConfig(architecture="cnn")
     with pytest.raises(ConfigError, match="not available for classification"):
-        ClassifierConfig(architecture="lstm")
+        ClassifierConfig(architecture="rnn")
     with pytest.raises(ConfigError, match="must be even"):
         ModelConfig(architecture="gru", d_model=33, n_heads=1)
     with pytest.raises(ConfigError, match="cnn_widths"):
@@ -129,13 +129,20 @@ def test_rnn_lm_cache_equals_full_pass_and_overfits():
     assert cached.tolist() == uncached.tolist() == seq.tolist()
 
 
-def test_cnn_classifier_overfits_and_ignores_padding():
+@pytest.mark.parametrize("kind", ["cnn", "lstm"])
+def test_cnn_and_rnn_classifiers_overfit_and_ignore_padding(kind):
     torch.manual_seed(0)
     cfg = ClassifierConfig(
-        architecture="cnn", vocab_size=30, d_model=16, cnn_filters=8, cnn_widths=(2, 3), dropout=0.0
+        architecture=kind,
+        vocab_size=30,
+        d_model=16,
+        cnn_filters=8,
+        cnn_widths=(2, 3),
+        dropout=0.0,
+        n_layers=1,
     )
     model = build_model(cfg)
-    assert isinstance(model, CNNClassifier)
+    assert isinstance(model, CNNClassifier if kind == "cnn" else RNNClassifier)
     ids = torch.randint(4, 30, (24, 7))
     ids[:8, 4:] = 0  # some padded rows
     y = torch.randint(0, 2, (24,))
@@ -149,7 +156,7 @@ def test_cnn_classifier_overfits_and_ignores_padding():
     model.eval()
     # more padding on the right changes nothing; one token (shorter than any filter) still works
     padded = torch.cat([ids, torch.zeros(24, 5, dtype=torch.long)], 1)
-    torch.testing.assert_close(model(padded).logits, model(ids).logits)
+    torch.testing.assert_close(model(padded).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(model(torch.tensor([[5]])).logits).all()
 
 

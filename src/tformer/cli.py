@@ -161,6 +161,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from tformer.experiments import run_all, run_experiment
+
+    size = "quick" if args.quick else args.size
+    if args.name == "all":
+        print(f"report: {run_all(args.out or 'runs/experiments', size)}")
+    else:
+        out = args.out or f"runs/experiments/{args.name}"
+        result = run_experiment(args.name, out, size)
+        print(result.markdown())
+        print(f"written: {out}/result.json, summary.md, " + ", ".join(result.plots))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -240,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     be.add_argument("--out", default="runs/bench-attention")
     be.set_defaults(func=_bench)
+
+    from tformer.experiments import EXPERIMENTS
+
+    ex = sub.add_parser("experiment", help="measure a claim of the literature: plots, JSON, markdown")
+    ex.add_argument("name", choices=[*EXPERIMENTS, "all"])
+    ex.add_argument("--size", choices=["quick", "medium", "full"], default="full")
+    ex.add_argument("--quick", action="store_true", help="the same as --size quick (about a minute)")
+    ex.add_argument("--out", default=None, help="output directory (default: runs/experiments[/NAME])")
+    ex.set_defaults(func=_experiment)
     return parser
 
 

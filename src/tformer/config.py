@@ -28,7 +28,7 @@ TASKS = ("translation", "classification", "lm")
 # model.architecture per family: the Transformer, or a baseline of the literature (models/rnn.py, models/cnn.py)
 ARCHITECTURES = {
     "ModelConfig": ("transformer", "lstm", "gru"),
-    "ClassifierConfig": ("transformer", "cnn"),
+    "ClassifierConfig": ("transformer", "cnn", "lstm", "gru"),
     "LMConfig": ("transformer", "lstm", "gru"),
 }
 
@@ -140,8 +140,8 @@ class TransformerConfig(_Config):
     n_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: n_heads; 1: multi-query)
     layer_norm_eps: float = 1e-5
     pad_id: int = 0
-    # "transformer", or a baseline: "lstm" / "gru" (translation with additive attention, lm), "cnn"
-    # (classification). Baselines read d_model (hidden size), n_layers and dropout; the rest is unused.
+    # "transformer", or a baseline: "lstm" / "gru" (translation with additive attention, lm, classification),
+    # "cnn" (classification). Baselines read d_model (hidden size), n_layers and dropout; the rest is unused.
     architecture: str = "transformer"
 
     def __post_init__(self) -> None:

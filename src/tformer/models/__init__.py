@@ -1,5 +1,5 @@
 """Models built from tformer's layers: encoder-decoder, classifier, decoder-only language model, and the
-literature's baselines (LSTM / GRU with additive attention, LSTM / GRU language model, CNN classifier)."""
+literature's baselines (LSTM / GRU with additive attention, LSTM / GRU language model and classifier, CNN classifier)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def build_model(config: Any) -> nn.Module:
             from tformer.models.cnn import CNNClassifier
 
             return CNNClassifier(config)
+        if arch in ("lstm", "gru"):
+            from tformer.models.rnn import RNNClassifier
+
+            return RNNClassifier(config)
         return Classifier(config)
     if isinstance(config, LMConfig):
         if arch in ("lstm", "gru"):

@@ -1,5 +1,5 @@
-"""Recurrent baselines: an LSTM / GRU encoder-decoder with additive attention (Bahdanau et al., 2015) and an
-LSTM / GRU language model.
+"""Recurrent baselines: an LSTM / GRU encoder-decoder with additive attention (Bahdanau et al., 2015), an
+LSTM / GRU language model, and a bidirectional LSTM / GRU text classifier.
 
 They implement the interfaces of `Seq2Seq` (encode / decode / start_cache / decode_step) and
 `LanguageModel` (forward with a cache), so the trainer, the tasks, beam search and sampling are shared with
@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from tformer.config import LMConfig, ModelConfig
+from tformer.config import ClassifierConfig, LMConfig, ModelConfig
+from tformer.models.classifier import ClassifierOutput
 from tformer.models.encoder import check_ids
 from tformer.models.lm import LMOutput
 from tformer.models.seq2seq import Seq2SeqOutput
@@ -242,7 +243,7 @@ class RNNLanguageModel(nn.Module):
         if c.architecture not in ("lstm", "gru"):
             raise ValueError(f"RNNLanguageModel needs architecture 'lstm' or 'gru', got {c.architecture!r}")
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        nn.init.normal_(self.embed.weight, std=0.02 if c.tie_output else 1.0)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)  # as Zaremba et al. (2014) initialise LSTM LMs
         self.rnn = _rnn(c.architecture, c.d_model, c.d_model, c.n_layers, c.dropout, False)
         self.dropout = nn.Dropout(c.dropout)
         self.output = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -269,3 +270,42 @@ class RNNLanguageModel(nn.Module):
         logits = self.output(self.dropout(out))
         new_cache = RNNLMCache(state, past + ids.shape[1]) if (use_cache or cache is not None) else None
         return LMOutput(logits, new_cache)  # type: ignore[arg-type]
+
+
+class RNNClassifier(nn.Module):
+    """Bidirectional LSTM / GRU over the text, max-pooled over the real positions, dropout, linear head
+    (the usual recurrent sentence classifier, e.g. Conneau et al., 2017's BiLSTM-max)."""
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        if c.architecture not in ("lstm", "gru"):
+            raise ValueError(f"RNNClassifier needs architecture 'lstm' or 'gru', got {c.architecture!r}")
+        if c.d_model % 2:
+            raise ValueError(
+                f"RNNClassifier needs an even d_model (d_model / 2 per direction), got {c.d_model}"
+            )
+        self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
+        self.rnn = _rnn(c.architecture, c.d_model, c.d_model // 2, c.n_layers, c.dropout, True)
+        self.dropout = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.d_model, c.n_classes)
+
+    def forward(self, ids: Tensor, *, need_weights: bool = False) -> ClassifierOutput:
+        """ids (B, T), padded with pad_id -> class logits (B, n_classes)."""
+        c = self.config
+        check_ids(ids, vocab_size=c.vocab_size, max_len=c.max_seq_len, name="ids")
+        real = ids != c.pad_id
+        lengths = real.sum(1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(
+            self.dropout(self.embed(ids)), lengths, batch_first=True, enforce_sorted=False
+        )
+        out, _ = self.rnn(packed)
+        h, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])  # (B, T, C)
+        keep = real.clone()
+        keep[:, 0] = True  # an all-padding row pools its first (zero) state
+        pooled = h.masked_fill(~keep[..., None], float("-inf")).amax(1)
+        return ClassifierOutput(self.head(self.dropout(pooled)))
+
+    @torch.no_grad()
+    def probabilities(self, ids: Tensor) -> Tensor:
+        return torch.softmax(self.forward(ids).logits.float(), dim=-1)
