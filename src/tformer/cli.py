@@ -166,10 +166,10 @@ def _experiment(args: argparse.Namespace) -> int:
 
     size = "quick" if args.quick else args.size
     if args.name == "all":
-        print(f"report: {run_all(args.out or 'runs/experiments', size)}")
+        print(f"report: {run_all(args.out or 'runs/experiments', size, threads=args.threads)}")
     else:
         out = args.out or f"runs/experiments/{args.name}"
-        result = run_experiment(args.name, out, size)
+        result = run_experiment(args.name, out, size, threads=args.threads)
         print(result.markdown())
         print(f"written: {out}/result.json, summary.md, " + ", ".join(result.plots))
     return 0
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--size", choices=["quick", "medium", "full"], default="full")
     ex.add_argument("--quick", action="store_true", help="the same as --size quick (about a minute)")
     ex.add_argument("--out", default=None, help="output directory (default: runs/experiments[/NAME])")
+    ex.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
     ex.set_defaults(func=_experiment)
     return parser
 

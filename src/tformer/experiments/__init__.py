@@ -27,8 +27,11 @@ EXPERIMENTS = {
 }
 
 
-def run_experiment(name: str, out: str | Path, size: str = "full") -> Result:
-    """Run one experiment; its files go to `out` (result.json, summary.md, *.png)."""
+def run_experiment(name: str, out: str | Path, size: str = "full", threads: int | None = None) -> Result:
+    """Run one experiment; its files go to `out` (result.json, summary.md, *.png).
+
+    `threads`: torch's intra-op threads for the run (None: torch's default; "quick" defaults to 1, since
+    two threads on a CPU shared with other work spin and ran 5x slower than one in our measurements)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} or 'all'")
     from tformer.experiments.common import SIZES
@@ -40,19 +43,32 @@ def run_experiment(name: str, out: str | Path, size: str = "full") -> Result:
     torch.manual_seed(0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    before = torch.get_num_threads()
+    if threads is None and size == "quick":
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     start = time.perf_counter()
-    result: Result = importlib.import_module(EXPERIMENTS[name]).run(out, size)
+    try:
+        result: Result = importlib.import_module(EXPERIMENTS[name]).run(out, size)
+    finally:
+        torch.set_num_threads(before)
     result.seconds = time.perf_counter() - start
+    result.notes.append(f"torch threads: {threads or before}.")
     result.write(out)
     return result
 
 
-def run_all(out: str | Path, size: str = "full", names: list[str] | None = None) -> Path:
+def run_all(
+    out: str | Path, size: str = "full", names: list[str] | None = None, threads: int | None = None
+) -> Path:
     """Every experiment (or `names`) into out/NAME/, then out/report.html with all plots and numbers."""
     from tformer.experiments.report import write_report
 
     out = Path(out)
-    results = [run_experiment(name, out / name, size) for name in (names or list(EXPERIMENTS))]
+    results = [run_experiment(name, out / name, size, threads) for name in (names or list(EXPERIMENTS))]
     return write_report(out, results)
 
 

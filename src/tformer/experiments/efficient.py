@@ -26,7 +26,7 @@ CLAIM = (
 )
 BACKENDS = ["math", "sdpa", "chunked", "local", "performer", "linformer"]
 SETTINGS: dict[str, dict[str, Any]] = {
-    "quick": {"max_len": 128, "steps": 30, "d_model": 32, "batch": 16, "layers": 1, "test": 256},
+    "quick": {"max_len": 64, "steps": 10, "d_model": 16, "batch": 8, "layers": 1, "test": 128},
     "medium": {"max_len": 256, "steps": 400, "d_model": 64, "batch": 32, "layers": 2, "test": 1000},
     "full": {"max_len": 512, "steps": 1500, "d_model": 128, "batch": 32, "layers": 2, "test": 1000},
 }
@@ -103,6 +103,7 @@ def run(out: Path, size: str) -> Result:
         torch.manual_seed(0)
         cfg = ClassifierConfig(
             vocab_size=4 + len(VOCAB),
+            n_classes=10,
             d_model=s["d_model"],
             n_heads=4,
             d_ff=4 * s["d_model"],

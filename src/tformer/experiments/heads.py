@@ -7,6 +7,7 @@ d_k = d_model / heads), everything else equal; validation loss curves and the fi
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tformer.config import LMConfig
-from tformer.experiments.common import Result, Table, char_corpus, fit, lm_batch, lm_valid_loss, line_plot
+from tformer.experiments.common import Result, Table, char_corpus, fit, line_plot, lm_batch, lm_valid_loss
 from tformer.models.lm import LanguageModel
 
 CLAIM = (
@@ -22,7 +23,7 @@ CLAIM = (
     "at different positions; a single head averages this away (Vaswani et al., 2017, 3.2.2 and table 3 A)."
 )
 SETTINGS: dict[str, dict[str, Any]] = {
-    "quick": {"heads": [1, 2, 4], "steps": 40, "d_model": 32, "block": 32, "batch": 16, "every": 20},
+    "quick": {"heads": [1, 2, 4], "steps": 20, "d_model": 32, "block": 32, "batch": 8, "every": 10},
     "medium": {
         "heads": [1, 2, 4, 8, 16],
         "steps": 400,
@@ -71,7 +72,7 @@ def run(out: Path, size: str) -> Result:
             lr=2e-3,
             warmup=s["steps"] // 10,
             every=s["every"],
-            evaluate=lambda model=model: lm_valid_loss(model, valid_ids, s["block"]),
+            evaluate=partial(lm_valid_loss, model, valid_ids, s["block"]),
         )
     final = {k: v[-1][2] for k, v in curves.items()}
     result = Result("heads", CLAIM, size)

@@ -24,7 +24,7 @@ CLAIM = (
     "Transformer learns long-range dependencies more easily (Vaswani et al., 2017, section 4)."
 )
 SETTINGS: dict[str, dict[str, Any]] = {
-    "quick": {"distances": [2, 8, 24], "steps": 150, "d_model": 64, "batch": 32, "test": 512},
+    "quick": {"distances": [2, 8, 24], "steps": 80, "d_model": 32, "batch": 32, "test": 256},
     "medium": {"distances": [4, 16, 64, 128], "steps": 600, "d_model": 64, "batch": 64, "test": 1000},
     "full": {"distances": [4, 16, 64, 128, 256], "steps": 1500, "d_model": 128, "batch": 64, "test": 2000},
 }

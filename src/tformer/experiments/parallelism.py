@@ -8,6 +8,7 @@ count; and decoding time per generated token (KV cache / recurrent state) at eac
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,9 @@ def run(out: Path, size: str) -> Result:
     tf_cfg = LMConfig(
         vocab_size=VOCAB, d_model=d, n_heads=4, d_ff=4 * d, n_layers=LAYERS, dropout=0.0, max_seq_len=max_len
     )
-    models: dict[str, torch.nn.Module] = {"Transformer": LanguageModel(tf_cfg)}
-    models["LSTM"] = matched_lstm(n_params(models["Transformer"]), max_len)
+    lstm = matched_lstm(n_params(LanguageModel(tf_cfg)), max_len)
+    torch.manual_seed(0)
+    models: dict[str, torch.nn.Module] = {"Transformer": LanguageModel(tf_cfg), "LSTM": lstm}
     params = {name: n_params(m) for name, m in models.items()}
     train: dict[str, list[float]] = {name: [] for name in models}
     decode: dict[str, list[float]] = {name: [] for name in models}
@@ -108,19 +110,19 @@ def run(out: Path, size: str) -> Result:
         for name, model in models.items():
             model.train()
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            train[name].append(median_time(lambda m=model, o=opt: _train_step(m, o, x), repeats))
+            train[name].append(median_time(partial(_train_step, model, opt, x), repeats))
             model.eval()
             decode[name].append(_decode_time(model, length, s["decode_steps"], repeats))
     tokens = [batch * n for n in lengths]
     result = Result("parallelism", CLAIM, size)
     result.notes = [
         f"Causal Transformer LM ({LAYERS} layers, d_model {d}, 4 heads, sdpa attention) vs {LAYERS}-layer "
-        f"LSTM LM (hidden {models['LSTM'].config.d_model}); parameters {params['Transformer']:,} vs "
+        f"LSTM LM (hidden {lstm.config.d_model}); parameters {params['Transformer']:,} vs "
         f"{params['LSTM']:,}. Random tokens (vocabulary {VOCAB}), batch {batch}.",
         f"Training: median of {repeats} timed steps (forward, backward, Adam) after one warm-up step.",
         "Decoding: median seconds per generated token (batch 1) after a prompt of the given length, "
         "with the KV cache (Transformer) or the recurrent state (LSTM).",
-        f"Threads: {torch.get_num_threads()}; on a shared CPU the absolute times carry contention noise.",
+        "On a shared CPU the absolute times carry contention noise.",
     ]
     result.numbers = {
         "lengths": lengths,

@@ -9,6 +9,7 @@ with one head of large d_k, with and without the factor, everything else equal.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from tformer.attention.multihead import MultiHeadAttention
 from tformer.config import LMConfig
-from tformer.experiments.common import Result, Table, char_corpus, fit, lm_batch, lm_valid_loss, line_plot
+from tformer.experiments.common import Result, Table, char_corpus, fit, line_plot, lm_batch, lm_valid_loss
 from tformer.models.lm import LanguageModel
 
 CLAIM = (
@@ -26,7 +27,7 @@ CLAIM = (
 )
 D_K = [4, 16, 64, 256, 1024]
 SETTINGS: dict[str, dict[str, Any]] = {
-    "quick": {"samples": 256, "steps": 60, "d_model": 64, "block": 64, "batch": 16, "every": 20},
+    "quick": {"samples": 256, "steps": 30, "d_model": 32, "block": 32, "batch": 8, "every": 10},
     "medium": {"samples": 2000, "steps": 600, "d_model": 256, "block": 128, "batch": 16, "every": 50},
     "full": {"samples": 4000, "steps": 2000, "d_model": 256, "block": 128, "batch": 32, "every": 100},
 }
@@ -107,7 +108,7 @@ def run(out: Path, size: str) -> Result:
             lr=1e-3,
             warmup=s["steps"] // 10,
             every=s["every"],
-            evaluate=lambda model=model: lm_valid_loss(model, valid_ids, s["block"]),
+            evaluate=partial(lm_valid_loss, model, valid_ids, s["block"]),
         )
     result = Result("scaling", CLAIM, size)
     result.notes = [
