@@ -10,7 +10,7 @@ import pytest
 
 from tformer.cli import main
 from tformer.experiments import EXPERIMENTS, run_experiment
-from tformer.experiments.report import write_report
+from tformer.experiments.report import load_result, write_report
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,9 @@ def test_long_range_and_parallelism(tmp_path):
     assert all(0.0 <= a <= 1.0 for v in numbers["accuracy"].values() for a in v)
     assert numbers["accuracy"]["Transformer"][0] > 3 * numbers["chance"]  # d = 2 is easy
 
-    result = run_experiment("parallelism", tmp_path / "par", "quick")
+    # through the command line, as a user runs it
+    assert main(["experiment", "parallelism", "--quick", "--out", str(tmp_path / "par")]) == 0
+    result = load_result(tmp_path / "par")
     numbers = _check_files(tmp_path / "par", result)
     p = numbers["parameters"]
     assert abs(p["LSTM"] - p["Transformer"]) < 0.05 * p["Transformer"]  # equal size, as the claim needs
@@ -80,7 +82,7 @@ def test_heads_and_efficient_and_report(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in eff["accuracy"].values())
     # exact backends compute the same function: from the same seed and batches, the same accuracy
     assert eff["accuracy"]["math"] == eff["accuracy"]["sdpa"] == eff["accuracy"]["chunked"]
-    page = write_report(tmp_path, results).read_text()
+    page = write_report(tmp_path, [load_result(tmp_path / r.name) for r in results]).read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page and "ListOps" in page
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
-from tformer.experiments.common import Result, machine
+from tformer.experiments.common import Result, Table, machine
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -50,3 +51,18 @@ def write_report(out: Path, results: list[Result]) -> Path:
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def load_result(directory: Path) -> Result:
+    """A Result back from the result.json an experiment wrote (to build a report from separate runs)."""
+    data = json.loads((directory / "result.json").read_text())
+    return Result(
+        name=data["name"],
+        claim=data["claim"],
+        size=data["size"],
+        numbers=data["numbers"],
+        tables=[Table(t["title"], t["columns"], t["rows"]) for t in data["tables"]],
+        plots=data["plots"],
+        notes=data["notes"],
+        seconds=data["seconds"],
+    )

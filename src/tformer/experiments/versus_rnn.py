@@ -23,13 +23,13 @@ CLAIM = (
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"budget": 4.0, "eval_every": None, "eval_sentences": 50, "subset": 3000, "batch_tokens": 600},
     "medium": {
-        "budget": 150.0,
-        "eval_every": 150,
+        "budget": 120.0,
+        "eval_every": 100,
         "eval_sentences": 200,
         "subset": None,
         "batch_tokens": 3000,
     },
-    "full": {"budget": 420.0, "eval_every": 300, "eval_sentences": 300, "subset": None, "batch_tokens": 3000},
+    "full": {"budget": 300.0, "eval_every": 300, "eval_sentences": 300, "subset": None, "batch_tokens": 3000},
 }
 TRANSLATION_MODELS: dict[str, dict[str, Any]] = {
     "Transformer": {"d_model": 256, "n_heads": 8, "d_ff": 1024, "n_layers": 3, "dropout": 0.1},
