@@ -27,7 +27,7 @@ CLAIM = (
 BACKENDS = ["math", "sdpa", "chunked", "local", "performer", "linformer"]
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"max_len": 64, "steps": 10, "d_model": 16, "batch": 8, "layers": 1, "test": 128},
-    "medium": {"max_len": 256, "steps": 400, "d_model": 64, "batch": 32, "layers": 2, "test": 1000},
+    "medium": {"max_len": 256, "steps": 200, "d_model": 64, "batch": 16, "layers": 2, "test": 1000},
     "full": {"max_len": 512, "steps": 1500, "d_model": 128, "batch": 32, "layers": 2, "test": 1000},
 }
 VOCAB = ["[MAX", "[MIN", "[MED", "[SM", "]", *[str(d) for d in range(10)]]

@@ -26,11 +26,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"heads": [1, 2, 4], "steps": 20, "d_model": 32, "block": 32, "batch": 8, "every": 10},
     "medium": {
         "heads": [1, 2, 4, 8, 16],
-        "steps": 400,
+        "steps": 300,
         "d_model": 128,
-        "block": 128,
+        "block": 64,
         "batch": 16,
-        "every": 50,
+        "every": 30,
     },
     "full": {
         "heads": [1, 2, 4, 8, 16],

@@ -28,9 +28,9 @@ KINDS = ["sinusoidal", "learned", "rotary", "none"]
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"steps": 60, "d_model": 32, "batch": 32, "test": 256, "test_lengths": [16, 32, 64]},
     "medium": {
-        "steps": 800,
+        "steps": 500,
         "d_model": 64,
-        "batch": 64,
+        "batch": 32,
         "test": 1000,
         "test_lengths": [16, 32, 48, 64, 96, 128],
     },

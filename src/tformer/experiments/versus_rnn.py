@@ -23,8 +23,8 @@ CLAIM = (
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"budget": 4.0, "eval_every": None, "eval_sentences": 50, "subset": 3000, "batch_tokens": 600},
     "medium": {
-        "budget": 120.0,
-        "eval_every": 100,
+        "budget": 90.0,
+        "eval_every": 60,
         "eval_sentences": 200,
         "subset": None,
         "batch_tokens": 3000,
