@@ -36,8 +36,10 @@ def test_config_rejects_impossible_combinations():
         ModelConfig(architecture="gru", d_model=33, n_heads=1)
     with pytest.raises(ConfigError, match="cnn_widths"):
         ClassifierConfig(architecture="cnn", cnn_widths=(3, 0))
-    cfg = apply_overrides(RunConfig(task="lm"), ["architecture=lstm"])
-    assert cfg.model.architecture == "lstm"
+    cfg = apply_overrides(RunConfig(task="lm"), ["architecture=lstm", "d_model=100"])
+    assert cfg.model.architecture == "lstm"  # no heads to divide d_model (n_heads = 6) for an LSTM
+    with pytest.raises(ConfigError, match="divisible by n_heads"):
+        apply_overrides(RunConfig(task="lm"), ["d_model=100"])
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -203,3 +205,17 @@ def test_cli_trains_lstm_translation_and_cnn_classifier(tmp_path, capsys):
     capsys.readouterr()
     assert main(["classify", str(tmp_path / "cl" / "checkpoint"), "awful bad"]) == 0
     assert capsys.readouterr().out.split("\t")[0] == "neg"
+
+
+def test_cli_trains_lstm_lm_and_generates(tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("abcabcabcabc\n" * 40)
+    rc = main(
+        ["train", "lm", "--train", str(tmp_path / "text.txt"), "--out", str(tmp_path / "lm"), "--no-progress"]
+        + ["architecture=lstm", "tokenizer=char", "d_model=32", "n_layers=1", "max_seq_len=16", "epochs=8"]
+        + ["valid_fraction=0.2", "lr=0.02", "warmup_steps=0", "schedule=constant", "batch_size=8"]
+    )
+    assert rc == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "lm" / "checkpoint")
+    assert main(["generate", ckpt, "--prompt", "abca", "--greedy", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == "abcabcabc"

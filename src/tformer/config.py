@@ -164,13 +164,13 @@ class TransformerConfig(_Config):
             layer_norm_eps=self.layer_norm_eps,
             attention_window=self.attention_window,
         )
-        if self.d_model % self.n_heads:
+        if self.architecture == "transformer" and self.d_model % self.n_heads:  # baselines have no heads
             raise ConfigError(
                 f"{name}.d_model = {self.d_model} must be divisible by n_heads = {self.n_heads}"
             )
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ConfigError(f"{name}.n_kv_heads = {self.n_kv_heads} must divide n_heads = {self.n_heads}")
-        if self.positions == "rotary" and self.d_head % 2:
+        if self.architecture == "transformer" and self.positions == "rotary" and self.d_head % 2:
             raise ConfigError(f"{name}.positions = 'rotary' needs an even d_head, got {self.d_head}")
         _check_probability(name, dropout=self.dropout, attention_dropout=self.attention_dropout)
         _check_choice(name, "activation", self.activation, ACTIVATIONS)
