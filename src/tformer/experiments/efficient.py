@@ -47,14 +47,16 @@ def _value(op: str, args: list[int]) -> int:
 def generate(n: int, max_len: int, seed: int = 0) -> list[tuple[list[str], int]]:
     """ListOps-like expressions (nested MAX / MIN / MED / SM over digits) no longer than max_len tokens."""
     rng = random.Random(seed)
+    # deep enough to fill max_len, shallow enough that few draws are rejected (log2(64) - 2 = 4 levels)
+    max_depth = max(2, max_len.bit_length() - 3)
 
     def tree(depth: int) -> tuple[list[str], int]:
-        if depth > 6 or rng.random() < 0.3 * (depth > 0):
+        if depth > 0 and (depth >= max_depth or rng.random() < 0.35):
             d = rng.randrange(10)
             return [str(d)], d
         op = rng.choice(OPS)
         tokens, args = [op], []
-        for _ in range(rng.randint(2, 5)):
+        for _ in range(rng.randint(2, 4)):
             t, v = tree(depth + 1)
             tokens += t
             args.append(v)
