@@ -2,7 +2,7 @@
 that writes PNG plots, result.json and summary.md into an output directory; `all` runs every one and
 builds one self-contained HTML report (report.py).
 
-Sizes: "quick" (about a minute, for the tests), "medium" (a few minutes), "full" (publishable curves, at
+Sizes: "quick" (seconds, for the tests), "medium" (a few minutes), "full" (publishable curves, aimed at
 most about 30 minutes each on 2 CPU cores).
 """
 
