@@ -218,6 +218,20 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from tformer.experiments import run_all, run_experiment
+
+    size = "quick" if args.quick else args.size
+    if args.name == "all":
+        print(f"report: {run_all(args.out or 'runs/experiments', size, threads=args.threads)}")
+    else:
+        out = args.out or f"runs/experiments/{args.name}"
+        result = run_experiment(args.name, out, size, threads=args.threads)
+        print(result.markdown())
+        print(f"written: {out}/result.json, summary.md, " + ", ".join(result.plots))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tformer", description="The Transformer of 'Attention Is All You Need': train, decode, inspect."
@@ -358,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex_hf.add_argument("checkpoint")
     ex_hf.add_argument("out", help="the directory to write (config.json, model.safetensors, tokenizer)")
     ex_hf.set_defaults(func=_export_hf)
+    from tformer.experiments import EXPERIMENTS
+
+    xp = sub.add_parser("experiment", help="measure a claim of the literature: plots, JSON, markdown")
+    xp.add_argument("name", choices=[*EXPERIMENTS, "all"])
+    xp.add_argument("--size", choices=["quick", "medium", "full"], default="full")
+    xp.add_argument("--quick", action="store_true", help="the same as --size quick (about a minute)")
+    xp.add_argument("--out", default=None, help="output directory (default: runs/experiments[/NAME])")
+    xp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
+    xp.set_defaults(func=_experiment)
     return parser
 
 

@@ -27,6 +27,12 @@ POOLINGS = ("cls", "mean")
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
 TOKENIZERS = ("word", "bpe", "char")
 TASKS = ("translation", "classification", "lm")
+# model.architecture per family: the Transformer, or a baseline of the literature (models/rnn.py, models/cnn.py)
+ARCHITECTURES = {
+    "ModelConfig": ("transformer", "lstm", "gru"),
+    "ClassifierConfig": ("transformer", "cnn", "lstm", "gru"),
+    "LMConfig": ("transformer", "lstm", "gru"),
+}
 
 C = TypeVar("C", bound="_Config")
 
@@ -139,10 +145,20 @@ class TransformerConfig(_Config):
     token_types: int = 0  # segment (token type) embeddings added to the tokens' (BERT's type_vocab_size)
     embedding_norm: bool = False  # LayerNorm over embeddings + positions, before dropout (BERT)
     pad_id: int = 0
+    # "transformer", or a baseline: "lstm" / "gru" (translation with additive attention, lm, classification),
+    # "cnn" (classification). Baselines read d_model (hidden size), n_layers and dropout; the rest is unused.
+    architecture: str = "transformer"
 
     def __post_init__(self) -> None:
         _check_types(self)
         name = type(self).__name__
+        allowed = ARCHITECTURES.get(name, ("transformer",))
+        if self.architecture not in allowed:
+            family = {"ModelConfig": "translation", "ClassifierConfig": "classification", "LMConfig": "lm"}
+            raise ConfigError(
+                f"{name}.architecture = {self.architecture!r} is not available for "
+                f"{family.get(name, name)}; choose one of {', '.join(allowed)}"
+            )
         _check_positive(
             name,
             d_model=self.d_model,
@@ -153,13 +169,13 @@ class TransformerConfig(_Config):
             layer_norm_eps=self.layer_norm_eps,
             attention_window=self.attention_window,
         )
-        if self.d_model % self.n_heads:
+        if self.architecture == "transformer" and self.d_model % self.n_heads:  # baselines have no heads
             raise ConfigError(
                 f"{name}.d_model = {self.d_model} must be divisible by n_heads = {self.n_heads}"
             )
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ConfigError(f"{name}.n_kv_heads = {self.n_kv_heads} must divide n_heads = {self.n_heads}")
-        if self.positions == "rotary" and self.d_head % 2:
+        if self.architecture == "transformer" and self.positions == "rotary" and self.d_head % 2:
             raise ConfigError(f"{name}.positions = 'rotary' needs an even d_head, got {self.d_head}")
         _check_probability(name, dropout=self.dropout, attention_dropout=self.attention_dropout)
         _check_choice(name, "activation", self.activation, ACTIVATIONS)
@@ -202,6 +218,7 @@ class ModelConfig(TransformerConfig):
     share_embeddings: bool = False  # one embedding for source and target (needs one vocabulary)
     tie_output: bool = True  # output projection shares the target embedding (paper section 3.4)
     output_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
+    bidirectional: bool = True  # lstm / gru: a bidirectional encoder (d_model / 2 per direction)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -212,6 +229,11 @@ class ModelConfig(TransformerConfig):
                 raise ConfigError(f"{name}.{key} is for encoder-only stacks; a translation model has none")
         if self.n_decoder_layers is not None:
             _check_positive(name, n_decoder_layers=self.n_decoder_layers)
+        if self.architecture != "transformer" and self.bidirectional and self.d_model % 2:
+            raise ConfigError(
+                f"{name}.d_model = {self.d_model} must be even for a bidirectional {self.architecture} "
+                "encoder (d_model / 2 per direction); set bidirectional = false or an even d_model"
+            )
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ConfigError(
                 f"{name}.share_embeddings needs src_vocab_size == tgt_vocab_size, "
@@ -238,10 +260,18 @@ class ClassifierConfig(TransformerConfig):
     n_heads: int = 4
     d_ff: int = 1024
     max_seq_len: int = 128
+    cnn_widths: tuple[int, ...] = (3, 4, 5)  # cnn: filter widths (Kim, 2014)
+    cnn_filters: int = 100  # cnn: filters per width
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_vocab(vocab_size=self.vocab_size)
+        object.__setattr__(self, "cnn_widths", tuple(self.cnn_widths))
+        if not self.cnn_widths or not all(isinstance(w, int) and w > 0 for w in self.cnn_widths):
+            raise ConfigError(
+                f"ClassifierConfig.cnn_widths must be positive integers, got {list(self.cnn_widths)}"
+            )
+        _check_positive(type(self).__name__, cnn_filters=self.cnn_filters)
         if self.n_classes < 2:
             raise ConfigError(f"{type(self).__name__}.n_classes must be >= 2, got {self.n_classes}")
         _check_choice(type(self).__name__, "pooling", self.pooling, POOLINGS)

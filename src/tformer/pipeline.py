@@ -19,9 +19,7 @@ import torch
 from tformer.config import ConfigError, RunConfig
 from tformer.data.readers import read_labelled, read_parallel, read_text, report_skipped
 from tformer.data.tokenizers import Tokenizer
-from tformer.models.classifier import Classifier
-from tformer.models.lm import LanguageModel
-from tformer.models.seq2seq import Seq2Seq
+from tformer.models import Classifier, build_model
 from tformer.tasks import ClassificationTask, LanguageModelTask, TranslationTask
 from tformer.tasks.classification import TOKENIZER
 from tformer.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER
@@ -55,7 +53,9 @@ def _tokenizer(saved: Path | None, name: str, texts: Any, config: RunConfig) -> 
     return Tokenizer.train(texts, kind=config.data.tokenizer, vocab_size=config.data.vocab_size)
 
 
-def build_translation(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask, Seq2Seq]:
+def build_translation(
+    config: RunConfig, saved: Path | None = None
+) -> tuple[TranslationTask, torch.nn.Module]:
     d = config.data
     train_pairs, stats = read_parallel(_need(config, "train"))
     report_skipped(stats)
@@ -88,12 +88,12 @@ def build_translation(config: RunConfig, saved: Path | None = None) -> tuple[Tra
         eval_beam_size=config.train.eval_beam_size,
         eval_max_sentences=config.train.eval_max_sentences,
     )
-    return task, Seq2Seq(model_config)
+    return task, build_model(model_config)
 
 
 def build_classification(
     config: RunConfig, saved: Path | None = None
-) -> tuple[ClassificationTask, Classifier]:
+) -> tuple[ClassificationTask, torch.nn.Module]:
     d = config.data
     (train_path,) = _one(config, "train")
     (valid_path,) = _one(config, "valid")
@@ -123,13 +123,18 @@ def build_classification(
             vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id
         )
     task = ClassificationTask(model_config, config.train, tok, labels, train_rows, valid_rows)
-    model = Classifier(model_config)
+    model = build_model(model_config)
     if start is not None:
+        if not isinstance(model, Classifier):
+            raise ConfigError(
+                f"train.init_from starts a Transformer classifier; model.architecture is "
+                f"{model_config.architecture!r} (use 'transformer' or drop init_from)"
+            )
         start.load_into(model)
     return task, model
 
 
-def build_lm(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTask, LanguageModel]:
+def build_lm(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTask, torch.nn.Module]:
     d = config.data
     (train_path,) = _one(config, "train")
     text = read_text(train_path)
@@ -148,7 +153,7 @@ def build_lm(config: RunConfig, saved: Path | None = None) -> tuple[LanguageMode
     )
     model_config = config.model.replace(vocab_size=tok.vocab_size, pad_id=tok.pad_id)
     task = LanguageModelTask(model_config, config.train, tok, train_text, valid_text)
-    return task, LanguageModel(model_config)
+    return task, build_model(model_config)
 
 
 def _one(config: RunConfig, key: str) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from tformer.data.batching import bucket_batches, pad
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.precision import apply_precision, check_precision
 from tformer.metrics import accuracy, macro_f1
+from tformer.models import build_model
 from tformer.models.classifier import Classifier
 from tformer.tasks.common import log, model_device, progress, read_task_config
 from tformer.training.checkpoint import CheckpointError, load_weights
@@ -132,7 +133,8 @@ class TextClassifier:
         check_precision(precision)
         path = Path(path)
         raw, model_config = read_task_config(path, "classification")
-        model = Classifier(model_config)
+        # a baseline (models/rnn.py, models/cnn.py) has the same interface
+        model = cast(Classifier, build_model(model_config))
         load_weights(path, model)
         labels = raw.get("labels")
         if not isinstance(labels, list) or len(labels) != model_config.n_classes:

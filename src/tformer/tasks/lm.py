@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from tformer.data.tokenizers import Tokenizer
 from tformer.inference.precision import apply_precision, check_precision
 from tformer.inference.sampling import generate
 from tformer.metrics import perplexity
+from tformer.models import build_model
 from tformer.models.lm import LanguageModel
 from tformer.tasks.common import model_device, progress, read_task_config
 from tformer.training.checkpoint import load_weights
@@ -130,7 +131,8 @@ class TextGenerator:
         check_precision(precision)
         path = Path(path)
         _, model_config = read_task_config(path, "lm")
-        model = LanguageModel(model_config)
+        # a baseline (models/rnn.py, models/cnn.py) has the same interface
+        model = cast(LanguageModel, build_model(model_config))
         load_weights(path, model)
         return cls(apply_precision(model.to(device), precision), Tokenizer.load(path / TOKENIZER))
 

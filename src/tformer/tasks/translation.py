@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -16,6 +16,7 @@ from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.inference.precision import apply_precision, check_precision
 from tformer.metrics import bleu, exact_match, perplexity
+from tformer.models import build_model
 from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks.common import model_device, progress, read_task_config
 from tformer.training.checkpoint import load_weights
@@ -153,7 +154,8 @@ class Translator:
         check_precision(precision)
         path = Path(path)
         _, model_config = read_task_config(path, "translation")
-        model = Seq2Seq(model_config)
+        # a baseline (models/rnn.py, models/cnn.py) has the same interface
+        model = cast(Seq2Seq, build_model(model_config))
         load_weights(path, model)
         src_tok = Tokenizer.load(path / SRC_TOKENIZER)
         tgt_tok = Tokenizer.load(path / TGT_TOKENIZER)
