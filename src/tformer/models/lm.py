@@ -18,6 +18,14 @@ from tformer.config import LMConfig
 from tformer.models.encoder import Encoder
 
 
+def cache_capacity(capacity: int | None, max_seq_len: int) -> int:
+    """A generation cache's capacity: `capacity` checked to lie in [1, max_seq_len], or max_seq_len."""
+    capacity = max_seq_len if capacity is None else capacity
+    if not 1 <= capacity <= max_seq_len:
+        raise ValueError(f"cache capacity must be in [1, max_seq_len={max_seq_len}], got {capacity}")
+    return capacity
+
+
 @dataclass
 class LMCache:
     """Per-layer self-attention keys/values of the positions seen so far (static buffers, `KVCache`).
@@ -85,10 +93,7 @@ class LanguageModel(nn.Module):
         """An empty static cache for up to `capacity` positions (default: max_seq_len). Its buffers,
         (B, n_kv_heads, capacity, d_head) per layer for keys and for values, are allocated by the first
         forward pass that writes to it, with that pass's batch size, dtype and device."""
-        limit = self.config.max_seq_len
-        capacity = limit if capacity is None else capacity
-        if not 1 <= capacity <= limit:
-            raise ValueError(f"cache capacity must be in [1, max_seq_len={limit}], got {capacity}")
+        capacity = cache_capacity(capacity, self.config.max_seq_len)
         return LMCache([KVCache(capacity) for _ in self.decoder.layers])
 
     def forward(

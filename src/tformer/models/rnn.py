@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tformer.config import ClassifierConfig, LMConfig, ModelConfig
 from tformer.models.classifier import ClassifierOutput
 from tformer.models.encoder import check_ids
-from tformer.models.lm import LMOutput
+from tformer.models.lm import LMOutput, cache_capacity
 from tformer.models.seq2seq import Seq2SeqOutput
 
 State = Tensor | tuple[Tensor, Tensor]  # GRU: h (L, B, H); LSTM: (h, c)
@@ -277,11 +277,7 @@ class RNNLanguageModel(nn.Module):
 
     def new_cache(self, capacity: int | None = None) -> RNNLMCache:
         """An empty cache for up to `capacity` positions (default: max_seq_len), as LanguageModel's."""
-        limit = self.config.max_seq_len
-        capacity = limit if capacity is None else capacity
-        if not 1 <= capacity <= limit:
-            raise ValueError(f"cache capacity must be in [1, max_seq_len={limit}], got {capacity}")
-        return RNNLMCache(None, 0, capacity)
+        return RNNLMCache(None, 0, cache_capacity(capacity, self.config.max_seq_len))
 
     def forward(
         self,
