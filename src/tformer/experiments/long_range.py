@@ -26,7 +26,7 @@ CLAIM = (
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"distances": [2, 8, 24], "steps": 80, "d_model": 32, "batch": 32, "test": 256},
     "medium": {"distances": [4, 16, 64, 128], "steps": 400, "d_model": 64, "batch": 32, "test": 1000},
-    "full": {"distances": [4, 16, 64, 128, 256], "steps": 1500, "d_model": 128, "batch": 64, "test": 2000},
+    "full": {"distances": [4, 16, 64, 128, 256], "steps": 900, "d_model": 128, "batch": 64, "test": 2000},
 }
 SYMBOLS = 16
 PREFIX = 8

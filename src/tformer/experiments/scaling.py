@@ -29,7 +29,7 @@ D_K = [4, 16, 64, 256, 1024]
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {"samples": 256, "steps": 30, "d_model": 32, "block": 32, "batch": 8, "every": 10},
     "medium": {"samples": 2000, "steps": 300, "d_model": 128, "block": 64, "batch": 16, "every": 30},
-    "full": {"samples": 4000, "steps": 2000, "d_model": 256, "block": 128, "batch": 32, "every": 100},
+    "full": {"samples": 4000, "steps": 1500, "d_model": 256, "block": 128, "batch": 32, "every": 100},
 }
 KEYS = 64  # keys per query in the exact measurement
 
