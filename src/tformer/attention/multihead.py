@@ -7,12 +7,12 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.attention.backends import get_backend
 from tformer.attention.masks import check_mask
 from tformer.attention.scores import AttentionScore, check_score
+from tformer.linear import Linear, linear
 
 
 class KV(NamedTuple):
@@ -169,8 +169,8 @@ class MultiHeadAttention(nn.Module):
         # only the options this backend takes (e.g. the window of "local")
         self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in self.backend.options}
         self.score = AttentionScore(score, n_heads, self.d_head)
-        self.in_proj = nn.Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.in_proj = Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
+        self.out_proj = Linear(d_model, d_model, bias=bias)
         if self.backend.name == "linformer":  # its learned sequence projections E and F (rank, max_seq_len)
             opts = backend_options or {}
             rank, max_len = int(opts.get("rank", 64)), int(opts.get("max_seq_len", 512))
@@ -188,7 +188,7 @@ class MultiHeadAttention(nn.Module):
 
     def _project(self, x: Tensor, part: slice) -> Tensor:
         bias = None if self.in_proj.bias is None else self.in_proj.bias[part]
-        return F.linear(x, self.in_proj.weight[part], bias)
+        return linear(x, self.in_proj.weight[part], bias)
 
     def project_kv(self, memory: Tensor) -> KV:
         """(B, S, C) -> keys and values (B, H, S, D); computed once per source for cross-attention."""

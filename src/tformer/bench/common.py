@@ -28,11 +28,20 @@ PlotFn = Callable[[dict[str, Any], Path], None]
 
 
 def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of an (n, n) @ (n, n) product in float32 and bfloat16 on this machine."""
+    """GFLOP/s of an (n, n) @ (n, n) product on this machine, per precision the faster of PyTorch's
+    default kernel (`torch.matmul`: MKL for float32 on x86, oneDNN for bfloat16) and tformer's `linear`
+    (oneDNN called directly for float32; F.linear, i.e. oneDNN again, for bfloat16): {"float32",
+    "bfloat16"} are the ceilings, "<precision>_matmul" and "<precision>_onednn" the two figures."""
+    from tformer.linear import linear, linear_backend
+
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        out[name] = 2 * n**3 / median_seconds(partial(torch.matmul, a, b), repeats) / 1e9
+        out[f"{name}_matmul"] = 2 * n**3 / median_seconds(partial(torch.matmul, a, b), repeats) / 1e9
+        with torch.no_grad(), linear_backend("onednn"):
+            bt = b.t().contiguous()  # linear(a, w) = a @ w^T
+            out[f"{name}_onednn"] = 2 * n**3 / median_seconds(partial(linear, a, bt), repeats) / 1e9
+        out[name] = max(out[f"{name}_matmul"], out[f"{name}_onednn"])
     return out
 
 

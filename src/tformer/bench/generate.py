@@ -1,7 +1,8 @@
 """`tformer bench generate`: greedy generation speed at GPT-2-small shape, batch 1 and 8.
 
 Rows: tformer's `generate` with the static KV cache and without a cache (re-reading the whole context each
-step), and Hugging Face `GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
+step), in float32 also with the cache but its linear layers on PyTorch's F.linear (MKL) instead of oneDNN
+(see tformer.linear), and Hugging Face `GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
 into tformer's LanguageModel: same architecture, GELU with tanh as GPT-2's "gelu_new"). Both generate
 exactly `new_tokens` tokens after the same prompt (no EOS), so their outputs must be the same tokens;
 the report says whether they are.
@@ -37,6 +38,7 @@ from tformer.bench.common import (
     write_outputs,
 )
 from tformer.inference.sampling import generate
+from tformer.linear import current_backend, linear_backend
 from tformer.models.lm import LanguageModel
 
 SHAPE = GPTShape(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block=1024, batch=1)
@@ -69,6 +71,13 @@ def _variants(
             lm, p, max_new_tokens=new_tokens, greedy=True, use_cache=False
         ),
     }
+    if next(lm.parameters()).dtype == torch.float32 and current_backend() == "onednn":
+
+        def aten(p: Tensor) -> Tensor:  # what oneDNN's matrix-vector products are worth
+            with linear_backend("aten"):
+                return generate(lm, p, max_new_tokens=new_tokens, greedy=True)
+
+        out["tformer (KV cache, aten linear)"] = aten
     if hf is not None:
         gen: Any = hf.generate
 

@@ -9,7 +9,8 @@ the same weights (a seeded Hugging Face GPT2LMHeadModel, copied into the others)
 Two phases per shape:
 1. Loss curves: each model, eagerly, for `loss_steps` steps in float32 and in bfloat16 autocast, from
    the same weights on the same batches; the largest gap to Hugging Face's loss shows the curves agree.
-2. Speed: per precision, the models (and tformer with torch.compile) are timed interleaved (A B C A B C ...)
+2. Speed: per precision, the models (and tformer with torch.compile; in float32 also tformer with its
+   linear layers on PyTorch's F.linear instead of oneDNN, see tformer.linear) are timed interleaved (A B C A B C ...)
    for `repeats` rounds of `steps` steps after a warm-up; medians. Model FLOPs utilisation divides the
    model's FLOPs per step (6 N + 12 L C T per token) by the step time and this machine's matmul ceiling
    of the same precision, measured at the start of the same run.
@@ -43,6 +44,7 @@ from tformer.bench.common import (
     pyplot,
     write_outputs,
 )
+from tformer.linear import current_backend, linear_backend
 from tformer.models.lm import LanguageModel
 
 SHAPES = {
@@ -62,8 +64,16 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
 class _Runner:
     """One model with its optimiser and its own cursor into the shared batch sequence."""
 
-    def __init__(self, name: str, model: nn.Module, logits: Callable[[Tensor], Tensor], batches: Tensor):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        logits: Callable[[Tensor], Tensor],
+        batches: Tensor,
+        linear: str | None = None,
+    ):
         self.name, self.model, self.logits, self.batches = name, model, logits, batches
+        self.linear = linear  # tformer's linear backend for this runner (None: the default)
         model.train()
         # the same AdamW for every model (nanoGPT's learning rate for the baby shape), torch's fused kernel
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
@@ -74,7 +84,8 @@ class _Runner:
         batch = self.batches[self.position % len(self.batches)]
         self.position += 1
         x, y = batch[:, :-1], batch[:, 1:]
-        with _autocast(precision):
+        backend = contextlib.nullcontext() if self.linear is None else linear_backend(self.linear)
+        with backend, _autocast(precision):
             logits = self.logits(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
@@ -179,6 +190,11 @@ def speed(
             c = _Runner("tformer+compile", lm, _lm_logits(compiled), batches)
             c.opt = runners[0].opt
             runners.insert(1, c)
+        if precision == "fp32" and current_backend() == "onednn":  # what oneDNN's products are worth
+            lm = runners[0].model
+            a = _Runner("tformer (aten linear)", lm, _lm_logits(lm), batches, linear="aten")
+            a.opt = runners[0].opt
+            runners.insert(1, a)
         for r in runners:  # warm-up (and compilation)
             t0 = time.perf_counter()
             for _ in range(2):
@@ -281,7 +297,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Training step (forward, cross-entropy, backward, AdamW); torch {report['torch']}, "
         f"{report['threads']} threads. Matmul ceiling here: {c['float32']:.0f} GFLOP/s float32, "
-        f"{c['bfloat16']:.0f} GFLOP/s bfloat16. MFU = model FLOPs (6N + 12LCT per token) / time / ceiling "
+        f"{c['bfloat16']:.0f} GFLOP/s bfloat16 (the faster of torch.matmul and oneDNN; torch.matmul gave "
+        f"{c.get('float32_matmul', c['float32']):.0f} / {c.get('bfloat16_matmul', c['bfloat16']):.0f}). MFU = model FLOPs (6N + 12LCT per token) / time / ceiling "
         "of the same precision. Medians of interleaved repeats.",
         "",
     ]

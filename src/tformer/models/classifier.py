@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tformer.attention.masks import padding_mask
 from tformer.config import ClassifierConfig
 from tformer.layers import dropout_layer
+from tformer.linear import Linear
 from tformer.models.encoder import Encoder
 
 
@@ -40,7 +41,7 @@ class Classifier(nn.Module):
         self.config = c = config
         self.encoder = Encoder(c, c.vocab_size)
         self.dropout = dropout_layer(c.dropout)
-        self.head = nn.Linear(c.d_model, c.n_classes)
+        self.head = Linear(c.d_model, c.n_classes)
         for layer in self.encoder.layers:
             for module in layer.modules():
                 if isinstance(module, nn.Linear):

@@ -17,6 +17,7 @@ from tformer.attention.masks import check_mask, padding_mask
 from tformer.attention.multihead import KV, KVCache
 from tformer.config import ModelConfig
 from tformer.layers import DecoderLayer, Embedding, dropout_layer, layer_norm
+from tformer.linear import Linear
 from tformer.models.encoder import Encoder, check_ids, layer_kwargs
 from tformer.positions import PositionalEncoding
 
@@ -80,7 +81,7 @@ class Seq2Seq(nn.Module):
         self.decoder_norm = (
             layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
         )
-        self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
+        self.output = Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
         if self.output.bias is not None:
             nn.init.zeros_(self.output.bias)
         if c.tie_output:

@@ -1,0 +1,129 @@
+"""Every linear layer of tformer: `nn.Linear`'s parameters and result, with float32 CPU products sent to oneDNN.
+
+Why: PyTorch's CPU build sends float32 `F.linear` to MKL. On CPUs where MKL does not take its AVX-512 path
+(AMD EPYC, this project's machine) its products run at a fraction of the machine's speed, while oneDNN
+(also inside PyTorch, the library behind its bfloat16 and inductor CPU kernels) does not:
+`benchmarks/linear_kernels.py` measured 1.4-4.8x faster forward+backward at the model's shapes and 1.6-2.7x
+at decoding's matrix-vector products (docs/decisions.md, decision 48). On CPUs where MKL is fast the two
+are about equal.
+
+The oneDNN path is PyTorch's own `torch.ops.mkldnn._linear_pointwise` (what inductor emits for a frozen
+CPU linear), wrapped in an autograd Function whose backward is two more oneDNN products. It is taken only
+where it computes exactly `F.linear`'s function in the same precision: float32 tensors on the CPU, no
+autocast (which would have cast the product to bfloat16), plain tensors (a quantised or distributed weight
+subclass keeps its own kernel), and not while torch.compile, TorchScript or ONNX export is tracing (they
+see `F.linear`). Everything else is `F.linear`. Results differ from MKL's only in summation order (about
+1e-6 relative; the tests compare against PyTorch's layers at their usual tolerances).
+
+`TFORMER_LINEAR=aten` in the environment, or `linear_backend("aten")`, turns the oneDNN path off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKENDS = ("onednn", "aten")
+_op: Any = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+)
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _initial_backend() -> str:
+    name = os.environ.get("TFORMER_LINEAR", "onednn")
+    if name not in BACKENDS:
+        raise ValueError(f"TFORMER_LINEAR={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _initial_backend()
+
+
+def current_backend() -> str:
+    """ "onednn" when float32 CPU products go to oneDNN (and oneDNN is in this PyTorch build), else "aten"."""
+    return "onednn" if _backend == "onednn" and _op is not None else "aten"
+
+
+@contextmanager
+def linear_backend(name: str) -> Iterator[None]:
+    """Within the block, linear layers use `name` ("onednn" or "aten": PyTorch's own F.linear)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown linear backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    before, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = before
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _op(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b; dx = dy W, dW = dy^T x, db = sum of dy: all three products in oneDNN."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        dx = _onednn(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
+        dw = _onednn(grad2.t(), x.reshape(-1, x.shape[-1]).t(), None) if ctx.needs_input_grad[1] else None
+        db = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (
+        _backend == "onednn"
+        and _op is not None
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and type(x) in _PLAIN
+        and type(weight) in _PLAIN
+        and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32))
+        and x.dim() >= 2
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()  # inductor cannot lower this op on plain weights
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.onnx.is_in_onnx_export()
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias), through oneDNN where that is the same function (see the module's doc)."""
+    if not _eligible(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state-dict keys and initialisation) computed by `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+__all__ = ["BACKENDS", "Linear", "current_backend", "linear", "linear_backend"]

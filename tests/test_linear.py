@@ -1,0 +1,154 @@
+"""tformer.linear: the oneDNN path computes nn.Linear's function (values and gradients, against float64),
+is taken where it should be and nowhere else, and can be switched off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tformer.linear as tl
+from tformer.linear import Linear, current_backend, linear, linear_backend
+
+pytestmark = pytest.mark.skipif(tl._op is None, reason="this PyTorch build has no oneDNN (mkldnn)")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls that reach oneDNN."""
+    seen: list[tuple[int, ...]] = []
+    real = tl._op
+
+    def counting(x, w, b, *rest):
+        seen.append(tuple(x.shape))
+        return real(x, w, b, *rest)
+
+    monkeypatch.setattr(tl, "_op", counting)
+    return seen
+
+
+def _reference(x, w, b, grad):
+    """Float64 F.linear and its gradients, as float32 for comparison."""
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y = F.linear(x64, w64, b64)
+    y.backward(grad.double())
+    grads = [x64.grad, w64.grad] + ([] if b64 is None else [b64.grad])
+    return [t.float() for t in (y, *grads)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 33), (3, 1, 4, 33)])
+def test_values_and_gradients_equal_float64(shape, bias, calls):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    layer = Linear(33, 19, bias=bias)
+    grad = torch.randn(*shape[:-1], 19, generator=g)
+    y = layer(x)
+    y.backward(grad)
+    got = [y, x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else [])
+    want = _reference(x, layer.weight, layer.bias, grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3  # forward, dx, dW: all three products in oneDNN
+
+
+def test_non_contiguous_input_and_frozen_weight(calls):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 9, 16, generator=g)
+    x = base[:, ::2].transpose(0, 1).requires_grad_()  # strided, not contiguous
+    layer = Linear(16, 8)
+    layer.weight.requires_grad_(False)
+    grad = torch.randn(5, 4, 8, generator=g)
+    y = layer(x)
+    y.backward(grad)
+    want = _reference(x, layer.weight, layer.bias, grad)
+    torch.testing.assert_close(y, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, want[1], rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None and layer.bias.grad is not None
+    assert len(calls) == 2  # forward and dx; no dW for a frozen weight
+
+
+def test_no_grad_calls_onednn_directly(calls):
+    layer = Linear(12, 6)
+    with torch.no_grad():
+        y = layer(torch.randn(3, 12))
+    assert y.grad_fn is None and len(calls) == 1
+
+
+def test_same_state_dict_as_nn_linear():
+    torch.manual_seed(0)
+    a = nn.Linear(10, 4)
+    torch.manual_seed(0)
+    b = Linear(10, 4)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k in a.state_dict():
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k])  # the same initialisation
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float64", "bfloat16", "autocast", "aten", "one-dim"],
+)
+def test_falls_back_to_f_linear(case, calls):
+    layer = Linear(8, 4)
+    x = torch.randn(3, 8)
+    if case == "float64":
+        layer, x = layer.double(), x.double()
+    if case == "bfloat16":
+        layer, x = layer.bfloat16(), x.bfloat16()
+    if case == "one-dim":
+        x = x[0]
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            assert y.dtype == torch.bfloat16  # autocast still decides the precision
+            assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+        y = y.float()
+    elif case == "aten":
+        with linear_backend("aten"):
+            assert current_backend() == "aten"
+            y = layer(x)
+        assert current_backend() == "onednn"
+    else:
+        y = layer(x)
+    if case != "autocast":
+        torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+    assert calls == []
+
+
+def test_quantised_weight_keeps_its_kernel(calls):
+    """A weight that is a tensor subclass (torchao's int8, FSDP's DTensor) is left to its own F.linear."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    w = torch.randn(4, 8).as_subclass(Tagged)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(
+        linear(x, w).as_subclass(torch.Tensor), F.linear(x, w.as_subclass(torch.Tensor))
+    )
+    assert calls == []
+
+
+def test_bad_backend_names():
+    with pytest.raises(ValueError, match="unknown linear backend 'mkl'"), linear_backend("mkl"):
+        pass
+
+
+def test_model_logits_equal_with_either_backend():
+    """A whole model gives the same logits through oneDNN and through F.linear (summation order only)."""
+    from tformer.config import LMConfig
+    from tformer.models.lm import LanguageModel
+
+    torch.manual_seed(0)
+    lm = LanguageModel(
+        LMConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=16)
+    ).eval()
+    ids = torch.randint(50, (2, 16))
+    with torch.no_grad():
+        fast = lm(ids).logits
+        with linear_backend("aten"):
+            slow = lm(ids).logits
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
