@@ -134,6 +134,8 @@ def test_lm_train_eval_generate(tmp_path, capsys):
         ["generate", ckpt, "--prompt", "the cat", "--greedy", "--max-new-tokens", "20", "--stop", "."], capsys
     )
     assert code == 0 and out.startswith("the cat") and "." not in out
+    greedy = ["generate", ckpt, "--prompt", "the", "--greedy", "--max-new-tokens", "12"]
+    assert _run(greedy, capsys)[1] == _run([*greedy, "--compile"], capsys)[1]  # compiled kernels, same text
     code, a, _ = _run(["generate", ckpt, "--prompt", "the", "--seed", "4", "--top-k", "5"], capsys)
     code, b, _ = _run(["generate", ckpt, "--prompt", "the", "--seed", "4", "--top-k", "5"], capsys)
     assert a == b

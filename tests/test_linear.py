@@ -152,3 +152,48 @@ def test_model_logits_equal_with_either_backend():
         with linear_backend("aten"):
             slow = lm(ids).logits
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_gemv_generates_the_same_tokens(calls):
+    """compile=True: one-row decoding steps run compiled matrix-vector kernels (not oneDNN), and greedy
+    decoding chooses the same tokens with logits equal to float64's at float32 tolerance."""
+    from tformer.config import LMConfig
+    from tformer.inference.sampling import generate
+    from tformer.models.lm import LanguageModel
+
+    torch.manual_seed(0)
+    lm = LanguageModel(
+        LMConfig(vocab_size=61, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=32)
+    ).eval()
+    prompt = torch.randint(61, (1, 5))
+    plain = generate(lm, prompt, max_new_tokens=8, greedy=True)
+    n_plain = len(calls)
+    compiled = generate(lm, prompt, max_new_tokens=8, greedy=True, compile=True)
+    assert torch.equal(plain, compiled)
+    # only the prompt pass's 2 x 4 layer products (5 rows each) still go to oneDNN; every one-row product
+    # (its last-position output projection, and all of the 7 steps after it) is compiled
+    assert n_plain == 8 + 1 + 7 * 9 and len(calls) - n_plain == 8
+    x = torch.randn(1, 1, 32, dtype=torch.float64)
+    layer = lm.decoder.layers[0].ff.linear1
+    with torch.no_grad(), tl.compiled_gemv():
+        got = layer(x.float())
+    want = F.linear(x, layer.weight.double(), layer.bias.double())
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_gemv_falls_back_when_compiling_fails(monkeypatch, calls):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(tl, "_gemv_fn", None)
+    monkeypatch.setattr(tl, "_gemv_broken", None)
+    monkeypatch.setattr(torch, "compile", broken)
+    layer = Linear(16, 8)
+    x = torch.randn(1, 16)
+    with torch.no_grad(), tl.compiled_gemv(), pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
+        y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+    assert len(calls) == 1  # served by oneDNN
+    with torch.no_grad(), tl.compiled_gemv():
+        layer(x)  # no second warning: the failure is remembered
+    assert len(calls) == 2

@@ -145,6 +145,7 @@ def _generate(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         seed=args.seed,
         stop=args.stop or (),
+        compile=args.compile,
     )
     print(args.prompt + text)
     return 0
@@ -309,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--greedy", action="store_true", help="always the most probable token")
     ge.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     ge.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    ge.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the float32 CPU matrix-vector products of decoding (seconds once, then faster tokens)",
+    )
     _precision_option(ge)
     ge.set_defaults(func=_generate)
 

@@ -1,8 +1,8 @@
 """`tformer bench generate`: greedy generation speed at GPT-2-small shape, batch 1 and 8.
 
 Rows: tformer's `generate` with the static KV cache and without a cache (re-reading the whole context each
-step), in float32 also with the cache but its linear layers on PyTorch's F.linear (MKL) instead of oneDNN
-(see tformer.linear), and Hugging Face `GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
+step), in float32 also with the cache but its linear layers on PyTorch's F.linear (MKL) instead of oneDNN,
+and with the cache and compiled matrix-vector kernels (`compile=True`; see tformer.linear), and Hugging Face `GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
 into tformer's LanguageModel: same architecture, GELU with tanh as GPT-2's "gelu_new"). Both generate
 exactly `new_tokens` tokens after the same prompt (no EOS), so their outputs must be the same tokens;
 the report says whether they are.
@@ -78,6 +78,9 @@ def _variants(
                 return generate(lm, p, max_new_tokens=new_tokens, greedy=True)
 
         out["tformer (KV cache, aten linear)"] = aten
+        out["tformer (KV cache, compiled)"] = lambda p: generate(
+            lm, p, max_new_tokens=new_tokens, greedy=True, compile=True
+        )
     if hf is not None:
         gen: Any = hf.generate
 

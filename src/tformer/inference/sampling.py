@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tformer.linear import compiled_gemv
 from tformer.models.lm import LanguageModel, LMCache
 
 
@@ -45,7 +46,6 @@ def filter_logits(
     return logits
 
 
-@torch.no_grad()
 def generate(
     model: LanguageModel,
     prompt: Tensor,
@@ -59,9 +59,34 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     stop: callable | None = None,  # type: ignore[valid-type]
+    compile: bool = False,
 ) -> Tensor:
     """prompt (B, T0) ids -> (B, T0 + n) ids, n <= max_new_tokens. Stops early when every row has produced
-    `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared)."""
+    `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared). `compile`: one-row float32
+    CPU decoding steps use compiled matrix-vector kernels (tformer.linear.compiled_gemv; a few seconds of
+    compiling per process, then faster steps)."""
+    with compiled_gemv(compile):
+        return _generate(
+            model, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, use_cache=use_cache, stop=stop,
+        )  # fmt: skip
+
+
+@torch.no_grad()
+def _generate(
+    model: LanguageModel,
+    prompt: Tensor,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    eos_id: int | None,
+    use_cache: bool,
+    stop: callable | None,  # type: ignore[valid-type]
+) -> Tensor:
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt has shape {tuple(prompt.shape)}; expected (B, T) with at least one token")
     if max_new_tokens < 0:

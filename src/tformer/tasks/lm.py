@@ -147,8 +147,10 @@ class TextGenerator:
         greedy: bool = False,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        compile: bool = False,
     ) -> str:
-        """The continuation of `prompt` (without the prompt), cut before the first stop string."""
+        """The continuation of `prompt` (without the prompt), cut before the first stop string. `compile`:
+        compiled matrix-vector kernels for the decoding steps (see tformer.inference.generate)."""
         ids = self.tok.encode(prompt)
         if not ids:
             ids = [self.tok.bos_id]  # an empty prompt: start from BOS
@@ -178,6 +180,7 @@ class TextGenerator:
             seed=seed,
             eos_id=self.tok.eos_id,
             stop=stopped,
+            compile=compile,
         )
         text = continuation(out[0].tolist())
         cuts = [text.index(s) for s in stop if s in text]
