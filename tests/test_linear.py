@@ -185,7 +185,7 @@ def test_compiled_gemv_falls_back_when_compiling_fails(monkeypatch, calls):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(tl, "_gemv_fn", None)
+    monkeypatch.setattr(tl, "_gemv_fns", {})
     monkeypatch.setattr(tl, "_gemv_broken", None)
     monkeypatch.setattr(torch, "compile", broken)
     layer = Linear(16, 8)

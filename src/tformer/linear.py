@@ -30,6 +30,7 @@ disk cache, ten times that on a cold one), so it is opt-in, for long generations
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -75,7 +76,7 @@ def linear_backend(name: str) -> Iterator[None]:
 
 _gemv_on = False
 _gemv_broken: str | None = None  # why compiling failed, once it has
-_gemv_fn: Any = None
+_gemv_fns: dict[tuple[int, int, bool], Any] = {}
 
 
 @contextmanager
@@ -97,17 +98,22 @@ def _gemv_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The compiled matrix-vector product, or None where compiling is not possible here."""
-    global _gemv_fn, _gemv_broken
+    """The compiled matrix-vector product, or None where compiling is not possible here.
+
+    One compiled function per weight shape: the kernel specialised to a static shape is the fast one
+    (dynamic shapes ran at about half the bandwidth), and giving each shape its own code object keeps
+    every function at one graph, clear of dynamo's recompile limit, without touching global config."""
+    global _gemv_broken
     if _gemv_broken is not None:
         return None
+    key = (weight.shape[0], weight.shape[1], bias is not None)
     try:
-        if _gemv_fn is None:
-            # static shapes: the kernel specialised to each weight shape is the fast one (dynamic shapes ran
-            # at about half the bandwidth); a model has a handful of shapes, so allow up to 64 of them
-            _gemv_fn = torch.compile(_gemv_eager, dynamic=False, fullgraph=True)
-        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=256):
-            return _gemv_fn(x, weight, bias)
+        fn = _gemv_fns.get(key)
+        if fn is None:
+            code = _gemv_eager.__code__.replace(co_name=f"_gemv_{key[0]}x{key[1]}{'_bias' if key[2] else ''}")
+            fn = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
+            _gemv_fns[key] = fn
+        return fn(x, weight, bias)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: say so once, use oneDNN
         import warnings
 
