@@ -3,8 +3,8 @@
 Why: PyTorch's CPU build sends float32 `F.linear` to MKL. On CPUs where MKL does not take its AVX-512 path
 (AMD EPYC, this project's machine) its products run at a fraction of the machine's speed, while oneDNN
 (also inside PyTorch, the library behind its bfloat16 and inductor CPU kernels) does not:
-`benchmarks/linear_kernels.py` measured 1.4-4.8x faster forward+backward at the model's shapes and 1.6-2.7x
-at decoding's matrix-vector products (docs/decisions.md, decision 48). On CPUs where MKL is fast the two
+`benchmarks/linear_kernels.py` measured 1.4-2.0x faster forward+backward at the models' shapes and
+2.1-2.6x at decoding's output projection (docs/decisions.md, decision 48). On CPUs where MKL is fast the two
 are about equal.
 
 The oneDNN path is PyTorch's own `torch.ops.mkldnn._linear_pointwise` (what inductor emits for a frozen
@@ -57,7 +57,8 @@ _backend = _initial_backend()
 
 
 def current_backend() -> str:
-    """ "onednn" when float32 CPU products go to oneDNN (and oneDNN is in this PyTorch build), else "aten"."""
+    """The backend in use: "onednn" when float32 CPU products go to oneDNN (and this PyTorch build has
+    it), else "aten"."""
     return "onednn" if _backend == "onednn" and _op is not None else "aten"
 
 
