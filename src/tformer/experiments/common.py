@@ -231,3 +231,32 @@ def lm_valid_loss(
         logits = model(x).logits
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
     return total / batches
+
+
+def fit_char_lm(
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    valid_ids: torch.Tensor,
+    settings: dict[str, Any],
+    *,
+    lr: float,
+) -> list[tuple[int, float, float | None]]:
+    """`fit` a character LM on windows of `train_ids` (settings: batch, block, steps, every), the same batch
+    sequence for every model (seed 0), with the validation loss recorded every `every` steps."""
+    g = torch.Generator().manual_seed(0)
+    block = settings["block"]
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x, y = lm_batch(train_ids, settings["batch"], block, g)
+        logits = model(x).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    return fit(
+        model,
+        loss_fn,
+        settings["steps"],
+        lr=lr,
+        warmup=settings["steps"] // 10,
+        every=settings["every"],
+        evaluate=lambda: lm_valid_loss(model, valid_ids, block),
+    )

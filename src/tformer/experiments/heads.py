@@ -7,15 +7,13 @@ d_k = d_model / heads), everything else equal; validation loss curves and the fi
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tformer.config import LMConfig
-from tformer.experiments.common import Result, Table, char_corpus, fit, line_plot, lm_batch, lm_valid_loss
+from tformer.experiments.common import Result, Table, char_corpus, fit_char_lm, line_plot
 from tformer.models.lm import LanguageModel
 
 CLAIM = (
@@ -59,21 +57,7 @@ def run(out: Path, size: str) -> Result:
             max_seq_len=s["block"],
         )
         model = LanguageModel(cfg)
-        g = torch.Generator().manual_seed(0)  # every model sees the same batches
-
-        def loss_fn(step: int, model: LanguageModel = model, g: torch.Generator = g) -> torch.Tensor:
-            x, y = lm_batch(train_ids, s["batch"], s["block"], g)
-            return F.cross_entropy(model(x).logits.reshape(-1, vocab), y.reshape(-1))
-
-        curves[f"{h} head{'s' if h > 1 else ''}"] = fit(
-            model,
-            loss_fn,
-            s["steps"],
-            lr=2e-3,
-            warmup=s["steps"] // 10,
-            every=s["every"],
-            evaluate=partial(lm_valid_loss, model, valid_ids, s["block"]),
-        )
+        curves[f"{h} head{'s' if h > 1 else ''}"] = fit_char_lm(model, train_ids, valid_ids, s, lr=2e-3)
     final = {k: v[-1][2] for k, v in curves.items()}
     result = Result("heads", CLAIM, size)
     result.notes = [

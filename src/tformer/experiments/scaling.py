@@ -9,16 +9,14 @@ with one head of large d_k, with and without the factor, everything else equal.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tformer.attention.multihead import MultiHeadAttention
 from tformer.config import LMConfig
-from tformer.experiments.common import Result, Table, char_corpus, fit, line_plot, lm_batch, lm_valid_loss
+from tformer.experiments.common import Result, Table, char_corpus, fit_char_lm, line_plot
 from tformer.models.lm import LanguageModel
 
 CLAIM = (
@@ -97,22 +95,7 @@ def run(out: Path, size: str) -> Result:
         paper_init(model)
         if label == "unscaled":
             unscale(model)
-        g = torch.Generator().manual_seed(0)
-
-        def loss_fn(step: int, model: LanguageModel = model, g: torch.Generator = g) -> torch.Tensor:
-            x, y = lm_batch(train_ids, s["batch"], s["block"], g)
-            logits = model(x).logits
-            return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-
-        curves[label] = fit(
-            model,
-            loss_fn,
-            s["steps"],
-            lr=1e-3,
-            warmup=s["steps"] // 10,
-            every=s["every"],
-            evaluate=partial(lm_valid_loss, model, valid_ids, s["block"]),
-        )
+        curves[label] = fit_char_lm(model, train_ids, valid_ids, s, lr=1e-3)
     result = Result("scaling", CLAIM, size)
     result.notes = [
         f"Exact part: float64, {s['samples']} random queries against {KEYS} keys each, q and k ~ N(0, 1)^d_k; "
