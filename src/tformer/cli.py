@@ -401,7 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, rest, [*getattr(args, rest), *extra])
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from tformer.allocator import reuse_freed_memory
+
     try:
+        reuse_freed_memory()  # before any big tensor: freed memory stays for reuse (tformer.allocator)
         return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:
         print(f"tformer {args.command}: error: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tformer.allocator import reuse_freed_memory
 from tformer.config import ConfigError, TrainConfig
 from tformer.training import distributed
 from tformer.training.checkpoint import (
@@ -260,6 +261,7 @@ class Trainer:
         nothing.
         """
         c, s = self.config, self.state
+        reuse_freed_memory()  # no page faults on the step's big tensors (tformer.allocator)
         if s.step == 0 and s.batch_in_epoch == 0 and s.epoch == 0:
             _seed_all(c.seed + self.world.rank)  # rank 0 (and a single process) draws from `seed`
         # Ctrl-C / SIGTERM only set a flag; the loop stops between steps, so the checkpoint never holds
