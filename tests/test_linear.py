@@ -197,3 +197,58 @@ def test_compiled_gemv_falls_back_when_compiling_fails(monkeypatch, calls):
     with torch.no_grad(), tl.compiled_gemv():
         layer(x)  # no second warning: the failure is remembered
     assert len(calls) == 2
+
+
+def _torchao_int8(config_name: str, n: int, k: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    """A float32 nn.Linear and its torchao-quantised copy."""
+    import copy
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    import torchao.quantization as ao
+
+    torch.manual_seed(0)
+    ref = nn.Linear(k, n, bias=bias).eval()
+    q = copy.deepcopy(ref)
+    ao.quantize_(q, getattr(ao, config_name)())
+    return ref, q
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("config_name", ["Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig"])
+def test_compiled_int8_gemv_is_torchaos_function(config_name, bias):
+    """A one-row product with a torchao int8 weight, compiled (reading 1 byte per weight), equals torchao's
+    own int8 linear: the activation row quantised by torchao's functions, integer dot products exact in
+    float32 at K = 96 (96 x 127 x 128 < 2^24), so the only difference is the order of the float32
+    rescaling (a few ulps). It is nowhere near the float32 layer at that tolerance, so the test does see
+    which function was computed."""
+    ref, q = _torchao_int8(config_name, 40, 96, bias)
+    x = 3 * torch.randn(1, 1, 96)
+    with torch.no_grad():
+        want = F.linear(x, q.weight, q.bias)  # torchao's kernel
+        with tl.compiled_gemv():
+            got = linear(x, q.weight, q.bias)
+        assert ("_int8_gemv_eager", 40, 96, bias) in tl._gemv_fns  # the compiled kernel served it
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert (want - ref(x)).abs().max() > 1e-3  # int8 rounding is visible: the two are not float32's
+
+
+def test_int8_model_generates_the_same_tokens_compiled():
+    """An int8 LM (--precision int8) decodes the same tokens with compile=True as torchao's kernels give."""
+    import copy
+
+    from tformer.config import LMConfig
+    from tformer.inference.precision import apply_precision
+    from tformer.inference.sampling import generate
+    from tformer.models.lm import LanguageModel
+
+    torch.manual_seed(0)
+    lm = LanguageModel(
+        LMConfig(vocab_size=61, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=32)
+    ).eval()
+    q = apply_precision(copy.deepcopy(lm), "int8")
+    prompt = torch.randint(61, (1, 5))
+    plain = generate(q, prompt, max_new_tokens=8, greedy=True)
+    compiled = generate(q, prompt, max_new_tokens=8, greedy=True, compile=True)
+    assert torch.equal(plain, compiled)
+    assert any(key[0] == "_int8_gemv_eager" and key[1] == 61 for key in tl._gemv_fns)  # the output head

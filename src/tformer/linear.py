@@ -25,6 +25,12 @@ which reads the weights at 58-70 GB/s here against oneDNN's 41-51 and MKL's 18
 (`benchmarks/linear_kernels.py`). Each shape compiles once per process (about 1-2 s each from inductor's
 disk cache, ten times that on a cold one), so it is opt-in, for long generations. Where compiling fails
 (no C++ compiler) a warning says so once and oneDNN serves instead.
+
+The same context compiles one-row products with torchao's int8 weights (`--precision int8`): one kernel
+reads each int8 weight once, 1 byte instead of float32's 4, where torchao 0.18's own CPU path transposes
+or dequantises the whole matrix on every call (so eager int8 decoding is slower than float32). It is
+torchao's function: the activation row is quantised by torchao's own `choose_qparams_affine` /
+`quantize_affine`, and the integer dot products are exact in float32 up to K = 1024 (decision 53).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import os
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +83,8 @@ def linear_backend(name: str) -> Iterator[None]:
 
 _gemv_on = False
 _gemv_broken: str | None = None  # why compiling failed, once it has
-_gemv_fns: dict[tuple[int, int, bool], Any] = {}
+_gemv_fns: dict[tuple[Any, ...], Any] = {}
+_ao: Any = None  # torchao.quantization.quant_primitives, once a torchao int8 weight has been seen
 
 
 @contextmanager
@@ -98,32 +105,124 @@ def _gemv_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The compiled matrix-vector product, or None where compiling is not possible here.
+def _compiled(eager: Any, key: tuple[Any, ...]) -> Any:
+    """`eager` compiled for one static shape (`key`), or None where compiling is not possible here.
 
     One compiled function per weight shape: the kernel specialised to a static shape is the fast one
     (dynamic shapes ran at about half the bandwidth), and giving each shape its own code object keeps
     every function at one graph, clear of dynamo's recompile limit, without touching global config."""
-    global _gemv_broken
     if _gemv_broken is not None:
         return None
-    key = (weight.shape[0], weight.shape[1], bias is not None)
-    try:
-        fn = _gemv_fns.get(key)
-        if fn is None:
-            code = _gemv_eager.__code__.replace(co_name=f"_gemv_{key[0]}x{key[1]}{'_bias' if key[2] else ''}")
-            fn = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
-            _gemv_fns[key] = fn
-        return fn(x, weight, bias)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: say so once, use oneDNN
-        import warnings
+    full = (eager.__name__,) + key
+    fn = _gemv_fns.get(full)
+    if fn is None:
+        name = f"{eager.__name__}_{'_'.join(str(k) for k in key)}"
+        code = eager.__code__.replace(co_name=name)
+        fn = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
+        _gemv_fns[full] = fn
+    return fn
 
-        _gemv_broken = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        warnings.warn(
-            f"compiled matrix-vector products are off for this process ({_gemv_broken}); using oneDNN",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+
+def _compile_failed(exc: Exception) -> None:
+    """Any compiler failure: say so once, and use the eager kernels for the rest of the process."""
+    import warnings
+
+    global _gemv_broken
+    _gemv_broken = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    warnings.warn(
+        f"compiled matrix-vector products are off for this process ({_gemv_broken}); using oneDNN",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """The compiled float32 matrix-vector product, or None where compiling is not possible here."""
+    try:
+        fn = _compiled(_gemv_eager, (weight.shape[0], weight.shape[1], bias is not None))
+        return None if fn is None else fn(x, weight, bias)
+    except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
+        _compile_failed(exc)
+        return None
+
+
+def _int8_weight(weight: Tensor) -> tuple[Tensor, Tensor, tuple[int, int] | None] | None:
+    """A torchao int8 weight that `_int8_gemv` computes exactly as torchao does: (int8 values (N, K), one
+    float32 scale per output row (N,), the activation's (quant_min, quant_max) when activations are
+    quantised per row, symmetrically, at run time, else None); None for any other weight. The verdict
+    is kept on the weight, so the zero-point check reads the tensor once."""
+    verdict: Any = getattr(weight, "_tformer_int8", False)
+    if verdict is False:
+        verdict = None
+        cls = type(weight)
+        if cls.__name__ == "Int8Tensor" and cls.__module__.startswith("torchao"):
+            q, scale, act = weight.qdata, weight.scale, weight.act_quant_kwargs  # type: ignore[attr-defined]
+            zero = weight.zero_point  # type: ignore[attr-defined]
+            if (
+                q.dim() == 2
+                and scale.dtype == torch.float32
+                and scale.numel() == q.shape[0]
+                and (zero is None or not bool(zero.any()))
+                and weight.act_pre_scale is None  # type: ignore[attr-defined]
+                and weight.act_quant_scale is None  # type: ignore[attr-defined]
+            ):
+                if act is None:
+                    verdict = (q, scale.reshape(-1), None)
+                elif act.mapping_type.name == "SYMMETRIC" and type(act.granularity).__name__ == "PerRow":
+                    global _ao
+                    import torchao.quantization.quant_primitives as _ao  # already imported: it made q
+
+                    bounds = (-64, 63) if act.reduce_range else (-128, 127)
+                    verdict = (q, scale.reshape(-1), bounds)
+        weight._tformer_int8 = verdict  # type: ignore[attr-defined]
+    return cast(tuple[Tensor, Tensor, tuple[int, int] | None] | None, verdict)
+
+
+def _quantize_row(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """One activation row quantised as torchao quantises it (its own functions): int8 values as float32
+    (1, K) and their scale ()."""
+    x2 = x.reshape(1, -1)
+    block = [1, x2.shape[1]]
+    scale, zero = _ao.choose_qparams_affine(
+        x2, _ao.MappingType.SYMMETRIC, block, torch.int8, qmin, qmax, eps=torch.finfo(torch.float32).eps,
+        scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
+    )  # fmt: skip
+    xq = _ao.quantize_affine(x2, block, scale, zero, torch.int8, qmin, qmax)
+    return xq.to(torch.float32), scale.reshape(())
+
+
+def _int8_gemv_eager(x: Tensor, scale_x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    # the int8 x int8 (or float x int8) dot products in float32, exact for integers below 2^24
+    y = (q.to(torch.float32) * x.reshape(1, -1)).sum(-1) * (scale_x * scale)  # (N,)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """One row times a torchao int8 weight as one compiled kernel that reads each int8 weight once (1 byte
+    instead of the 4 that float32 reads; torchao's own CPU path dequantises or transposes the matrix on
+    every call). The same function as torchao's: the activation row is quantised by torchao's own
+    functions, and the integer dot products are exact in float32 for K x 127 x 128 < 2^24 (K <= 1024;
+    beyond, float32 rounding of the sums, about 1e-7 relative). None where this is not such a weight."""
+    found = _int8_weight(weight)
+    if found is None:
+        return None
+    q, scale, bounds = found
+    try:
+        if bounds is None:  # weight-only: the activation stays as it is
+            xq, scale_x = x.reshape(1, -1), torch.ones((), dtype=torch.float32)
+        else:
+            quant = _compiled(_quantize_row, (q.shape[1], *bounds))
+            if quant is None:
+                return None
+            xq, scale_x = quant(x, *bounds)
+        fn = _compiled(_int8_gemv_eager, (q.shape[0], q.shape[1], bias is not None))
+        if fn is None:
+            return None
+        return fn(xq, scale_x, q, scale, bias).reshape(*x.shape[:-1], q.shape[0])
+    except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
+        _compile_failed(exc)
         return None
 
 
@@ -173,6 +272,10 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias), through oneDNN where that is the same function (see the module's doc)."""
+    if _gemv_on and type(weight) not in _PLAIN and _one_row_inference(x):  # a torchao int8 weight?
+        y = _int8_gemv(x, weight, bias)
+        if y is not None:
+            return y
     if not _eligible(x, weight, bias):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (
@@ -184,6 +287,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if y is not None:
             return y
     return _onednn(x, weight, bias)
+
+
+def _one_row_inference(x: Tensor) -> bool:
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(x) in _PLAIN
+        and x.dim() >= 1
+        and x.numel() == x.shape[-1] > 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
 
 
 class Linear(nn.Linear):

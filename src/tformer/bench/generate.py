@@ -10,8 +10,8 @@ the report says whether they are.
 The floor: each decoding step reads every weight once, so tokens/s can be at most
 batch x copy bandwidth / weight bytes. Bandwidth is measured in the same run (a large tensor copy).
 Precisions: float32, bfloat16 (weights converted) and int8 (tformer only: its linear layers quantised by
-torchao as `--precision int8` does, dynamic int8 activations; the tied output projection, an embedding
-table, stays float32). Hugging Face rows are float32 and bfloat16.
+torchao as `--precision int8` does, dynamic int8 activations; the tied output projection gets its own
+int8 copy, the embedding table stays float32). Hugging Face rows are float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -189,8 +189,9 @@ def run(
         "copy_bandwidth_gbs": bandwidth,
         "weight_bytes_fp32": weight_bytes(lm32),
         "hf": with_hf,
-        "int8": "tformer only (torchao dynamic int8 linear layers; the tied output projection stays "
-        "float32); its tokens are compared with HF's float32 ones",
+        "int8": "tformer only (torchao dynamic int8 linear layers, the tied output projection with its "
+        "own int8 copy; 'compiled' reads each int8 weight once, tformer.linear); its tokens are compared "
+        "with HF's float32 ones",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rows": rows,

@@ -9,7 +9,9 @@
   (`Int8DynamicActivationInt8WeightConfig`): int8 weights with one scale per output channel, and the
   activations quantised per token at run time (one scale per row), so the matrix products are int8 x
   int8 -> int32. Embeddings, LayerNorms and the attention kernels stay float32. A tied output projection
-  gets its own int8 copy; the embedding lookup keeps the float table. torchao is an optional dependency
+  gets its own int8 copy; the embedding lookup keeps the float table. Decoding one sequence with
+  `compile=True` (`tformer generate --compile`) computes the same function with compiled kernels that
+  read each int8 weight once (tformer.linear). torchao is an optional dependency
   (`pip install 'tformer[quant]'`), imported only when "int8" is asked for (docs/decisions.md).
 """
 
