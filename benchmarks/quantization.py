@@ -202,13 +202,24 @@ def bench_lm(path: Path, repeats: int, files: list[str]) -> dict[str, Any]:
         repeats,
     )
     texts = {p: m.generate(prompt, greedy=True, max_new_tokens=64) for p, m in models.items()}  # type: ignore[union-attr]
+    # compile=True (`tformer generate --compile`): one-row products as compiled kernels, float32 and int8
+    compiled = {p: models[p] for p in ("fp32", "int8")}
+    gen_c = median_times(
+        {p: (lambda m=m: m.generate(prompt, greedy=True, max_new_tokens=64, compile=True)) for p, m in compiled.items()},  # type: ignore[union-attr]
+        repeats,
+    )  # fmt: skip
     for p, m in models.items():
         rows[p].update(
             same_as_fp32=float(texts[p] == texts["fp32"]),
             tokens_per_s=32 * t / fast[p],
             generate_tokens_per_s=64 / gen[p],
+            generate_compiled_tokens_per_s=64 / gen_c[p] if p in gen_c else None,
             weights_mb=weight_megabytes(m.model),  # type: ignore[union-attr]
         )
+        if p in gen_c:  # the compiled kernels compute the same function: the same text
+            rows[p]["same_text_compiled"] = (
+                m.generate(prompt, greedy=True, max_new_tokens=64, compile=True) == texts[p]
+            )  # type: ignore[union-attr]
     return {"checkpoint": str(path), "data": [file], "tokens": len(ids), "rows": rows}
 
 
@@ -243,6 +254,19 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{(base[lat] / row[lat] if lat == 'latency_ms' else row[lat] / base[lat]):.2f}x | "
                 f"{row['weights_mb']:.1f} |"
             )
+    lm = report["families"].get("lm")
+    if lm is not None and lm["rows"]["fp32"].get("generate_compiled_tokens_per_s"):
+        base = lm["rows"]["fp32"]["generate_tokens_per_s"]
+        parts = [
+            f"{p} {row['generate_compiled_tokens_per_s']:,.1f} tok/s ({row['generate_compiled_tokens_per_s'] / base:.2f}x "
+            f"fp32 without; same text: {'yes' if row.get('same_text_compiled') else 'no'})"
+            for p, row in lm["rows"].items()
+            if row.get("generate_compiled_tokens_per_s")
+        ]
+        lines += [
+            "",
+            "LM generation with `compile=True` (`tformer generate --compile`): " + ", ".join(parts) + ".",
+        ]
     return "\n".join(lines)
 
 

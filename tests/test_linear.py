@@ -218,23 +218,27 @@ def _torchao_int8(config_name: str, n: int, k: int, bias: bool) -> tuple[nn.Line
 @pytest.mark.parametrize("config_name", ["Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig"])
 def test_compiled_int8_gemv_is_torchaos_function(config_name, bias):
     """A one-row product with a torchao int8 weight, compiled (reading 1 byte per weight), equals torchao's
-    own int8 linear: the activation row quantised by torchao's functions, integer dot products exact in
-    float32 at K = 96 (96 x 127 x 128 < 2^24), so the only difference is the order of the float32
-    rescaling (a few ulps). It is nowhere near the float32 layer at that tolerance, so the test does see
-    which function was computed."""
+    own int8 linear. With dynamic activations exactly: the row is quantised by torchao's functions, the
+    integer dot products are exact in float32 at K = 96 (96 x 127 x 128 < 2^24) and the rescaling is
+    done in torchao's order; bit-equality matters because activation rounding is discontinuous, so a
+    last-bit difference upstream can flip a rounding downstream and part a greedy decoding from
+    torchao's. Weight-only: float dot products, equal up to summation order. Neither is near the float32
+    layer at these tolerances, so the test does see which function was computed."""
     ref, q = _torchao_int8(config_name, 40, 96, bias)
-    x = 3 * torch.randn(1, 1, 96)
+    x = 3 * torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = F.linear(x, q.weight, q.bias)  # torchao's kernel
         with tl.compiled_gemv():
             got = linear(x, q.weight, q.bias)
         assert ("_int8_gemv_eager", 40, 96, bias) in tl._gemv_fns  # the compiled kernel served it
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        exact = config_name == "Int8DynamicActivationInt8WeightConfig"
+        torch.testing.assert_close(got, want, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
         assert (want - ref(x)).abs().max() > 1e-3  # int8 rounding is visible: the two are not float32's
 
 
 def test_int8_model_generates_the_same_tokens_compiled():
-    """An int8 LM (--precision int8) decodes the same tokens with compile=True as torchao's kernels give."""
+    """An int8 LM (--precision int8) decodes the same tokens with compile=True as torchao's kernels give,
+    with the same logits at every step (bit for bit: see the test above)."""
     import copy
 
     from tformer.config import LMConfig
@@ -248,7 +252,12 @@ def test_int8_model_generates_the_same_tokens_compiled():
     ).eval()
     q = apply_precision(copy.deepcopy(lm), "int8")
     prompt = torch.randint(61, (1, 5))
+    logits: list[torch.Tensor] = []
+    hook = q.output.register_forward_hook(lambda m, i, o: logits.append(o.detach().clone()))
     plain = generate(q, prompt, max_new_tokens=8, greedy=True)
     compiled = generate(q, prompt, max_new_tokens=8, greedy=True, compile=True)
+    hook.remove()
     assert torch.equal(plain, compiled)
+    for a, b in zip(logits[:8], logits[8:], strict=True):
+        assert torch.equal(a, b)
     assert any(key[0] == "_int8_gemv_eager" and key[1] == 61 for key in tl._gemv_fns)  # the output head

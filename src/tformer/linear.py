@@ -30,7 +30,8 @@ The same context compiles one-row products with torchao's int8 weights (`--preci
 reads each int8 weight once, 1 byte instead of float32's 4, where torchao 0.18's own CPU path transposes
 or dequantises the whole matrix on every call (so eager int8 decoding is slower than float32). It is
 torchao's function: the activation row is quantised by torchao's own `choose_qparams_affine` /
-`quantize_affine`, and the integer dot products are exact in float32 up to K = 1024 (decision 53).
+`quantize_affine`, the integer dot products are exact in float32 up to K = 1024 and the rescale follows
+torchao's order, so the result is torchao's bit for bit (decision 53).
 """
 
 from __future__ import annotations
@@ -192,8 +193,9 @@ def _quantize_row(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
 
 
 def _int8_gemv_eager(x: Tensor, scale_x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    # the int8 x int8 (or float x int8) dot products in float32, exact for integers below 2^24
-    y = (q.to(torch.float32) * x.reshape(1, -1)).sum(-1) * (scale_x * scale)  # (N,)
+    # the int8 x int8 (or float x int8) dot products in float32, exact for integers below 2^24, then
+    # rescaled in torchao's order: (dot * activation scale) * weight scale, then the bias
+    y = (q.to(torch.float32) * x.reshape(1, -1)).sum(-1) * scale_x * scale  # (N,)
     if bias is not None:
         y = y + bias
     return y
@@ -202,9 +204,10 @@ def _int8_gemv_eager(x: Tensor, scale_x: Tensor, q: Tensor, scale: Tensor, bias:
 def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """One row times a torchao int8 weight as one compiled kernel that reads each int8 weight once (1 byte
     instead of the 4 that float32 reads; torchao's own CPU path dequantises or transposes the matrix on
-    every call). The same function as torchao's: the activation row is quantised by torchao's own
-    functions, and the integer dot products are exact in float32 for K x 127 x 128 < 2^24 (K <= 1024;
-    beyond, float32 rounding of the sums, about 1e-7 relative). None where this is not such a weight."""
+    every call). torchao's result bit for bit: the activation row is quantised by torchao's own
+    functions, the integer dot products are exact in float32 for K x 127 x 128 < 2^24 (K <= 1024;
+    beyond, float32 rounding of the sums, about 1e-7 relative) and the rescale is in torchao's order.
+    None where this is not such a weight."""
     found = _int8_weight(weight)
     if found is None:
         return None

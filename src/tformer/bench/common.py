@@ -45,14 +45,26 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """GB/s of copying a `mib` MiB float32 tensor (read + write counted: 2 bytes moved per byte copied).
+class CopyProbe:
+    """Copies of a `mib` MiB float32 tensor, timed one at a time: GB/s with read + write counted (2 bytes
+    moved per byte copied). A decoding step must read every weight once; this is the rate at which this
+    machine can stream them. Kept alive, so a benchmark can measure between its own timings."""
 
-    A decoding step must read every weight once; this is the rate at which this machine can stream them."""
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), repeats)
-    return 2 * src.numel() * 4 / seconds / 1e9
+    def __init__(self, mib: int = 512):
+        self.src = torch.empty(mib * 2**20 // 4, dtype=torch.float32).uniform_()
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # every page touched before the first timing
+
+    def gbs(self) -> float:
+        t0 = time.perf_counter()
+        self.dst.copy_(self.src)
+        return 2 * self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """The median GB/s of `repeats` copies (see CopyProbe)."""
+    probe = CopyProbe(mib)
+    return statistics.median(probe.gbs() for _ in range(repeats))
 
 
 def write_outputs(

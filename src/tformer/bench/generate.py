@@ -8,7 +8,8 @@ exactly `new_tokens` tokens after the same prompt (no EOS), so their outputs mus
 the report says whether they are.
 
 The floor: each decoding step reads every weight once, so tokens/s can be at most
-batch x copy bandwidth / weight bytes. Bandwidth is measured in the same run (a large tensor copy).
+batch x copy bandwidth / weight bytes. Bandwidth is measured in the same run, a 512 MiB tensor copy after
+each timed generation, and each row's floor uses the copies made among its own timings.
 Precisions: float32, bfloat16 (weights converted) and int8 (tformer only: its linear layers quantised by
 torchao as `--precision int8` does, dynamic int8 activations; the tied output projection gets its own
 int8 copy, the embedding table stays float32). Hugging Face rows are float32 and bfloat16.
@@ -29,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from tformer.bench.common import (
+    CopyProbe,
     GPTShape,
-    copy_bandwidth,
     gpt2_into_lm,
     hf_gpt2,
     pyplot,
@@ -123,7 +124,8 @@ def run(
         with_hf = False
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bandwidth = copy_bandwidth(bandwidth_mib)
+    probe = CopyProbe(bandwidth_mib)
+    bandwidths: list[float] = []  # one copy per round of timings, between the variants' runs
     hf32 = hf_gpt2(shape, SEED).eval() if with_hf else None
     torch.manual_seed(SEED)
     lm32 = LanguageModel(shape.lm_config()).eval()
@@ -149,11 +151,17 @@ def run(
             prompt = prompts[b]
             outputs = {name: fn(prompt) for name, fn in variants.items()}  # warm-up, and the tokens
             times: dict[str, list[float]] = {name: [] for name in variants}
+            copies: list[float] = []
             for _ in range(repeats):
                 for name, fn in variants.items():
                     t0 = time.perf_counter()
                     fn(prompt)
                     times[name].append(time.perf_counter() - t0)
+                    copies.append(probe.gbs())
+            # The floor from the bandwidth measured between these very timings: this machine's copy
+            # bandwidth has been seen to move between 46 and 79 GB/s from one process or hour to another.
+            bandwidth = statistics.median(copies)
+            bandwidths += copies
             floor = b * bandwidth * 1e9 / wbytes
             # int8 has no HF row: compare its tokens with HF's float32 ones (equal unless a near-tie flips)
             reference = outputs.get("hf generate()", hf_fp32_tokens.get(b))
@@ -170,6 +178,7 @@ def run(
                         "batch": b,
                         "seconds": sec,
                         "tokens_per_s": tps,
+                        "copy_bandwidth_gbs": bandwidth,
                         "floor_tokens_per_s": floor,
                         "fraction_of_floor": tps / floor,
                         "same_tokens_as_hf": same,
@@ -186,7 +195,8 @@ def run(
         "shape": shape.__dict__,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
-        "copy_bandwidth_gbs": bandwidth,
+        "copy_bandwidth_gbs": statistics.median(bandwidths),
+        "copy_bandwidth_range_gbs": [min(bandwidths), max(bandwidths)],
         "weight_bytes_fp32": weight_bytes(lm32),
         "hf": with_hf,
         "int8": "tformer only (torchao dynamic int8 linear layers, the tied output projection with its "
@@ -202,13 +212,15 @@ def run(
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["shape"]
+    lo, hi = report["copy_bandwidth_range_gbs"]
     lines = [
         f"Greedy generation, {s['n_layers']} layers, {s['n_heads']} heads, d_model {s['d_model']}, "
         f"vocabulary {s['vocab_size']}; prompt {report['prompt_len']} tokens, {report['new_tokens']} new "
-        f"tokens; torch {report['torch']}, {report['threads']} threads. Copy bandwidth here: "
-        f"{report['copy_bandwidth_gbs']:.1f} GB/s; weights {report['weight_bytes_fp32'] / 2**20:.0f} MiB in "
-        "float32. Floor = batch x bandwidth / weight bytes (every weight read once per step). Medians of "
-        "interleaved repeats. int8: " + report["int8"] + ".",
+        f"tokens; torch {report['torch']}, {report['threads']} threads. Copy bandwidth here, measured "
+        f"after each timed generation: median {report['copy_bandwidth_gbs']:.1f} GB/s (from "
+        f"{lo:.1f} to {hi:.1f}); weights {report['weight_bytes_fp32'] / 2**20:.0f} MiB in float32. Floor = "
+        "batch x bandwidth / weight bytes (every weight read once per step), with the bandwidth measured "
+        "among that row's own timings. Medians of interleaved repeats. int8: " + report["int8"] + ".",
         "",
         "| precision | batch | variant | tokens / s | of the floor | vs HF generate() | same tokens as HF |",
         "|---|---|---|---|---|---|---|",
