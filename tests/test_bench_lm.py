@@ -98,6 +98,8 @@ def test_generate_bench_tiny(tmp_path, hf_installed):
         assert r["floor_tokens_per_s"] == pytest.approx(
             r["batch"] * r["copy_bandwidth_gbs"] * 1e9 / report["weight_bytes_fp32"]
         )
+        read_floor = r["batch"] * r["read_bandwidth_gbs"] * 1e9 / report["weight_bytes_fp32"]
+        assert r["fraction_of_read_floor"] == pytest.approx(r["tokens_per_s"] / read_floor)
         # greedy on the same weights: tformer (cached or not) chooses HF's tokens
         assert r["same_tokens_as_hf"] is (True if hf_installed else None)
     assert "| fp32 | 2 | tformer (KV cache) |" in (tmp_path / "generate.md").read_text()

@@ -48,7 +48,8 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 class CopyProbe:
     """Copies of a `mib` MiB float32 tensor, timed one at a time: GB/s with read + write counted (2 bytes
     moved per byte copied). A decoding step must read every weight once; this is the rate at which this
-    machine can stream them. Kept alive, so a benchmark can measure between its own timings."""
+    machine can stream them. Kept alive, so a benchmark can measure between its own timings. `read_gbs`
+    times a sum over the same tensor instead: reading only, which is all a decoding step does."""
 
     def __init__(self, mib: int = 512):
         self.src = torch.empty(mib * 2**20 // 4, dtype=torch.float32).uniform_()
@@ -59,6 +60,11 @@ class CopyProbe:
         t0 = time.perf_counter()
         self.dst.copy_(self.src)
         return 2 * self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9
+
+    def read_gbs(self) -> float:
+        t0 = time.perf_counter()
+        self.src.sum()
+        return self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9
 
 
 def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
