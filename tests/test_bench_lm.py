@@ -63,6 +63,11 @@ def test_train_bench_tiny(tmp_path, hf_installed):
     for r in s["rows"]:
         assert r["seconds_per_step"] > 0 and r["mfu"] > 0
         assert r["tokens_per_s"] == pytest.approx(TINY.batch * TINY.block / r["seconds_per_step"])
+        # MFU against the median of the ceilings measured at the start and after each round
+        assert len(r["ceilings_gflops"]) == 2 and min(r["ceilings_gflops"]) > 0
+        flops = TINY.flops_per_token() * TINY.batch * TINY.block
+        assert r["mfu"] == pytest.approx(flops / r["seconds_per_step"] / 1e9 / r["ceiling_gflops"])
+        assert min(r["ceilings_gflops"]) <= r["ceiling_gflops"] <= max(r["ceilings_gflops"])
     for precision, curves in s["loss_curves"].items():
         # same weights and batches: the three implementations take the same steps
         tol = 1e-4 if precision == "fp32" else 5e-2

@@ -27,7 +27,9 @@ from tformer.models.lm import LanguageModel
 PlotFn = Callable[[dict[str, Any], Path], None]
 
 
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+def matmul_ceiling(
+    n: int = 2048, repeats: int = 5, precisions: tuple[str, ...] = ("float32", "bfloat16")
+) -> dict[str, float]:
     """GFLOP/s of an (n, n) @ (n, n) product on this machine, per precision the faster of PyTorch's
     default kernel (`torch.matmul`: MKL for float32 on x86, oneDNN for bfloat16) and tformer's `linear`
     (oneDNN called directly for float32; F.linear, i.e. oneDNN again, for bfloat16): {"float32",
@@ -35,7 +37,8 @@ def matmul_ceiling(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     from tformer.linear import linear, linear_backend
 
     out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    for name, dtype in ((p, dtypes[p]) for p in precisions):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         out[f"{name}_matmul"] = 2 * n**3 / median_seconds(partial(torch.matmul, a, b), repeats) / 1e9
         with torch.no_grad(), linear_backend("onednn"):

@@ -178,8 +178,10 @@ def speed(
     compile: bool,
     with_hf: bool,
     ceiling: dict[str, float],
+    ceiling_n: int = 2048,
 ) -> list[dict[str, Any]]:
-    """Interleaved timing of every model per precision; -> one row per (model, precision)."""
+    """Interleaved timing of every model per precision; -> one row per (model, precision). MFU is against
+    the median of the matmul ceilings measured at the start of the run and after each round of timings."""
     rows = []
     batches = _batches(shape, 64, SEED + 7)
     for precision in precisions:
@@ -201,14 +203,17 @@ def speed(
                 r.step(precision)
             print(f"  {r.name} {precision} warm-up {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         times: dict[str, list[float]] = {r.name: [] for r in runners}
+        kind = "float32" if precision == "fp32" else "bfloat16"
+        peaks: list[float] = []  # the ceiling again after every round: it moves during a run
         for _ in range(repeats):
             for r in runners:
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     r.step(precision)
                 times[r.name].append((time.perf_counter() - t0) / steps)
+            peaks.append(matmul_ceiling(ceiling_n, repeats=3, precisions=(kind,))[kind])
         flops = shape.flops_per_token() * shape.batch * shape.block
-        peak = ceiling["float32" if precision == "fp32" else "bfloat16"]
+        peak = statistics.median([ceiling[kind], *peaks])
         for r in runners:
             sec = statistics.median(times[r.name])
             rows.append(
@@ -219,6 +224,8 @@ def speed(
                     "steps_per_s": 1.0 / sec,
                     "tokens_per_s": shape.batch * shape.block / sec,
                     "mfu": flops / sec / 1e9 / peak,
+                    "ceiling_gflops": peak,
+                    "ceilings_gflops": [ceiling[kind], *peaks],
                     "all_seconds": times[r.name],
                 }
             )
@@ -276,6 +283,7 @@ def run(
             compile=compile,
             with_hf=with_hf,
             ceiling=ceiling,
+            ceiling_n=ceiling_n,
         )
         report["shapes"][name] = {
             "shape": shape.__dict__,
@@ -298,8 +306,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Training step (forward, cross-entropy, backward, AdamW); torch {report['torch']}, "
         f"{report['threads']} threads. Matmul ceiling here: {c['float32']:.0f} GFLOP/s float32, "
         f"{c['bfloat16']:.0f} GFLOP/s bfloat16 (the faster of torch.matmul and oneDNN; torch.matmul gave "
-        f"{c.get('float32_matmul', c['float32']):.0f} / {c.get('bfloat16_matmul', c['bfloat16']):.0f}). MFU = model FLOPs (6N + 12LCT per token) / time / ceiling "
-        "of the same precision. Medians of interleaved repeats.",
+        f"{c.get('float32_matmul', c['float32']):.0f} / {c.get('bfloat16_matmul', c['bfloat16']):.0f}) at the start; "
+        "measured again after every round of timings, it moves, so MFU = model FLOPs (6N + 12LCT per token) "
+        "/ time / the median ceiling of the same precision over the run (given per table). Medians of "
+        "interleaved repeats.",
         "",
     ]
     for name, s in report["shapes"].items():
@@ -312,12 +322,16 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         hf = {r["precision"]: r["steps_per_s"] for r in s["rows"] if r["model"] == "hf-gpt2"}
+        peaks = {r["precision"]: r for r in s["rows"] if "ceilings_gflops" in r}
         for r in s["rows"]:
             ratio = f"{r['steps_per_s'] / hf[r['precision']]:.2f}x" if r["precision"] in hf else "n/a"
             lines.append(
                 f"| {r['model']} | {r['precision']} | {1000 * r['seconds_per_step']:.1f} | "
                 f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.0f}% | {ratio} |"
             )
+        for p, r in peaks.items():
+            lo, hi = min(r["ceilings_gflops"]), max(r["ceilings_gflops"])
+            lines.append(f"\nCeiling for {p}: median {r['ceiling_gflops']:.0f} GFLOP/s ({lo:.0f}-{hi:.0f}).")
         for p, curves in s["loss_curves"].items():
             first = ", ".join(f"{m} {v[0]:.3f} -> {v[-1]:.3f}" for m, v in curves.items())
             gap = s["max_loss_gap_to_hf"].get(p)
