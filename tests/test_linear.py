@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(tl._op is None, reason="this PyTorch build has n
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls that reach oneDNN."""
+    """Counts the calls that reach oneDNN; the tests' small products take the oneDNN path (no size floor)."""
     seen: list[tuple[int, ...]] = []
     real = tl._op
 
@@ -25,7 +25,22 @@ def calls(monkeypatch):
         return real(x, w, b, *rest)
 
     monkeypatch.setattr(tl, "_op", counting)
+    monkeypatch.setattr(tl, "ONEDNN_MIN_MNK", 0)
     return seen
+
+
+def test_small_products_stay_on_f_linear(calls, monkeypatch):
+    """Below ONEDNN_MIN_MNK multiply-adds a product is F.linear's (oneDNN's call overhead would dominate);
+    from it on, oneDNN's, forward and backward."""
+    monkeypatch.setattr(tl, "ONEDNN_MIN_MNK", 1 << 19)
+    small = Linear(128, 128)
+    x = torch.randn(1, 128, requires_grad=True)
+    small(x).sum().backward()
+    assert calls == []
+    big = Linear(512, 1024)  # 1 x 1024 x 512 = 2^19
+    y = big(torch.randn(1, 512, requires_grad=True))
+    y.sum().backward()
+    assert len(calls) == 3
 
 
 def _reference(x, w, b, grad):

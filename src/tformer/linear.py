@@ -12,8 +12,10 @@ CPU linear), wrapped in an autograd Function whose backward is two more oneDNN p
 where it computes exactly `F.linear`'s function in the same precision: float32 tensors on the CPU, no
 autocast (which would have cast the product to bfloat16), plain tensors (a quantised or distributed weight
 subclass keeps its own kernel), and not while torch.compile, TorchScript or ONNX export is tracing (they
-see `F.linear`). Everything else is `F.linear`. Results differ from MKL's only in summation order (about
-1e-6 relative; the tests compare against PyTorch's layers at their usual tolerances).
+see `F.linear`), and only for products of at least 2^19 multiply-adds: below that oneDNN's fixed cost
+per call (about 12 us) outweighs its speed. Everything else is `F.linear`. Results differ from MKL's
+only in summation order (about 1e-6 relative; the tests compare against PyTorch's layers at their usual
+tolerances).
 
 `TFORMER_LINEAR=aten` in the environment, or `linear_backend("aten")`, turns the oneDNN path off.
 
@@ -81,6 +83,11 @@ def linear_backend(name: str) -> Iterator[None]:
     finally:
         _backend = before
 
+
+# Products smaller than this (rows x N x K) stay on F.linear: a oneDNN call costs about 12 us more than
+# an MKL one, which decides below it (1 x 128 x 128: MKL 2.7 us, oneDNN 12.8; 1 x 384 x 1152: 23.6 vs
+# 26.4; 1 x 384 x 1536: 32.6 vs 27.0; 768 x 128 x 65: 74.8 vs 44.3); decision 55.
+ONEDNN_MIN_MNK = 1 << 19
 
 _gemv_on = False
 _gemv_broken: str | None = None  # why compiling failed, once it has
@@ -279,7 +286,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         y = _int8_gemv(x, weight, bias)
         if y is not None:
             return y
-    if not _eligible(x, weight, bias):
+    if not _eligible(x, weight, bias) or x.numel() * weight.shape[0] < ONEDNN_MIN_MNK:
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
