@@ -259,21 +259,29 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+def _float32_cpu_eager(x: Tensor) -> bool:
+    """x is a plain float32 CPU tensor, outside autocast and torch.compile's tracing (which sees F.linear:
+    inductor cannot lower the oneDNN op on plain weights)."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(x) in _PLAIN
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
         _backend == "onednn"
         and _op is not None
-        and x.dtype == torch.float32
+        and _float32_cpu_eager(x)
         and weight.dtype == torch.float32
-        and x.device.type == "cpu"
         and weight.device.type == "cpu"
-        and type(x) in _PLAIN
         and type(weight) in _PLAIN
         and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32))
         and x.dim() >= 2
         and x.numel() > 0
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()  # inductor cannot lower this op on plain weights
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
         and not torch.onnx.is_in_onnx_export()
@@ -301,14 +309,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _one_row_inference(x: Tensor) -> bool:
     return (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and type(x) in _PLAIN
+        _float32_cpu_eager(x)
         and x.dim() >= 1
         and x.numel() == x.shape[-1] > 0
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 

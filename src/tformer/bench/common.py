@@ -70,12 +70,6 @@ class CopyProbe:
         return self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9
 
 
-def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """The median GB/s of `repeats` copies (see CopyProbe)."""
-    probe = CopyProbe(mib)
-    return statistics.median(probe.gbs() for _ in range(repeats))
-
-
 def write_outputs(
     out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], plot: PlotFn
 ) -> None:
