@@ -202,7 +202,7 @@ def test_compiled_gemv_falls_back_when_compiling_fails(monkeypatch, calls):
 
     monkeypatch.setattr(tl, "_gemv_fns", {})
     monkeypatch.setattr(tl, "_gemv_broken", None)
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch._inductor, "compile", broken)
     layer = Linear(16, 8)
     x = torch.randn(1, 16)
     with torch.no_grad(), tl.compiled_gemv(), pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):

@@ -22,7 +22,8 @@ tolerances).
 Decoding one sequence multiplies every weight matrix by a single row: a matrix-vector product whose speed
 is how fast the weights stream from memory. Inside `compiled_gemv()` (what `generate(..., compile=True)`
 and `tformer generate --compile` turn on) such a product, in inference, float32 on the CPU, is one
-reduction kernel that torch.compile (inductor) generates per weight shape, `(W * x).sum(-1) + b` fused,
+reduction kernel that inductor (torch.compile's compiler, called directly: decision 56) generates per
+weight shape, `(W * x).sum(-1) + b` fused,
 which reads the weights at 58-70 GB/s here against oneDNN's 41-51 and MKL's 18
 (`benchmarks/linear_kernels.py`). Each shape compiles once per process (about 1-2 s each from inductor's
 disk cache, ten times that on a cold one), so it is opt-in, for long generations. Where compiling fails
@@ -39,7 +40,6 @@ torchao's order, so the result is torchao's bit for bit (decision 53).
 from __future__ import annotations
 
 import os
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -107,28 +107,57 @@ def compiled_gemv(enabled: bool = True) -> Iterator[None]:
 
 
 def _gemv_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    y = (weight * x.reshape(1, -1)).sum(-1)  # (N,): one pass over the weights, no temporary once fused
+    y = (weight * x).sum(-1)  # x (K,) -> y (N,): one pass over the weights, no temporary once fused
     if bias is not None:
         y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y
+
+
+class _Kernel:
+    """`eager` compiled by inductor for the tensors of its first call (shapes, strides and dtypes fixed),
+    with the arguments that are not tensors (None, ints) fixed to that call's values.
+
+    Traced with make_fx and handed to `torch._inductor.compile` (inductor's entry point for graphs not
+    captured by dynamo), not `torch.compile`: no dynamo frame and guards around every call, which cost
+    about 10 us a call (49 calls per GPT-2 decoding step: about 1 ms of a 12 ms step; decision 56). A later
+    call with other strides would fail inductor's own size/stride assertion rather than compute wrongly;
+    the callers pass contiguous tensors of the shapes in their key."""
+
+    def __init__(self, eager: Any) -> None:
+        self.eager = eager
+        self.fn: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        tensors: list[Any] = [a for a in args if isinstance(a, Tensor)]
+        if self.fn is None:
+            import torch._inductor
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            def traced(*ts: Tensor) -> Any:
+                it = iter(ts)
+                return self.eager(*(next(it) if isinstance(a, Tensor) else a for a in args))
+
+            self.fn = torch._inductor.compile(make_fx(traced)(*tensors), tensors)
+        return self.fn(*tensors)
 
 
 def _compiled(eager: Any, key: tuple[Any, ...]) -> Any:
     """`eager` compiled for one static shape (`key`), or None where compiling is not possible here.
 
-    One compiled function per weight shape: the kernel specialised to a static shape is the fast one
-    (dynamic shapes ran at about half the bandwidth), and giving each shape its own code object keeps
-    every function at one graph, clear of dynamo's recompile limit, without touching global config."""
+    One compiled kernel per weight shape: the kernel specialised to a static shape is the fast one
+    (dynamic shapes ran at about half the bandwidth)."""
     if _gemv_broken is not None:
         return None
     full = (eager.__name__,) + key
     fn = _gemv_fns.get(full)
     if fn is None:
-        name = f"{eager.__name__}_{'_'.join(str(k) for k in key)}"
-        code = eager.__code__.replace(co_name=name)
-        fn = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
-        _gemv_fns[full] = fn
+        fn = _gemv_fns[full] = _Kernel(eager)
     return fn
+
+
+def _row(x: Tensor) -> Tensor:
+    """A one-row input as the compiled kernels take it: (K,), contiguous."""
+    return x.reshape(-1).contiguous()
 
 
 def _compile_failed(exc: Exception) -> None:
@@ -145,10 +174,29 @@ def _compile_failed(exc: Exception) -> None:
 
 
 def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """The compiled float32 matrix-vector product, or None where compiling is not possible here."""
+    """x, one float32 row in inference (`_one_row_inference`), times a plain float32 weight as the compiled
+    matrix-vector kernel; None where that kernel does not apply (what oneDNN's path would not take: see
+    `_eligible`) or compiling is not possible here."""
+    n, k = weight.shape[0], x.shape[-1]
+    if not (
+        _backend == "onednn"
+        and _op is not None
+        and weight.dim() == 2
+        and weight.shape[1] == k  # else F.linear's own shape error
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and k * n >= ONEDNN_MIN_MNK
+        and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32 and bias.is_contiguous()))
+        and not (
+            torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+        )
+        and not torch.jit.is_tracing()  # (ONNX export traces too)
+    ):
+        return None
     try:
-        fn = _compiled(_gemv_eager, (weight.shape[0], weight.shape[1], bias is not None))
-        return None if fn is None else fn(x, weight, bias)
+        fn = _compiled(_gemv_eager, (n, weight.shape[1], bias is not None))
+        return None if fn is None else fn(_row(x), weight, bias).reshape(*x.shape[:-1], n)
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         _compile_failed(exc)
         return None
@@ -168,6 +216,7 @@ def _int8_weight(weight: Tensor) -> tuple[Tensor, Tensor, tuple[int, int] | None
             zero = weight.zero_point  # type: ignore[attr-defined]
             if (
                 q.dim() == 2
+                and q.is_contiguous()
                 and scale.dtype == torch.float32
                 and scale.numel() == q.shape[0]
                 and (zero is None or not bool(zero.any()))
@@ -188,7 +237,7 @@ def _int8_weight(weight: Tensor) -> tuple[Tensor, Tensor, tuple[int, int] | None
 
 def _quantize_row(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
     """One activation row quantised as torchao quantises it (its own functions): int8 values as float32
-    (1, K) and their scale ()."""
+    (K,) and their scale ()."""
     x2 = x.reshape(1, -1)
     block = [1, x2.shape[1]]
     scale, zero = _ao.choose_qparams_affine(
@@ -196,13 +245,13 @@ def _quantize_row(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
         scale_dtype=torch.float32, zero_point_dtype=torch.int8, keepdim=True,
     )  # fmt: skip
     xq = _ao.quantize_affine(x2, block, scale, zero, torch.int8, qmin, qmax)
-    return xq.to(torch.float32), scale.reshape(())
+    return xq.to(torch.float32).reshape(-1), scale.reshape(())
 
 
 def _int8_gemv_eager(x: Tensor, scale_x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     # the int8 x int8 (or float x int8) dot products in float32, exact for integers below 2^24, then
     # rescaled in torchao's order: (dot * activation scale) * weight scale, then the bias
-    y = (q.to(torch.float32) * x.reshape(1, -1)).sum(-1) * scale_x * scale  # (N,)
+    y = (q.to(torch.float32) * x).sum(-1) * scale_x * scale  # x (K,) -> y (N,)
     if bias is not None:
         y = y + bias
     return y
@@ -216,21 +265,22 @@ def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     beyond, float32 rounding of the sums, about 1e-7 relative) and the rescale is in torchao's order.
     None where this is not such a weight."""
     found = _int8_weight(weight)
-    if found is None:
+    if found is None or found[0].shape[1] != x.shape[-1]:  # not such a weight, or F.linear's shape error
         return None
     q, scale, bounds = found
     try:
         if bounds is None:  # weight-only: the activation stays as it is
-            xq, scale_x = x.reshape(1, -1), torch.ones((), dtype=torch.float32)
+            xq, scale_x = _row(x), torch.ones((), dtype=torch.float32)
         else:
             quant = _compiled(_quantize_row, (q.shape[1], *bounds))
             if quant is None:
                 return None
-            xq, scale_x = quant(x, *bounds)
+            xq, scale_x = quant(_row(x), *bounds)
         fn = _compiled(_int8_gemv_eager, (q.shape[0], q.shape[1], bias is not None))
         if fn is None:
             return None
-        return fn(xq, scale_x, q, scale, bias).reshape(*x.shape[:-1], q.shape[0])
+        b = None if bias is None else bias.contiguous()
+        return fn(xq, scale_x, q, scale, b).reshape(*x.shape[:-1], q.shape[0])
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         _compile_failed(exc)
         return None
@@ -290,8 +340,8 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias), through oneDNN where that is the same function (see the module's doc)."""
-    if _gemv_on and type(weight) not in _PLAIN and _one_row_inference(x):  # a torchao int8 weight?
-        y = _int8_gemv(x, weight, bias)
+    if _gemv_on and _one_row_inference(x):  # decoding: checked first, it runs 49 times per GPT-2 token
+        y = _gemv(x, weight, bias) if type(weight) in _PLAIN else _int8_gemv(x, weight, bias)
         if y is not None:
             return y
     if not _eligible(x, weight, bias) or x.numel() * weight.shape[0] < ONEDNN_MIN_MNK:
@@ -300,10 +350,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return _OneDNNLinear.apply(x, weight, bias)
-    if _gemv_on and x.numel() == x.shape[-1]:  # one row: a matrix-vector product
-        y = _gemv(x, weight, bias)
-        if y is not None:
-            return y
     return _onednn(x, weight, bias)
 
 
