@@ -114,8 +114,8 @@ def _gemv_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _Kernel:
-    """`eager` compiled by inductor for the tensors of its first call (shapes, strides and dtypes fixed),
-    with the arguments that are not tensors (None, ints) fixed to that call's values.
+    """`eager(*tensors, *consts)` compiled by inductor for the tensors of its first call (shapes, strides and
+    dtypes fixed) and the given trailing constants (None for a missing bias, ints); called with the tensors.
 
     Traced with make_fx and handed to `torch._inductor.compile` (inductor's entry point for graphs not
     captured by dynamo), not `torch.compile`: no dynamo frame and guards around every call, which cost
@@ -123,26 +123,23 @@ class _Kernel:
     call with other strides would fail inductor's own size/stride assertion rather than compute wrongly;
     the callers pass contiguous tensors of the shapes in their key."""
 
-    def __init__(self, eager: Any) -> None:
-        self.eager = eager
+    def __init__(self, eager: Any, consts: tuple[Any, ...]) -> None:
+        self.eager, self.consts = eager, consts
         self.fn: Any = None
 
-    def __call__(self, *args: Any) -> Any:
-        tensors: list[Any] = [a for a in args if isinstance(a, Tensor)]
+    def __call__(self, *tensors: Any) -> Any:
         if self.fn is None:
             import torch._inductor
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            def traced(*ts: Tensor) -> Any:
-                it = iter(ts)
-                return self.eager(*(next(it) if isinstance(a, Tensor) else a for a in args))
-
-            self.fn = torch._inductor.compile(make_fx(traced)(*tensors), tensors)
+            graph = make_fx(lambda *ts: self.eager(*ts, *self.consts))(*tensors)
+            self.fn = torch._inductor.compile(graph, list(tensors))
         return self.fn(*tensors)
 
 
-def _compiled(eager: Any, key: tuple[Any, ...]) -> Any:
-    """`eager` compiled for one static shape (`key`), or None where compiling is not possible here.
+def _compiled(eager: Any, key: tuple[Any, ...], consts: tuple[Any, ...] = ()) -> Any:
+    """`eager` compiled for one static shape (`key`, which also names the constants), or None where
+    compiling is not possible here.
 
     One compiled kernel per weight shape: the kernel specialised to a static shape is the fast one
     (dynamic shapes ran at about half the bandwidth)."""
@@ -151,7 +148,7 @@ def _compiled(eager: Any, key: tuple[Any, ...]) -> Any:
     full = (eager.__name__,) + key
     fn = _gemv_fns.get(full)
     if fn is None:
-        fn = _gemv_fns[full] = _Kernel(eager)
+        fn = _gemv_fns[full] = _Kernel(eager, consts)
     return fn
 
 
@@ -195,8 +192,12 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     ):
         return None
     try:
-        fn = _compiled(_gemv_eager, (n, weight.shape[1], bias is not None))
-        return None if fn is None else fn(_row(x), weight, bias).reshape(*x.shape[:-1], n)
+        args: tuple[Tensor, ...]
+        if bias is None:
+            fn, args = _compiled(_gemv_eager, (n, k, False), (None,)), (_row(x), weight)
+        else:
+            fn, args = _compiled(_gemv_eager, (n, k, True)), (_row(x), weight, bias)
+        return None if fn is None else fn(*args).reshape(*x.shape[:-1], n)
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         _compile_failed(exc)
         return None
@@ -272,15 +273,19 @@ def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         if bounds is None:  # weight-only: the activation stays as it is
             xq, scale_x = _row(x), torch.ones((), dtype=torch.float32)
         else:
-            quant = _compiled(_quantize_row, (q.shape[1], *bounds))
+            quant = _compiled(_quantize_row, (q.shape[1], *bounds), bounds)
             if quant is None:
                 return None
-            xq, scale_x = quant(_row(x), *bounds)
-        fn = _compiled(_int8_gemv_eager, (q.shape[0], q.shape[1], bias is not None))
+            xq, scale_x = quant(_row(x))
+        args: tuple[Tensor, ...]
+        if bias is None:
+            fn, args = _compiled(_int8_gemv_eager, (*q.shape, False), (None,)), (xq, scale_x, q, scale)
+        else:
+            fn = _compiled(_int8_gemv_eager, (*q.shape, True))
+            args = (xq, scale_x, q, scale, bias.contiguous())
         if fn is None:
             return None
-        b = None if bias is None else bias.contiguous()
-        return fn(xq, scale_x, q, scale, b).reshape(*x.shape[:-1], q.shape[0])
+        return fn(*args).reshape(*x.shape[:-1], q.shape[0])
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         _compile_failed(exc)
         return None
@@ -354,11 +359,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def _one_row_inference(x: Tensor) -> bool:
-    return (
-        _float32_cpu_eager(x)
-        and x.dim() >= 1
+    return (  # _float32_cpu_eager's conditions, inlined: this runs for every product while decoding
+        x.dim() >= 1
         and x.numel() == x.shape[-1] > 0
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(x) in _PLAIN
         and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
     )
 
 
