@@ -87,7 +87,7 @@ def test_train_bench_tiny(tmp_path, hf_installed):
 
 def test_generate_bench_tiny(tmp_path, hf_installed):
     report = generate.run(
-        shape=TINY, batches=(1, 2), precisions=("fp32",), prompt_len=3, new_tokens=5, repeats=1,
+        shape=TINY, batches=(1, 2), precisions=("fp32",), prompt_len=3, new_tokens=9, repeats=3,
         out_dir=tmp_path, bandwidth_mib=8,
     )  # fmt: skip
     rows = report["rows"]
@@ -105,9 +105,17 @@ def test_generate_bench_tiny(tmp_path, hf_installed):
         )
         read_floor = r["batch"] * r["read_bandwidth_gbs"] * 1e9 / report["weight_bytes_fp32"]
         assert r["fraction_of_read_floor"] == pytest.approx(r["tokens_per_s"] / read_floor)
+        # decoding steps: timed apart from the prompt's pass, against the same floor (None only where
+        # noise exceeded the difference, which the median of 3 repeats keeps rare even at this size)
+        if r["decode_step_seconds"] is not None:
+            rate = r["batch"] / r["decode_step_seconds"]
+            assert r["decode_fraction_of_floor"] == pytest.approx(rate / r["floor_tokens_per_s"])
         # greedy on the same weights: tformer (cached or not) chooses HF's tokens
         assert r["same_tokens_as_hf"] is (True if hf_installed else None)
     assert "| fp32 | 2 | tformer (KV cache) |" in (tmp_path / "generate.md").read_text()
+    assert sum(r["decode_step_seconds"] is not None for r in rows) >= len(rows) - 1
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        generate.run(shape=TINY, new_tokens=1, out_dir=tmp_path)
     with Image.open(tmp_path / "generate.png") as im:
         assert im.size[0] > 500
 

@@ -9,7 +9,11 @@ the report says whether they are.
 
 The floor: each decoding step reads every weight once, so tokens/s can be at most
 batch x copy bandwidth / weight bytes. Bandwidth is measured in the same run, a 512 MiB tensor copy after
-each timed generation, and each row's floor uses the copies made among its own timings.
+each timed generation, and each row's floor uses the copies made among its own timings. Two rates are set
+against it: tokens/s of the whole generation (the prompt's pass included, as a user sees it), and the
+decoding steps alone, timed as the difference between generating all `new_tokens` and only the first one
+(the prompt's pass of `prompt_len` rows is compute-bound work, which the weight-streaming floor does not
+describe; at GPT-2-small shape it takes about as long as three decoding steps).
 Precisions: float32, bfloat16 (weights converted) and int8 (tformer only: its linear layers quantised by
 torchao as `--precision int8` does, dynamic int8 activations; the tied output projection gets its own
 int8 copy, the embedding table stays float32). Hugging Face rows are float32 and bfloat16.
@@ -63,34 +67,31 @@ def int8_weight_bytes(model: nn.Module) -> int:
     return int8 + rest
 
 
-def _variants(
-    lm: LanguageModel, hf: nn.Module | None, new_tokens: int
-) -> dict[str, Callable[[Tensor], Tensor]]:
-    out: dict[str, Callable[[Tensor], Tensor]] = {
-        "tformer (KV cache)": lambda p: generate(lm, p, max_new_tokens=new_tokens, greedy=True),
-        "tformer (no cache)": lambda p: generate(
-            lm, p, max_new_tokens=new_tokens, greedy=True, use_cache=False
-        ),
+def _variants(lm: LanguageModel, hf: nn.Module | None) -> dict[str, Callable[[Tensor, int], Tensor]]:
+    """Each variant: (prompt, number of new tokens) -> the prompt and the tokens generated after it."""
+    out: dict[str, Callable[[Tensor, int], Tensor]] = {
+        "tformer (KV cache)": lambda p, n: generate(lm, p, max_new_tokens=n, greedy=True),
+        "tformer (no cache)": lambda p, n: generate(lm, p, max_new_tokens=n, greedy=True, use_cache=False),
     }
     if next(lm.parameters()).dtype == torch.float32 and current_backend() == "onednn":
 
-        def aten(p: Tensor) -> Tensor:  # what oneDNN's matrix-vector products are worth
+        def aten(p: Tensor, n: int) -> Tensor:  # what oneDNN's matrix-vector products are worth
             with linear_backend("aten"):
-                return generate(lm, p, max_new_tokens=new_tokens, greedy=True)
+                return generate(lm, p, max_new_tokens=n, greedy=True)
 
         out["tformer (KV cache, aten linear)"] = aten
-        out["tformer (KV cache, compiled)"] = lambda p: generate(
-            lm, p, max_new_tokens=new_tokens, greedy=True, compile=True
+        out["tformer (KV cache, compiled)"] = lambda p, n: generate(
+            lm, p, max_new_tokens=n, greedy=True, compile=True
         )
     if hf is not None:
         gen: Any = hf.generate
 
-        def hf_generate(p: Tensor) -> Tensor:
+        def hf_generate(p: Tensor, n: int) -> Tensor:
             return gen(
                 input_ids=p,
                 attention_mask=torch.ones_like(p),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
+                max_new_tokens=n,
+                min_new_tokens=n,
                 do_sample=False,
                 pad_token_id=0,
             )
@@ -114,6 +115,10 @@ def run(
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"unknown precision {p!r}; expected one of {', '.join(PRECISIONS)}")
+    if new_tokens < 2:
+        raise ValueError(
+            f"new_tokens must be >= 2 (decoding steps are timed as the difference), got {new_tokens}"
+        )
     if prompt_len + new_tokens > shape.block:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} > context {shape.block}")
     try:
@@ -146,18 +151,25 @@ def run(
             lm = lm32 if dtype == torch.float32 else copy.deepcopy(lm32).to(dtype)
             hf = None if hf32 is None else hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
             wbytes = weight_bytes(lm)
-        variants = _variants(lm, hf, new_tokens)
+        variants = _variants(lm, hf)
         for b in batches:
             prompt = prompts[b]
-            outputs = {name: fn(prompt) for name, fn in variants.items()}  # warm-up, and the tokens
+            outputs = {name: fn(prompt, new_tokens) for name, fn in variants.items()}  # warm-up, tokens
             times: dict[str, list[float]] = {name: [] for name in variants}
+            steps: dict[str, list[float]] = {name: [] for name in variants}
             copies: list[float] = []
             reads: list[float] = []
             for _ in range(repeats):
                 for name, fn in variants.items():
                     t0 = time.perf_counter()
-                    fn(prompt)
-                    times[name].append(time.perf_counter() - t0)
+                    fn(prompt, new_tokens)
+                    t1 = time.perf_counter()
+                    fn(prompt, 1)  # the prompt's pass and the first token only
+                    t2 = time.perf_counter()
+                    times[name].append(t1 - t0)
+                    # one decoding step (B new tokens): the rest of the generation, without the prompt's
+                    # pass (a compute-bound product of prompt_len rows, not a weight-streaming step)
+                    steps[name].append((t1 - t0 - (t2 - t1)) / (new_tokens - 1))
                     copies.append(probe.gbs())
                     reads.append(probe.read_gbs())
             # The floor from the bandwidth measured between these very timings: this machine's copy
@@ -173,6 +185,11 @@ def run(
             for name in variants:
                 sec = statistics.median(times[name])
                 tps = b * new_tokens / sec
+                # None where timing noise exceeds the difference (tiny shapes): no rate to report
+                step: float | None = statistics.median(steps[name])
+                if step is not None and step <= 0:
+                    step = None
+                step_rate = None if step is None else b / step
                 same = None if reference is None else bool(torch.equal(outputs[name], reference))
                 rows.append(
                     {
@@ -186,13 +203,24 @@ def run(
                         "fraction_of_floor": tps / floor,
                         "read_bandwidth_gbs": read,
                         "fraction_of_read_floor": tps / read_floor,
+                        "decode_step_seconds": step,
+                        "decode_fraction_of_floor": None if step_rate is None else step_rate / floor,
+                        "decode_fraction_of_read_floor": None
+                        if step_rate is None
+                        else step_rate / read_floor,
                         "same_tokens_as_hf": same,
                         "all_seconds": times[name],
                     }
                 )
                 print(
                     f"  {precision} B={b} {name:20s} {tps:8.1f} tok/s ({tps / floor:.0%} of floor, "
-                    f"{tps / read_floor:.0%} of the read floor)",
+                    f"{tps / read_floor:.0%} of the read floor)"
+                    + (
+                        ""
+                        if step is None or step_rate is None
+                        else f"; decoding steps {step * 1e3:.2f} ms ({step_rate / floor:.0%} of floor, "
+                        f"{step_rate / read_floor:.0%} of the read floor)"
+                    ),
                     file=sys.stderr,
                 )
         del lm, hf, variants
@@ -227,13 +255,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"{lo:.1f} to {hi:.1f}); weights {report['weight_bytes_fp32'] / 2**20:.0f} MiB in float32. Floor = "
         "batch x bandwidth / weight bytes (every weight read once per step), with the bandwidth measured "
         "among that row's own timings; the read floor uses a sum over the same tensor (read only, as a "
-        "decoding step reads) instead of the copy. Medians of interleaved repeats. int8: "
-        + report["int8"]
-        + ".",
+        "decoding step reads) instead of the copy. Tokens/s count the whole generation, the prompt's pass "
+        "included; a decoding step is timed as the difference between generating all the new tokens and "
+        "only the first (which includes the prompt's pass), divided by one fewer, and set against the "
+        "same floor. Medians of interleaved repeats. int8: " + report["int8"] + ".",
         "",
         "| precision | batch | variant | tokens / s | of the floor | of the read floor | vs HF generate() "
-        "| same tokens as HF |",
-        "|---|---|---|---|---|---|---|---|",
+        "| decoding step | of the floor (steps) | of the read floor (steps) | same tokens as HF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     hf = {
         (r["precision"], r["batch"]): r["tokens_per_s"]
@@ -248,7 +277,14 @@ def markdown(report: dict[str, Any]) -> str:
         same = {None: "n/a", True: "yes", False: "no"}[r["same_tokens_as_hf"]]
         lines.append(
             f"| {r['precision']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:.1f} | "
-            f"{100 * r['fraction_of_floor']:.0f}% | {100 * r['fraction_of_read_floor']:.0f}% | {ratio} | {same} |"
+            f"{100 * r['fraction_of_floor']:.0f}% | {100 * r['fraction_of_read_floor']:.0f}% | {ratio} | "
+            + (
+                "n/a | n/a | n/a"
+                if r["decode_step_seconds"] is None
+                else f"{1e3 * r['decode_step_seconds']:.2f} ms | {100 * r['decode_fraction_of_floor']:.0f}% | "
+                f"{100 * r['decode_fraction_of_read_floor']:.0f}%"
+            )
+            + f" | {same} |"
         )
     return "\n".join(lines) + "\n"
 
