@@ -214,6 +214,30 @@ def test_compiled_gemv_falls_back_when_compiling_fails(monkeypatch, calls):
     assert len(calls) == 2
 
 
+def test_compiled_gemv_takes_strided_rows_and_leaves_other_weights_to_onednn(calls, recwarn):
+    """The compiled kernels are fixed to their first call's strides (no dynamo guards, decision 56): a row
+    that is a strided view (the last position of a sequence) is made contiguous first, a transposed
+    weight goes to oneDNN, and neither disables the compiled path or warns. A wrong inner size gets
+    F.linear's own error (which names the shapes), not a compiler failure or oneDNN's unnamed one."""
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16), torch.randn(24)
+    seq = torch.randn(1, 5, 32)[..., ::2]  # (1, 5, 16), last-dim stride 2
+    with torch.no_grad(), tl.compiled_gemv():
+        got = linear(seq[:, -1:], w, b)  # a strided one-row view
+        torch.testing.assert_close(got, F.linear(seq[:, -1:], w, b), rtol=1e-5, atol=1e-5)
+        assert got.shape == (1, 1, 24) and calls == []  # the compiled kernel served it
+        wt = torch.randn(16, 24).t()  # (24, 16), not contiguous
+        torch.testing.assert_close(
+            linear(seq[:, -1:], wt, b), F.linear(seq[:, -1:], wt, b), rtol=1e-5, atol=1e-5
+        )
+        assert len(calls) == 1  # oneDNN took it
+        with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(1x17 and 16x24\)"):
+            linear(torch.randn(1, 1, 17), w, b)
+        linear(torch.randn(1, 16), w, b)  # still compiled
+    assert tl._gemv_broken is None and len(calls) == 1  # the wrong-size call went to F.linear
+    assert not [x for x in recwarn if issubclass(x.category, RuntimeWarning)]
+
+
 def _torchao_int8(config_name: str, n: int, k: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
     """A float32 nn.Linear and its torchao-quantised copy."""
     import copy

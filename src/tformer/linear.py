@@ -337,6 +337,10 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32))
         and x.dim() >= 2
         and x.numel() > 0
+        # mismatched shapes go to F.linear, whose error names them (oneDNN's does not)
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1]
+        and (bias is None or bias.shape == weight.shape[:1])
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
         and not torch.onnx.is_in_onnx_export()
