@@ -25,8 +25,8 @@ and `tformer generate --compile` turn on) such a product, in inference, float32 
 reduction kernel that inductor (torch.compile's compiler, called directly: decision 56) generates per
 weight shape, `(W * x).sum(-1) + b` fused,
 which reads the weights at 58-70 GB/s here against oneDNN's 41-51 and MKL's 18
-(`benchmarks/linear_kernels.py`). Each shape compiles once per process (about 1-2 s each from inductor's
-disk cache, ten times that on a cold one), so it is opt-in, for long generations. Where compiling fails
+(`benchmarks/linear_kernels.py`). Each shape compiles once per process (GPT-2 small's five shapes: about
+3 s with inductor's disk cache warm, 9 s on a cold one, on 2 cores), so it is opt-in, for long generations. Where compiling fails
 (no C++ compiler) a warning says so once and oneDNN serves instead.
 
 The same context compiles one-row products with torchao's int8 weights (`--precision int8`): one kernel
