@@ -233,6 +233,10 @@ def test_compiled_gemv_takes_strided_rows_and_leaves_other_weights_to_onednn(cal
         assert len(calls) == 1  # oneDNN took it
         with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(1x17 and 16x24\)"):
             linear(torch.randn(1, 1, 17), w, b)
+        with pytest.raises(
+            RuntimeError, match=r"size of the tensor \(24\) must match the existing size \(23\)"
+        ):
+            linear(torch.randn(1, 1, 16), w, torch.randn(23))  # a bias of the wrong size: F.linear's error
         linear(torch.randn(1, 16), w, b)  # still compiled
     assert tl._gemv_broken is None and len(calls) == 1  # the wrong-size call went to F.linear
     assert not [x for x in recwarn if issubclass(x.category, RuntimeWarning)]

@@ -26,8 +26,8 @@ reduction kernel that inductor (torch.compile's compiler, called directly: decis
 weight shape, `(W * x).sum(-1) + b` fused,
 which reads the weights at 58-70 GB/s here against oneDNN's 41-51 and MKL's 18
 (`benchmarks/linear_kernels.py`). Each shape compiles once per process (GPT-2 small's five shapes: about
-3 s with inductor's disk cache warm, 9 s on a cold one, on 2 cores), so it is opt-in, for long generations. Where compiling fails
-(no C++ compiler) a warning says so once and oneDNN serves instead.
+3 s with inductor's disk cache warm, 9 s on a cold one, on 2 cores), so it is opt-in, for long
+generations. Where compiling fails (no C++ compiler) a warning says so once and oneDNN serves instead.
 
 The same context compiles one-row products with torchao's int8 weights (`--precision int8`): one kernel
 reads each int8 weight once, 1 byte instead of float32's 4, where torchao 0.18's own CPU path transposes
@@ -184,7 +184,15 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         and weight.device.type == "cpu"
         and weight.is_contiguous()
         and k * n >= ONEDNN_MIN_MNK
-        and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32 and bias.is_contiguous()))
+        and (
+            bias is None
+            or (
+                type(bias) in _PLAIN
+                and bias.dtype == torch.float32
+                and bias.shape == weight.shape[:1]
+                and bias.is_contiguous()
+            )
+        )
         and not (
             torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
         )
@@ -266,7 +274,11 @@ def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     beyond, float32 rounding of the sums, about 1e-7 relative) and the rescale is in torchao's order.
     None where this is not such a weight."""
     found = _int8_weight(weight)
-    if found is None or found[0].shape[1] != x.shape[-1]:  # not such a weight, or F.linear's shape error
+    if (  # not such a weight, or F.linear's shape error to come
+        found is None
+        or found[0].shape[1] != x.shape[-1]
+        or (bias is not None and bias.shape != found[0].shape[:1])
+    ):
         return None
     q, scale, bounds = found
     try:
