@@ -113,7 +113,8 @@ def test_generate_bench_tiny(tmp_path, hf_installed):
         # greedy on the same weights: tformer (cached or not) chooses HF's tokens
         assert r["same_tokens_as_hf"] is (True if hf_installed else None)
     assert "| fp32 | 2 | tformer (KV cache) |" in (tmp_path / "generate.md").read_text()
-    assert sum(r["decode_step_seconds"] is not None for r in rows) >= len(rows) - 1
+    # a step without a cache re-reads the whole context: far longer than timing noise at any load
+    assert all(r["decode_step_seconds"] > 0 for r in rows if r["variant"] == "tformer (no cache)")
     with pytest.raises(ValueError, match="new_tokens must be >= 2"):
         generate.run(shape=TINY, new_tokens=1, out_dir=tmp_path)
     with Image.open(tmp_path / "generate.png") as im:

@@ -237,9 +237,71 @@ def test_compiled_gemv_takes_strided_rows_and_leaves_other_weights_to_onednn(cal
             RuntimeError, match=r"size of the tensor \(24\) must match the existing size \(23\)"
         ):
             linear(torch.randn(1, 1, 16), w, torch.randn(23))  # a bias of the wrong size: F.linear's error
+        with pytest.raises(RuntimeError, match="meta"):  # a bias on another device: F.linear's error
+            linear(torch.randn(1, 1, 16), w, torch.empty(24, device="meta"))
         linear(torch.randn(1, 16), w, b)  # still compiled
     assert tl._gemv_broken is None and len(calls) == 1  # the wrong-size call went to F.linear
     assert not [x for x in recwarn if issubclass(x.category, RuntimeWarning)]
+
+
+def _built(key: tuple) -> bool:
+    """The compiled kernel for `key` exists and compiled (not just registered), and nothing failed."""
+    kernel = tl._gemv_fns.get(key)
+    return kernel is not None and kernel.fn is not None and tl._gemv_broken is None
+
+
+def test_compiled_int8_gemv_leaves_what_it_does_not_compute_to_torchao():
+    """The compiled int8 kernels are fixed to float32 CPU biases and carry no autograd: a bias of another
+    dtype, or a bias that requires grad while grad is enabled, goes to torchao's own kernel (the same
+    function, and the gradient kept), and neither turns the compiled path off."""
+    ref, q = _torchao_int8("Int8WeightOnlyConfig", 40, 96, True)
+    x = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(2))
+    with tl.compiled_gemv():
+        with torch.no_grad():
+            first = linear(x, q.weight, q.bias)  # compiles the kernel for a float32 bias
+            half = q.bias.detach().to(torch.bfloat16)
+            torch.testing.assert_close(linear(x, q.weight, half), F.linear(x, q.weight, half))
+        y = linear(x, q.weight, q.bias)  # grad enabled, the bias requires grad: torchao's path
+        assert y.requires_grad
+        y.sum().backward()
+        torch.testing.assert_close(q.bias.grad, torch.ones(40))
+        torch.testing.assert_close(y.detach(), first, rtol=1e-6, atol=1e-6)
+    assert _built(("_int8_gemv_eager", 40, 96, True))
+
+
+def test_compiled_gemv_compiles_from_several_threads():
+    """make_fx and inductor are not thread-safe: first calls of different shapes from four threads at once
+    are compiled one at a time (a lock), each correct, with the compiled path still on."""
+    import threading
+
+    torch.manual_seed(0)
+    cases = [(torch.randn(8 + i, 16), torch.randn(8 + i), torch.randn(1, 16)) for i in range(4)]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        w, b, x = cases[i]
+        try:
+            with torch.no_grad():
+                results[i] = linear(x, w, b)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    saved = tl.ONEDNN_MIN_MNK
+    tl.ONEDNN_MIN_MNK = 0
+    try:
+        with tl.compiled_gemv():
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        tl.ONEDNN_MIN_MNK = saved
+    assert not errors
+    for i, (w, b, x) in enumerate(cases):
+        torch.testing.assert_close(results[i], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert _built(("_gemv_eager", 8 + i, 16, True))
 
 
 def _torchao_int8(config_name: str, n: int, k: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
@@ -273,7 +335,7 @@ def test_compiled_int8_gemv_is_torchaos_function(config_name, bias):
         want = F.linear(x, q.weight, q.bias)  # torchao's kernel
         with tl.compiled_gemv():
             got = linear(x, q.weight, q.bias)
-        assert ("_int8_gemv_eager", 40, 96, bias) in tl._gemv_fns  # the compiled kernel served it
+        assert _built(("_int8_gemv_eager", 40, 96, bias))  # the compiled kernel served it
         exact = config_name == "Int8DynamicActivationInt8WeightConfig"
         torch.testing.assert_close(got, want, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
         assert (want - ref(x)).abs().max() > 1e-3  # int8 rounding is visible: the two are not float32's
@@ -303,4 +365,6 @@ def test_int8_model_generates_the_same_tokens_compiled():
     assert torch.equal(plain, compiled)
     for a, b in zip(logits[:8], logits[8:], strict=True):
         assert torch.equal(a, b)
-    assert any(key[0] == "_int8_gemv_eager" and key[1] == 61 for key in tl._gemv_fns)  # the output head
+    assert any(
+        key[0] == "_int8_gemv_eager" and key[1] == 61 and _built(key) for key in tl._gemv_fns
+    )  # the head

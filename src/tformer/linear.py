@@ -40,6 +40,7 @@ torchao's order, so the result is torchao's bit for bit (decision 53).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -92,6 +93,7 @@ ONEDNN_MIN_MNK = 1 << 19
 _gemv_on = False
 _gemv_broken: str | None = None  # why compiling failed, once it has
 _gemv_fns: dict[tuple[Any, ...], Any] = {}
+_compile_lock = threading.Lock()  # make_fx and inductor are not safe to run from two threads at once
 _ao: Any = None  # torchao.quantization.quant_primitives, once a torchao int8 weight has been seen
 
 
@@ -120,8 +122,10 @@ class _Kernel:
     Traced with make_fx and handed to `torch._inductor.compile` (inductor's entry point for graphs not
     captured by dynamo), not `torch.compile`: no dynamo frame and guards around every call, which cost
     about 10 us a call (49 calls per GPT-2 decoding step: about 1 ms of a 12 ms step; decision 56). A later
-    call with other strides would fail inductor's own size/stride assertion rather than compute wrongly;
-    the callers pass contiguous tensors of the shapes in their key."""
+    call with other strides would fail inductor's own size/stride assertion, but nothing checks dtypes,
+    devices or autograd at call time: the callers (`_gemv`, `_int8_gemv`) take this path only for
+    contiguous CPU tensors of the dtypes and shapes in their key, with nothing requiring grad, and the
+    kernels are traced without autograd."""
 
     def __init__(self, eager: Any, consts: tuple[Any, ...]) -> None:
         self.eager, self.consts = eager, consts
@@ -129,11 +133,14 @@ class _Kernel:
 
     def __call__(self, *tensors: Any) -> Any:
         if self.fn is None:
-            import torch._inductor
-            from torch.fx.experimental.proxy_tensor import make_fx
+            with _compile_lock:
+                if self.fn is None:  # (another thread may have compiled it meanwhile)
+                    import torch._inductor
+                    from torch.fx.experimental.proxy_tensor import make_fx
 
-            graph = make_fx(lambda *ts: self.eager(*ts, *self.consts))(*tensors)
-            self.fn = torch._inductor.compile(graph, list(tensors))
+                    with torch.no_grad():
+                        graph = make_fx(lambda *ts: self.eager(*ts, *self.consts))(*tensors)
+                        self.fn = torch._inductor.compile(graph, list(tensors))
         return self.fn(*tensors)
 
 
@@ -162,9 +169,13 @@ def _compile_failed(exc: Exception) -> None:
     import warnings
 
     global _gemv_broken
-    _gemv_broken = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    with _compile_lock:
+        if _gemv_broken is not None:
+            return
+        _gemv_broken = f"{type(exc).__name__}: {exc}".splitlines()[0]
     warnings.warn(
-        f"compiled matrix-vector products are off for this process ({_gemv_broken}); using oneDNN",
+        f"compiled matrix-vector products are off for this process ({_gemv_broken}); using the eager "
+        "kernels (oneDNN, or torchao's for int8 weights)",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -174,11 +185,12 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """x, one float32 row in inference (`_one_row_inference`), times a plain float32 weight as the compiled
     matrix-vector kernel; None where that kernel does not apply (what oneDNN's path would not take: see
     `_eligible`) or compiling is not possible here."""
+    if weight.dim() != 2:
+        return None
     n, k = weight.shape[0], x.shape[-1]
     if not (
         _backend == "onednn"
         and _op is not None
-        and weight.dim() == 2
         and weight.shape[1] == k  # else F.linear's own shape error
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
@@ -189,6 +201,7 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
             or (
                 type(bias) in _PLAIN
                 and bias.dtype == torch.float32
+                and bias.device.type == "cpu"
                 and bias.shape == weight.shape[:1]
                 and bias.is_contiguous()
             )
@@ -225,6 +238,7 @@ def _int8_weight(weight: Tensor) -> tuple[Tensor, Tensor, tuple[int, int] | None
             zero = weight.zero_point  # type: ignore[attr-defined]
             if (
                 q.dim() == 2
+                and q.device.type == "cpu"
                 and q.is_contiguous()
                 and scale.dtype == torch.float32
                 and scale.numel() == q.shape[0]
@@ -274,10 +288,19 @@ def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     beyond, float32 rounding of the sums, about 1e-7 relative) and the rescale is in torchao's order.
     None where this is not such a weight."""
     found = _int8_weight(weight)
-    if (  # not such a weight, or F.linear's shape error to come
+    if (  # not such a weight, F.linear's error to come, or autograd wanted
         found is None
         or found[0].shape[1] != x.shape[-1]
-        or (bias is not None and bias.shape != found[0].shape[:1])
+        or (
+            bias is not None
+            and not (
+                type(bias) in _PLAIN
+                and bias.dtype == torch.float32
+                and bias.device.type == "cpu"
+                and bias.shape == found[0].shape[:1]
+            )
+        )
+        or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
     ):
         return None
     q, scale, bounds = found
@@ -346,7 +369,10 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
         and type(weight) in _PLAIN
-        and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32))
+        and (
+            bias is None
+            or (type(bias) in _PLAIN and bias.dtype == torch.float32 and bias.device.type == "cpu")
+        )
         and x.dim() >= 2
         and x.numel() > 0
         # mismatched shapes go to F.linear, whose error names them (oneDNN's does not)
@@ -376,7 +402,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _one_row_inference(x: Tensor) -> bool:
     return (  # _float32_cpu_eager's conditions, inlined: this runs for every product while decoding
-        x.dim() >= 1
+        x.dim() >= 2  # (B, T, C) or (B, C), as before; a 1-D row (e.g. under vmap) stays on the eager path
         and x.numel() == x.shape[-1] > 0
         and x.dtype == torch.float32
         and x.device.type == "cpu"
