@@ -164,6 +164,33 @@ def _row(x: Tensor) -> Tensor:
     return x.reshape(-1).contiguous()
 
 
+def _kernel_bias(bias: Tensor | None, n: int) -> bool:
+    """The bias is one the compiled kernels take: none, or a plain float32 CPU tensor of n values."""
+    return bias is None or (
+        type(bias) in _PLAIN
+        and bias.dtype == torch.float32
+        and bias.device.type == "cpu"
+        and bias.shape == (n,)
+    )
+
+
+def _grad_wanted(weight: Tensor, bias: Tensor | None) -> bool:
+    """Autograd must see this product (the compiled kernels are traced without it)."""
+    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _with_bias(
+    eager: Any, key: tuple[Any, ...], args: tuple[Tensor, ...], bias: Tensor | None
+) -> Tensor | None:
+    """eager(*args, bias) through its compiled kernel for `key` (a missing bias is fixed into the
+    kernel), or None where compiling is not possible here."""
+    if bias is None:
+        fn = _compiled(eager, (*key, False), (None,))
+        return None if fn is None else fn(*args)
+    fn = _compiled(eager, (*key, True))
+    return None if fn is None else fn(*args, bias.contiguous())
+
+
 def _compile_failed(exc: Exception) -> None:
     """Any compiler failure: say so once, and use the eager kernels for the rest of the process."""
     import warnings
@@ -196,29 +223,14 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         and weight.device.type == "cpu"
         and weight.is_contiguous()
         and k * n >= ONEDNN_MIN_MNK
-        and (
-            bias is None
-            or (
-                type(bias) in _PLAIN
-                and bias.dtype == torch.float32
-                and bias.device.type == "cpu"
-                and bias.shape == weight.shape[:1]
-                and bias.is_contiguous()
-            )
-        )
-        and not (
-            torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-        )
+        and _kernel_bias(bias, n)
+        and not _grad_wanted(weight, bias)
         and not torch.jit.is_tracing()  # (ONNX export traces too)
     ):
         return None
     try:
-        args: tuple[Tensor, ...]
-        if bias is None:
-            fn, args = _compiled(_gemv_eager, (n, k, False), (None,)), (_row(x), weight)
-        else:
-            fn, args = _compiled(_gemv_eager, (n, k, True)), (_row(x), weight, bias)
-        return None if fn is None else fn(*args).reshape(*x.shape[:-1], n)
+        y = _with_bias(_gemv_eager, (n, k), (_row(x), weight), bias)
+        return None if y is None else y.reshape(*x.shape[:-1], n)
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         _compile_failed(exc)
         return None
@@ -291,16 +303,8 @@ def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     if (  # not such a weight, F.linear's error to come, or autograd wanted
         found is None
         or found[0].shape[1] != x.shape[-1]
-        or (
-            bias is not None
-            and not (
-                type(bias) in _PLAIN
-                and bias.dtype == torch.float32
-                and bias.device.type == "cpu"
-                and bias.shape == found[0].shape[:1]
-            )
-        )
-        or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+        or not _kernel_bias(bias, found[0].shape[0])
+        or _grad_wanted(weight, bias)
     ):
         return None
     q, scale, bounds = found
@@ -312,15 +316,8 @@ def _int8_gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
             if quant is None:
                 return None
             xq, scale_x = quant(_row(x))
-        args: tuple[Tensor, ...]
-        if bias is None:
-            fn, args = _compiled(_int8_gemv_eager, (*q.shape, False), (None,)), (xq, scale_x, q, scale)
-        else:
-            fn = _compiled(_int8_gemv_eager, (*q.shape, True))
-            args = (xq, scale_x, q, scale, bias.contiguous())
-        if fn is None:
-            return None
-        return fn(*args).reshape(*x.shape[:-1], q.shape[0])
+        y = _with_bias(_int8_gemv_eager, tuple(q.shape), (xq, scale_x, q, scale), bias)
+        return None if y is None else y.reshape(*x.shape[:-1], q.shape[0])
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         _compile_failed(exc)
         return None
@@ -393,9 +390,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             return y
     if not _eligible(x, weight, bias) or x.numel() * weight.shape[0] < ONEDNN_MIN_MNK:
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if (torch.is_grad_enabled() and x.requires_grad) or _grad_wanted(weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return _onednn(x, weight, bias)
 

@@ -185,11 +185,10 @@ def run(
             for name in variants:
                 sec = statistics.median(times[name])
                 tps = b * new_tokens / sec
-                # None where timing noise exceeds the difference (tiny shapes): no rate to report
-                step: float | None = statistics.median(steps[name])
-                if step is not None and step <= 0:
-                    step = None
-                step_rate = None if step is None else b / step
+                # no step (None) where timing noise exceeds the difference (tiny shapes)
+                median_step = statistics.median(steps[name])
+                step = median_step if median_step > 0 else None
+                step_rate = b / median_step if median_step > 0 else None
                 same = None if reference is None else bool(torch.equal(outputs[name], reference))
                 rows.append(
                     {
@@ -217,8 +216,8 @@ def run(
                     f"{tps / read_floor:.0%} of the read floor)"
                     + (
                         ""
-                        if step is None or step_rate is None
-                        else f"; decoding steps {step * 1e3:.2f} ms ({step_rate / floor:.0%} of floor, "
+                        if step_rate is None
+                        else f"; decoding steps {median_step * 1e3:.2f} ms ({step_rate / floor:.0%} of floor, "
                         f"{step_rate / read_floor:.0%} of the read floor)"
                     ),
                     file=sys.stderr,
