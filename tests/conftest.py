@@ -1,5 +1,26 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests: a fast, derandomized profile by default (the same examples every run, no example
+# database), and a long randomized one for `TFORMER_FUZZ=long pytest -m fuzz`.
+settings.register_profile(
+    "fast",
+    max_examples=40,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "long",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("TFORMER_FUZZ", "fast"))
 
 
 @pytest.fixture(autouse=True)

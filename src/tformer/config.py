@@ -336,6 +336,9 @@ class TrainConfig(_Config):
     parallel: str = "ddp"  # with several processes (torchrun): "ddp" replicas or "fsdp" sharded (FSDP2)
     device: str = "auto"  # "auto": the process's CUDA GPU when there is one, else CPU; or "cpu", "cuda"
     init_from: str | None = None  # classification: start from "hf:DIR" (BERT) or a tformer checkpoint
+    save_every_steps: int | None = 1000  # also checkpoint every this many steps (None: at evaluations only)
+    keep_checkpoints: int = 2  # checkpoint-<step>/ directories kept in the run directory (newest first)
+    max_nonfinite_skips: int = 10  # steps skipped for a non-finite gradient before training stops
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -353,6 +356,11 @@ class TrainConfig(_Config):
             _check_positive(name, max_steps=self.max_steps)
         if self.max_time is not None:
             _check_positive(name, max_time=self.max_time)
+        if self.save_every_steps is not None:
+            _check_positive(name, save_every_steps=self.save_every_steps)
+        _check_positive(name, keep_checkpoints=self.keep_checkpoints)
+        if self.max_nonfinite_skips < 0:
+            raise ConfigError(f"{name}.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
         if self.lr is not None:
             _check_positive(name, lr=self.lr)
         if self.warmup_steps < 0:
