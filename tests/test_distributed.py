@@ -30,6 +30,7 @@ from tformer.data.tokenizers import Tokenizer
 from tformer.models import Classifier, LanguageModel, Seq2Seq
 from tformer.tasks import ClassificationTask, LanguageModelTask, TranslationTask
 from tformer.training import Trainer
+from tformer.training.checkpoint import load_trainer_state
 from tformer.training.trainer import LossValue
 
 TOL = 2e-5
@@ -156,7 +157,7 @@ def runs(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("dist")
     run("lm", root / "one-lm-half", steps=STEPS // 2, accumulate=2)
-    shutil.copytree(root / "one-lm-half", root / "fsdp-lm-resumed")
+    shutil.copytree(root / "one-lm-half", root / "fsdp-lm-resumed", symlinks=True)
     spawn(
         [(f, str(root / f"ddp-{f}"), {}) for f in FAMILIES]
         + [("lm", str(root / "ddp-lm-half"), {"steps": STEPS // 2})]
@@ -196,8 +197,8 @@ def test_resume_two_processes_in_one(runs, tmp_path):
     out = tmp_path / "resumed"
     import shutil
 
-    shutil.copytree(runs / "ddp-lm-half", out)
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    shutil.copytree(runs / "ddp-lm-half", out, symlinks=True)
+    state = load_trainer_state(out / "checkpoint")
     assert state["world_size"] == 2 and state["trainer"]["step"] == STEPS // 2
     run("lm", out, resume=True, accumulate=2)  # 1 process x 2 batches = the 2 x 1 of the first half
     diff = max_diff(out, runs / "one-lm")
@@ -219,7 +220,7 @@ def test_ddp_with_accumulation(runs):
 def test_ctrl_c_on_one_rank_stops_all_after_the_same_step(runs):
     # rank 1 alone is interrupted during step 2 (0-based 1); the ranks agree at the end of that step,
     # all stop there, and rank 0 saves the checkpoint of step 2 (no rank left waiting in a collective)
-    state = torch.load(runs / "ddp-lm-interrupted/checkpoint/trainer_state.pt", weights_only=False)
+    state = load_trainer_state(runs / "ddp-lm-interrupted/checkpoint")
     assert state["trainer"]["step"] == 2
 
 
@@ -327,4 +328,4 @@ def test_tformer_train_nproc_2_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("checkpoint:") == 1  # one report, from rank 0
     assert [r["step"] for r in _records(tmp_path / "run")] == [3, 6, 6]
-    assert torch.load(tmp_path / "run/checkpoint/trainer_state.pt", weights_only=False)["world_size"] == 2
+    assert load_trainer_state(tmp_path / "run/checkpoint")["world_size"] == 2

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,19 +69,24 @@ def _read_inputs(texts: list[str]) -> list[str]:
 def _train(args: argparse.Namespace) -> int:
     from tformer.config import RunConfig, apply_overrides, load_toml
     from tformer.pipeline import train
+    from tformer.training import run_dir
+    from tformer.training.checkpoint import read_config
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite starts it again: give one")
 
     if args.nproc is not None:  # the same command in N processes under torchrun
         from tformer.training.distributed import launch, without_option
 
         return launch(args.nproc, without_option(args.argv, "--nproc"))
-    saved = Path(args.out) / "checkpoint" / "config.json"
+    saved = run_dir.latest(args.out) if args.resume else None
     if args.config:
         config = load_toml(args.config, task=args.task)
-    elif args.resume and saved.exists():  # resume with the run's own config, unless told otherwise
-        raw = json.loads(saved.read_text())
+    elif saved is not None:  # resume with the run's own config, unless told otherwise
+        raw = read_config(saved)
         config = RunConfig.from_dict(
             {k: raw[k] for k in ("task", "model", "train", "data") if k in raw},
-            source=str(saved),
+            source=str(saved / "config.json"),
             task=args.task,
         )
     else:
@@ -93,7 +99,9 @@ def _train(args: argparse.Namespace) -> int:
         if paths:
             overrides.append(f"data.{key}={json.dumps(paths)}")
     config = apply_overrides(config, overrides)
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(
+        config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     evals = [r for r in result.history if r.get("type") == "eval"]
@@ -268,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--valid", nargs="+", help="validation data, same format")
     tn.add_argument("--out", default="runs/train", help="output directory (checkpoint, log.jsonl)")
     tn.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    tn.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an --out another run wrote (deletes its checkpoints and log.jsonl)",
+    )
     tn.add_argument("--no-progress", action="store_true")
     tn.add_argument(
         "--nproc",
@@ -409,8 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:
         print(f"tformer {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # training's Interrupted carries the signal: 130 SIGINT, 143 SIGTERM
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

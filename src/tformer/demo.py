@@ -97,9 +97,8 @@ def run_demo(
         f"(d_model {model_config.d_model}, {n_params / 1e6:.2f}M parameters) on {torch.get_num_threads()} threads ..."
     )
     task = TranslationTask(model_config, size.train, src_tok, tgt_tok, pairs["train"], pairs["valid"])
-    if out.joinpath("log.jsonl").exists():
-        out.joinpath("log.jsonl").unlink()  # a fresh demo run: start a fresh log
-    trainer = Trainer(model, task, size.train, out_dir=out, progress=progress)
+    # A fresh demo each time: it replaces its own earlier run there, never another command's files.
+    trainer = Trainer(model, task, size.train, out_dir=out, progress=progress, command="demo", rerun=True)
     history = trainer.fit()
 
     log(f"[3/5] beam search (beam {size.beam_size}) on {size.n_test:,} held-out numbers ...")

@@ -23,7 +23,7 @@ from tformer.models import Classifier, build_model
 from tformer.tasks import ClassificationTask, LanguageModelTask, TranslationTask
 from tformer.tasks.classification import TOKENIZER
 from tformer.tasks.translation import SRC_TOKENIZER, TGT_TOKENIZER
-from tformer.training import distributed
+from tformer.training import distributed, run_dir
 from tformer.training.trainer import Trainer
 
 
@@ -171,13 +171,22 @@ BUILDERS: dict[str, Any] = {
 
 
 def train(
-    config: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
-    """Train `config.task` on `config.data`; checkpoints and log.jsonl go to `out_dir`. Under torchrun every
-    process builds the same task and model; only rank 0 prints."""
+    """Train `config.task` on `config.data`; checkpoints and log.jsonl go to `out_dir` (run_dir.py). Under
+    torchrun every process builds the same task and model; only rank 0 prints.
+
+    `resume`: continue the run in `out_dir` from its latest checkpoint (from scratch, saying so, when it
+    has none yet). A fresh run into a directory another run wrote needs `overwrite` (which deletes that
+    run's checkpoints and log)."""
     world = distributed.setup(config.train.device)
     torch.manual_seed(config.train.seed)
-    saved = Path(out_dir) / "checkpoint" if resume else None
+    saved = run_dir.latest(out_dir) if resume else None
     with contextlib.nullcontext() if world.is_main else contextlib.redirect_stderr(io.StringIO()):
         task, model = BUILDERS[config.task](config, saved)
         n_params = sum(p.numel() for p in model.parameters())
@@ -191,11 +200,14 @@ def train(
         out_dir=out_dir,
         progress=progress,
         extra_config={"data": config.data.to_dict()},
+        overwrite=overwrite,
     )
     if resume:
-        trainer.resume()
-        if world.is_main:
+        found = trainer.resume()
+        if world.is_main and found:
             _log(f"resumed at step {trainer.state.step} (epoch {trainer.state.epoch + 1})")
+        elif world.is_main:
+            _log(f"--resume: {out_dir} has no checkpoint yet; starting from scratch")
     history = trainer.fit()
     return TrainResult(trainer.checkpoint_dir, history, model, task)
 

@@ -9,6 +9,12 @@ Resuming is exact: an epoch's batch order is a function of (seed, epoch), and th
 position inside the epoch plus every RNG state, so N steps straight and N/2 + resume + N/2 give the same
 parameters.
 
+Nothing non-finite reaches a checkpoint: every step checks its gradient norm on the device (no host sync:
+the fused optimiser skips its own update when the flag is set, and the host reads the flag one step
+later, while the next step's work is already queued). A skipped step consumes its batches but does not
+advance the step counter or the schedule; after `max_nonfinite_skips` of them training stops with an
+error. Parameters are checked again before every save. float16's GradScaler overflow skips are its own.
+
 Several processes (torchrun; see `distributed.py`): one optimiser step takes the next `world size x
 accumulate` batches of the epoch's list, rank r the r-th group of `accumulate` of them, so a step's global
 batch does not depend on how it is split. The loss of a step is the sum of every batch's summed loss over
@@ -20,29 +26,28 @@ size. Only rank 0 logs, shows progress and writes checkpoints.
 from __future__ import annotations
 
 import json
-import math
 import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tformer.allocator import reuse_freed_memory
 from tformer.config import ConfigError, TrainConfig
-from tformer.training import distributed
+from tformer.training import distributed, run_dir
 from tformer.training.checkpoint import (
+    STATE,
     WEIGHTS,
     CheckpointError,
     load_trainer_state,
     load_weights,
     read_weights,
-    save_checkpoint,
+    require,
 )
 from tformer.training.schedules import make_scheduler, peak_lr
 
@@ -68,6 +73,16 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     train_time: float = 0.0  # seconds spent in training steps, summed over resumes
     history: list[dict[str, Any]] = field(default_factory=list)  # every train log and eval record
+    nonfinite_skips: int = 0  # steps skipped because their gradient was not finite
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal; `signum` gives the exit status (128 + signum: 130 SIGINT, 143 SIGTERM),
+    `saved` the checkpoint written on the way out (None: stopped at once, the last one stands)."""
+
+    def __init__(self, signum: int, saved: Path | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.saved = signum, saved
 
 
 def _rng_state() -> dict[str, Any]:
@@ -108,15 +123,21 @@ class Trainer:
         out_dir: str | Path,
         progress: bool = True,
         extra_config: dict[str, Any] | None = None,
+        command: str = "train",
+        overwrite: bool = False,
+        rerun: bool = False,
     ) -> None:
+        """`command`, `overwrite`, `rerun`: who owns `out_dir` (run_dir.claim): a fresh `fit` into a
+        directory another run wrote needs `overwrite`, or `rerun` when the same command wrote it."""
         self.task, self.config = task, config
         c = config
         self.world = distributed.setup(c.device)
         _check_precision(c, self.world)
         self.module = model.to(self.world.device)  # the tformer model: evaluation, config, checkpoints
         self.out_dir = Path(out_dir)
-        self.checkpoint_dir = self.out_dir / "checkpoint"
-        self.log_path = self.out_dir / "log.jsonl"
+        self.checkpoint_dir = self.out_dir / run_dir.LATEST  # a link to the latest checkpoint-<step>/
+        self.log_path = self.out_dir / run_dir.LOG
+        self.command, self.overwrite, self.rerun = command, overwrite, rerun
         self.progress = progress and self.world.is_main
         d_model: int = getattr(model, "config").d_model  # noqa: B009  (every tformer model has a config)
         peak = peak_lr(c.lr, d_model, c.warmup_steps)
@@ -129,7 +150,15 @@ class Trainer:
         )
         # float16 needs its loss scaled so small gradients survive; a no-op for fp32 / bf16.
         self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=c.precision == "fp16")
+        # The fused AdamW skips its update on the device when told a step was not finite (found_inf).
+        self._mask_on_device = bool(self.optimizer.defaults.get("fused")) and c.precision != "fp16"
         self.state = TrainState()
+        self._resumed = False  # resume() ran: out_dir is claimed
+        self._pending: torch.Tensor | None = None  # the last step's non-finite flag, not yet read
+        self._step_rng: dict[str, Any] | None = None  # RNG states at the start of the running step
+        self._updating = False  # an optimiser update the step counter has not counted yet
+        self._saved_at: tuple[int, int] | None = None  # (step, records) of the checkpoint on disk
+        self._signal = 0  # the signal this process received (SIGINT / SIGTERM)
         self._interrupted = False  # Ctrl-C / SIGTERM seen by this process
         self._stop_agreed = False  # every rank knows to stop after the current step
         self._interrupt_agreed = False  # ... because one of them was interrupted
@@ -140,13 +169,19 @@ class Trainer:
         """Write the checkpoint from rank 0: full (unsharded) weights and optimiser state keyed by parameter
         name, so it resumes at any world size. Every rank must call it (FSDP gathers the shards), unless
         `collective` is False (an abrupt stop on one rank: only an unsharded rank 0 can still save)."""
-        w = self.world
+        w, s = self.world, self.state
         sharded = distributed.is_sharded(self.model)
         if not collective and w.distributed and (sharded or not w.is_main):
             return self.checkpoint_dir
+        self._settle()
+        if self._saved_at == (s.step, len(s.history)):
+            return self.checkpoint_dir  # this very state is on disk already
+        self._check_parameters(collective)
         weights = distributed.full_model_state(self.model) if sharded else None
         optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
-        rngs = distributed.gather_objects(w, _rng_state()) if collective else [_rng_state()]
+        # Stopped inside a step, before its update: the state is the step's start, RNG included.
+        rng = self._step_rng or _rng_state()
+        rngs = distributed.gather_objects(w, rng) if collective else [rng]
         if w.is_main:
             state = {
                 "optimizer": optimizer,
@@ -159,8 +194,10 @@ class Trainer:
                 "accumulate": self.config.accumulate,
             }
             config = {**self.task.checkpoint_config(), "train": self.config.to_dict(), **self.extra_config}
-            save_checkpoint(
-                self.checkpoint_dir,
+            run_dir.save(
+                self.out_dir,
+                step=s.step,
+                keep=self.config.keep_checkpoints,
                 model=self.module,
                 weights=weights,
                 config=config,
@@ -169,27 +206,67 @@ class Trainer:
             )
         if collective:
             distributed.barrier(w)  # nobody reads a checkpoint rank 0 is still writing
+        self._saved_at = (s.step, len(s.history))
         return self.checkpoint_dir
 
-    def resume(self) -> None:
-        """Restore weights, optimizer, scheduler, position and RNG from `out_dir/checkpoint` (written at
-        any world size)."""
+    def _check_parameters(self, collective: bool) -> None:
+        """Refuse to save parameters that are not finite (with eps = 0 a weight can become 0/0 while the
+        loss stays finite); every rank checks its own (shards) and all agree."""
+        bad = []
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard
+                if local.numel() and not bool(torch.isfinite(local).all()):
+                    bad.append(name)
+        (n_bad,) = distributed.sum_on_host(self.world, [len(bad)]) if collective else [len(bad)]
+        if n_bad:
+            last = run_dir.latest(self.out_dir)
+            where = f"{bad[0]} and {len(bad) - 1} more" if len(bad) > 1 else (bad[0] if bad else "a shard")
+            raise FloatingPointError(
+                f"step {self.state.step}: parameters are not finite (NaN or inf: {where}); not saving them. "
+                f"The last checkpoint ({last or 'none yet'}) is kept; lower train.lr or raise train.eps"
+            )
+
+    def _checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: the weights, Adam's two moments, 1 MiB for the rest."""
+        n = sum(t.numel() * t.element_size() for t in {id(p): p for p in self.module.parameters()}.values())
+        return 3 * n + 2**20
+
+    def resume(self) -> bool:
+        """Restore weights, optimizer, scheduler, position and RNG from the run's latest checkpoint
+        (written at any world size). False when there is none yet: training starts from scratch."""
         w = self.world
+        if w.is_main:
+            run_dir.claim(self.out_dir, command=self.command, resume=True)
+        distributed.barrier(w)
+        self._resumed = True
+        found = run_dir.latest(self.out_dir)
+        if found is None:
+            if w.is_main:
+                run_dir.truncate_log(self.out_dir, 0)  # records of a run that died before its first save
+            return False
+        state = load_trainer_state(found)  # first: a tformer 0.1 state is refused before anything loads
+        require(state, found, "optimizer", "scheduler", "trainer", "rng")
         if distributed.is_sharded(self.model):
             try:
-                distributed.load_model_state(self.model, read_weights(self.checkpoint_dir))
+                distributed.load_model_state(self.model, read_weights(found))
             except (RuntimeError, KeyError) as exc:
                 raise CheckpointError(
-                    f"{self.checkpoint_dir / WEIGHTS}: weights do not fit the model in config.json ({exc})"
+                    f"{found / WEIGHTS}: weights do not fit the model in config.json ({exc})"
                 ) from None
         else:
-            load_weights(self.checkpoint_dir, self.module)
-        state = load_trainer_state(self.checkpoint_dir)
-        distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState(**state["trainer"])
+            load_weights(found, self.module)
+        try:
+            distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            self.state = TrainState(**state["trainer"])
+            _set_rng_state(state["rng"])  # checked here; set below for this rank
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(
+                f"{found / STATE}: the trainer state does not fit this run ({type(exc).__name__}: {exc})"
+            ) from None
         ranks = state.get("rng_ranks") or [state["rng"]]
         if len(ranks) == w.size:
             _set_rng_state(ranks[w.rank])
@@ -205,21 +282,18 @@ class Trainer:
                 f"this run takes {now}"
             )
         # Records logged after this checkpoint (a run killed before its next save) will be logged again.
-        if w.is_main and self.log_path.exists():
-            kept = [
-                line
-                for line in self.log_path.read_text().splitlines()
-                if json.loads(line)["step"] <= self.state.step
-            ]
-            self.log_path.write_text("".join(line + "\n" for line in kept))
+        if w.is_main:
+            run_dir.truncate_log(self.out_dir, self.state.step)
+        self._saved_at = (self.state.step, len(self.state.history))
+        return True
 
     def _log(self, record: dict[str, Any]) -> None:
         self.state.history.append(record)
         if not self.world.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with self.log_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")  # one write: a crash leaves at most a partial last line
 
     # --- the loop ----------------------------------------------------------------------------------
     def _time_up(self) -> bool:
@@ -231,12 +305,53 @@ class Trainer:
         step (ranks measure different times; all must take the same number of steps)."""
         c, s = self.config, self.state
         if c.max_steps is not None and s.step >= c.max_steps:
-            return True
+            self._settle()  # the last step may have been skipped
+            if s.step >= c.max_steps:
+                return True
         return self._stop_agreed if self.world.distributed else self._time_up()
+
+    def _due(self, every: int | None) -> bool:
+        """Whether the step just taken is a multiple of `every`, once its non-finite flag is read."""
+        if not every or self.state.step % every:
+            return False
+        self._settle()
+        return self.state.step % every == 0
+
+    def _settle(self) -> None:
+        """Read the last step's non-finite flag (a host sync; the step's work is queued or done by now). A
+        skipped step gives back its count and does not advance the schedule."""
+        flag, self._pending = self._pending, None
+        if flag is None:
+            return
+        c, s, w = self.config, self.state, self.world
+        skipped = bool(flag.item())
+        if c.precision == "fp16":  # the loss flag of this rank; every rank must agree
+            (skipped_any,) = distributed.sum_on_host(w, [float(skipped)])
+            skipped = skipped_any > 0
+        if not skipped:
+            self.scheduler.step()
+            return
+        s.step -= 1
+        s.nonfinite_skips += 1
+        lr = self.scheduler.get_last_lr()[0]
+        if s.nonfinite_skips > c.max_nonfinite_skips:
+            last = run_dir.latest(self.out_dir) if w.is_main else None
+            raise FloatingPointError(
+                f"training stopped at step {s.step + 1}: {s.nonfinite_skips} steps had a non-finite gradient "
+                f"(NaN or inf), more than train.max_nonfinite_skips = {c.max_nonfinite_skips}; lower the "
+                f"learning rate (now {lr:.3g}), set train.clip_norm, or check the data. Nothing non-finite "
+                f"was saved; the last checkpoint is {last or 'none yet'}"
+            )
+        if self.progress:
+            tqdm.write(
+                f"step {s.step + 1}: the gradient is not finite (NaN or inf); step skipped "
+                f"({s.nonfinite_skips} of at most train.max_nonfinite_skips = {c.max_nonfinite_skips})"
+            )
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate on rank 0 (on every rank under FSDP, whose forward needs all of them); the others
         record the evaluation's place without metrics."""
+        self._settle()
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {}
         if self.world.is_main or distributed.is_sharded(self.model):
@@ -255,15 +370,22 @@ class Trainer:
         return record
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train until `epochs`, `max_steps` or `max_time`; evaluate each `eval_every_epochs`; checkpoint.
+        """Train until `epochs`, `max_steps` or `max_time`; evaluate each `eval_every_epochs`; checkpoint
+        then, every `save_every_steps` and at the end.
 
-        Ctrl-C (or SIGTERM) saves a checkpoint at the current step before stopping, so `--resume` loses
-        nothing.
+        Ctrl-C or SIGTERM saves a checkpoint at the current step before stopping (raising `Interrupted`),
+        so `--resume` loses nothing; a second one stops at once, saving only if no update is uncounted.
         """
-        c, s = self.config, self.state
-        reuse_freed_memory()  # no page faults on the step's big tensors (tformer.allocator)
+        c, s, w = self.config, self.state, self.world
+        if not self._resumed and w.is_main:
+            run_dir.claim(
+                self.out_dir, command=self.command, resume=False, overwrite=self.overwrite, rerun=self.rerun
+            )
+        if w.is_main:
+            run_dir.check_room(self.out_dir, self._checkpoint_bytes())
+        distributed.barrier(w)
         if s.step == 0 and s.batch_in_epoch == 0 and s.epoch == 0:
-            _seed_all(c.seed + self.world.rank)  # rank 0 (and a single process) draws from `seed`
+            _seed_all(c.seed + w.rank)  # rank 0 (and a single process) draws from `seed`
         # Ctrl-C / SIGTERM only set a flag; the loop stops between steps, so the checkpoint never holds
         # weights updated by a step it has not counted.
         previous = {}
@@ -272,22 +394,31 @@ class Trainer:
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
             self._loop()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else (self._signal or signal.SIGINT)
+            name = signal.Signals(signum).name
+            if self._updating:  # stopped between an update and its count: that state must not be saved
+                if w.is_main:
+                    print(
+                        f"\n{name} again: stopped at once inside step {s.step + 1}, not saved; the last "
+                        f"checkpoint ({run_dir.latest(self.out_dir) or 'none yet'}) is kept",
+                        file=sys.stderr,
+                    )
+                raise Interrupted(signum) from None
             # Agreed between steps: every rank saves together; a second Ctrl-C on one rank: no collectives.
-            w = self.world
             collective = self._interrupt_agreed or not w.distributed
             self.save(collective=collective)
             if w.is_main and (collective or not distributed.is_sharded(self.model)):
                 print(
-                    f"\ninterrupted: checkpoint saved at step {s.step} in {self.checkpoint_dir}",
+                    f"\n{name}: checkpoint saved at step {s.step} in {self.checkpoint_dir}",
                     file=sys.stderr,
                 )
             elif w.is_main:
                 print(
-                    "\ninterrupted at once: a sharded (FSDP) model cannot be saved by one rank",
+                    f"\n{name} again: stopped at once; a sharded (FSDP) model cannot be saved by one rank",
                     file=sys.stderr,
                 )
-            raise
+            raise Interrupted(signum, self.checkpoint_dir) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -301,10 +432,11 @@ class Trainer:
         return torch.autocast(device_type=self.world.device.type, dtype=dtype, enabled=precision != "fp32")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._interrupted:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._interrupted = True
-        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr)
+        name = signal.Signals(signum).name
+        if self._interrupted:  # a second signal: stop now
+            raise Interrupted(signum)
+        self._interrupted, self._signal = True, signum
+        print(f"\n{name}: stopping after this step ({name} again to stop at once) ...", file=sys.stderr)
 
     def _loop(self) -> None:
         c, s, w = self.config, self.state, self.world
@@ -328,54 +460,49 @@ class Trainer:
                 dynamic_ncols=True,
             )
             window_loss: float | torch.Tensor = 0.0
-            window_count, window_tokens, window_time = 0, 0, 0.0
+            window_count: int | torch.Tensor = 0
+            window_tokens, window_time = 0, 0.0
             while s.batch_in_epoch + per_step <= len(batches) and not self._should_stop():
                 if self._interrupted and (self._interrupt_agreed or not w.distributed):
-                    raise KeyboardInterrupt
+                    raise Interrupted(self._signal or signal.SIGINT)
                 t0 = time.perf_counter()
+                self._step_rng = _rng_state()
                 first = s.batch_in_epoch + w.rank * c.accumulate
                 loss_value, n_count, n_tokens = self._step(batches[first : first + c.accumulate])
                 dt = time.perf_counter() - t0
                 s.train_time += dt
                 s.batch_in_epoch += per_step
-                s.step += 1
+                s.step += 1  # counted now; given back by _settle if the step turns out skipped
+                self._updating, self._step_rng = False, None
                 window_loss = window_loss + loss_value
-                window_count += n_count
+                window_count = window_count + n_count
                 window_tokens += n_tokens
                 window_time += dt
                 bar.update(1)
-                if s.step % c.log_every == 0:
+                if self._due(c.log_every):
                     lr = self.scheduler.get_last_lr()[0]
-                    # The only host sync: once per log. Sums over ranks: the loss of the global batches.
+                    # Sums over ranks: the loss of the global batches (skipped steps left out).
                     total, count, tokens = distributed.sum_on_host(
-                        w, [float(window_loss), window_count, window_tokens]
+                        w, [float(window_loss), float(window_count), window_tokens]
                     )
-                    loss = total / max(1, count)
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(
-                            f"training loss became {loss} before step {s.step}; lower the learning rate "
-                            f"(now {lr:.3g}) or set clip_norm"
-                        )
                     tps = tokens / max(window_time, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                    self._log(
-                        {
-                            "type": "train",
-                            "step": s.step,
-                            "epoch": s.epoch,
-                            "loss": loss,
-                            "lr": lr,
-                            "tokens_per_s": tps,
-                            "time": s.train_time,
-                        }
-                    )
+                    record: dict[str, Any] = {"type": "train", "step": s.step, "epoch": s.epoch}
+                    if count > 0:
+                        record["loss"] = total / count
+                        bar.set_postfix(loss=f"{total / count:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                    record.update(lr=lr, tokens_per_s=tps, time=s.train_time)
+                    if s.nonfinite_skips:
+                        record["nonfinite_skips"] = s.nonfinite_skips
+                    self._log(record)
                     window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
-                if (
-                    c.eval_every_steps
-                    and s.step % c.eval_every_steps == 0
-                    and s.batch_in_epoch + per_step <= len(batches)
-                ):
+                epoch_ends = s.batch_in_epoch + per_step > len(batches)
+                if self._due(c.eval_every_steps) and not epoch_ends:
                     self._report(self.evaluate())
+                epoch_saves = epoch_ends and (
+                    (s.epoch + 1) % c.eval_every_epochs == 0 or s.epoch + 1 == c.epochs
+                )
+                if self._due(c.save_every_steps) and not epoch_saves:
+                    self.save()
             bar.close()
             if s.batch_in_epoch + per_step > len(batches):
                 s.epoch += 1
@@ -383,9 +510,10 @@ class Trainer:
                 if s.epoch % c.eval_every_epochs == 0 or s.epoch == c.epochs:
                     self._report(self.evaluate())
                     self.save()
+        self._settle()
         if not s.history or s.history[-1].get("type") != "eval" or s.history[-1]["step"] != s.step:
             self._report(self.evaluate())
-            self.save()
+        self.save()
 
     def _report(self, record: dict[str, Any]) -> None:
         if not self.progress:
@@ -397,9 +525,9 @@ class Trainer:
         )
         tqdm.write(f"eval: {shown}")
 
-    def _step(self, batches: list[Any]) -> tuple[torch.Tensor, int, int]:
-        """One optimiser step over this rank's `accumulate` batches. Returns this rank's summed loss, item
-        and token counts.
+    def _step(self, batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimiser step over this rank's `accumulate` batches. Returns this rank's summed loss and
+        item count (both 0 when the step is skipped as non-finite) and its token count.
 
         The gradient is that of sum(summed losses) / N, N the items of the whole global batch (all ranks,
         all micro-batches), as one process would compute it. N is known only after every forward, so each
@@ -408,9 +536,9 @@ class Trainer:
         """
         if not self.module.training:  # evaluation switched it off; train() walks every module: only then
             self.model.train()  # (through a DDP wrapper, whose own flag evaluation of the module leaves alone)
-        w = self.world
+        w, c = self.world, self.config
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum: torch.Tensor | float = 0.0
+        loss_sum: torch.Tensor = torch.zeros((), device=w.device)
         items = tokens = 0
         scale = 1.0
         for j, batch in enumerate(batches):
@@ -421,7 +549,7 @@ class Trainer:
                     (first,) = distributed.sum_on_host(w, [n_items])
                     scale = max(1.0, first / w.size * len(batches))
                 self.scaler.scale(total / scale).backward()
-            loss_sum = loss_sum + total.detach()
+            loss_sum = loss_sum + total.detach().float()
             items += n_items
             tokens += n_tokens
         # Ranks agree here on the global count and on stopping after this step (Ctrl-C, time).
@@ -433,16 +561,30 @@ class Trainer:
             self._stop_agreed = stop > 0
         self.scaler.unscale_(self.optimizer)  # float16: back to true gradients (and inf / NaN found)
         factor = w.size * scale / max(1.0, n_global)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if factor != 1.0:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(factor)
-        if self.config.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
-        self.scaler.step(self.optimizer)  # skips the update when float16 gradients overflowed
+            for p in params:
+                p.grad.mul_(factor)  # type: ignore[union-attr]
+        if c.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, c.clip_norm)
+        else:
+            norm = _total_norm(params)
+        # Non-finite: the all-reduced gradient's norm (every rank agrees); under float16 the scaler owns
+        # gradient overflow, and a non-finite loss is the sign of divergence.
+        skip = ~torch.isfinite(loss_sum) if c.precision == "fp16" else ~torch.isfinite(norm)
+        self._settle()  # the previous step's flag: its work is done or queued ahead of this one's
+        self._updating = True
+        if c.precision == "fp16":
+            self.scaler.step(self.optimizer)  # skips the update when float16 gradients overflowed
+        elif self._mask_on_device:
+            self.optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+            self.optimizer.step()  # the fused kernel leaves parameters, moments and step as they were
+        elif not bool(skip.item()):  # other optimisers cannot skip on the device: decide on the host
+            self.optimizer.step()
         self.scaler.update()
-        self.scheduler.step()
-        return cast(torch.Tensor, loss_sum), items, tokens
+        self._pending = skip  # the scheduler steps once the flag is read (_settle)
+        zero = torch.zeros((), device=loss_sum.device)
+        return torch.where(skip, zero, loss_sum), torch.where(skip, zero, float(items)), tokens
 
 
 def _check_precision(config: TrainConfig, world: distributed.World) -> None:
@@ -461,6 +603,16 @@ def _check_precision(config: TrainConfig, world: distributed.World) -> None:
         raise ConfigError(
             f"train.precision = 'bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use 'fp16'"
         )
+
+
+def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all gradients together, on their device (no host sync; sharded gradients too)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))  # max_norm inf: multiplies by 1
 
 
 def _seed_all(seed: int) -> None:

@@ -1,0 +1,306 @@
+"""The run directory (`tformer train --out OUT`, the demo's `runs/demo`) and how it survives crashes.
+
+    OUT/
+      .tformer-run.json                 which command wrote this directory, when, with which tformer
+      log.jsonl                         one JSON record per training log and evaluation
+      checkpoint-<step>/                complete checkpoints; the newest `train.keep_checkpoints` are kept
+      checkpoint -> checkpoint-<step>   a link to the latest, switched by one rename
+      best -> checkpoint-<step>         (for keeping the best model) never deleted by retention
+
+A save writes `.checkpoint-<step>.tmp-*/`, fsyncs its files and itself, renames it to
+`checkpoint-<step>/` and fsyncs OUT; then it makes a new link and renames it over `checkpoint`, the one
+atomic switch, and fsyncs OUT again; only then are old checkpoints deleted. A `checkpoint-<step>/` name is
+therefore always a complete checkpoint, and `checkpoint` always points at one: a crash at any point of a
+save leaves the previous checkpoint in force, or the new one. Readers (predict, eval, resume) resolve the
+link once and read every file from the directory it names; they never rename or delete anything.
+
+Only a run that owns OUT writes into it: the marker says which command did. A fresh run into a directory
+another run wrote needs `--resume` or `--overwrite`; the demo may rerun into its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tformer
+from tformer.training.checkpoint import (
+    CONFIG,
+    LEGACY_STATE,
+    CheckpointError,
+    crash_point,
+    fsync_dir,
+    write_checkpoint,
+)
+
+MARKER = ".tformer-run.json"
+LATEST = "checkpoint"
+BEST = "best"
+LOG = "log.jsonl"
+_STEP = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
+_TEMP = re.compile(r"\.checkpoint-\d+(?:-\d+)?\.tmp-.*|\.checkpoint\.link-tmp")
+
+
+def read_marker(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / MARKER
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt run marker ({exc}); expected a JSON object") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("command"), str):
+        raise CheckpointError(f"{path}: not a tformer run marker (expected an object with a 'command')")
+    return marker
+
+
+def _entries(out_dir: Path) -> list[Path]:
+    """What runs write into OUT (and only that: other files there are left alone)."""
+    if not out_dir.is_dir():
+        return []
+    names = (LATEST, BEST, LOG, MARKER)
+    return sorted(
+        p for p in out_dir.iterdir() if p.name in names or _STEP.fullmatch(p.name) or _TEMP.fullmatch(p.name)
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def claim(
+    out_dir: str | Path, *, command: str, resume: bool, overwrite: bool = False, rerun: bool = False
+) -> None:
+    """Check that this run may write into `out_dir`, and mark it as this command's.
+
+    `resume`: continue the run there (a directory another command wrote, or files no tformer run wrote,
+    are refused). Fresh: an empty or new directory; a directory a run wrote needs `overwrite` (its
+    checkpoints and log are deleted), unless `rerun` and the same command wrote it (the demo)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; --out names a directory")
+    marker = read_marker(out)
+    entries = [p for p in _entries(out) if p.name != MARKER]
+    if resume and not overwrite:
+        if marker is None and entries:
+            legacy = out / LATEST / LEGACY_STATE
+            if legacy.exists():  # tformer 0.1 wrote runs without a marker: say what its state is
+                from tformer.training.checkpoint import load_trainer_state
+
+                load_trainer_state(out / LATEST)
+            raise CheckpointError(
+                f"{out}: holds files no tformer run marked as its own ({', '.join(p.name for p in entries)}; "
+                f"no {MARKER}); refusing to resume into it"
+            )
+        if marker is not None and marker["command"] != command:
+            raise CheckpointError(
+                f"{out}: written by `{marker['command']}`, not `{command}`; refusing to resume it here"
+            )
+    elif entries:
+        same = marker is not None and marker["command"] == command
+        if not (overwrite or (rerun and same)):
+            if marker is None:
+                raise CheckpointError(
+                    f"{out}: holds files tformer did not write there ({', '.join(p.name for p in entries)}); "
+                    "choose another --out, or pass --overwrite to delete them"
+                )
+            found = latest(out)
+            at = f" (checkpoint {found.name})" if found is not None else ""
+            raise CheckpointError(
+                f"{out}: holds a run of `{marker['command']}`{at}; continue it with --resume, or start "
+                "again with --overwrite (deletes its checkpoints and log.jsonl)"
+            )
+        for p in entries:
+            _remove(p)
+    out.mkdir(parents=True, exist_ok=True)
+    if marker is None or marker["command"] != command or not resume:
+        record = {
+            "command": command,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tformer_version": tformer.__version__,
+        }
+        _write_atomic(out / MARKER, json.dumps(record, indent=2) + "\n")
+
+
+def checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoint directories of a run, oldest first."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = _STEP.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and (p / CONFIG).exists():
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest(out_dir: str | Path) -> Path | None:
+    """The directory the run's `checkpoint` link names (resolved, so every file comes from one save); the
+    newest complete checkpoint if the link is missing or dangling; a tformer 0.1 `checkpoint/` directory
+    as it is; None before the first save."""
+    link = Path(out_dir) / LATEST
+    if link.is_symlink():
+        target = link.resolve()
+        if target.is_dir():
+            return target
+    elif link.is_dir():
+        return link
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint path as readers use it: a link resolved once; a run directory -> its latest checkpoint."""
+    path = Path(path)
+    if path.is_symlink():
+        return path.resolve()
+    if path.is_dir() and not (path / CONFIG).exists() and (path / MARKER).exists():
+        found = latest(path)
+        if found is not None:
+            return found
+    return path
+
+
+def _disk_free(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return f"{shutil.disk_usage(path).free / 2**20:,.1f} MiB free there"
+    return "free space unknown"
+
+
+def check_room(out_dir: str | Path, needed: int) -> None:
+    """Before step 1: OUT is writable and has room for one more checkpoint of about `needed` bytes."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".tformer-write-test-"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"{out}: cannot write there ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise CheckpointError(
+            f"{out}: {free / 2**20:,.1f} MiB free, but a checkpoint of this run needs about "
+            f"{needed / 2**20:,.1f} MiB; free some space or choose another --out"
+        )
+
+
+def save(out_dir: str | Path, *, step: int, keep: int, **files: Any) -> Path:
+    """Write `checkpoint-<step>/` (see the module doc), switch `checkpoint` to it, keep the newest `keep`.
+
+    `files`: what `checkpoint.write_checkpoint` takes (model, config, write_extra, trainer_state, weights)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / LATEST
+    if link.exists() and not link.is_symlink():
+        raise CheckpointError(
+            f"{link}: a directory, not the link this run layout keeps (an older tformer's checkpoint, or "
+            "someone else's); move it away or choose another --out"
+        )
+    name, k = f"checkpoint-{step}", 0
+    while (out / name).exists() or (out / name).is_symlink():
+        k += 1
+        name = f"checkpoint-{step}-{k}"
+    final = out / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+        write_checkpoint(tmp, **files)
+        os.replace(tmp, final)
+        crash_point("rename:checkpoint")
+        fsync_dir(out)
+        crash_point("fsync:out")
+        new_link = out / ".checkpoint.link-tmp"
+        new_link.unlink(missing_ok=True)
+        os.symlink(name, new_link)
+        crash_point("link:made")
+        os.replace(new_link, link)
+        crash_point("link:switched")
+        fsync_dir(out)
+        crash_point("fsync:link")
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (link.is_symlink() and link.resolve() == final.resolve()):
+            shutil.rmtree(final, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not write the checkpoint ({exc}); {_disk_free(out)}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(out, keep)
+    crash_point("pruned")
+    return final
+
+
+def prune(out_dir: Path, keep: int) -> None:
+    """Delete checkpoints beyond the newest `keep` (never the ones `checkpoint` and `best` name) and the
+    temporary directories of saves that died."""
+    protected = set()
+    for name in (LATEST, BEST):
+        link = out_dir / name
+        if link.is_symlink():
+            protected.add(link.resolve())
+    found = checkpoints(out_dir)
+    for p in found[: max(0, len(found) - keep)]:
+        if p.resolve() not in protected:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in out_dir.iterdir():
+        if _TEMP.fullmatch(p.name):
+            _remove(p)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def log_records(out_dir: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, record or None when the line is not a complete JSON object, raw line) of log.jsonl."""
+    path = Path(out_dir) / LOG
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            ok = line.endswith("\n") and isinstance(record, dict) and isinstance(record.get("step"), int)
+            yield n, record if ok else None, line
+
+
+def truncate_log(out_dir: str | Path, step: int) -> None:
+    """On resume: keep the log's complete records up to `step` (later ones are logged again); a line cut
+    short by a crash, or otherwise unreadable, is dropped with a warning naming it."""
+    path = Path(out_dir) / LOG
+    if not path.exists():
+        return
+    kept, bad = [], []
+    for n, record, line in log_records(out_dir):
+        if record is None:
+            bad.append(n)
+        elif record["step"] <= step:
+            kept.append(line)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        print(
+            f"warning: {path}: dropped {len(bad)} incomplete or unreadable line(s) (line {shown}); "
+            "kept the complete records",
+            file=sys.stderr,
+        )
+    _write_atomic(path, "".join(kept))
