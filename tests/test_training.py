@@ -30,9 +30,19 @@ def run_job(
     resume: bool = False,
     interrupt_at: int | None = None,
     signal_at: int | None = None,
+    *,
+    sig: int = signal.SIGINT,
+    nan_at: tuple[int, ...] = (),
+    abort_after_update_at: int | None = None,
+    overwrite: bool = False,
     **train_kw: Any,
-) -> None:
-    """A small, deterministic translation run with dropout; imported by the fresh-process half of the test."""
+) -> Trainer:
+    """A small, deterministic translation run with dropout; imported by the fresh-process half of the test.
+
+    Faults, at the 0-based step given: `interrupt_at` raises KeyboardInterrupt before the forward pass,
+    `signal_at` sends `sig` to the process in the middle of the step, `nan_at` makes the loss NaN,
+    `abort_after_update_at` raises KeyboardInterrupt right after the optimiser's update (a second signal
+    arriving then). `train_kw`: TrainConfig changes."""
     splits = number_translation(400, 20, 0, seed=1, max_digits=3)
     pairs = {k: [(p.src, p.tgt) for p in v] for k, v in splits.items()}
     src_tok = Tokenizer.train([s for s, _ in pairs["train"]])
@@ -59,14 +69,29 @@ def run_job(
         if trainer.state.step == interrupt_at:
             raise KeyboardInterrupt  # an exception inside a step, before the update
         if trainer.state.step == signal_at:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arriving in the middle of a step
-        return real_loss(model, batch)
+            os.kill(os.getpid(), sig)  # Ctrl-C / SIGTERM arriving in the middle of a step
+        value = real_loss(model, batch)
+        if trainer.state.step in nan_at:
+            return value._replace(total=value.total * float("nan"))
+        return value
 
     task.loss = loss
-    trainer = Trainer(model, task, tc.replace(**train_kw), out_dir=out_dir, progress=False)
+    trainer = Trainer(
+        model, task, tc.replace(**train_kw), out_dir=out_dir, progress=False, overwrite=overwrite
+    )
+    if abort_after_update_at is not None:
+        real_step = trainer.optimizer.step
+
+        def step(*args, **kwargs):
+            real_step(*args, **kwargs)
+            if trainer.state.step == abort_after_update_at:
+                raise KeyboardInterrupt
+
+        trainer.optimizer.step = step  # type: ignore[method-assign]
     if resume:
         trainer.resume()
     trainer.fit()
+    return trainer
 
 
 def _weights(out_dir) -> dict[str, torch.Tensor]:

@@ -342,10 +342,11 @@ class Trainer:
                 f"learning rate (now {lr:.3g}), set train.clip_norm, or check the data. Nothing non-finite "
                 f"was saved; the last checkpoint is {last or 'none yet'}"
             )
-        if self.progress:
+        if w.is_main:
             tqdm.write(
                 f"step {s.step + 1}: the gradient is not finite (NaN or inf); step skipped "
-                f"({s.nonfinite_skips} of at most train.max_nonfinite_skips = {c.max_nonfinite_skips})"
+                f"({s.nonfinite_skips} of at most train.max_nonfinite_skips = {c.max_nonfinite_skips})",
+                file=sys.stderr,
             )
 
     def evaluate(self) -> dict[str, Any]:
