@@ -341,3 +341,21 @@ def test_the_cli_exits_143_on_sigterm_and_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"resumed at step {step}" in done.stderr
     assert load_trainer_state(tmp_path / "run" / "checkpoint")["trainer"]["step"] == step + 2
+
+
+def test_the_cli_names_the_way_out_of_a_used_directory_and_resumes_from_nothing(tmp_path, capsys):
+    from tformer.cli import main
+
+    (tmp_path / "t.txt").write_text("".join(f"row {i} of text\n" for i in range(60)))
+    base = ["train", "lm", "--train", str(tmp_path / "t.txt"), "--valid", str(tmp_path / "t.txt")]
+    base += ["--out", str(tmp_path / "run"), "--no-progress", "data.tokenizer=char", "model.d_model=16"]
+    base += ["model.n_heads=2", "model.d_ff=32", "model.n_layers=1", "model.max_seq_len=16"]
+    base += ["train.batch_size=4", "train.max_steps=2"]
+    assert main([*base, "--resume"]) == 0
+    assert "has no checkpoint yet; starting from scratch" in capsys.readouterr().err
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of `train` (checkpoint checkpoint-2); continue it with --resume" in err
+    assert main([*base, "--overwrite", "--resume"]) == 2
+    assert "give one" in capsys.readouterr().err
+    assert main([*base, "--overwrite"]) == 0

@@ -47,7 +47,11 @@ LATEST = "checkpoint"
 BEST = "best"
 LOG = "log.jsonl"
 _STEP = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
-_TEMP = re.compile(r"\.checkpoint-\d+(?:-\d+)?\.tmp-.*|\.checkpoint\.link-tmp")
+# what a save, a log rewrite or the room check leaves behind when killed half-way
+_TEMP = re.compile(
+    r"\.checkpoint-\d+(?:-\d+)?\.tmp-.*|\.checkpoint\.link-tmp|\.tformer-write-test-.*"
+    r"|\.log\.jsonl\.tmp|\.tformer-run\.json\.tmp"
+)
 
 
 def read_marker(out_dir: Path) -> dict[str, Any] | None:
