@@ -271,7 +271,8 @@ def test_compiled_int8_gemv_leaves_what_it_does_not_compute_to_torchao():
 
 def test_compiled_gemv_compiles_from_several_threads():
     """make_fx and inductor are not thread-safe: first calls of different shapes from four threads at once
-    are compiled one at a time (a lock), each correct, with the compiled path still on."""
+    are compiled one at a time (a lock), each correct, with the compiled path still on. (Each thread turns
+    it on: the setting is per thread.)"""
     import threading
 
     torch.manual_seed(0)
@@ -282,7 +283,7 @@ def test_compiled_gemv_compiles_from_several_threads():
     def run(i: int) -> None:
         w, b, x = cases[i]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), tl.compiled_gemv():
                 results[i] = linear(x, w, b)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -290,12 +291,11 @@ def test_compiled_gemv_compiles_from_several_threads():
     saved = tl.ONEDNN_MIN_MNK
     tl.ONEDNN_MIN_MNK = 0
     try:
-        with tl.compiled_gemv():
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
         tl.ONEDNN_MIN_MNK = saved
     assert not errors
@@ -368,3 +368,19 @@ def test_int8_model_generates_the_same_tokens_compiled():
     assert any(
         key[0] == "_int8_gemv_eager" and key[1] == 61 and _built(key) for key in tl._gemv_fns
     )  # the head
+
+
+@pytest.mark.parametrize("setting", ["default", "compiled_gemv", "aten"])
+def test_torch_compile_traces_linear_in_one_graph_whatever_the_settings(setting, calls):
+    """The backend and compiled-GEMV settings are context variables, which dynamo cannot read: under
+    torch.compile `linear` is F.linear before it looks at them (no graph break; fullgraph would fail)."""
+    from contextlib import nullcontext
+
+    torch._dynamo.reset()
+    layer = Linear(16, 8)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")  # dynamo only: no inductor compile
+    context = {"default": nullcontext(), "compiled_gemv": tl.compiled_gemv(), "aten": linear_backend("aten")}
+    x = torch.randn(1, 16)
+    with torch.no_grad(), context[setting]:
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+    assert calls == []  # traced as F.linear

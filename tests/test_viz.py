@@ -296,3 +296,51 @@ def test_pictures_are_written_and_not_blank(tmp_path, capsys):
         positional_encoding_png(tmp_path / "x.png", d_model=7)
     with pytest.raises(ValueError, match="outside"):
         positional_encoding_png(tmp_path / "x.png", d_model=8, curves=[8])
+
+
+def _strict_page_data(path):
+    """The page's embedded data parsed as JSON proper: NaN / Infinity (Python's extensions, which a
+    browser's JSON.parse rejects, leaving a blank page) are errors."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    text = path.read_text(encoding="utf-8")
+    found = re.search(r'<script id="tformer-data" type="application/json">(.*?)</script>', text, re.S)
+    return json.loads(found.group(1), parse_constant=refuse)
+
+
+def test_cli_viz_of_a_model_with_nan_weights_writes_a_page_that_parses(tmp_path, capsys):
+    clf = viz_models.classifier()
+    with torch.no_grad():
+        for p in clf.model.parameters():
+            p.fill_(float("nan"))
+    ckpt = viz_models.save_classifier(clf, tmp_path / "clf")
+    assert main(["viz", str(ckpt), "the black cat", "--out", str(tmp_path / "viz")]) == 0
+    note = "128 of 128 attention weights are not finite numbers"
+    assert f"note: {note}" in capsys.readouterr().out
+    data = _strict_page_data(tmp_path / "viz" / "attention.html")
+    assert data["note"].startswith(note)
+    (kind,) = data["kinds"]
+    n = len(["<bos>", "the", "black", "cat"])
+    assert np.array(kind["layers"], dtype=object).shape == (2, 4, n, n)  # layers, heads, queries, keys
+    assert all(w is None for layer in kind["layers"] for head in layer for row in head for w in row)
+
+
+def test_non_finite_weights_are_null_in_the_page_and_the_rest_as_before(tmp_path):
+    maps = translation_maps(viz_models.translator(n_layers=1), TEXT, target=TARGET)
+    weights = maps.kind("cross").layers[0]  # (H, T, S)
+    weights[1, 2, 3], weights[0, 0, 0], weights[3, 1, 5] = np.nan, np.inf, -np.inf
+    data = _strict_page_data(attention_html(maps, tmp_path / "a.html"))
+    sent = next(k for k in data["kinds"] if k["name"] == "cross")["layers"][0]
+    missing = {
+        (h, i, j)
+        for h, head in enumerate(sent)
+        for i, row in enumerate(head)
+        for j, w in enumerate(row)
+        if w is None
+    }
+    assert missing == {(1, 2, 3), (0, 0, 0), (3, 1, 5)}
+    finite = np.isfinite(weights)
+    values = np.array([[[np.nan if w is None else w for w in row] for row in head] for head in sent])
+    np.testing.assert_allclose(values[finite], weights[finite], atol=0.5 * 10**-DIGITS)

@@ -19,6 +19,11 @@ tolerances).
 
 `TFORMER_LINEAR=aten` in the environment, or `linear_backend("aten")`, turns the oneDNN path off.
 
+`linear_backend` and `compiled_gemv` are context-local (`contextvars`): a block sets them for its own thread
+(or asyncio task) only, so two threads decoding at once, one compiled and one not, do not see each other's
+settings, and a new thread starts from the defaults (the environment's backend, compiled products off), not
+from the settings of the thread that started it.
+
 Decoding one sequence multiplies every weight matrix by a single row: a matrix-vector product whose speed
 is how fast the weights stream from memory. Inside `compiled_gemv()` (what `generate(..., compile=True)`
 and `tformer generate --compile` turn on) such a product, in inference, float32 on the CPU, is one
@@ -43,6 +48,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, cast
 
 import torch
@@ -63,26 +69,28 @@ def _initial_backend() -> str:
     return name
 
 
-_backend = _initial_backend()
+# Context-local (one value per thread or asyncio task): see the module's doc.
+_DEFAULT_BACKEND = _initial_backend()  # the environment's, read once at import (as before)
+_backend: ContextVar[str] = ContextVar("tformer_linear_backend", default=_DEFAULT_BACKEND)
 
 
 def current_backend() -> str:
-    """The backend in use: "onednn" when float32 CPU products go to oneDNN (and this PyTorch build has
-    it), else "aten"."""
-    return "onednn" if _backend == "onednn" and _op is not None else "aten"
+    """The backend in use in this thread: "onednn" when float32 CPU products go to oneDNN (and this PyTorch
+    build has it), else "aten"."""
+    return "onednn" if _backend.get() == "onednn" and _op is not None else "aten"
 
 
 @contextmanager
 def linear_backend(name: str) -> Iterator[None]:
-    """Within the block, linear layers use `name` ("onednn" or "aten": PyTorch's own F.linear)."""
-    global _backend
+    """Within the block, and in this thread only, linear layers use `name` ("onednn" or "aten": PyTorch's
+    own F.linear)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown linear backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    before, _backend = _backend, name
+    token = _backend.set(name)
     try:
         yield
     finally:
-        _backend = before
+        _backend.reset(token)
 
 
 # Products smaller than this (rows x N x K) stay on F.linear: a oneDNN call costs about 12 us more than
@@ -90,8 +98,9 @@ def linear_backend(name: str) -> Iterator[None]:
 # 26.4; 1 x 384 x 1536: 32.6 vs 27.0; 768 x 128 x 65: 74.8 vs 44.3); decision 55.
 ONEDNN_MIN_MNK = 1 << 19
 
-_gemv_on = False
-_gemv_broken: str | None = None  # why compiling failed, once it has
+_gemv_on: ContextVar[bool] = ContextVar("tformer_compiled_gemv", default=False)  # context-local
+# Process-wide: the compiled kernels (shared by every thread), and why compiling failed, once it has.
+_gemv_broken: str | None = None
 _gemv_fns: dict[tuple[Any, ...], Any] = {}
 _compile_lock = threading.Lock()  # make_fx and inductor are not safe to run from two threads at once
 _ao: Any = None  # torchao.quantization.quant_primitives, once a torchao int8 weight has been seen
@@ -99,13 +108,13 @@ _ao: Any = None  # torchao.quantization.quant_primitives, once a torchao int8 we
 
 @contextmanager
 def compiled_gemv(enabled: bool = True) -> Iterator[None]:
-    """Within the block, single-row float32 CPU products in inference use a compiled reduction kernel."""
-    global _gemv_on
-    before, _gemv_on = _gemv_on, enabled
+    """Within the block, and in this thread only, single-row float32 CPU products in inference use a
+    compiled reduction kernel (`enabled=False`: they do not, whatever an enclosing block said)."""
+    token = _gemv_on.set(enabled)
     try:
         yield
     finally:
-        _gemv_on = before
+        _gemv_on.reset(token)
 
 
 def _gemv_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -154,8 +163,8 @@ def _compiled(eager: Any, key: tuple[Any, ...], consts: tuple[Any, ...] = ()) ->
         return None
     full = (eager.__name__,) + key
     fn = _gemv_fns.get(full)
-    if fn is None:
-        fn = _gemv_fns[full] = _Kernel(eager, consts)
+    if fn is None:  # setdefault is atomic: threads racing here share one kernel (compiled once)
+        fn = _gemv_fns.setdefault(full, _Kernel(eager, consts))
     return fn
 
 
@@ -216,7 +225,7 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         return None
     n, k = weight.shape[0], x.shape[-1]
     if not (
-        _backend == "onednn"
+        _backend.get() == "onednn"
         and _op is not None
         and weight.shape[1] == k  # else F.linear's own shape error
         and weight.dtype == torch.float32
@@ -347,20 +356,19 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _float32_cpu_eager(x: Tensor) -> bool:
-    """x is a plain float32 CPU tensor, outside autocast and torch.compile's tracing (which sees F.linear:
-    inductor cannot lower the oneDNN op on plain weights)."""
+    """x is a plain float32 CPU tensor, outside autocast (and, as `linear` checks first, outside
+    torch.compile's tracing)."""
     return (
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and type(x) in _PLAIN
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 
 def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
-        _backend == "onednn"
+        _backend.get() == "onednn"
         and _op is not None
         and _float32_cpu_eager(x)
         and weight.dtype == torch.float32
@@ -384,7 +392,9 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias), through oneDNN where that is the same function (see the module's doc)."""
-    if _gemv_on and _one_row_inference(x):  # decoding: checked first, it runs 49 times per GPT-2 token
+    if torch.compiler.is_compiling():  # torch.compile and torch.export see F.linear (inductor cannot lower
+        return F.linear(x, weight, bias)  # the oneDNN op on plain weights; dynamo cannot read a ContextVar)
+    if _gemv_on.get() and _one_row_inference(x):  # decoding: checked first, it runs 49 times per GPT-2 token
         y = _gemv(x, weight, bias) if type(weight) in _PLAIN else _int8_gemv(x, weight, bias)
         if y is not None:
             return y
@@ -404,7 +414,6 @@ def _one_row_inference(x: Tensor) -> bool:
         and type(x) in _PLAIN
         and not (torch.is_grad_enabled() and x.requires_grad)
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 

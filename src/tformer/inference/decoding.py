@@ -4,6 +4,9 @@ The source is encoded once; every decoder layer's cross-attention keys/values ar
 source (`Seq2Seq.start_cache`); each step feeds one token and writes its self-attention keys and values
 into static buffers of `max_len` positions, allocated once (beam search reorders them in place). Scores are sums of token log-probabilities (EOS included); beam search ranks finished hypotheses
 by score / lp(length), with GNMT's lp(n) = ((5 + n) / 6) ** length_penalty (Wu et al., 2016).
+
+Both run the model in eval mode; a model already in it is not written to, so threads may share it
+(tformer.inference.modes).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tformer.inference.modes import evaluating
 from tformer.models.seq2seq import Seq2Seq
 
 
@@ -52,7 +56,6 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@torch.no_grad()
 def greedy_decode(
     model: Seq2Seq,
     src: Tensor,
@@ -63,6 +66,13 @@ def greedy_decode(
     src_mask: Tensor | None = None,
 ) -> list[Hypothesis]:
     """Pick the most probable token at each step. src (B, S) -> one hypothesis per row."""
+    with evaluating(model), torch.no_grad():
+        return _greedy(model, src, bos_id, eos_id, max_len, src_mask)
+
+
+def _greedy(
+    model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, max_len: int | None, src_mask: Tensor | None
+) -> list[Hypothesis]:
     _check_inputs(model, src, bos_id, eos_id)
     steps = _max_steps(model, max_len, src.shape[1])
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
@@ -91,7 +101,6 @@ def greedy_decode(
     return hyps
 
 
-@torch.no_grad()
 def beam_search(
     model: Seq2Seq,
     src: Tensor,
@@ -110,6 +119,21 @@ def beam_search(
     within the best K) to the finished list, and keeps the K best others. A source stops once it has K
     finished hypotheses and no live beam could still beat the worst of them.
     """
+    with evaluating(model), torch.no_grad():
+        return _beam(model, src, bos_id, eos_id, beam_size, length_penalty_alpha, max_len, src_mask, n_best)
+
+
+def _beam(
+    model: Seq2Seq,
+    src: Tensor,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int,
+    length_penalty_alpha: float,
+    max_len: int | None,
+    src_mask: Tensor | None,
+    n_best: int,
+) -> list[list[Hypothesis]]:
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if not 1 <= n_best <= beam_size:

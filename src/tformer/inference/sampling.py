@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tformer.inference.modes import evaluating
 from tformer.linear import compiled_gemv
 from tformer.models.lm import LanguageModel, LMCache
 
@@ -64,8 +65,9 @@ def generate(
     """prompt (B, T0) ids -> (B, T0 + n) ids, n <= max_new_tokens. Stops early when every row has produced
     `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared). `compile`: one-row float32
     CPU decoding steps use compiled matrix-vector kernels (tformer.linear.compiled_gemv; a few seconds of
-    compiling per process, then faster steps)."""
-    with compiled_gemv(compile):
+    compiling per process, then faster steps). The model runs in eval mode; one already in it is not
+    written to, so threads may share it (tformer.inference.modes)."""
+    with compiled_gemv(compile), evaluating(model):
         return _generate(
             model, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, use_cache=use_cache, stop=stop,
@@ -97,8 +99,6 @@ def _generate(
         generator.seed()  # a fresh seed for this generator only; the global RNG is left alone
     else:
         generator.manual_seed(seed)
-    was_training = model.training
-    model.eval()
     b, t0 = prompt.shape
     # The output ids, allocated once: the prompt, then one column written per step.
     ids = torch.empty(b, t0 + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
@@ -134,5 +134,4 @@ def _generate(
         # Host reads only for what stopping needs: none without eos_id or a stop callback.
         if (eos_id is not None and bool(done.all())) or (stop is not None and stop(ids[:, :n])):
             break
-    model.train(was_training)
     return ids[:, :n]

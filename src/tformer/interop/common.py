@@ -121,11 +121,7 @@ def read_hf_tensors(directory: Path) -> dict[str, Tensor]:
     if single.exists():
         files = [single]
     elif index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InteropError(f"{index}: not a safetensors index ({exc})") from None
-        files = [directory / name for name in sorted(set(weight_map.values()))]
+        files = _shards(directory, index)
     else:
         others = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.h5")]
         hint = f" (found {', '.join(others)}: only safetensors files are read)" if others else ""
@@ -134,9 +130,52 @@ def read_hf_tensors(directory: Path) -> dict[str, Tensor]:
     for f in files:
         try:
             tensors.update(load_file(str(f)))
-        except (SafetensorError, FileNotFoundError) as exc:
+        except (SafetensorError, OSError) as exc:  # (missing, a directory, unreadable)
             raise InteropError(f"{f}: cannot read the weights ({exc})") from None
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _shards(directory: Path, index: Path) -> list[Path]:
+    """The shard files that model.safetensors.index.json names: each must be a file inside `directory`
+    once `..` and links are followed (a downloaded index must not read files elsewhere). The one exception
+    is the Hugging Face hub cache's own layout, snapshots/<revision>/<file> linking to the same cached
+    repository's blobs/."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InteropError(f"{index}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InteropError(f"{index}: expected a JSON object with a 'weight_map' (tensor name -> shard file)")
+    if "weight_map" not in data:
+        raise InteropError(
+            f"{index}: has no 'weight_map' (tensor name -> shard file); not a safetensors index"
+        )
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise InteropError(
+            f"{index}: 'weight_map' is a {type(weight_map).__name__}; expected an object of tensor name -> "
+            "shard file name"
+        )
+    if not weight_map:
+        raise InteropError(f"{index}: 'weight_map' is empty; it names no shard files")
+    for key, name in weight_map.items():  # (JSON object keys are strings)
+        if not isinstance(name, str) or not name:
+            raise InteropError(f"{index}: 'weight_map' entry {key!r}: {name!r}; expected a shard file name")
+    root = directory.resolve()
+    # the hub cache: <repo>/snapshots/<revision>/<file> links to <repo>/blobs/<hash>
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = directory / name  # (an absolute name replaces the directory: refused below)
+        real = path.resolve()
+        inside = real.is_relative_to(root) or (blobs is not None and real.parent == blobs)
+        if Path(name).is_absolute() or not inside:
+            raise InteropError(
+                f"{index}: shard {name!r} lies outside the model directory {directory} (resolved: {real}); "
+                "shard names must be files inside it"
+            )
+        files.append(path)
+    return files
 
 
 class Tensors:

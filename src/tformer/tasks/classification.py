@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tformer.config import ClassifierConfig, TrainConfig
 from tformer.data.batching import bucket_batches, pad
 from tformer.data.tokenizers import Tokenizer
+from tformer.inference.modes import evaluating
 from tformer.inference.precision import apply_precision, check_precision
 from tformer.metrics import accuracy, macro_f1
 from tformer.models import build_model
@@ -47,7 +48,13 @@ def encode_texts(tok: Tokenizer, texts: Sequence[str], max_len: int, what: str) 
 
 
 def class_probabilities(model: Classifier, rows: list[list[int]], batch_size: int = 256) -> torch.Tensor:
-    """Encoded texts -> probabilities (N, n_classes), in input order (batched by length)."""
+    """Encoded texts -> probabilities (N, n_classes), in input order (batched by length); in eval mode,
+    without writing to a model already in it (tformer.inference.modes)."""
+    with evaluating(model), torch.no_grad():
+        return _class_probabilities(model, rows, batch_size)
+
+
+def _class_probabilities(model: Classifier, rows: list[list[int]], batch_size: int) -> torch.Tensor:
     device = model_device(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows), model.config.n_classes)
@@ -119,10 +126,13 @@ class ClassificationTask:
 
 
 class TextClassifier:
-    """A trained classifier with its tokenizer and label names: text in, (label, probability) out."""
+    """A trained classifier with its tokenizer and label names: text in, (label, probability) out.
+
+    The model is put in eval mode once, here, and never switched after, so threads may share a predictor
+    (tformer.inference.modes)."""
 
     def __init__(self, model: Classifier, tokenizer: Tokenizer, labels: Sequence[str]) -> None:
-        self.model, self.tok, self.labels = model, tokenizer, list(labels)
+        self.model, self.tok, self.labels = model.eval(), tokenizer, list(labels)
 
     @classmethod
     def load(
@@ -148,7 +158,7 @@ class TextClassifier:
             if not text.strip():
                 raise ValueError(f"input {n} is empty: nothing to classify")
         rows = encode_texts(self.tok, texts, self.model.config.max_seq_len, "input")
-        return class_probabilities(self.model.eval(), rows)
+        return class_probabilities(self.model, rows)
 
     def predict(self, texts: Sequence[str]) -> list[tuple[str, float]]:
         probs = self.probabilities(texts)

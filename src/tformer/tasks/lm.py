@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tformer.config import LMConfig, TrainConfig
 from tformer.data.tokenizers import Tokenizer
+from tformer.inference.modes import evaluating
 from tformer.inference.precision import apply_precision, check_precision
 from tformer.inference.sampling import generate
 from tformer.metrics import perplexity
@@ -40,9 +41,14 @@ def windows(data: torch.Tensor, starts: torch.Tensor, t: int) -> torch.Tensor:
     return data[starts[:, None] + torch.arange(t + 1)]
 
 
-@torch.no_grad()
 def mean_nll(model: LanguageModel, ids: torch.Tensor, *, windows_per_batch: int = 64) -> float:
-    """Mean next-token NLL (nats) over a token stream, read in consecutive max_seq_len windows."""
+    """Mean next-token NLL (nats) over a token stream, read in consecutive max_seq_len windows; in eval
+    mode, without writing to a model already in it (tformer.inference.modes)."""
+    with evaluating(model), torch.no_grad():
+        return _mean_nll(model, ids, windows_per_batch)
+
+
+def _mean_nll(model: LanguageModel, ids: torch.Tensor, windows_per_batch: int) -> float:
     t = model.config.max_seq_len
     if len(ids) < t + 1:
         raise ValueError(f"text has {len(ids)} tokens; need at least max_seq_len + 1 = {t + 1}")
@@ -117,10 +123,13 @@ class LanguageModelTask:
 
 
 class TextGenerator:
-    """A trained language model with its tokenizer: prompt in, continuation out."""
+    """A trained language model with its tokenizer: prompt in, continuation out.
+
+    The model is put in eval mode once, here, and never switched after, so threads may share a predictor
+    (tformer.inference.modes)."""
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer) -> None:
-        self.model, self.tok = model, tokenizer
+        self.model, self.tok = model.eval(), tokenizer
 
     @classmethod
     def load(

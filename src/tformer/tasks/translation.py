@@ -14,6 +14,7 @@ from tformer.config import ModelConfig, TrainConfig
 from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pad
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
+from tformer.inference.modes import evaluating
 from tformer.inference.precision import apply_precision, check_precision
 from tformer.metrics import bleu, exact_match, perplexity
 from tformer.models import build_model
@@ -105,7 +106,12 @@ class TranslationTask:
         return LossValue(loss, batch.n_tokens, batch.n_tokens + batch.src.numel())
 
     def evaluate(self, model: Seq2Seq) -> dict[str, float]:
-        """Validation NLL / perplexity (no smoothing) on every pair; BLEU and exact match on decoded ones."""
+        """Validation NLL / perplexity (no smoothing) on every pair; BLEU and exact match on decoded ones.
+        In eval mode, the model's own mode restored after (the Translator made here would keep it)."""
+        with evaluating(model), torch.no_grad():
+            return self._evaluate(model)
+
+    def _evaluate(self, model: Seq2Seq) -> dict[str, float]:
         lengths = [len(s) + len(t) for s, t in zip(self.valid_src, self.valid_tgt, strict=True)]
         groups = bucket_batches(
             lengths, batch_tokens=self.train_config.batch_tokens, max_sentences=256, seed=None
@@ -140,10 +146,13 @@ class TranslationTask:
 
 
 class Translator:
-    """A trained encoder-decoder with its tokenizers: text in, text out."""
+    """A trained encoder-decoder with its tokenizers: text in, text out.
+
+    The model is put in eval mode once, here, and never switched after, so threads may share a predictor
+    (tformer.inference.modes)."""
 
     def __init__(self, model: Seq2Seq, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer) -> None:
-        self.model, self.src_tok, self.tgt_tok = model, src_tokenizer, tgt_tokenizer
+        self.model, self.src_tok, self.tgt_tok = model.eval(), src_tokenizer, tgt_tokenizer
 
     @classmethod
     def load(
@@ -172,8 +181,6 @@ class Translator:
     ) -> list[str]:
         """Decode pre-tokenised sources, in length-sorted batches, returning texts in input order."""
         model, t = self.model, self.tgt_tok
-        was_training = model.training
-        model.eval()
         device = model_device(model)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[str] = [""] * len(sources)
@@ -197,7 +204,6 @@ class Translator:
                 ]
             for i, h in zip(idx, hyps, strict=True):
                 out[i] = t.decode(h.tokens)
-        model.train(was_training)
         return out
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:

@@ -21,6 +21,7 @@ import torch
 from tformer.config import TransformerConfig
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
+from tformer.inference.modes import evaluating
 from tformer.tasks import TextClassifier, TextGenerator, Translator, load_predictor
 from tformer.tasks.classification import encode_texts
 from tformer.tasks.common import model_device
@@ -99,14 +100,10 @@ def _note(config: TransformerConfig) -> str:
 
 @contextmanager
 def _evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd inside; the model's own mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    """Eval mode (no dropout) and no autograd inside; a model in eval mode is not written to, another has
+    each module's own mode restored after (tformer.inference.modes)."""
+    with evaluating(model), torch.no_grad():
+        yield
 
 
 def _weights_from(model: torch.nn.Module, *args: torch.Tensor) -> Any:
@@ -260,16 +257,27 @@ def attention_maps(
     target: str | None = None,
     beam_size: int = 4,
 ) -> AttentionMaps:
-    """The maps for any predictor (`tformer.tasks.load_predictor`). `target` is for translation only."""
+    """The maps for any predictor (`tformer.tasks.load_predictor`). `target` is for translation only.
+    Weights that are not finite numbers (a model with NaN or infinite parameters) are counted in the note."""
     if isinstance(predictor, Translator):
-        return translation_maps(predictor, text, target=target, beam_size=beam_size)
-    if target is not None:
+        maps = translation_maps(predictor, text, target=target, beam_size=beam_size)
+    elif target is not None:
         raise ValueError("--target is for translation checkpoints; this one has no decoder to teacher-force")
-    if isinstance(predictor, TextClassifier):
-        return classifier_maps(predictor, text)
-    if isinstance(predictor, TextGenerator):
-        return lm_maps(predictor, text)
-    raise TypeError(f"cannot draw attention for a {type(predictor).__name__}")
+    elif isinstance(predictor, TextClassifier):
+        maps = classifier_maps(predictor, text)
+    elif isinstance(predictor, TextGenerator):
+        maps = lm_maps(predictor, text)
+    else:
+        raise TypeError(f"cannot draw attention for a {type(predictor).__name__}")
+    bad = sum(int(np.count_nonzero(~np.isfinite(w))) for k in maps.kinds for w in k.layers)
+    if bad:
+        total = sum(w.size for k in maps.kinds for w in k.layers)
+        missing = (
+            f"{bad} of {total} attention weights are not finite numbers (the model's weights or activations "
+            "hold NaN or inf); the page draws them grey and reads them out as nan"
+        )
+        maps.note = f"{maps.note}; {missing}" if maps.note else missing
+    return maps
 
 
 def write_pngs(maps: AttentionMaps, out_dir: str | Path) -> list[Path]:

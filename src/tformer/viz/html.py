@@ -5,6 +5,10 @@ so it can be mailed or opened from disk. The heatmap is drawn on a <canvas> with
 the PNGs; source/target tokens label the axes. The view is in the URL hash, 1-based as on screen
 (`attention.html#kind=cross&layer=2&head=3`, `head=mean`): a link opens that view, and a headless browser
 can screenshot any head without clicking.
+
+A weight that is not a finite number (a model with NaN or infinite parameters) is written as `null`: NaN is
+not JSON, and a browser's JSON.parse refuses the whole page for one. The page draws such a cell in grey,
+reads it out as "nan", leaves it out of the colour scale, and a head mean with one is "nan" too.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import html
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,16 +49,26 @@ def page_data(maps: AttentionMaps) -> dict[str, Any]:
                 "key_axis": k.key_axis,
                 "query_tokens": k.query_tokens,
                 "key_tokens": k.key_tokens,
-                "layers": [np.round(np.asarray(w, dtype=float), DIGITS).tolist() for w in k.layers],
+                "layers": [_weights(w) for w in k.layers],
             }
             for k in maps.kinds
         ],
     }
 
 
+def _weights(w: np.ndarray) -> list[Any]:
+    """(H, T, S) weights -> nested lists rounded to DIGITS, None (JSON null) where not finite."""
+    a = np.round(np.asarray(w, dtype=float), DIGITS)
+    out = a.astype(object)  # (Python floats)
+    out[~np.isfinite(a)] = None
+    return cast(list[Any], out.tolist())
+
+
 def _json_for_script(data: Any) -> str:
-    # ASCII only, and no "<" at all, so the text can never close the <script> element it sits in.
-    return json.dumps(data, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
+    # ASCII only, and no "<" at all, so the text can never close the <script> element it sits in; strict
+    # JSON (a NaN would be an error here rather than a blank page)
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c")
 
 
 def attention_html(maps: AttentionMaps, path: str | Path) -> Path:
@@ -137,6 +151,7 @@ let geometry = null; // where the last map was drawn, for hover and the highligh
 function kind() { return DATA.kinds[state.kind]; }
 function nHeads() { return kind().layers[0].length; }
 
+// A weight is a number, or null where the model's was not finite (NaN: not JSON); a mean with one is null.
 function matrix() {
   const heads = kind().layers[state.layer];
   if (state.head >= 0) return heads[state.head];
@@ -144,7 +159,9 @@ function matrix() {
   const mean = [];
   for (let i = 0; i < t; i++) {
     const row = new Array(s).fill(0);
-    for (const h of heads) for (let j = 0; j < s; j++) row[j] += h[i][j] / heads.length;
+    for (const h of heads) for (let j = 0; j < s; j++) {
+      row[j] = row[j] === null || h[i][j] === null ? null : row[j] + h[i][j] / heads.length;
+    }
     mean.push(row);
   }
   return mean;
@@ -192,10 +209,19 @@ function writeHash() {
   history.replaceState(null, "", "#" + p.toString());
 }
 
+const MISSING = [190, 190, 190]; // grey, not a viridis colour: a weight that is not a number
+
 function color(v, vmax) {
+  if (v === null) return MISSING;
   const cmap = DATA.colormap;
   const x = vmax > 0 ? Math.min(Math.max(v / vmax, 0), 1) : 0;
   return cmap[Math.round(x * (cmap.length - 1))];
+}
+
+function largest(m) { // the largest weight, missing ones left out; 0 when all are missing
+  let top = 0;
+  for (const row of m) for (const v of row) if (v !== null && v > top) top = v;
+  return top;
 }
 
 function clip(token) { return token.length > 18 ? token.slice(0, 17) + "\u2026" : token; }
@@ -204,7 +230,7 @@ function draw() {
   const k = kind(), m = matrix();
   const t = m.length, s = m[0].length;
   let vmax = 1;
-  if (state.scale === "max") vmax = Math.max(1e-12, ...m.map((row) => Math.max(...row)));
+  if (state.scale === "max") vmax = Math.max(1e-12, largest(m));
   const cell = Math.max(3, Math.min(36, Math.floor(Math.min(760 / s, 600 / t))));
   const every = Math.max(1, Math.ceil(13 / cell)); // label every n-th token when cells are small
   const canvas = $("map"), ctx = canvas.getContext("2d");
@@ -276,7 +302,7 @@ function highlight(at) {
   const which = state.head < 0 ? "mean of heads" : "head " + (state.head + 1);
   $("readout").textContent = k.query_axis.split(" (")[0] + " " + (at.i + 1) + " \u201c" + k.query_tokens[at.i] +
     "\u201d \u2192 " + k.key_axis.split(" (")[0] + " " + (at.j + 1) + " \u201c" + k.key_tokens[at.j] + "\u201d: " +
-    g.m[at.i][at.j].toFixed(4) + "  (" + which + ")";
+    (g.m[at.i][at.j] === null ? "nan" : g.m[at.i][at.j].toFixed(4)) + "  (" + which + ")";
 }
 
 function cellAt(event) {
