@@ -359,3 +359,14 @@ def test_the_cli_names_the_way_out_of_a_used_directory_and_resumes_from_nothing(
     assert main([*base, "--overwrite", "--resume"]) == 2
     assert "give one" in capsys.readouterr().err
     assert main([*base, "--overwrite"]) == 0
+
+
+def test_predictors_read_one_save_through_the_link_or_the_run_directory(tmp_path):
+    from tformer.tasks import Translator, load_predictor
+
+    run_job(str(tmp_path), 4, save_every_steps=2)
+    assert run_dir.resolve(tmp_path) == run_dir.resolve(tmp_path / "checkpoint") == tmp_path / "checkpoint-4"
+    a = Translator.load(tmp_path / "checkpoint").translate(["deux cent un"], beam_size=1)
+    assert load_predictor(tmp_path).translate(["deux cent un"], beam_size=1) == a
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".tformer-run.json", "checkpoint", "checkpoint-2", "checkpoint-4", "log.jsonl"]

@@ -237,6 +237,7 @@ def evaluate_checkpoint(
     from tformer.tasks.lm import mean_nll
     from tformer.training.checkpoint import read_config
 
+    path = run_dir.resolve(path)  # a live run's `checkpoint` link: every file from the same save
     raw = read_config(path)
     trained = DataConfig.from_dict(raw.get("data", {}), source=str(path)) if "data" in raw else DataConfig()
     predictor = load_predictor(path, precision=precision)
@@ -283,5 +284,5 @@ def evaluate_checkpoint(
     if len(data) != 1:
         raise ConfigError(f"lm: --data takes one file, got {len(data)}")
     ids = torch.tensor(predictor.tok.encode(read_text(data[0])), dtype=torch.long)
-    nll = mean_nll(predictor.model.eval(), ids)
+    nll = mean_nll(predictor.model, ids)  # predictors hold their model in eval mode
     return {"tokens": len(ids), "nll": nll, "perplexity": perplexity(nll)}

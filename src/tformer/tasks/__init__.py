@@ -9,6 +9,7 @@ from typing import Any
 from tformer.tasks.classification import ClassificationTask, TextClassifier
 from tformer.tasks.lm import LanguageModelTask, TextGenerator
 from tformer.tasks.translation import TranslationTask, Translator
+from tformer.training import run_dir
 from tformer.training.checkpoint import CheckpointError, read_config
 
 PREDICTORS: dict[str, Any] = {
@@ -22,6 +23,7 @@ def load_predictor(
     path: str | Path, *, device: str = "cpu", precision: str = "fp32"
 ) -> Translator | TextClassifier | TextGenerator:
     """Any checkpoint -> its task's predictor, the model in `precision` ("fp32", "bf16", "int8")."""
+    path = run_dir.resolve(path)  # a run's `checkpoint` link (or the run directory): its latest save
     task = read_config(path).get("task")
     if task == "encoder":  # written by `tformer import hf` from a BERT model: no head to predict with
         raise CheckpointError(

@@ -24,6 +24,7 @@ from tformer.metrics import accuracy, macro_f1
 from tformer.models import build_model
 from tformer.models.classifier import Classifier
 from tformer.tasks.common import log, model_device, progress, read_task_config
+from tformer.training import run_dir
 from tformer.training.checkpoint import CheckpointError, load_weights
 from tformer.training.trainer import LossValue
 
@@ -141,7 +142,7 @@ class TextClassifier:
         """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
         (inference/precision.py)."""
         check_precision(precision)
-        path = Path(path)
+        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
         raw, model_config = read_task_config(path, "classification")
         # a baseline (models/rnn.py, models/cnn.py) has the same interface
         model = cast(Classifier, build_model(model_config))

@@ -25,6 +25,7 @@ from tformer.metrics import perplexity
 from tformer.models import build_model
 from tformer.models.lm import LanguageModel
 from tformer.tasks.common import model_device, progress, read_task_config
+from tformer.training import run_dir
 from tformer.training.checkpoint import load_weights
 from tformer.training.trainer import LossValue
 
@@ -138,7 +139,7 @@ class TextGenerator:
         """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
         (inference/precision.py)."""
         check_precision(precision)
-        path = Path(path)
+        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
         _, model_config = read_task_config(path, "lm")
         # a baseline (models/rnn.py, models/cnn.py) has the same interface
         model = cast(LanguageModel, build_model(model_config))

@@ -20,6 +20,7 @@ from tformer.metrics import bleu, exact_match, perplexity
 from tformer.models import build_model
 from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks.common import model_device, progress, read_task_config
+from tformer.training import run_dir
 from tformer.training.checkpoint import load_weights
 from tformer.training.losses import sequence_cross_entropy
 from tformer.training.trainer import LossValue
@@ -161,7 +162,7 @@ class Translator:
         """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
         (inference/precision.py)."""
         check_precision(precision)
-        path = Path(path)
+        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
         _, model_config = read_task_config(path, "translation")
         # a baseline (models/rnn.py, models/cnn.py) has the same interface
         model = cast(Seq2Seq, build_model(model_config))

@@ -502,7 +502,8 @@ class Trainer:
                 epoch_saves = epoch_ends and (
                     (s.epoch + 1) % c.eval_every_epochs == 0 or s.epoch + 1 == c.epochs
                 )
-                if self._due(c.save_every_steps) and not epoch_saves:
+                last = c.max_steps is not None and s.step >= c.max_steps  # evaluated and saved below
+                if self._due(c.save_every_steps) and not (epoch_saves or last):
                     self.save()
             bar.close()
             if s.batch_in_epoch + per_step > len(batches):
