@@ -5,11 +5,13 @@ interrupted.
 
 A tiny language model (character-level, dropout on, so the RNG state matters) is trained by the real
 command line, `tformer train lm ... --resume`, with a checkpoint every 3 steps. First an uninterrupted
-run gives the reference. Then the same run is started and killed with SIGKILL after a random delay, then
-started again with --resume, `--kills` times; then once for every fault point of a save
+run gives the reference. Then the same run is killed once at every fault point of a save
 (`TFORMER_CRASH_AT`, tformer.training.checkpoint.crash_point: after each file write, the fsyncs, the
-rename of the directory, the link's creation and its switch, the pruning), at a random save; then it runs
-to the end. The final model.safetensors and optimiser state must equal the reference's bit for bit.
+rename of the directory, the link's creation and its switch, the pruning; at the process's first or
+second save), resumed each time; then `--kills` times with SIGKILL after a random delay (start-up,
+steps and saves), resumed each time (a run that finishes before its kill starts again from nothing);
+then it runs to the end. The final model.safetensors and optimiser state (moments, RNG states) must
+equal the reference's bit for bit.
 Writes OUT/results.json; exits 1 on any difference.
 """
 
@@ -42,7 +44,7 @@ FAULT_POINTS = [
     "fsync:link",
     "pruned",
 ]
-STEPS = 120
+STEPS = 300
 TEXT = "".join(f"{i} little pigs went to market, and {i * 7 % 13} came home again.\n" for i in range(300))
 SETTINGS = [
     "data.tokenizer=char",
@@ -110,12 +112,27 @@ def main() -> int:
     start_up = time.perf_counter() - t0
     print(f"reference run: {STEPS} steps in {whole:.1f} s (start-up {start_up:.1f} s)")
 
+    faults: list[dict[str, object]] = []
+    for point in FAULT_POINTS:
+        nth = rng.randint(1, 2)  # the first or second save of this process: always reached
+        fault_env = {**env, "TFORMER_CRASH_AT": f"{point}@{nth}"}
+        done = subprocess.run(
+            command(data, soaked, resume=True), env=fault_env, capture_output=True, text=True
+        )
+        if done.returncode not in (-signal.SIGKILL, 0):
+            print(f"{point}: exit {done.returncode}\n{done.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        faults.append({"point": point, "save": nth, "killed": done.returncode == -signal.SIGKILL})
+        print(
+            f"fault {point}@{nth}: {'killed' if done.returncode else 'finished'}, at step {step_of(soaked)}"
+        )
+
     kills: list[dict[str, object]] = []
     while len(kills) < args.kills:
-        # Kills land in start-up, steps and saves; never later than the run's remaining time, so that
-        # most runs are killed rather than finishing.
-        left = max(0.0, (STEPS - step_of(soaked)) / STEPS) * (whole - start_up)
-        delay = rng.uniform(0.5 * start_up, start_up + left)
+        # Kills land in start-up, steps and saves (a save every 3 steps); at most a tenth of the run's
+        # time after start-up, so that most runs are killed rather than finishing (one that finishes
+        # starts again from nothing).
+        delay = rng.uniform(0.5 * start_up, start_up + whole / 10)
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         proc = subprocess.Popen(command(data, soaked, resume=True), env=env, **quiet)
         try:
@@ -131,21 +148,6 @@ def main() -> int:
             continue
         kills.append({"after_s": round(delay, 2), "checkpoint_step": step_of(soaked)})
         print(f"kill {len(kills):2d} after {delay:5.2f} s: latest checkpoint at step {step_of(soaked)}")
-
-    faults: list[dict[str, object]] = []
-    for point in FAULT_POINTS:
-        nth = rng.randint(1, 3)
-        fault_env = {**env, "TFORMER_CRASH_AT": f"{point}@{nth}"}
-        done = subprocess.run(
-            command(data, soaked, resume=True), env=fault_env, capture_output=True, text=True
-        )
-        if done.returncode not in (-signal.SIGKILL, 0):
-            print(f"{point}: exit {done.returncode}\n{done.stderr[-2000:]}", file=sys.stderr)
-            return 1
-        faults.append({"point": point, "save": nth, "killed": done.returncode == -signal.SIGKILL})
-        print(
-            f"fault {point}@{nth}: {'killed' if done.returncode else 'finished'}, at step {step_of(soaked)}"
-        )
 
     subprocess.run(command(data, soaked, resume=True), env=env, check=True, capture_output=True)
     a, b = final_tensors(reference), final_tensors(soaked)
