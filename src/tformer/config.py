@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,12 +43,31 @@ class ConfigError(ValueError):
     """A configuration value or key that cannot be used."""
 
 
+INT64 = (-(2**63), 2**63)  # TOML's integers; any count or seed beyond them cannot be a tensor or a seed
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """Keep messages short: a 400-digit number or a 5,000-character argument is cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    try:
+        return _short(repr(value))
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"<an int of {value.bit_length()} bits>"
+
+
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(sorted(options))})"
 
 
 def _check_choice(cls_name: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{cls_name}.{key} = {_show(value)} is not a string; expected one of {', '.join(choices)}"
+        )
     if value not in choices:
         raise ConfigError(f"{cls_name}.{key} = {value!r} is not one of {', '.join(choices)}")
 
@@ -72,23 +93,57 @@ def _type_ok(value: Any, annotation: str) -> bool:
     return False
 
 
+def _checked(cls_name: str, key: str, value: Any, annotation: str) -> Any:
+    """`value` if it is of type `annotation`, ints made floats where floats are declared; else a ConfigError
+    naming the key, the value and the type. Floats must be finite (a NaN compares false with every bound,
+    so it would slip past the range checks) and ints must fit in 64 bits."""
+    if not _type_ok(value, annotation):
+        raise ConfigError(
+            f"{cls_name}.{key} = {_show(value)} ({type(value).__name__}); expected {annotation}"
+        )
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int) and "float" in annotation and "int" not in annotation:
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{cls_name}.{key} = {_show(value)} is too large for a float") from None
+    elif isinstance(value, int) and not INT64[0] <= value < INT64[1]:
+        raise ConfigError(f"{cls_name}.{key} = {_show(value)} is outside the 64-bit integers")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{cls_name}.{key} = {value!r} is not a finite number")
+    tuple_of = re.fullmatch(r"tuple\[(.*)\]", annotation.strip())
+    if tuple_of and isinstance(value, (tuple, list)):
+        items = [t.strip() for t in tuple_of.group(1).split(",")]
+        if items[-1] == "...":
+            items = items[:1] * len(value)
+        elif len(value) != len(items):
+            n = len(value)
+            raise ConfigError(f"{cls_name}.{key} has {n} item{'s' * (n != 1)}; expected {len(items)}")
+        value = tuple(
+            _checked(cls_name, f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, items, strict=True))
+        )
+    return value
+
+
 def _check_types(config: Any) -> None:
-    """Each field holds a value of its declared type; the error names the key, the value and the type."""
+    """Each field holds a value of its declared type (see _checked); tuples are made tuples."""
     for f in fields(config):
-        value = getattr(config, f.name)
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if not _type_ok(value, annotation):
-            raise ConfigError(
-                f"{type(config).__name__}.{f.name} = {value!r} ({type(value).__name__}); expected {annotation}"
-            )
-        if "float" in annotation and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(config, f.name, float(value))
+        value = _checked(type(config).__name__, f.name, getattr(config, f.name), annotation)
+        object.__setattr__(config, f.name, value)
 
 
 def _check_positive(cls_name: str, **values: float) -> None:
     for key, value in values.items():
         if not value > 0:
             raise ConfigError(f"{cls_name}.{key} must be > 0, got {value!r}")
+
+
+def _check_nonnegative(cls_name: str, **values: float) -> None:
+    for key, value in values.items():
+        if not value >= 0:
+            raise ConfigError(f"{cls_name}.{key} must be >= 0, got {value!r}")
 
 
 def _check_probability(cls_name: str, **values: float) -> None:
@@ -101,12 +156,22 @@ def _check_probability(cls_name: str, **values: float) -> None:
 class _Config:
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-        """Build from a mapping; unknown keys raise a ConfigError naming the closest valid key."""
+        """Build from a mapping; unknown keys raise a ConfigError naming the closest valid key. Every error
+        starts with `source` (the file the mapping came from)."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: expected a mapping of {cls.__name__} keys, got a {type(data).__name__}"
+            )
         names = [f.name for f in fields(cls)]
         for key in data:
             if key not in names:
-                raise ConfigError(f"{source}: unknown {cls.__name__} key '{key}'{_closest(key, names)}")
-        return cls(**data)
+                raise ConfigError(
+                    f"{source}: unknown {cls.__name__} key '{_short(str(key))}'{_closest(str(key), names)}"
+                )
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +233,7 @@ class TransformerConfig(_Config):
             max_seq_len=self.max_seq_len,
             layer_norm_eps=self.layer_norm_eps,
             attention_window=self.attention_window,
+            linformer_rank=self.linformer_rank,
         )
         if self.architecture == "transformer" and self.d_model % self.n_heads:  # baselines have no heads
             raise ConfigError(
@@ -266,8 +332,7 @@ class ClassifierConfig(TransformerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_vocab(vocab_size=self.vocab_size)
-        object.__setattr__(self, "cnn_widths", tuple(self.cnn_widths))
-        if not self.cnn_widths or not all(isinstance(w, int) and w > 0 for w in self.cnn_widths):
+        if not self.cnn_widths or not all(w > 0 for w in self.cnn_widths):
             raise ConfigError(
                 f"ClassifierConfig.cnn_widths must be positive integers, got {list(self.cnn_widths)}"
             )
@@ -354,8 +419,19 @@ class TrainConfig(_Config):
         )
         if self.max_steps is not None:
             _check_positive(name, max_steps=self.max_steps)
-        if self.max_time is not None:
-            _check_positive(name, max_time=self.max_time)
+        for key in ("max_time", "batch_size", "eval_every_steps", "eval_max_sentences"):
+            if getattr(self, key) is not None:  # None: no limit / derived / never / all
+                _check_positive(name, **{key: getattr(self, key)})
+        _check_positive(name, eps=self.eps, eval_beam_size=self.eval_beam_size)
+        _check_nonnegative(name, weight_decay=self.weight_decay, min_lr=self.min_lr)
+        if self.clip_norm is not None:
+            if self.clip_norm == 0:
+                raise ConfigError(
+                    f"{name}.clip_norm = 0.0 would zero every gradient; it must be > 0 (None: no clipping)"
+                )
+            _check_positive(name, clip_norm=self.clip_norm)
+        if not 0 <= self.seed < 2**32:  # offsets are added per rank and step; torch's seeds stop at 2**64
+            raise ConfigError(f"{name}.seed must be in [0, 2**32), got {self.seed}")
         if self.save_every_steps is not None:
             _check_positive(name, save_every_steps=self.save_every_steps)
         _check_positive(name, keep_checkpoints=self.keep_checkpoints)
@@ -374,10 +450,8 @@ class TrainConfig(_Config):
         _check_probability(name, label_smoothing=self.label_smoothing)
         if self.schedule == "cosine" and self.max_steps is None:
             raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        if not all(0.0 <= b < 1.0 for b in self.betas):  # two floats: _check_types
             raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {self.betas!r}")
-        # TOML gives lists; keep the frozen config hashable and comparable.
-        object.__setattr__(self, "betas", tuple(self.betas))
 
 
 @dataclass(frozen=True)
@@ -402,9 +476,8 @@ class DataConfig(_Config):
         for key in ("train", "valid", "test"):
             value = getattr(self, key)
             if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, key, tuple(value))
-        _check_types(self)
+                object.__setattr__(self, key, (value,))
+        _check_types(self)  # lists become tuples
         _check_choice(name, "tokenizer", self.tokenizer, TOKENIZERS)
         _check_positive(name, vocab_size=self.vocab_size)
         _check_probability(name, valid_fraction=self.valid_fraction)
@@ -427,8 +500,21 @@ class RunConfig(_Config):
 
     def __post_init__(self) -> None:
         _check_choice(type(self).__name__, "task", self.task, TASKS)
+        wanted = model_config_class(self.task)
         if self.model is None:
-            object.__setattr__(self, "model", model_config_class(self.task)())
+            object.__setattr__(self, "model", wanted())
+        if not isinstance(self.model, wanted):
+            article = "an" if wanted is LMConfig else "a"  # "an LMConfig", "a ModelConfig"
+            raise ConfigError(
+                f"RunConfig.model is a {type(self.model).__name__}; task {self.task!r} needs "
+                f"{article} {wanted.__name__}"
+            )
+        for key, cls in (("train", TrainConfig), ("data", DataConfig)):
+            if not isinstance(getattr(self, key), cls):
+                value = getattr(self, key)
+                raise ConfigError(
+                    f"RunConfig.{key} = {_show(value)} ({type(value).__name__}); expected a {cls.__name__}"
+                )
         if self.train.init_from and self.task != "classification":
             raise ConfigError(
                 f"train.init_from starts a classifier from pretrained weights; the task is {self.task!r}"
@@ -437,20 +523,42 @@ class RunConfig(_Config):
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config", task: str | None = None) -> RunConfig:
         sections = ["task", "model", "train", "data"]
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: expected a mapping of sections ({', '.join(sections)}), got a {type(data).__name__}"
+            )
         for key in data:
             if key not in sections:
-                raise ConfigError(f"{source}: unknown section '[{key}]'{_closest(key, sections)}")
+                raise ConfigError(
+                    f"{source}: unknown section '[{_short(str(key))}]'{_closest(str(key), sections)}"
+                )
         if task and data.get("task", task) != task:
-            raise ConfigError(f"{source}: a {data['task']!r} config, but the task asked for is {task!r}")
+            raise ConfigError(f"{source}: a {_show(data['task'])} config, but the task asked for is {task!r}")
         task = task or data.get("task", "translation")
+        if not isinstance(task, str):
+            raise ConfigError(
+                f"{source}: task = {_show(task)} is not a string; expected one of {', '.join(TASKS)}"
+            )
         if task not in TASKS:
-            raise ConfigError(f"{source}: task = {task!r} is not one of {', '.join(TASKS)}")
-        return cls(
-            task=task,
-            model=model_config_class(task).from_dict(data.get("model", {}), source=source),
-            train=TrainConfig.from_dict(data.get("train", {}), source=source),
-            data=DataConfig.from_dict(data.get("data", {}), source=source),
-        )
+            raise ConfigError(f"{source}: task = {_show(task)} is not one of {', '.join(TASKS)}")
+        classes: dict[str, type[_Config]] = {
+            "model": model_config_class(task),
+            "train": TrainConfig,
+            "data": DataConfig,
+        }
+        parts: dict[str, Any] = {}
+        for key, section_cls in classes.items():
+            value = data.get(key, {})
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{source}: [{key}] must be a table of {section_cls.__name__} keys, "
+                    f"got {_show(value)} ({type(value).__name__})"
+                )
+            parts[key] = section_cls.from_dict(value, source=source)
+        try:
+            return cls(task=task, **parts)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -472,48 +580,87 @@ def load_toml(path: str | Path, *, task: str | None = None) -> RunConfig:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    except ValueError as exc:  # TOMLDecodeError; also bytes that are not UTF-8, an int past the digit limit
+        raise ConfigError(f"{path}: not valid TOML: {_short(str(exc), 200)}") from None
     return RunConfig.from_dict(data, source=str(path), task=task)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(item: str, text: str) -> Any:
+    """One TOML value; a bare word (or anything that is not one TOML value) stays a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
-        return text  # a bare word: keep it as a string
+        return text
+    except ValueError:  # valid syntax that Python refuses, such as an int past the digit limit
+        raise ConfigError(f"override '{_short(item)}': the value is not usable TOML") from None
+    return parsed["v"] if list(parsed) == ["v"] else text  # "1\nx = 2" is not one value
+
+
+def _blame(error: ConfigError, items: dict[str, str]) -> ConfigError:
+    """`error`, prefixed by the overrides (key -> argument) it names, or all of them when it names none."""
+    message = str(error)
+    named = [item for key, item in items.items() if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", message)]
+    named = named or list(items.values())
+    which = ", ".join(f"'{_short(item)}'" for item in named)
+    return ConfigError(f"override{'s' * (len(named) > 1)} {which}: {message}")
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply `section.key=value` overrides; a bare `key=value` is looked up in model, train, data.
 
-    All changes to a section are applied together, so `d_model=32 n_heads=2` is valid whatever the order."""
+    All changes to a section are applied together, so `d_model=32 n_heads=2` is valid whatever the order.
+    Every error names the argument(s) it comes from."""
     changes: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "data": {}}
+    arguments: dict[str, dict[str, str]] = {"model": {}, "train": {}, "data": {}}  # section -> key -> item
+    sections = {"model": config.model, "train": config.train, "data": config.data}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override '{_short(item)}' is not of the form key=value")
         key, text = item.split("=", 1)
-        value = _parse_value(text.strip())
-        section, _, name = key.strip().rpartition(".")
-        sections = {"model": config.model, "train": config.train, "data": config.data}
+        section, dot, name = key.strip().rpartition(".")
+        if not name.strip():
+            raise ConfigError(
+                f"override '{_short(item)}': the key is empty; write key=value or section.key=value"
+            )
+        if dot and not section.strip():
+            raise ConfigError(
+                f"override '{_short(item)}': the section is empty; write {name}=... or <section>.{name}=..."
+            )
         if not section:
             owners = [sec for sec, cfg in sections.items() if name in [f.name for f in fields(cfg)]]
             if len(owners) > 1:
                 raise ConfigError(
-                    f"override '{item}': '{name}' is a key of {' and '.join(owners)}; write "
+                    f"override '{_short(item)}': '{name}' is a key of {' and '.join(owners)}; write "
                     + " or ".join(f"{sec}.{name}" for sec in owners)
                 )
             if not owners:
                 every = [f.name for cfg in sections.values() for f in fields(cfg)]
-                raise ConfigError(f"override '{item}': unknown key '{name}'{_closest(name, every)}")
+                raise ConfigError(
+                    f"override '{_short(item)}': unknown key '{_short(name)}'{_closest(name, every)}"
+                )
             section = owners[0]
         if section not in sections:
             raise ConfigError(
-                f"override '{item}': unknown section '{section}'{_closest(section, list(sections))}"
+                f"override '{_short(item)}': unknown section '{_short(section)}'"
+                f"{_closest(section, list(sections))}"
             )
         valid = [f.name for f in fields(sections[section])]
         if name not in valid:
-            raise ConfigError(f"override '{item}': unknown {section} key '{name}'{_closest(name, valid)}")
-        changes[section][name] = value
-    updated = {sec: getattr(config, sec).replace(**kw) for sec, kw in changes.items() if kw}
-    return dataclasses.replace(config, **updated) if updated else config
+            raise ConfigError(
+                f"override '{_short(item)}': unknown {section} key '{_short(name)}'{_closest(name, valid)}"
+            )
+        changes[section][name] = _parse_value(item, text.strip())
+        arguments[section][name] = item
+    updated = {}
+    for sec, kw in changes.items():
+        if kw:
+            try:
+                updated[sec] = getattr(config, sec).replace(**kw)
+            except ConfigError as exc:
+                raise _blame(exc, arguments[sec]) from None
+    try:
+        return dataclasses.replace(config, **updated) if updated else config
+    except ConfigError as exc:  # across sections: train.init_from and the task
+        raise _blame(exc, {k: v for args in arguments.values() for k, v in args.items()}) from None

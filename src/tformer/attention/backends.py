@@ -58,6 +58,8 @@ def available_backends() -> list[str]:
 
 
 def _full_mask(mask: Tensor | None, causal: bool, t: int, s: int, device: torch.device) -> Tensor | None:
+    if mask is not None and mask.dim() < 2:  # () or (S,): torch's fused kernel needs (..., T|1, S)
+        mask = mask.reshape(1, -1)
     if causal and t > 1:  # a single query is the newest position: causality masks nothing
         return combine(mask, causal_mask(t, s, device=device))
     return mask

@@ -122,4 +122,6 @@ def chunked_attention(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if mask is not None and mask.dim() < 2:  # () or (S,): the blocks slice the last dim of (..., T|1, S)
+        mask = mask.reshape(1, -1)
     return _ChunkedAttention.apply(q, k, v, mask, causal, scale, block_size), None

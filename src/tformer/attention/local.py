@@ -16,6 +16,8 @@ from torch import Tensor
 
 from tformer.attention.masks import key_padding
 
+DEFAULT_WINDOW = 256
+
 
 def band_mask(t: int, s: int, window: int, *, causal: bool, device: torch.device | None = None) -> Tensor:
     """(T, S) bool: query i (absolute position i + S - T) may see key j when |i - j| <= window
@@ -36,7 +38,7 @@ def local_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     scale: float | None = None,
-    window: int = 256,
+    window: int = DEFAULT_WINDOW,
 ) -> tuple[Tensor, Tensor | None]:
     if need_weights:
         raise ValueError(

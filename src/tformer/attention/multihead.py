@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from tformer.attention.backends import get_backend
-from tformer.attention.masks import check_mask
+from tformer.attention.local import DEFAULT_WINDOW, band_mask
+from tformer.attention.masks import check_mask, combine
 from tformer.attention.scores import AttentionScore, check_score
 from tformer.linear import Linear, linear
 
@@ -251,6 +252,9 @@ class MultiHeadAttention(nn.Module):
                 f"attention backend '{backend.name}' cannot return weights; using 'math' for this call",
                 stacklevel=2,
             )
+            if backend.name == "local":  # the reference must see only the window, as `local` does
+                window = self.backend_options.get("window", DEFAULT_WINDOW)
+                mask = combine(mask, band_mask(t, s, window, causal=causal, device=x.device))
             backend = get_backend("math")
         k_all, v_all = kv.k, kv.v
         if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads
