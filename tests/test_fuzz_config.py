@@ -176,7 +176,7 @@ def test_a_single_float_override(value, key):
         _check_valid(cfg)
         got = getattr(cfg.model if key == "dropout" else cfg.train, key)
         assert isinstance(got, float) and math.isfinite(got)
-        assert got >= 0 and (got > 0 or key in ("min_lr", "weight_decay", "dropout"))
+        assert got >= 0 and (got > 0 or key in ("min_lr", "weight_decay", "dropout", "clip_norm"))
 
 
 # --- TOML documents -----------------------------------------------------------------------------------

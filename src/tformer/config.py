@@ -386,7 +386,7 @@ class TrainConfig(_Config):
     eps: float = 1e-9
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
-    clip_norm: float | None = 1.0
+    clip_norm: float | None = 1.0  # gradient norm clipped to this; 0 or None: no clipping
     seed: int = 0
     eval_every_epochs: int = 1
     eval_every_steps: int | None = None  # also evaluate every this many steps (curves for long epochs)
@@ -424,12 +424,8 @@ class TrainConfig(_Config):
                 _check_positive(name, **{key: getattr(self, key)})
         _check_positive(name, eps=self.eps, eval_beam_size=self.eval_beam_size)
         _check_nonnegative(name, weight_decay=self.weight_decay, min_lr=self.min_lr)
-        if self.clip_norm is not None:
-            if self.clip_norm == 0:
-                raise ConfigError(
-                    f"{name}.clip_norm = 0.0 would zero every gradient; it must be > 0 (None: no clipping)"
-                )
-            _check_positive(name, clip_norm=self.clip_norm)
+        if self.clip_norm is not None:  # 0 or None: no clipping (0 is fairseq's way, and TOML has no None)
+            _check_nonnegative(name, clip_norm=self.clip_norm)
         if not 0 <= self.seed < 2**32:  # offsets are added per rank and step; torch's seeds stop at 2**64
             raise ConfigError(f"{name}.seed must be in [0, 2**32), got {self.seed}")
         if self.save_every_steps is not None:

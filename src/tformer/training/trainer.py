@@ -210,8 +210,8 @@ class Trainer:
         return self.checkpoint_dir
 
     def _check_parameters(self, collective: bool) -> None:
-        """Refuse to save parameters that are not finite (with eps = 0 a weight can become 0/0 while the
-        loss stays finite); every rank checks its own (shards) and all agree."""
+        """Refuse to save parameters that are not finite (a weight can become NaN or inf while the loss
+        is still finite); every rank checks its own (shards) and all agree."""
         bad = []
         with torch.no_grad():
             for name, p in self.module.named_parameters():
@@ -567,10 +567,8 @@ class Trainer:
         if factor != 1.0:
             for p in params:
                 p.grad.mul_(factor)  # type: ignore[union-attr]
-        if c.clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, c.clip_norm)
-        else:
-            norm = _total_norm(params)
+        # clip_norm None or 0: no clipping, but the norm still tells whether the step is finite
+        norm = torch.nn.utils.clip_grad_norm_(params, c.clip_norm) if c.clip_norm else _total_norm(params)
         # Non-finite: the all-reduced gradient's norm (every rank agrees); under float16 the scaler owns
         # gradient overflow, and a non-finite loss is the sign of divergence.
         skip = ~torch.isfinite(loss_sum) if c.precision == "fp16" else ~torch.isfinite(norm)
