@@ -35,7 +35,7 @@ RUNS = {
 
 def run_once(extra: list[str], env: dict[str, str], accumulate: int, steps: int, out: Path) -> list[float]:
     cmd = [sys.executable, "-m", "tformer", "train", "lm", "--config", str(CONFIG), "--out", str(out)]
-    cmd += [*extra, "--no-progress", f"train.max_steps={steps}", "train.log_every=10"]
+    cmd += [*extra, "--no-progress", "--overwrite", f"train.max_steps={steps}", "train.log_every=10"]
     cmd += [f"train.accumulate={accumulate}", "train.eval_every_epochs=100", "train.schedule=constant"]
     cmd += ["data.valid_fraction=0.01"]  # the final evaluation is not timed; keep it short
     done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)

@@ -37,7 +37,7 @@ def main() -> int:
         print(f"skipping: Multi30k not found ({missing[0]}); set TFORMER_DATA to the shared data folder")
         return 0
     start = time.perf_counter()
-    result = train(config, args.out)
+    result = train(config, args.out, overwrite=True)
     train_seconds = time.perf_counter() - start
     translator = Translator.load(result.checkpoint)
     pairs, _ = read_parallel(config.data.paths("test"))

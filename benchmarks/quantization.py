@@ -76,13 +76,13 @@ def train_translation(out: Path, scale: float) -> Path:
             },
         }
     )
-    return train(config, out / "translation", progress=False).checkpoint
+    return train(config, out / "translation", overwrite=True, progress=False).checkpoint
 
 
 def train_from_config(task: str, toml: str, steps: int, out: Path) -> Path:
     config = load_toml(ROOT / toml, task=task)
     config = apply_overrides(config, [f"train.max_steps={steps}", "train.max_time=1e9"])
-    return train(config, out / task, progress=False).checkpoint
+    return train(config, out / task, overwrite=True, progress=False).checkpoint
 
 
 # --- measurement helpers ---------------------------------------------------------------------------

@@ -52,10 +52,9 @@ def run_tformer(out: Path, config: str, overrides: list[str]) -> dict:
         "--out",
         str(out),
         "--no-progress",
+        "--overwrite",  # each benchmark run starts afresh
         *overrides,
     ]
-    if (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0

@@ -29,7 +29,7 @@ def run(config: RunConfig, out: str, *, what: str = "SST-2") -> dict[str, Any]:
     if log.exists():
         log.unlink()
     t0 = time.perf_counter()
-    result = train(config, out)
+    result = train(config, out, overwrite=True)
     wall = time.perf_counter() - t0
     evals = [r for r in result.history if r.get("type") == "eval"]
     record = {

@@ -166,7 +166,7 @@ def _train(
     from tformer.pipeline import train as run_training
 
     config = RunConfig.from_dict({"task": task, "model": model, "train": train, "data": data})
-    return run_training(config, out, progress=False).history
+    return run_training(config, out, overwrite=True, progress=False).history  # reruns replace its own
 
 
 def run(out: Path, size: str) -> Result:

@@ -26,11 +26,12 @@ from tformer.tasks import TextClassifier, TextGenerator, Translator, load_predic
 from tformer.tasks.classification import encode_texts
 from tformer.tasks.common import model_device
 
-# Backends whose attention is not the exact softmax(QK^T / sqrt(d)) over all allowed keys: the maps show the
-# exact weights of the same queries and keys (the `math` backend), not the approximation the model uses.
+# Backends whose attention is not the exact softmax(QK^T / sqrt(d)) over all allowed keys. For the
+# approximations the maps show the exact weights of the same queries and keys (the `math` backend), not the
+# approximation the model uses; `local` is exact within its window, and its maps are its own weights.
 APPROXIMATE = {
-    "local": "attends within a window of {window} positions; the maps show full softmax attention of the same "
-    "queries and keys",
+    "local": "attends within a window of {window} positions; the maps are its weights (zero outside the "
+    "window)",
     "performer": "approximates softmax attention with random features; the maps show the exact softmax "
     "attention of the same queries and keys",
     "linformer": "projects keys and values to a fixed length; the maps show full softmax attention of the same "
