@@ -263,8 +263,8 @@ def run(out: Path, size: str) -> Result:
     def train_curve(task: str) -> dict[str, tuple[list[float], list[float]]]:
         return {
             name: (
-                [r["time"] for r in h if r["type"] == "train"],
-                [r["loss"] for r in h if r["type"] == "train"],
+                [r["time"] for r in h if r["type"] == "train" and "loss" in r],
+                [r["loss"] for r in h if r["type"] == "train" and "loss" in r],
             )
             for name, h in histories[task].items()
         }

@@ -97,7 +97,7 @@ def attention_grid(
 
 def loss_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "training") -> Path:
     """Train loss per logged step and validation NLL per evaluation, against optimiser steps."""
-    train = [(r["step"], r["loss"]) for r in history if r.get("type") == "train"]
+    train = [(r["step"], r["loss"]) for r in history if r.get("type") == "train" and "loss" in r]
     valid = [(r["step"], r["valid_nll"]) for r in history if r.get("type") == "eval" and "valid_nll" in r]
     if not train and not valid:
         raise ValueError("no training or evaluation records to plot")
