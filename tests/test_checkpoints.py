@@ -287,6 +287,14 @@ def test_too_many_non_finite_steps_stop_with_an_error_and_save_nothing(tmp_path)
         assert torch.isfinite(t).all()
 
 
+def test_a_learning_rate_of_a_million_stops_with_an_error_not_a_nan_checkpoint(tmp_path):
+    # the case: train.lr=1e6 with few steps used to exit 0 with all-NaN weights on disk
+    with pytest.raises(FloatingPointError, match=r"more than train.max_nonfinite_skips = 10; lower the lea"):
+        run_job(str(tmp_path), 10, lr=1e6, log_every=1000)
+    for t in load_file(str(tmp_path / "checkpoint/model.safetensors")).values():
+        assert torch.isfinite(t).all()
+
+
 def test_non_finite_parameters_are_never_saved(tmp_path):
     trainer = run_job(str(tmp_path), 2)
     with torch.no_grad():
