@@ -202,6 +202,17 @@ def test_a_fresh_run_into_another_runs_directory_is_refused(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [3, 3]
 
 
+def test_another_commands_directory_is_neither_resumed_nor_reused(tmp_path):
+    run_dir.claim(tmp_path, command="demo", resume=False)
+    (tmp_path / "log.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match=r"holds a run of `demo`; choose another --out, or replace"):
+        run_job(str(tmp_path), 2)
+    with pytest.raises(CheckpointError, match=r"written by `demo`, not `train`; refusing to resume"):
+        run_job(str(tmp_path), 2, resume=True)
+    run_dir.claim(tmp_path, command="demo", resume=False, rerun=True)  # the demo reruns into its own
+    assert not (tmp_path / "log.jsonl").exists()
+
+
 def test_a_foreign_checkpoint_directory_is_never_deleted(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "weights.bin").write_text("someone else's")

@@ -122,9 +122,12 @@ def claim(
                 )
             found = latest(out)
             at = f" (checkpoint {found.name})" if found is not None else ""
+            way = (
+                "continue it with --resume, or start again" if same else "choose another --out, or replace it"
+            )
             raise CheckpointError(
-                f"{out}: holds a run of `{marker['command']}`{at}; continue it with --resume, or start "
-                "again with --overwrite (deletes its checkpoints and log.jsonl)"
+                f"{out}: holds a run of `{marker['command']}`{at}; {way} with --overwrite (deletes its "
+                "checkpoints and log.jsonl)"
             )
         for p in entries:
             _remove(p)
