@@ -17,7 +17,8 @@ jemalloc or tcmalloc; this module needs nothing preloaded.
 keeps its peak memory as long as it lives (its resident size does not shrink after a big tensor is
 freed), which is what a training or benchmarking process does anyway.
 
-tformer's command line and `Trainer.fit` call it; a Python user can call it once at the start.
+tformer's command line and benchmark entry points call it; the library never does behind its user (a
+process-wide setting): a Python user who wants it calls it once at the start.
 `TFORMER_MALLOC=system` in the environment turns it off. On other C libraries (macOS, musl) it does
 nothing and says so by returning False.
 """
