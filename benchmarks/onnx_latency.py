@@ -38,6 +38,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    from tformer.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: the library no longer sets it inside Trainer.fit
     import onnxruntime as ort
 
     config = apply_overrides(load_toml(CONFIG), ["train.max_steps=1", "train.epochs=1"])

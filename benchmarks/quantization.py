@@ -291,6 +291,9 @@ def main() -> int:
     parser.add_argument("--train-scale", type=float, default=1.0, help="multiply the quick runs' steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    from tformer.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: the library no longer sets it inside Trainer.fit
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)

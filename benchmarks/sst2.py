@@ -60,6 +60,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/sst2")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    from tformer.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: the library no longer sets it inside Trainer.fit
     run(apply_overrides(load_toml(args.config), args.overrides), args.out)
     return 0
 
