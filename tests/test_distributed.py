@@ -98,13 +98,27 @@ def run(
     steps: int = STEPS,
     resume: bool = False,
     interrupt: tuple[int, int] | None = None,
+    nan: int | None = None,
     **train_kw,
 ) -> None:
-    """Train; `interrupt = (rank, step)`: that rank alone sees a Ctrl-C during that step."""
+    """Train; `interrupt = (rank, step)`: that rank alone sees a Ctrl-C during that step. `nan = g`: the
+    loss of the g-th batch of the run (counting every rank's batches in the order of the epoch's list) is
+    NaN: the same batch whatever the world size."""
     task, model = build(family, max_steps=steps, **batch_kw(family), **train_kw)
     trainer = Trainer(model, task, task.train_config, out_dir=out, progress=False)
     if resume:
         trainer.resume()
+    if nan is not None:
+        real_loss, calls = task.loss, [0]
+        acc, w = trainer.config.accumulate, trainer.world
+
+        def nan_loss(m, batch):
+            k, calls[0] = calls[0], calls[0] + 1  # this rank's k-th batch
+            g = (k // acc) * w.size * acc + w.rank * acc + k % acc
+            value = real_loss(m, batch)
+            return value._replace(total=value.total * float("nan")) if g == nan else value
+
+        task.loss = nan_loss
     if interrupt is not None:
         real = task.loss
 
@@ -165,7 +179,10 @@ def runs(tmp_path_factory) -> Path:
         + [("lm", str(root / "ddp-lm-interrupted"), {"interrupt": (1, 1)})]
         + [(f, str(root / f"fsdp-{f}"), {"parallel": "fsdp"}) for f in FAMILIES]
         + [("lm", str(root / "fsdp-lm-resumed"), {"parallel": "fsdp", "resume": True})]
+        + [("lm", str(root / "ddp-lm-nan"), {"nan": 3})]
+        + [("lm", str(root / "fsdp-lm-nan"), {"parallel": "fsdp", "nan": 3})]
     )
+    run("lm", root / "one-lm-nan", accumulate=2, nan=3)  # batch 3: rank 1's in step 2
     for f in FAMILIES:  # one process, the same global batches: 2 per step, accumulated
         run(f, root / f"one-{f}", accumulate=2)
     run("lm", root / "one-lm-acc4", accumulate=4)
@@ -209,6 +226,18 @@ def test_resume_one_process_in_two_under_fsdp(runs):
     # the 1-process half's optimiser state, loaded into FSDP shards, continues as the straight run
     diff = max_diff(runs / "fsdp-lm-resumed", runs / "one-lm")
     assert diff < TOL, diff
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_all(runs, parallel):
+    # rank 1 alone gets a NaN loss at step 2 (0-based 1); the all-reduced gradient is NaN on every rank, so
+    # all skip that step together (no rank waits for another), as one process skips it
+    out = runs / f"{parallel}-lm-nan"
+    state = load_trainer_state(out / "checkpoint")
+    assert state["trainer"]["step"] == STEPS and state["trainer"]["nonfinite_skips"] == 1
+    diff = max_diff(runs / "one-lm-nan", out)
+    assert diff < TOL, diff
+    assert max_diff(runs / "one-lm-nan", runs / "one-lm") > 50 * TOL  # the skip changed the run
 
 
 def test_ddp_with_accumulation(runs):
