@@ -252,8 +252,30 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_the_last_checkpoint(
     assert os.readlink(tmp_path / "checkpoint") == "checkpoint-2"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".tformer-run.json",
+        ".tformer-run.lock",
         "checkpoint",
         "checkpoint-2",
+        "log.jsonl",
+    ]
+
+
+def test_a_real_write_failure_during_a_save_is_a_clear_error(tmp_path):
+    # a file-size limit makes the real safetensors write fail, as a full disk does (SafetensorError)
+    code = (
+        "import resource, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+        f"sys.path.insert(0, {str(HERE)!r}); from test_training import run_job; "
+        "from tformer.training.checkpoint import CheckpointError\n"
+        f"try:\n    run_job({str(tmp_path)!r}, 3)\nexcept CheckpointError as e:\n    print(e); sys.exit(3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert f"{tmp_path}/checkpoint-3: could not write the checkpoint" in done.stdout
+    assert "File too large" in done.stdout and "MiB free there" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tformer-run.json",
+        ".tformer-run.lock",
         "log.jsonl",
     ]
 
@@ -264,7 +286,7 @@ def test_a_log_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, str
     with (out / "log.jsonl").open("a") as fh:
         fh.write('{"type": "train", "st')
     run_job(str(out), 8, resume=True, save_every_steps=2)
-    assert "dropped 1 incomplete or unreadable line(s) (line 3)" in capfd.readouterr().err
+    assert "1 incomplete or unreadable line(s) (line 3)" in capfd.readouterr().err
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4, 6, 8]  # the first run's final eval at 4 stays
     assert_same_weights(out, straight)
@@ -388,4 +410,58 @@ def test_predictors_read_one_save_through_the_link_or_the_run_directory(tmp_path
     a = Translator.load(tmp_path / "checkpoint").translate(["deux cent un"], beam_size=1)
     assert load_predictor(tmp_path).translate(["deux cent un"], beam_size=1) == a
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [".tformer-run.json", "checkpoint", "checkpoint-2", "checkpoint-4", "log.jsonl"]
+    assert names == [
+        ".tformer-run.json",
+        ".tformer-run.lock",
+        "checkpoint",
+        "checkpoint-2",
+        "checkpoint-4",
+        "log.jsonl",
+    ]
+
+
+def test_a_second_signal_while_the_counters_change_waits_for_them(tmp_path, straight, monkeypatch):
+    # the first Ctrl-C lands in step 5, the second while the previous step's flag is being read (on CUDA
+    # the host waits there): the counters finish changing, the step is counted, then the run stops and
+    # saves a state that resumes exactly
+    from tformer.training import trainer as trainer_module
+
+    class SignallingFlag:
+        def __init__(self, flag):
+            self.flag = flag
+
+        def read(self):
+            value = self.flag.read()
+            os.kill(os.getpid(), signal.SIGINT)
+            return value
+
+    real_step = trainer_module.Trainer._step
+
+    def step(self, batches):
+        if self.state.step == 4 and self._pending is not None:
+            os.kill(os.getpid(), signal.SIGINT)
+            self._pending = SignallingFlag(self._pending)
+        return real_step(self, batches)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(str(out), 8)
+    state = load_trainer_state(out / "checkpoint")
+    assert state["trainer"]["step"] == 5 and state["scheduler"]["last_epoch"] == 5
+    monkeypatch.setattr(trainer_module.Trainer, "_step", real_step)
+    run_job(str(out), 8, resume=True)
+    assert_same_weights(out, straight)
+
+
+def test_two_runs_cannot_train_into_one_directory_at_once(tmp_path):
+    held = run_dir.lock(tmp_path)
+    try:
+        with pytest.raises(
+            CheckpointError, match=rf"another tformer process \(pid {os.getpid()}\) is training"
+        ):
+            run_job(str(tmp_path), 2)
+        assert not (tmp_path / "log.jsonl").exists()
+    finally:
+        run_dir.unlock(held)
+    run_job(str(tmp_path), 2)  # free again

@@ -281,3 +281,10 @@ def test_file_level_errors_name_the_file_and_say_what_was_expected(tmp_path):
     (tmp_path / "dup.csv").write_text("text,label,label\na,b,c\n")
     with pytest.raises(DataError, match=r"dup.csv:1: the header names column 'label' 2 times"):
         read_labelled(tmp_path / "dup.csv")
+
+
+def test_a_jsonl_integer_too_long_to_read_names_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "fine", "label": 1}\n{"text": "a", "label": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataError, match=r"x.jsonl:2: unusable JSON value .*4300 digits"):
+        read_labelled(path)

@@ -162,6 +162,7 @@ def test_checkpoint_directory_contents(tmp_path):
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".tformer-run.json",
+        ".tformer-run.lock",
         "checkpoint",
         "checkpoint-2",
         "log.jsonl",

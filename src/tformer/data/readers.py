@@ -287,6 +287,8 @@ def _jsonl_rows(
             ) from None
         except RecursionError:
             raise DataError(f"{path}:{n}: JSON nested too deeply; expected one flat JSON object") from None
+        except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+            raise DataError(f"{path}:{n}: unusable JSON value ({exc}); expected one JSON object") from None
         if not isinstance(row, _Object):
             raise DataError(f"{path}:{n}: {_json_kind(row)}; expected a JSON object per line (JSONL)")
         for col in (text_column, label_column):

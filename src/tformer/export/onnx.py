@@ -178,7 +178,9 @@ def export_onnx(
     from tformer.tasks import load_predictor
 
     ort = _runtime()
-    checkpoint, out = Path(checkpoint), Path(out_dir)
+    from tformer.training import run_dir
+
+    checkpoint, out = run_dir.resolve(checkpoint), Path(out_dir)  # a live run's link: one save's files
     task = read_config(checkpoint).get("task")
     model: nn.Module = load_predictor(checkpoint).model.eval()
     out.mkdir(parents=True, exist_ok=True)

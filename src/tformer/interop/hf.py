@@ -216,9 +216,10 @@ def save_imported(imported: Imported, out: str | Path) -> Path:
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """A tformer language-model checkpoint -> a GPT2LMHeadModel directory transformers loads."""
     from tformer.tasks.common import read_task_config
+    from tformer.training import run_dir
     from tformer.training.checkpoint import load_weights, read_config
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = run_dir.resolve(checkpoint), Path(out)  # a live run's link: one save's files
     task = read_config(checkpoint).get("task")
     if task != "lm":
         raise InteropError(

@@ -9,7 +9,6 @@ architecture value is the source's. A shorter max_seq_len keeps the first rows o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from safetensors.torch import load_file
 from torch import Tensor
@@ -62,7 +61,9 @@ def classifier_start(spec: str) -> ClassifierStart:
             raise ConfigError(f"train.init_from = {spec!r}: the directory has no tokenizer.json")
         assert isinstance(imported.config, ClassifierConfig)
         return ClassifierStart(imported.tokenizer, imported.config, imported.model.state_dict(), spec)
-    path = Path(spec)
+    from tformer.training import run_dir
+
+    path = run_dir.resolve(spec)  # a run's link (or the run directory): one save's files
     raw = read_config(path)
     task = raw.get("task")
     if task not in ("encoder", "classification"):

@@ -2,6 +2,7 @@
 
     OUT/
       .tformer-run.json                 which command wrote this directory, when, with which tformer
+      .tformer-run.lock                 locked by the process training there (flock), if any
       log.jsonl                         one JSON record per training log and evaluation
       checkpoint-<step>/                complete checkpoints; the newest `train.keep_checkpoints` are kept
       checkpoint -> checkpoint-<step>   a link to the latest, switched by one rename
@@ -32,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 import tformer
 from tformer.training.checkpoint import (
     CONFIG,
@@ -43,13 +46,14 @@ from tformer.training.checkpoint import (
 )
 
 MARKER = ".tformer-run.json"
+LOCK = ".tformer-run.lock"  # held by the training process (never deleted: a lock lives on its file)
 LATEST = "checkpoint"
 BEST = "best"
 LOG = "log.jsonl"
 _STEP = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
 # what a save, a log rewrite or the room check leaves behind when killed half-way
 _TEMP = re.compile(
-    r"\.checkpoint-\d+(?:-\d+)?\.tmp-.*|\.checkpoint\.link-tmp|\.tformer-write-test-.*"
+    r"\.checkpoint-\d+(?:-\d+)?\.(?:tmp|deleting)-.*|\.checkpoint\.link-tmp|\.tformer-write-test-.*"
     r"|\.log\.jsonl\.tmp|\.tformer-run\.json\.tmp"
 )
 
@@ -78,7 +82,13 @@ def _entries(out_dir: Path) -> list[Path]:
 
 
 def _remove(path: Path) -> None:
+    """Delete a file, link or directory; a directory is first renamed to a temporary name, so a kill in the
+    middle of deleting it never leaves a half-deleted `checkpoint-<step>/` that looks complete."""
     if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+        if _STEP.fullmatch(path.name):
+            os.replace(path, doomed)
+            path = doomed
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
@@ -99,8 +109,7 @@ def claim(
     entries = [p for p in _entries(out) if p.name != MARKER]
     if resume and not overwrite:
         if marker is None and entries:
-            legacy = out / LATEST / LEGACY_STATE
-            if legacy.exists():  # tformer 0.1 wrote runs without a marker: say what its state is
+            if (out / LATEST / LEGACY_STATE).exists():  # tformer 0.1 wrote no marker: say what its state is
                 from tformer.training.checkpoint import load_trainer_state
 
                 load_trainer_state(out / LATEST)
@@ -114,7 +123,13 @@ def claim(
             )
     elif entries:
         same = marker is not None and marker["command"] == command
-        if not (overwrite or (rerun and same)):
+        legacy = marker is None and (out / LATEST / LEGACY_STATE).exists() and not (out / LATEST).is_symlink()
+        if not (overwrite or (rerun and (same or legacy))):  # the demo replaces its own, 0.1's included
+            if legacy:
+                raise CheckpointError(
+                    f"{out}: holds a run of tformer 0.1 (checkpoint/ with {LEGACY_STATE}), which this version "
+                    "cannot resume; choose another --out, or pass --overwrite to replace it"
+                )
             if marker is None:
                 raise CheckpointError(
                     f"{out}: holds files tformer did not write there ({', '.join(p.name for p in entries)}); "
@@ -139,6 +154,37 @@ def claim(
             "tformer_version": tformer.__version__,
         }
         _write_atomic(out / MARKER, json.dumps(record, indent=2) + "\n")
+
+
+def lock(out_dir: str | Path) -> int | None:
+    """Hold OUT for this process while it trains (an advisory `flock` on `.tformer-run.lock`, released when
+    the process ends however it ends): a second run into the same directory at the same time is refused,
+    e.g. a requeued job starting while the old one still handles its SIGTERM. -> the descriptor to pass
+    to `unlock` (None where the system has no flock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise CheckpointError(
+            f"{out}: another tformer process (pid {holder}) is training there now; wait for it to stop, "
+            "or choose another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:
@@ -173,7 +219,7 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint path as readers use it: a link resolved once; a run directory -> its latest checkpoint."""
     path = Path(path)
     if path.is_symlink():
-        return path.resolve()
+        path = path.resolve()
     if path.is_dir() and not (path / CONFIG).exists() and (path / MARKER).exists():
         found = latest(path)
         if found is not None:
@@ -192,10 +238,17 @@ def check_room(out_dir: str | Path, needed: int) -> None:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".tformer-write-test-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".tformer-write-test-") as fh:
+            link = out / f"{Path(fh.name).name}.link"
+            os.symlink(Path(fh.name).name, link)  # a save switches a link: the file system must have them
+            os.replace(link, out / f"{link.name}2")
+            (out / f"{link.name}2").unlink()
+        fsync_dir(out)
     except OSError as exc:
-        raise CheckpointError(f"{out}: cannot write there ({exc.strerror or exc})") from None
+        raise CheckpointError(
+            f"{out}: cannot keep checkpoints there ({exc.strerror or exc}); a run directory needs a file "
+            "system with symbolic links (Linux, macOS)"
+        ) from None
     free = shutil.disk_usage(out).free
     if free < needed:
         raise CheckpointError(
@@ -237,10 +290,10 @@ def save(out_dir: str | Path, *, step: int, keep: int, **files: Any) -> Path:
         crash_point("link:switched")
         fsync_dir(out)
         crash_point("fsync:link")
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a file-size limit, ...
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (link.is_symlink() and link.resolve() == final.resolve()):
-            shutil.rmtree(final, ignore_errors=True)
+        if final.exists() and not (link.is_symlink() and link.resolve() == final.resolve()):
+            _remove(final)
         raise CheckpointError(f"{final}: could not write the checkpoint ({exc}); {_disk_free(out)}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,7 +314,7 @@ def prune(out_dir: Path, keep: int) -> None:
     found = checkpoints(out_dir)
     for p in found[: max(0, len(found) - keep)]:
         if p.resolve() not in protected:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
     for p in out_dir.iterdir():
         if _TEMP.fullmatch(p.name):
             _remove(p)
@@ -291,23 +344,18 @@ def log_records(out_dir: str | Path) -> Iterator[tuple[int, dict[str, Any] | Non
             yield n, record if ok else None, line
 
 
-def truncate_log(out_dir: str | Path, step: int) -> None:
-    """On resume: keep the log's complete records up to `step` (later ones are logged again); a line cut
-    short by a crash, or otherwise unreadable, is dropped with a warning naming it."""
+def rewrite_log(out_dir: str | Path, history: list[dict[str, Any]]) -> None:
+    """On resume: log.jsonl becomes the records of the checkpoint's history (every log line and evaluation
+    up to its step; later ones are logged again), so lines a crash cut short or never flushed come back.
+    Lines of the old log that were cut short or unreadable are named in a warning."""
     path = Path(out_dir) / LOG
-    if not path.exists():
-        return
-    kept, bad = [], []
-    for n, record, line in log_records(out_dir):
-        if record is None:
-            bad.append(n)
-        elif record["step"] <= step:
-            kept.append(line)
+    bad = [n for n, record, _ in log_records(out_dir) if record is None]
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
         print(
-            f"warning: {path}: dropped {len(bad)} incomplete or unreadable line(s) (line {shown}); "
-            "kept the complete records",
+            f"warning: {path}: {len(bad)} incomplete or unreadable line(s) (line {shown}), a crash in the "
+            "middle of a write; the log is rewritten from the checkpoint's records",
             file=sys.stderr,
         )
-    _write_atomic(path, "".join(kept))
+    if path.exists() or history:
+        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in history))

@@ -154,11 +154,14 @@ class Trainer:
         self._mask_on_device = bool(self.optimizer.defaults.get("fused")) and c.precision != "fp16"
         self.state = TrainState()
         self._resumed = False  # resume() ran: out_dir is claimed
-        self._pending: torch.Tensor | None = None  # the last step's non-finite flag, not yet read
+        self._pending: _Flag | None = None  # the last step's non-finite flag, not yet read
         self._step_rng: dict[str, Any] | None = None  # RNG states at the start of the running step
         self._updating = False  # an optimiser update the step counter has not counted yet
+        self._critical = False  # counters being changed: a second signal waits for the end (_on_signal)
+        self._deferred = 0  # a second signal that arrived in a critical region
         self._saved_at: tuple[int, int] | None = None  # (step, records) of the checkpoint on disk
         self._signal = 0  # the signal this process received (SIGINT / SIGTERM)
+        self._lock: int | None = None  # run_dir.lock on out_dir while this trainer trains (rank 0)
         self._interrupted = False  # Ctrl-C / SIGTERM seen by this process
         self._stop_agreed = False  # every rank knows to stop after the current step
         self._interrupt_agreed = False  # ... because one of them was interrupted
@@ -173,7 +176,7 @@ class Trainer:
         sharded = distributed.is_sharded(self.model)
         if not collective and w.distributed and (sharded or not w.is_main):
             return self.checkpoint_dir
-        self._settle()
+        self._settle(collective)
         if self._saved_at == (s.step, len(s.history)):
             return self.checkpoint_dir  # this very state is on disk already
         self._check_parameters(collective)
@@ -237,13 +240,23 @@ class Trainer:
         (written at any world size). False when there is none yet: training starts from scratch."""
         w = self.world
         if w.is_main:
+            self._hold_out_dir()
+        try:
+            return self._resume()
+        except BaseException:
+            self._release_out_dir()
+            raise
+
+    def _resume(self) -> bool:
+        w = self.world
+        if w.is_main:
             run_dir.claim(self.out_dir, command=self.command, resume=True)
         distributed.barrier(w)
         self._resumed = True
         found = run_dir.latest(self.out_dir)
         if found is None:
             if w.is_main:
-                run_dir.truncate_log(self.out_dir, 0)  # records of a run that died before its first save
+                run_dir.rewrite_log(self.out_dir, [])  # records of a run that died before its first save
             return False
         state = load_trainer_state(found)  # first: a tformer 0.1 state is refused before anything loads
         require(state, found, "optimizer", "scheduler", "trainer", "rng")
@@ -282,8 +295,8 @@ class Trainer:
                 f"this run takes {now}"
             )
         # Records logged after this checkpoint (a run killed before its next save) will be logged again.
-        if w.is_main:
-            run_dir.truncate_log(self.out_dir, self.state.step)
+        if w.is_main:  # the checkpoint's history is the log up to it; later records are logged again
+            run_dir.rewrite_log(self.out_dir, self.state.history)
         self._saved_at = (self.state.step, len(self.state.history))
         return True
 
@@ -317,22 +330,29 @@ class Trainer:
         self._settle()
         return self.state.step % every == 0
 
-    def _settle(self) -> None:
-        """Read the last step's non-finite flag (a host sync; the step's work is queued or done by now). A
-        skipped step gives back its count and does not advance the schedule."""
-        flag, self._pending = self._pending, None
-        if flag is None:
+    def _settle(self, collective: bool = True) -> None:
+        """Read the last step's non-finite flag (it waits for that step only; the current one's work may
+        still be queued). A skipped step gives back its count and does not advance the schedule.
+        `collective` False: this rank decides alone (an abrupt stop on one rank)."""
+        if self._pending is None:
             return
         c, s, w = self.config, self.state, self.world
-        skipped = bool(flag.item())
-        if c.precision == "fp16":  # the loss flag of this rank; every rank must agree
-            (skipped_any,) = distributed.sum_on_host(w, [float(skipped)])
-            skipped = skipped_any > 0
+        self._critical = True  # the flag is consumed and the counters change together, or not at all
+        try:
+            skipped = self._pending.read()
+            if c.precision == "fp16" and collective:  # the loss flag of this rank; every rank must agree
+                (skipped_any,) = distributed.sum_on_host(w, [float(skipped)])
+                skipped = skipped_any > 0
+            if skipped:
+                s.step -= 1
+                s.nonfinite_skips += 1
+            else:
+                self.scheduler.step()
+            self._pending = None
+        finally:
+            self._critical = False
         if not skipped:
-            self.scheduler.step()
             return
-        s.step -= 1
-        s.nonfinite_skips += 1
         lr = self.scheduler.get_last_lr()[0]
         if s.nonfinite_skips > c.max_nonfinite_skips:
             last = run_dir.latest(self.out_dir) if w.is_main else None
@@ -378,12 +398,21 @@ class Trainer:
         so `--resume` loses nothing; a second one stops at once, saving only if no update is uncounted.
         """
         c, s, w = self.config, self.state, self.world
-        if not self._resumed and w.is_main:
-            run_dir.claim(
-                self.out_dir, command=self.command, resume=False, overwrite=self.overwrite, rerun=self.rerun
-            )
         if w.is_main:
-            run_dir.check_room(self.out_dir, self._checkpoint_bytes())
+            self._hold_out_dir()
+            try:
+                if not self._resumed:
+                    run_dir.claim(
+                        self.out_dir,
+                        command=self.command,
+                        resume=False,
+                        overwrite=self.overwrite,
+                        rerun=self.rerun,
+                    )
+                run_dir.check_room(self.out_dir, self._checkpoint_bytes())
+            except BaseException:
+                self._release_out_dir()
+                raise
         distributed.barrier(w)
         if s.step == 0 and s.batch_in_epoch == 0 and s.epoch == 0:
             _seed_all(c.seed + w.rank)  # rank 0 (and a single process) draws from `seed`
@@ -409,7 +438,8 @@ class Trainer:
             # Agreed between steps: every rank saves together; a second Ctrl-C on one rank: no collectives.
             collective = self._interrupt_agreed or not w.distributed
             self.save(collective=collective)
-            if w.is_main and (collective or not distributed.is_sharded(self.model)):
+            saved = w.is_main and (collective or not distributed.is_sharded(self.model))
+            if saved:
                 print(
                     f"\n{name}: checkpoint saved at step {s.step} in {self.checkpoint_dir}",
                     file=sys.stderr,
@@ -419,11 +449,20 @@ class Trainer:
                     f"\n{name} again: stopped at once; a sharded (FSDP) model cannot be saved by one rank",
                     file=sys.stderr,
                 )
-            raise Interrupted(signum, self.checkpoint_dir) from None
+            raise Interrupted(signum, self.checkpoint_dir if saved else None) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self._release_out_dir()
         return s.history
+
+    def _hold_out_dir(self) -> None:
+        if self._lock is None:
+            self._lock = run_dir.lock(self.out_dir)
+
+    def _release_out_dir(self) -> None:
+        run_dir.unlock(self._lock)
+        self._lock = None
 
     def _autocast(self) -> Any:
         """bfloat16 / float16 autocast for the forward pass when `precision` asks (weights and optimiser
@@ -434,7 +473,10 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self._interrupted:  # a second signal: stop now
+        if self._interrupted:  # a second signal: stop now, unless the counters are half-changed
+            if self._critical or self._updating:
+                self._deferred = signum  # raised as soon as the step is counted (_loop)
+                return
             raise Interrupted(signum)
         self._interrupted, self._signal = True, signum
         print(f"\n{name}: stopping after this step ({name} again to stop at once) ...", file=sys.stderr)
@@ -475,6 +517,8 @@ class Trainer:
                 s.batch_in_epoch += per_step
                 s.step += 1  # counted now; given back by _settle if the step turns out skipped
                 self._updating, self._step_rng = False, None
+                if self._deferred:  # a second signal during the update: the step is counted now
+                    raise Interrupted(self._deferred)
                 window_loss = window_loss + loss_value
                 window_count = window_count + n_count
                 window_tokens += n_tokens
@@ -582,7 +626,7 @@ class Trainer:
         elif not bool(skip.item()):  # other optimisers cannot skip on the device: decide on the host
             self.optimizer.step()
         self.scaler.update()
-        self._pending = skip  # the scheduler steps once the flag is read (_settle)
+        self._pending = _Flag(skip)  # the scheduler steps once the flag is read (_settle)
         zero = torch.zeros((), device=loss_sum.device)
         return torch.where(skip, zero, loss_sum), torch.where(skip, zero, float(items)), tokens
 
@@ -603,6 +647,26 @@ def _check_precision(config: TrainConfig, world: distributed.World) -> None:
         raise ConfigError(
             f"train.precision = 'bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use 'fp16'"
         )
+
+
+class _Flag:
+    """A step's non-finite flag, read later without waiting for work queued after it: on CUDA it is copied
+    to pinned host memory behind an event, so reading waits for that step only, not for the stream."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.event: Any = None
+        if flag.device.type == "cuda":
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flag
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item())
 
 
 def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
