@@ -465,3 +465,14 @@ def test_two_runs_cannot_train_into_one_directory_at_once(tmp_path):
     finally:
         run_dir.unlock(held)
     run_job(str(tmp_path), 2)  # free again
+
+
+def test_a_tformer_01_directory_is_named_and_the_demo_replaces_its_own(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.json").write_text("{}")
+    torch.save({}, tmp_path / "checkpoint" / "trainer_state.pt")
+    (tmp_path / "log.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match=r"holds a run of tformer 0.1 .*--overwrite to replace it"):
+        run_dir.claim(tmp_path, command="train", resume=False)
+    run_dir.claim(tmp_path, command="demo", resume=False, rerun=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tformer-run.json"]
