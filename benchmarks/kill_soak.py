@@ -107,8 +107,9 @@ def main() -> int:
     t0 = time.perf_counter()
     subprocess.run(command(data, reference, resume=False), env=env, check=True, capture_output=True)
     whole = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import tformer.cli, torch"], check=True)
+    t0 = time.perf_counter()  # start-up: imports, data, tokenizer, model, one step, its save
+    one = command(data, root / "one-step", resume=False) + ["--overwrite", "train.max_steps=1"]
+    subprocess.run(one, env=env, check=True, capture_output=True)
     start_up = time.perf_counter() - t0
     print(f"reference run: {STEPS} steps in {whole:.1f} s (start-up {start_up:.1f} s)")
 
@@ -129,10 +130,10 @@ def main() -> int:
 
     kills: list[dict[str, object]] = []
     while len(kills) < args.kills:
-        # Kills land in start-up, steps and saves (a save every 3 steps); at most a tenth of the run's
-        # time after start-up, so that most runs are killed rather than finishing (one that finishes
-        # starts again from nothing).
-        delay = rng.uniform(0.5 * start_up, start_up + whole / 10)
+        # Kills land in start-up, steps and saves (a save every 3 steps); at most a fifth of the run's
+        # training time after start-up, so that most runs are killed rather than finishing (one that
+        # finishes starts again from nothing).
+        delay = rng.uniform(0.5 * start_up, start_up + (whole - start_up) / 5)
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         proc = subprocess.Popen(command(data, soaked, resume=True), env=env, **quiet)
         try:
