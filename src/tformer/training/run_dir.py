@@ -42,6 +42,7 @@ from tformer.training.checkpoint import (
     CheckpointError,
     crash_point,
     fsync_dir,
+    load_trainer_state,
     write_checkpoint,
 )
 
@@ -94,6 +95,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _legacy(out: Path) -> bool:
+    """A tformer 0.1 run directory: `checkpoint/` a real directory with a pickled trainer state."""
+    link = out / LATEST
+    return not link.is_symlink() and (link / LEGACY_STATE).exists()
+
+
 def claim(
     out_dir: str | Path, *, command: str, resume: bool, overwrite: bool = False, rerun: bool = False
 ) -> None:
@@ -107,11 +114,10 @@ def claim(
         raise CheckpointError(f"{out}: exists and is not a directory; --out names a directory")
     marker = read_marker(out)
     entries = [p for p in _entries(out) if p.name != MARKER]
+    legacy = marker is None and _legacy(out)
     if resume and not overwrite:
         if marker is None and entries:
-            if (out / LATEST / LEGACY_STATE).exists():  # tformer 0.1 wrote no marker: say what its state is
-                from tformer.training.checkpoint import load_trainer_state
-
+            if legacy:  # tformer 0.1 wrote no marker: say what its state is (load_trainer_state refuses it)
                 load_trainer_state(out / LATEST)
             raise CheckpointError(
                 f"{out}: holds files no tformer run marked as its own ({', '.join(p.name for p in entries)}; "
@@ -123,7 +129,6 @@ def claim(
             )
     elif entries:
         same = marker is not None and marker["command"] == command
-        legacy = marker is None and (out / LATEST / LEGACY_STATE).exists() and not (out / LATEST).is_symlink()
         if not (overwrite or (rerun and (same or legacy))):  # the demo replaces its own, 0.1's included
             if legacy:
                 raise CheckpointError(

@@ -670,12 +670,12 @@ class _Flag:
 
 
 def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The 2-norm of all gradients together, on their device (no host sync; sharded gradients too)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    """The 2-norm of the gradients of `params` (all have one) together, on their device (no host sync;
+    sharded gradients too)."""
+    if not params:
         return torch.zeros(())
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])  # type: ignore[misc]
     return torch.nn.utils.clip_grad_norm_(params, float("inf"))  # max_norm inf: multiplies by 1
 
 
