@@ -1,0 +1,490 @@
+"""Choose machine-specific kernels by timing them on the machine at hand, once, and remember the choice.
+
+Why: a kernel that one CPU measured faster (oneDNN's linear over `F.linear`, a compiled one-row product, a
+bfloat16 path) is a hypothesis on the next CPU, whose cores, ISA, caches, thread count and PyTorch build
+differ. So tformer does not hard-code what one machine once measured: it times the candidates on the
+user's machine, keeps a non-stock path only where it measured faster than stock by more than the
+measurement's own noise, and caches the winner per machine so that the timing happens once.
+
+Keys: the caller forms shape classes, named by a tuple of str/int/float/bool/None (stored as its canonical
+JSON string): the operation, dtype, mode, then the sizes that matter, with sizes that vary per call in
+buckets so that one timing covers a class of calls, e.g. `("linear", "float32", "train",
+rows_bucket(rows), 768, 2304)` (`rows_bucket`: "1", "2-16", ">16"). `1`, `1.0` and `True` differ.
+
+Timing (`Tuner.choose`): each candidate callable runs the whole operation once. All are called `_WARMUP`
+times, then timed round-robin in a rotating order (a noisy neighbour hits all alike) for `_MIN_REPEATS` to
+`_MAX_REPEATS` rounds, until the slowest has taken `_TARGET_S`. Noise is the spread between the quartiles
+relative to the median. A non-stock candidate wins only if its median beats stock's by more than both
+noises together and at least `_NOISE_FLOOR`. A candidate that raises is excluded (the entry says why);
+`stock` raising propagates. `Tuner.ratio` caches median(base) / median(fast) the same way. After `budget_s`
+seconds of timing, and always under `TFORMER_ACCEL=off`, nothing is timed: `choose` returns `stock` and
+`ratio` 1.0, uncached, so that a later process can still tune.
+
+Cache: one JSON file per machine `fingerprint()`, {"schema": 1, "fingerprint": {...}, "entries": {key:
+{"winner", "stock", "median_s", "noise", "excluded", "tformer", "time"}}} (a ratio entry has "ratio" for
+"winner" and "stock"). A file of another schema or fingerprint is ignored, a corrupt one ignored with a
+warning; either is replaced on the next write. An entry is re-measured if another tformer version or
+another stock made it, or if its winner is not offered now, or a name offered now was not measured then.
+Writes are atomic (temporary file, fsync, `os.replace`) and merge, under an `flock` on a sibling lock
+file, with what other processes wrote meanwhile; if the cache cannot be written, the Tuner warns once and
+keeps its results in memory. Nothing read back is executed.
+
+Threads: one re-entrant lock covers timing and the cache, so threads asking for one key time it once and
+no two timings overlap (a candidate may itself ask for an inner choice). Reporting: `summary()` is a line
+for the caller to print; `report`, if given, is called once, when timing first passes `_REPORT_AFTER_S`,
+to say that tuning is running and where it is cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+
+MODES = ("off", "auto")
+SCHEMA = 1
+
+# The /proc/cpuinfo flags that decide which kernels are fast: x86 vector/matrix units, ARM's features.
+_ISA_FLAGS = frozenset(
+    {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
+    | {"avx_vnni", "asimd", "sve", "bf16", "i8mm"}
+)
+_WARMUP = 3  # untimed calls per candidate (first-call allocation, compilation, caches)
+_MIN_REPEATS = 5
+_MAX_REPEATS = 25
+_TARGET_S = 0.2  # stop adding repeats once the slowest candidate has taken this long
+_NOISE_FLOOR = 0.03  # a non-stock winner must be at least this much (relative) faster than stock
+_REPORT_AFTER_S = 1.0
+
+
+def mode() -> str:
+    """`TFORMER_ACCEL`: "auto" (the default) times candidates; "off" always takes the stock kernel."""
+    value = os.environ.get("TFORMER_ACCEL", "auto")
+    if value not in MODES:
+        raise ValueError(f"TFORMER_ACCEL={value!r}: expected 'auto' (the default) or 'off'")
+    return value
+
+
+def rows_bucket(rows: int) -> str:
+    """The shape class of a product's row count (batch x tokens): "1" (one-row decoding), "2-16", ">16"."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows={rows!r}: expected a positive int")
+    return "1" if rows == 1 else "2-16" if rows <= 16 else ">16"
+
+
+def _parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
+    """-> (CPU model name or None, the sorted `_ISA_FLAGS` it has) from /proc/cpuinfo's text."""
+    name: str | None = None
+    flags: set[str] = set()
+    arm: dict[str, str] = {}
+    for line in text.splitlines():
+        field, sep, value = line.partition(":")
+        if not sep:
+            continue
+        field, value = field.strip().lower(), value.strip()
+        if field == "model name" and name is None:
+            name = value
+        elif field in ("flags", "features") and not flags:  # x86 says flags, ARM says Features
+            flags = set(value.split())
+        elif field in ("cpu implementer", "cpu part") and field not in arm:
+            arm[field] = value
+    if name is None and len(arm) == 2:  # ARM Linux names no model: implementer and part tell cores apart
+        name = f"{platform.machine()} implementer {arm['cpu implementer']} part {arm['cpu part']}"
+    return name, sorted(flags & _ISA_FLAGS)
+
+
+def fingerprint() -> dict[str, Any]:
+    """What makes a timing valid on this machine (JSON-able): a timing is reused only where all of it matches."""
+    try:
+        name, isa = _parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:  # not Linux
+        name, isa = None, []
+    cuda = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        cuda = {"name": torch.cuda.get_device_name(), "capability": [major, minor]}
+    return {
+        "cpu": name or platform.processor() or platform.machine() or "unknown",
+        "isa": isa,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "cuda": cuda,
+    }
+
+
+def fingerprint_key(fp: dict[str, Any] | None = None) -> str:
+    """A short stable hex hash of `fp` (default: this machine's `fingerprint()`), for the cache file's name."""
+    blob = json.dumps(fingerprint() if fp is None else fp, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    """$TFORMER_CACHE_DIR, else $XDG_CACHE_HOME/tformer, else ~/.cache/tformer; made on first write only."""
+    explicit = os.environ.get("TFORMER_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored
+        return Path(xdg) / "tformer"
+    return Path.home() / ".cache" / "tformer"
+
+
+def _canonical(key: tuple[Any, ...]) -> str:
+    if not isinstance(key, tuple):
+        raise TypeError(f"a tuning key is a tuple of str/int/float/bool/None, got {key!r}")
+    for part in key:
+        if part is not None and not isinstance(part, (str, int, float)):
+            raise TypeError(
+                f"tuning key {key!r}: {part!r} is a {type(part).__name__}; expected str, int, float, bool or None"
+            )
+        if isinstance(part, float) and not math.isfinite(part):
+            raise ValueError(f"tuning key {key!r}: {part!r} is not a finite float")
+    return json.dumps(list(key), separators=(",", ":"))
+
+
+def _stats(samples: list[float]) -> tuple[float, float]:
+    """-> (median, relative spread between the quartiles)."""
+    median = statistics.median(samples)
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    spread = q3 - q1
+    if median > 0:
+        return median, spread / median
+    return median, 0.0 if spread == 0 else 1.0  # a zero median (a coarse clock): no evidence either way
+
+
+def _winner(stock: str, median_s: dict[str, float], noise: dict[str, float]) -> str:
+    best, best_s = stock, median_s[stock]
+    for name, seconds in median_s.items():
+        margin = max(_NOISE_FLOOR, noise[stock] + noise[name])
+        if name != stock and seconds < median_s[stock] * (1 - margin) and seconds < best_s:
+            best, best_s = name, seconds
+    return best
+
+
+def _reason(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _display(path: Path) -> str:
+    with contextlib.suppress(RuntimeError, ValueError):
+        return f"~/{path.relative_to(Path.home())}"
+    return str(path)
+
+
+class Tuner:
+    """Times candidate kernels once per machine and caches the winners in one JSON file (see the module doc).
+
+    path: the cache file, default `cache_dir() / f"accel-{fingerprint_key()}.json"`. timer: the clock (the
+    tests inject a fake one). budget_s: seconds of timing after which this Tuner only answers from its cache.
+    report: called once with a line saying that tuning is running, once timing has taken over a second.
+    The machine's fingerprint is taken when the Tuner is made (set torch's thread count before)."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        timer: Callable[[], float] = time.perf_counter,
+        budget_s: float = 20.0,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
+        if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s >= 0:
+            raise ValueError(f"budget_s={budget_s!r}: expected a number of seconds >= 0")
+        fp = fingerprint()
+        self._fingerprint: dict[str, Any] = json.loads(json.dumps(fp))  # as it reads back from the file
+        self.path = Path(path) if path is not None else cache_dir() / f"accel-{fingerprint_key(fp)}.json"
+        self._timer = timer
+        self._budget_s = float(budget_s)
+        self._report = report
+        self._lock = threading.RLock()
+        self._entries: dict[str, dict[str, Any]] | None = None  # loaded on first use
+        self._measured: dict[str, dict[str, Any]] = {}  # what this Tuner timed: wins when merging
+        self._writable = True
+        self._warned_unreadable = False
+        self._reported = False
+        self._spent = 0.0
+        self._count = 0
+        self._depth = 0
+
+    # -- answers -----------------------------------------------------------------------------------
+
+    def lookup(self, key: tuple[Any, ...]) -> str | None:
+        """The cached winner for this shape class (made by this tformer version), or None."""
+        skey = _canonical(key)
+        with self._lock:
+            entry = self._cached(skey)
+        winner = entry.get("winner") if entry is not None and entry.get("tformer") == __version__ else None
+        return winner if isinstance(winner, str) else None
+
+    def record(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
+        """A copy of the cached entry (winner, median_s, noise, excluded, tformer, time), or None."""
+        skey = _canonical(key)
+        with self._lock:
+            entry = self._cached(skey)
+            return copy.deepcopy(entry)
+
+    def choose(
+        self, key: tuple[Any, ...], candidates: Mapping[str, Callable[[], object]], *, stock: str
+    ) -> str:
+        """The name of the fastest candidate for this shape class, `stock` unless another is reliably faster."""
+        skey = _canonical(key)
+        if stock not in candidates:
+            raise ValueError(f"stock={stock!r} is not among the candidates {sorted(candidates)}")
+        if mode() == "off" or len(candidates) == 1:
+            return stock
+        with self._lock:
+            entry = self._cached(skey)
+            if entry is not None and self._reusable(entry, candidates, stock):
+                return str(entry["winner"])
+            if self._spent >= self._budget_s:
+                return stock
+            entry = self._cached(skey, refresh=True)
+            if entry is not None and self._reusable(entry, candidates, stock):
+                return str(entry["winner"])
+            median_s, noise, excluded = self._measure(candidates, must_run=stock)
+            winner = _winner(stock, median_s, noise)
+            self._store(skey, {"winner": winner, "stock": stock, **self._facts(median_s, noise, excluded)})
+            message = self._due_report()
+        if message is not None and self._report is not None:
+            self._report(message)
+        return winner
+
+    def ratio(self, key: tuple[Any, ...], fast: Callable[[], object], base: Callable[[], object]) -> float:
+        """median(base) / median(fast), cached: > 1 where `fast` is faster. 1.0 untimed (off, out of budget);
+        0.0 where `fast` raises (it cannot run here); `base` raising propagates."""
+        skey = _canonical(key)
+        if mode() == "off":
+            return 1.0
+        with self._lock:
+            cached = self._cached_ratio(skey)
+            if cached is not None:
+                return cached
+            if self._spent >= self._budget_s:
+                return 1.0
+            cached = self._cached_ratio(skey, refresh=True)
+            if cached is not None:
+                return cached
+            median_s, noise, excluded = self._measure({"base": base, "fast": fast}, must_run="base")
+            if "fast" in excluded:
+                value = 0.0
+            else:
+                value = median_s["base"] / median_s["fast"] if median_s["fast"] > 0 else 1.0
+            self._store(skey, {"ratio": value, **self._facts(median_s, noise, excluded)})
+            message = self._due_report()
+        if message is not None and self._report is not None:
+            self._report(message)
+        return value
+
+    def _cached_ratio(self, skey: str, *, refresh: bool = False) -> float | None:
+        entry = self._cached(skey, refresh=refresh)
+        value = entry.get("ratio") if entry is not None and entry.get("tformer") == __version__ else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def spent_s(self) -> float:
+        """Seconds this Tuner spent timing (warm-up included)."""
+        return self._spent
+
+    def summary(self) -> str | None:
+        """One line on what this Tuner timed, for the caller to print; None if it timed nothing."""
+        if self._count == 0:
+            return None
+        n = self._count
+        where = (
+            f"cached in {_display(self.path)}"
+            if self._writable
+            else f"not cached: {_display(self.path)} unwritable"
+        )
+        return (
+            f"tformer accel: timed {n} kernel choice{'' if n == 1 else 's'} in {self._spent:.{2 if self._spent < 1 else 1}f} s"
+            f" on {self._fingerprint['cpu']} ({where})"
+        )
+
+    # -- timing ------------------------------------------------------------------------------------
+
+    def _measure(
+        self, candidates: Mapping[str, Callable[[], object]], *, must_run: str
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+        """Warm up, then time the candidates in rotating round-robin. -> (median_s, noise, excluded)."""
+        names = list(candidates)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        excluded: dict[str, str] = {}
+        self._depth += 1
+        start = self._timer()
+        try:
+            for r in range(_WARMUP + _MAX_REPEATS):
+                alive = [name for name in names if name not in excluded]
+                shift = r % len(alive)
+                for name in alive[shift:] + alive[:shift]:
+                    t0 = self._timer()
+                    try:
+                        candidates[name]()
+                    except Exception as exc:
+                        if name == must_run:
+                            raise
+                        excluded[name] = _reason(exc)
+                        continue
+                    if r >= _WARMUP:
+                        samples[name].append(self._timer() - t0)
+                if r + 1 - _WARMUP >= _MIN_REPEATS:
+                    slowest = max(sum(samples[name]) for name in names if name not in excluded)
+                    out_of_budget = self._spent + (self._timer() - start) >= self._budget_s
+                    if slowest >= _TARGET_S or out_of_budget:
+                        break
+        finally:
+            self._depth -= 1
+            if self._depth == 0:  # an inner choice made inside a candidate is in the outer's time already
+                self._spent += self._timer() - start
+        self._count += 1
+        median_s: dict[str, float] = {}
+        noise: dict[str, float] = {}
+        for name in names:
+            if name not in excluded:
+                median_s[name], noise[name] = _stats(samples[name])
+        return median_s, noise, excluded
+
+    @staticmethod
+    def _facts(
+        median_s: dict[str, float], noise: dict[str, float], excluded: dict[str, str]
+    ) -> dict[str, Any]:
+        return {
+            "median_s": median_s,
+            "noise": noise,
+            "excluded": excluded,
+            "tformer": __version__,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    @staticmethod
+    def _reusable(entry: dict[str, Any], candidates: Mapping[str, Callable[[], object]], stock: str) -> bool:
+        """A cached choice stands if made by this version for this stock, its winner is offered, and every
+        name offered now was measured (or excluded) then."""
+        measured: set[str] = set()
+        for field in ("median_s", "excluded"):
+            if not isinstance(entry.get(field), dict):
+                return False
+            measured |= set(entry[field])
+        winner = entry.get("winner")
+        return (
+            entry.get("tformer") == __version__
+            and entry.get("stock") == stock
+            and isinstance(winner, str)
+            and winner in candidates
+            and set(candidates) <= measured
+        )
+
+    def _due_report(self) -> str | None:
+        if self._reported or self._spent <= _REPORT_AFTER_S:
+            return None
+        self._reported = True
+        return (
+            "tformer accel: timing kernel candidates on this machine, once "
+            f"(cached in {_display(self.path)}; TFORMER_ACCEL=off skips it)"
+        )
+
+    # -- the cache file ----------------------------------------------------------------------------
+
+    def _cached(self, skey: str, *, refresh: bool = False) -> dict[str, Any] | None:
+        """The entry in memory, the file read on first use; refresh: read it again (another process may have
+        timed this key meanwhile), done only right before timing."""
+        if self._entries is None or refresh:
+            self._entries = {**self._read(), **self._measured}
+        return self._entries.get(skey)
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        """The file's entries for this schema and fingerprint; {} for a missing, foreign or unreadable file."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8
+            self._warn_unreadable(f"{type(exc).__name__}: {exc}")
+            return {}
+        if not isinstance(data, dict):
+            self._warn_unreadable(f"a JSON {type(data).__name__}, not an object")
+            return {}
+        if data.get("schema") != SCHEMA:
+            return {}  # another version's file: replaced on the next write
+        entries = data.get("entries")
+        if not isinstance(entries, dict) or not isinstance(data.get("fingerprint"), dict):
+            self._warn_unreadable("no 'fingerprint' and 'entries' objects")
+            return {}
+        if data["fingerprint"] != self._fingerprint:
+            return {}  # another machine's file: replaced on the next write
+        return {skey: entry for skey, entry in entries.items() if isinstance(entry, dict)}
+
+    def _warn_unreadable(self, why: str) -> None:
+        if not self._warned_unreadable:
+            self._warned_unreadable = True
+            warnings.warn(
+                f"tformer accel: ignoring the unreadable tuning cache {self.path} ({why}); it will be replaced",
+                stacklevel=5,  # the caller of lookup/record/choose/ratio
+            )
+
+    def _store(self, skey: str, entry: dict[str, Any]) -> None:
+        self._measured[skey] = entry
+        assert self._entries is not None  # _cached ran first
+        self._entries[skey] = entry
+        if not self._writable:
+            return
+        tmp: str | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._file_lock():
+                entries = {**self._read(), **self._measured}  # keep what other processes wrote meanwhile
+                data = {"schema": SCHEMA, "fingerprint": self._fingerprint, "entries": entries}
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+                tmp = None
+            self._entries = dict(entries)
+        except OSError as exc:
+            self._writable = False
+            warnings.warn(
+                f"tformer accel: cannot write the tuning cache {self.path} ({type(exc).__name__}: {exc}); "
+                "keeping the results in memory only",
+                stacklevel=3,  # the caller of choose/ratio
+            )
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An exclusive flock on a sibling lock file across processes; none where flock is missing or fails."""
+        if sys.platform == "win32":
+            yield
+            return
+        import fcntl
+
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with contextlib.suppress(OSError):  # e.g. ENOLCK on some network file systems: merge unlocked
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
