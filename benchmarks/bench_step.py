@@ -83,8 +83,9 @@ def copy_stacks(ours: Seq2Seq, ref: nn.Transformer) -> None:
             if hasattr(theirs, "multihead_attn"):
                 pairs.append((mine.cross_attn, theirs.multihead_attn))
             for a, b in pairs:
-                b.in_proj_weight.copy_(a.in_proj.weight)
-                b.in_proj_bias.copy_(a.in_proj.bias)
+                weight, bias = a.in_projection()
+                b.in_proj_weight.copy_(weight)
+                b.in_proj_bias.copy_(bias)
                 b.out_proj.load_state_dict(a.out_proj.state_dict())
             theirs.linear1.load_state_dict(mine.ff.linear1.state_dict())
             theirs.linear2.load_state_dict(mine.ff.linear2.state_dict())

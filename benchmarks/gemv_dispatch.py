@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-import tformer.linear as tl
+import tformer.accel.linear as tl
 from tformer.allocator import reuse_freed_memory
 from tformer.bench.common import CopyProbe
 from tformer.bench.generate import weight_bytes
@@ -53,19 +53,19 @@ KINDS = {"torch.compile (dynamo)": _ThroughDynamo, "torch._inductor.compile (tfo
 
 
 def use(kind: str, kernels: dict[str, dict[Any, Any]]) -> None:
-    """Make tformer.linear build and keep its kernels the `kind` way."""
+    """Make tformer.accel.linear build and keep its kernels the `kind` way."""
     tl._Kernel = KINDS[kind]
     tl._gemv_fns = kernels[kind]
 
 
 def per_call_us(n: int, k: int, calls: int) -> float:
     w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(1, k)
-    with torch.no_grad(), tl.compiled_gemv():
+    with torch.no_grad(), tl.compiled_decoding():
         for _ in range(20):
-            tl.linear(x, w, b)
+            tl.accel_linear(x, w, b)
         start = time.perf_counter()
         for _ in range(calls):
-            tl.linear(x, w, b)
+            tl.accel_linear(x, w, b)
     return (time.perf_counter() - start) / calls * 1e6
 
 

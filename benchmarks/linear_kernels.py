@@ -12,6 +12,7 @@ docs/decisions.md rests on these figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,8 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from tformer.linear import Linear, current_backend, linear_backend
+from tformer import accel
+from tformer.accel.linear import AccelLinear, onednn_available
 
 # (name, rows of x, in features, out features, with backward)
 CASES = [
@@ -55,19 +58,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if current_backend() != "onednn":
-        raise SystemExit(
-            "this PyTorch build has no oneDNN, or TFORMER_LINEAR=aten is set: nothing to compare"
-        )
+    if not onednn_available():
+        raise SystemExit("this PyTorch build has no oneDNN: nothing to compare")
     torch.manual_seed(0)
     rows = []
     for name, m, k, n, backward in CASES:
-        layer = Linear(k, n)
+        layer = accel.apply(nn.Sequential(nn.Linear(k, n)))[0]
+        assert type(layer) is AccelLinear
         x = torch.randn(m, k, requires_grad=backward)
         grad = torch.randn(m, n)
 
         def step(
-            layer: Linear = layer, x: torch.Tensor = x, grad: torch.Tensor = grad, bw: bool = backward
+            layer: nn.Module = layer, x: torch.Tensor = x, grad: torch.Tensor = grad, bw: bool = backward
         ) -> None:
             if bw:
                 layer(x).backward(grad)
@@ -76,12 +78,16 @@ def main() -> None:
                     layer(x)
 
         times: dict[str, list[float]] = {"aten": [], "onednn": []}
+
+        def path(backend: str, layer: nn.Module = layer) -> contextlib.AbstractContextManager[None]:
+            return accel.reverted(layer) if backend == "aten" else contextlib.nullcontext()
+
         for backend in times:  # warm-up
-            with linear_backend(backend):
+            with path(backend):
                 step()
         for _ in range(args.repeats):
             for backend in times:
-                with linear_backend(backend):
+                with path(backend):
                     times[backend].append(timed(step))
         aten, onednn = (statistics.median(times[b]) for b in ("aten", "onednn"))
         flops = 2 * m * k * n * (3 if backward else 1)
@@ -113,7 +119,7 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(
-        f"\nF.linear (aten) vs tformer.linear (oneDNN), torch {torch.__version__}, {report['threads']} threads"
+        f"\nF.linear (aten) vs tformer.accel (oneDNN), torch {torch.__version__}, {report['threads']} threads"
     )
     print("\n| product | x rows, in, out | pass | aten ms | oneDNN ms | speed-up | oneDNN GFLOP/s |")
     print("|---|---|---|---|---|---|---|")

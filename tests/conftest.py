@@ -30,14 +30,32 @@ def _seed():
 
 
 def copy_mha(ours, ref):
-    """Copy torch.nn.MultiheadAttention's packed in-projection into our separate q/k/v projections."""
+    """Copy torch.nn.MultiheadAttention's packed in-projection (rows q, k, v) into ours: self-attention's
+    one `in_proj`, or cross-attention's `q_proj` and `kv_proj`."""
     import torch
 
     with torch.no_grad():
-        ours.in_proj.weight.copy_(ref.in_proj_weight)
-        ours.in_proj.bias.copy_(ref.in_proj_bias)
+        if ours.cross:
+            c = ours.d_model
+            ours.q_proj.weight.copy_(ref.in_proj_weight[:c])
+            ours.q_proj.bias.copy_(ref.in_proj_bias[:c])
+            ours.kv_proj.weight.copy_(ref.in_proj_weight[c:])
+            ours.kv_proj.bias.copy_(ref.in_proj_bias[c:])
+        else:
+            ours.in_proj.weight.copy_(ref.in_proj_weight)
+            ours.in_proj.bias.copy_(ref.in_proj_bias)
         ours.out_proj.weight.copy_(ref.out_proj.weight)
         ours.out_proj.bias.copy_(ref.out_proj.bias)
+
+
+def in_proj_grads(ours):
+    """Our attention's in-projection gradients as torch's packed (weight, bias), rows q, k, v."""
+    if ours.cross:
+        return (
+            torch.cat([ours.q_proj.weight.grad, ours.kv_proj.weight.grad]),
+            torch.cat([ours.q_proj.bias.grad, ours.kv_proj.bias.grad]),
+        )
+    return ours.in_proj.weight.grad, ours.in_proj.bias.grad
 
 
 def copy_ff_norms(ours, ref, n_norms):

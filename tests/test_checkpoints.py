@@ -188,6 +188,47 @@ def test_resume_before_any_checkpoint_starts_from_scratch(tmp_path, straight):
     assert_same_weights(out, straight)
 
 
+def _packed(values: dict, cat):
+    """A state keyed by parameter name with each cross-attention's q_proj / kv_proj joined into the one
+    in_proj of tformer <= 0.2 (`cat` joins two values)."""
+    out = {}
+    for key, value in values.items():
+        if ".cross_attn.q_proj." in key:
+            kv = values[key.replace(".q_proj.", ".kv_proj.")]
+            out[key.replace(".q_proj.", ".in_proj.")] = cat(value, kv)
+        elif ".cross_attn.kv_proj." not in key:
+            out[key] = value
+    return out
+
+
+def _cat(a, b):
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    return torch.cat([a, b]) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
+
+
+def test_a_run_saved_by_tformer_0_2_resumes_exactly(tmp_path, straight):
+    """tformer <= 0.2 kept a cross-attention's projections in one in_proj: its weights and its optimiser's
+    moments (keyed by parameter name) are split on loading, and the run goes on bit for bit."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    run_job(str(out), 4, save_every_steps=2)
+    ckpt = (out / "checkpoint").resolve()
+    weights = _packed(load_file(str(ckpt / "model.safetensors")), _cat)
+    assert any(".cross_attn.in_proj.weight" in k for k in weights)
+    save_file(weights, str(ckpt / "model.safetensors"))
+    state = load_trainer_state(ckpt)
+    opt = state["optimizer"]
+    opt["state"] = _packed(opt["state"], _cat)
+    for group in opt["param_groups"]:
+        names = [n.replace(".kv_proj.", ".in_proj.").replace(".q_proj.", ".in_proj.") for n in group["params"]]
+        group["params"] = list(dict.fromkeys(names))
+    write_state(ckpt, state)
+    run_job(str(out), 8, resume=True, save_every_steps=2)
+    assert_same_weights(out, straight)
+
+
 # --- who may write into --out -----------------------------------------------------------------------------
 def test_a_fresh_run_into_another_runs_directory_is_refused(tmp_path):
     run_job(str(tmp_path), 2)

@@ -38,7 +38,12 @@ def test_gqa_equals_standard_attention_with_shared_heads(n_kv):
     mem = torch.randn(2, 7, c, dtype=torch.float64)
     a, ref = gqa(x, causal=True), full(x, causal=True)
     torch.testing.assert_close(a.out, ref.out, atol=1e-12, rtol=0)
-    torch.testing.assert_close(gqa(x, mem).out, full(x, mem).out, atol=1e-12, rtol=0)
+    # cross-attention with the same weights: a packed state dict loads into q_proj / kv_proj
+    gqa_x = MultiHeadAttention(c, h, n_kv_heads=n_kv, backend="math", cross=True).double()
+    full_x = MultiHeadAttention(c, h, backend="math", cross=True).double()
+    gqa_x.load_state_dict(gqa.state_dict())
+    full_x.load_state_dict(full.state_dict())
+    torch.testing.assert_close(gqa_x(x, mem).out, full_x(x, mem).out, atol=1e-12, rtol=0)
     assert a.kv.k.shape == (2, n_kv, 5, d)  # the cache holds n_kv heads, not n_heads
     assert gqa.in_proj.weight.shape == (c + 2 * n_kv * d, c)
 

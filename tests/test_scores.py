@@ -22,7 +22,7 @@ C, H = 24, 4
 
 def reference(mha, x, memory, allowed, score):
     """Float64 attention from the explicit (B, H, T, S) score matrix; `allowed` (B, 1, T, S) or None."""
-    w, b = mha.in_proj.weight.double(), mha.in_proj.bias.double()
+    w, b = (t.double() for t in mha.in_projection())
     d, kv = mha.d_head, mha.kv_dim
     src = x if memory is None else memory
     q = (x.double() @ w[:C].T + b[:C]).unflatten(-1, (H, d)).transpose(1, 2)  # (B, H, T, D)
@@ -88,7 +88,7 @@ def test_self_attention_equals_float64_formula(score, backend, n_kv):
 @pytest.mark.parametrize("backend", ["math", "sdpa", "chunked"])
 def test_cross_attention_float32_and_weights(score, backend):
     torch.manual_seed(1)
-    mha = MultiHeadAttention(C, H, backend=backend, score=score)
+    mha = MultiHeadAttention(C, H, backend=backend, score=score, cross=True)
     x, memory, pad = _inputs()
     ref, p = reference(mha, x, memory, pad, score)
     # float32 against float64: the l2 expansion 2 q.k - |k|^2 loses a few bits to cancellation, well
@@ -211,3 +211,5 @@ def test_dot_score_adds_no_parameters():
     """The default keeps checkpoints of earlier versions loadable (strict loading)."""
     names = [n for n, _ in MultiHeadAttention(C, H).named_parameters()]
     assert names == ["in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias"]
+    cross = [n for n, _ in MultiHeadAttention(C, H, cross=True).named_parameters()]
+    assert cross == [f"{m}.{p}" for m in ("q_proj", "kv_proj", "out_proj") for p in ("weight", "bias")]

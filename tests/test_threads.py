@@ -1,5 +1,5 @@
 """Several threads at once: predictors loaded from checkpoints give the serial results, generation's compiled
-products and the linear backend are per thread, and nothing changes a shared model's mode or the process's
+products are per thread, and nothing changes a shared model's mode or the process's
 malloc policy behind the caller's back."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+import tformer.accel.linear as tl
 import tformer.allocator
-import tformer.linear as tl
 import viz_models
 from tformer.config import ClassifierConfig, LMConfig, ModelConfig, TrainConfig
 from tformer.data.batching import pad
@@ -54,14 +54,18 @@ def predictors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     deterministic)."""
     root = tmp_path_factory.mktemp("ckpt")
     return {
-        "translator": Translator.load(viz_models.save_translator(viz_models.translator(), root / "tr")),
-        "classifier": TextClassifier.load(viz_models.save_classifier(viz_models.classifier(), root / "clf")),
-        "generator": TextGenerator.load(_save_generator(_generator(), root / "lm")),
+        "translator": Translator.load(
+            viz_models.save_translator(viz_models.translator(), root / "tr"), accel=True
+        ),
+        "classifier": TextClassifier.load(
+            viz_models.save_classifier(viz_models.classifier(), root / "clf"), accel=True
+        ),
+        "generator": TextGenerator.load(_save_generator(_generator(), root / "lm"), accel=True),
     }
 
 
 class GemvSpy:
-    """Records which threads reached the compiled matrix-vector path (tformer.linear._gemv), and flags a
+    """Records which threads reached the compiled matrix-vector path (tformer.accel.linear._gemv), and flags a
     thread that reached it while its current job asked for compile=False."""
 
     def __init__(self, real: Callable[..., Any]) -> None:
@@ -96,7 +100,7 @@ def _gemv_is_on(spy: GemvSpy) -> bool:
         spy.compiled_threads.discard(me)
     weight = torch.randn(16, 8).t()  # (8, 16), not contiguous
     with torch.no_grad():
-        tl.linear(torch.randn(1, 16), weight)
+        tl.accel_linear(torch.randn(1, 16), weight)
     return me in spy.compiled_threads
 
 
@@ -203,36 +207,35 @@ def test_overlapping_generations_leave_each_thread_its_own_setting(predictors, g
     assert seen == {"a after": False, "b inside, after a left": False, "b after": False, "main": False}
 
 
-def test_backend_and_compiled_setting_are_per_thread(gemv):
+def test_compiled_setting_is_per_thread(gemv):
     """A block in one thread is not seen by another, nor by the main thread once the threads are done."""
-    before = tl.current_backend()
     inside, checked = threading.Event(), threading.Event()
     seen: dict[str, Any] = {}
 
     def setter() -> None:
-        with tl.linear_backend("aten"), tl.compiled_gemv():
-            seen["setter"] = (tl.current_backend(), _gemv_is_on(gemv))
+        with tl.compiled_decoding():
+            seen["setter"] = _gemv_is_on(gemv)
             inside.set()
             assert checked.wait(30)
-        seen["setter after"] = (tl.current_backend(), _gemv_is_on(gemv))
+        seen["setter after"] = _gemv_is_on(gemv)
 
     def other() -> None:
         assert inside.wait(30)
-        seen["other"] = (tl.current_backend(), _gemv_is_on(gemv))
+        seen["other"] = _gemv_is_on(gemv)
         checked.set()
 
-    with tl.compiled_gemv(False):  # the main thread's own block, around the threads
+    with tl.compiled_decoding(False):  # the main thread's own block, around the threads
         with ThreadPoolExecutor(2) as pool:
             for f in [pool.submit(setter), pool.submit(other)]:
                 f.result(timeout=60)
-        seen["main inside"] = (tl.current_backend(), _gemv_is_on(gemv))
-    seen["main"] = (tl.current_backend(), _gemv_is_on(gemv))
+        seen["main inside"] = _gemv_is_on(gemv)
+    seen["main"] = _gemv_is_on(gemv)
     assert seen == {
-        "setter": ("aten", True),
-        "other": (before, False),
-        "setter after": (before, False),
-        "main inside": (before, False),
-        "main": (before, False),
+        "setter": True,
+        "other": False,
+        "setter after": False,
+        "main inside": False,
+        "main": False,
     }
 
 

@@ -48,8 +48,9 @@ def _torch_weights(ours: MultiHeadAttention, args: tuple, kwargs: dict) -> np.nd
     """The same call through torch.nn.MultiheadAttention with our weights -> (H, T, S) float64."""
     ref = nn.MultiheadAttention(ours.d_model, ours.n_heads, batch_first=True).double()
     with torch.no_grad():
-        ref.in_proj_weight.copy_(ours.in_proj.weight)
-        ref.in_proj_bias.copy_(ours.in_proj.bias)
+        weight, bias = ours.in_projection()
+        ref.in_proj_weight.copy_(weight)
+        ref.in_proj_bias.copy_(bias)
         ref.out_proj.weight.copy_(ours.out_proj.weight)
         ref.out_proj.bias.copy_(ours.out_proj.bias)
     x = args[0].double()

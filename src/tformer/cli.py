@@ -16,7 +16,7 @@ from pathlib import Path
 def _demo(args: argparse.Namespace) -> int:
     from tformer.demo import run_demo
 
-    result = run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress)
+    result = run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress, accel=True)
     print()
     print(f"exact match: {100 * result.exact_match:.1f}%  (held-out numbers the model never saw)")
     print(f"BLEU: {result.bleu:.2f}  ({result.bleu_signature})")
@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _translate(args: argparse.Namespace) -> int:
     from tformer.tasks import Translator
 
-    translator = Translator.load(args.checkpoint, precision=args.precision)
+    translator = Translator.load(args.checkpoint, precision=args.precision, accel=True)
     texts = _read_inputs(args.text)
     outputs = translator.translate(
         texts, beam_size=args.beam, length_penalty=args.length_penalty, max_len=args.max_len
@@ -100,7 +100,12 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"data.{key}={json.dumps(paths)}")
     config = apply_overrides(config, overrides)
     result = train(
-        config, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        config,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        accel=True,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
@@ -125,6 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
         text_column=args.text_column,
         label_column=args.label_column,
         precision=args.precision,
+        accel=True,
     )
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
@@ -134,7 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from tformer.tasks import TextClassifier
 
-    classifier = TextClassifier.load(args.checkpoint, precision=args.precision)
+    classifier = TextClassifier.load(args.checkpoint, precision=args.precision, accel=True)
     for label, prob in classifier.predict(_read_inputs(args.text)):
         print(f"{label}\t{prob:.4f}")
     return 0
@@ -143,7 +149,7 @@ def _classify(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tformer.tasks import TextGenerator
 
-    generator = TextGenerator.load(args.checkpoint, precision=args.precision)
+    generator = TextGenerator.load(args.checkpoint, precision=args.precision, accel=True)
     text = generator.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -414,10 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, rest, [*getattr(args, rest), *extra])
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from tformer import accel
     from tformer.allocator import reuse_freed_memory
 
     try:
-        reuse_freed_memory()  # before any big tensor: freed memory stays for reuse (tformer.allocator)
+        if accel.mode() != "off":  # TFORMER_ACCEL=off: stock PyTorch, and the C library's own malloc
+            reuse_freed_memory()  # before any big tensor: freed memory stays for reuse (tformer.allocator)
         return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError) as exc:
         print(f"tformer {args.command}: error: {exc}", file=sys.stderr)

@@ -75,7 +75,10 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    accel: bool = False,
 ) -> DemoResult:
+    """The demo: train, decode and score the number translator (the command line passes `accel=True`:
+    tformer.accel's kernels)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     out = Path(out_dir)
@@ -91,6 +94,10 @@ def run_demo(
     )
     model_config = size.model.replace(src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size)
     model = Seq2Seq(model_config)
+    if accel:
+        from tformer import accel as _accel
+
+        _accel.apply(model)
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"[2/5] training a {model_config.n_layers}+{model_config.decoder_layers}-layer Transformer "

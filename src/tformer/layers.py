@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.attention.multihead import KV, KVCache, MultiHeadAttention
-from tformer.linear import Linear
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -43,6 +42,25 @@ class Embedding(nn.Module):
         return out * self.multiplier if self.multiplier != 1.0 else out
 
 
+def init_linears_(module: nn.Module, init: Callable[[Tensor], Any]) -> None:
+    """`init(weight)` on every linear layer of `module`, in module order. A cross-attention's `q_proj` and
+    `kv_proj` are initialised as the one packed (C + 2 C_kv, C) matrix they split, so that an initialisation
+    that depends on the shape (Xavier's fan-in + fan-out) sees the layer's full shape as it does for
+    self-attention's `in_proj`, and the random draws are those of tformer <= 0.2."""
+    done: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, MultiHeadAttention) and m.cross:
+            q, kv = m.q_proj.weight, m.kv_proj.weight
+            packed = torch.empty(q.shape[0] + kv.shape[0], q.shape[1], dtype=q.dtype, device=q.device)
+            init(packed)
+            with torch.no_grad():
+                q.copy_(packed[: q.shape[0]])
+                kv.copy_(packed[q.shape[0] :])
+            done.update((id(m.q_proj), id(m.kv_proj)))
+        elif isinstance(m, nn.Linear) and id(m) not in done:
+            init(m.weight)
+
+
 def dropout_layer(p: float) -> nn.Module:
     """Dropout, or nothing at p = 0 (training-mode dropout with p = 0 still draws a random mask)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
@@ -59,8 +77,8 @@ class FeedForward(nn.Module):
         self, d_model: int, d_ff: int, *, dropout: float = 0.0, activation: str = "relu", bias: bool = True
     ) -> None:
         super().__init__()
-        self.linear1 = Linear(d_model, d_ff, bias=bias)
-        self.linear2 = Linear(d_ff, d_model, bias=bias)
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = dropout_layer(dropout)
         self.activation = _ACTIVATIONS[activation]
 
@@ -193,6 +211,7 @@ class DecoderLayer(nn.Module):
             backend=cross_backend,
             n_kv_heads=n_kv_heads,
             score=score,
+            cross=True,
         )
         self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
         self.norm1 = layer_norm(d_model, layer_norm_eps, bias)

@@ -177,18 +177,24 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    accel: bool = False,
 ) -> TrainResult:
     """Train `config.task` on `config.data`; checkpoints and log.jsonl go to `out_dir` (run_dir.py). Under
     torchrun every process builds the same task and model; only rank 0 prints.
 
     `resume`: continue the run in `out_dir` from its latest checkpoint (from scratch, saying so, when it
     has none yet). A fresh run into a directory another run wrote needs `overwrite` (which deletes that
-    run's checkpoints and log)."""
+    run's checkpoints and log). `accel`: train with tformer.accel's machine-specific kernels (the
+    command line's choice; the weights and checkpoints are the same either way)."""
     world = distributed.setup(config.train.device)
     torch.manual_seed(config.train.seed)
     saved = run_dir.latest(out_dir) if resume else None
     with contextlib.nullcontext() if world.is_main else contextlib.redirect_stderr(io.StringIO()):
         task, model = BUILDERS[config.task](config, saved)
+        if accel:
+            from tformer import accel as _accel
+
+            _accel.apply(model)
         n_params = sum(p.numel() for p in model.parameters())
         _log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
     if world.distributed:
@@ -227,6 +233,7 @@ def evaluate_checkpoint(
     text_column: str | None = None,
     label_column: str | None = None,
     precision: str = "fp32",
+    accel: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint on a file of its task: BLEU / chrF / exact match, accuracy / macro-F1, or
     perplexity, with the model in `precision` ("fp32", "bf16", "int8"). Column names default to the ones
@@ -240,7 +247,7 @@ def evaluate_checkpoint(
     path = run_dir.resolve(path)  # a live run's `checkpoint` link: every file from the same save
     raw = read_config(path)
     trained = DataConfig.from_dict(raw.get("data", {}), source=str(path)) if "data" in raw else DataConfig()
-    predictor = load_predictor(path, precision=precision)
+    predictor = load_predictor(path, precision=precision, accel=accel)
     if isinstance(predictor, Translator):
         pairs, stats = read_parallel(data)
         report_skipped(stats)

@@ -37,6 +37,8 @@ _REGISTRY: dict[str, Backend] = {}
 def register(
     name: str, *, supports_weights: bool, options: tuple[str, ...] = ()
 ) -> Callable[[AttentionFn], AttentionFn]:
+    """Register `fn` as the backend `name` (attention/*.py, and tformer.accel's machine-specific ones)."""
+
     def wrap(fn: AttentionFn) -> AttentionFn:
         _REGISTRY[name] = Backend(name, fn, supports_weights, options)
         return fn
@@ -57,7 +59,7 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _full_mask(mask: Tensor | None, causal: bool, t: int, s: int, device: torch.device) -> Tensor | None:
+def full_mask(mask: Tensor | None, causal: bool, t: int, s: int, device: torch.device) -> Tensor | None:
     if mask is not None and mask.dim() < 2:  # () or (S,): torch's fused kernel needs (..., T|1, S)
         mask = mask.reshape(1, -1)
     if causal and t > 1:  # a single query is the newest position: causality masks nothing
@@ -81,7 +83,7 @@ def math_attention(
     t, s = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    allowed = _full_mask(mask, causal, t, s, q.device)
+    allowed = full_mask(mask, causal, t, s, q.device)
     if allowed is not None:
         # The most negative finite value, not -inf: a fully masked row then gives a uniform (finite)
         # softmax that we zero below, so neither the output nor its gradient ever sees NaN.
@@ -108,20 +110,15 @@ def sdpa_attention(
     scale: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """torch's fused `scaled_dot_product_attention` (flash / memory-efficient kernels where available).
-
-    Except bfloat16 / float16 on the CPU up to `SHORT_LOWP_KEYS` keys: there the fused CPU kernel is
-    1.4-1.9x slower than three plain products with a float32 softmax, at the same accuracy (see
-    `_short_lowp_cpu`)."""
+    (`tformer.accel` may route short low-precision CPU calls to a faster kernel of its own.)"""
     if need_weights:
         raise ValueError("the 'sdpa' backend cannot return attention weights; use the 'math' backend")
     t, s = q.shape[-2], k.shape[-2]
-    if q.device.type == "cpu" and q.dtype in _LOWP and s <= SHORT_LOWP_KEYS:
-        return _short_lowp_cpu(q, k, v, mask, causal, dropout_p, scale), None
     if mask is None and causal and t == s:
         # The kernel's own causal fast path (top-left aligned, which equals ours when T == S).
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         return out, None
-    allowed = _full_mask(mask, causal, t, s, q.device)
+    allowed = full_mask(mask, causal, t, s, q.device)
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
     # Rows with no key to attend to would be NaN inside the kernel: let them attend everywhere (finite),
@@ -129,51 +126,6 @@ def sdpa_attention(
     empty = ~allowed.any(dim=-1, keepdim=True)  # (B?, H?, T, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(empty, 0.0), None
-
-
-_LOWP = (torch.bfloat16, torch.float16)
-# Up to this many keys, bfloat16 attention on the CPU goes through `_short_lowp_cpu`: forward+backward of
-# a causal (2, 12, T, 64) problem took 1.1 / 6.8 / 22.8 ms there against the fused kernel's 2.1 / 9.6 /
-# 30.9 ms at T = 64 / 256 / 512, and lost from 1024 keys on (86 vs 69 ms) as the (T, S) scores outgrow
-# the caches (docs/decisions.md, decision 52).
-SHORT_LOWP_KEYS = 512
-
-
-def _short_lowp_cpu(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float, scale: float | None
-) -> Tensor:
-    """Low-precision attention on the CPU for short sequences, computed as the fused kernel computes it:
-    scores q k^T and their softmax in float32 (from the low-precision q and k, so the scores are not
-    rounded), the weights rounded to q's dtype for the product with v. Its error against float64 equals
-    the fused kernel's (tests/test_attention.py); fully masked rows give zeros."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    t, s = q.shape[-2], k.shape[-2]
-    bias, empty = None, None  # an additive float32 mask of the mask's own (small, broadcast) shape
-    if mask is None and causal and t > 1:  # the queries are the last t positions: every row has a key
-        bias = torch.full((t, s), float("-inf"), device=q.device).triu_(s - t + 1)
-    elif (allowed := _full_mask(mask, causal, t, s, q.device)) is not None:
-        # a row with no key to attend to attends everywhere (finite) and is zeroed at the end: no host sync
-        empty = ~allowed.any(dim=-1, keepdim=True)
-        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~(allowed | empty), float("-inf"))
-    # (B, H, ...) with a (T, S) bias or none: batched products over B*H, scale and bias in one pass
-    flat = q.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2] and (bias is None or bias.dim() == 2)
-    with torch.autocast("cpu", enabled=False):
-        if flat:
-            q_, k_, v_ = q.flatten(0, 1).float(), k.flatten(0, 1).float().transpose(1, 2), v.flatten(0, 1)
-            if bias is None:
-                scores = torch.bmm(q_, k_).mul_(scale)
-            else:
-                scores = torch.baddbmm(bias.expand(q_.shape[0], t, s), q_, k_, alpha=scale)
-        else:
-            q_, k_, v_ = q.float(), k.float().transpose(-2, -1), v
-            scores = torch.matmul(q_, k_).mul_(scale)
-            scores = scores if bias is None else scores.add_(bias)
-        weights = torch.softmax(scores, dim=-1)  # (B[*H], [H,] T, S) float32
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        out = (torch.bmm if flat else torch.matmul)(weights.to(v.dtype), v_)
-    out = out.view(*q.shape[:-1], v.shape[-1])  # (B, H, T, D)
-    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 @register("chunked", supports_weights=False)

@@ -13,7 +13,6 @@ from tformer.attention.backends import get_backend
 from tformer.attention.local import DEFAULT_WINDOW, band_mask
 from tformer.attention.masks import check_mask, combine
 from tformer.attention.scores import AttentionScore, check_score
-from tformer.linear import Linear, linear
 
 
 class KV(NamedTuple):
@@ -129,14 +128,21 @@ class AttentionOutput(NamedTuple):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention. The q, k, v projections are one (3C, C) matrix `in_proj` (rows: q, then k,
-    then v), so self-attention does one matrix product for all three, as torch.nn.MultiheadAttention does.
+    """Multi-head attention; every projection is an `nn.Linear` module call.
 
-    `forward(x, memory=None)` attends from x (B, T, C) to `memory` (B, S, C), or to x itself when memory is
-    None. Cached decoding passes `past`, either a `KVCache` (preallocated; this step's keys/values are
-    written into it in place, and it is returned as `kv`) or the `KV` of earlier positions (returned
-    extended by concatenation), or `static_kv` (cross-attention keys/values computed once per source by
-    `project_kv`). `score` picks the score function ("dot", "cosine", "l2"; attention/scores.py).
+    Self-attention (`cross=False`) attends from x (B, T, C) to x itself. Its q, k, v projections are one
+    (C + 2 C_kv, C) linear layer `in_proj` (rows: q, then k, then v), so it does one matrix product for all
+    three, as torch.nn.MultiheadAttention does (packed, it decoded 10-57% faster than three products:
+    benchmarks/projection_layout.py). Cross-attention (`cross=True`) attends from x to `memory` (B, S, C):
+    queries and keys/values come from different inputs, so its projections are `q_proj` (C, C) and
+    `kv_proj` (2 C_kv, C), the same rows as `in_proj` split where the inputs differ. A cross-attention
+    layer loads a state dict saved by tformer <= 0.2, whose cross-attention kept one `in_proj`
+    (`_load_from_state_dict`).
+
+    Cached decoding passes `past`, either a `KVCache` (preallocated; this step's keys/values are written
+    into it in place, and it is returned as `kv`) or the `KV` of earlier positions (returned extended by
+    concatenation), or `static_kv` (cross-attention keys/values computed once per source by `project_kv`).
+    `score` picks the score function ("dot", "cosine", "l2"; attention/scores.py).
     """
 
     def __init__(
@@ -151,9 +157,11 @@ class MultiHeadAttention(nn.Module):
         backend_options: dict[str, Any] | None = None,
         n_kv_heads: int | None = None,
         score: str = "dot",
+        cross: bool = False,
     ) -> None:
         super().__init__()
         check_score(score, backend)
+        self.cross = cross
         self.rotary = rotary  # rotary positions for self-attention (shared, holds no parameters)
         if d_model % n_heads:
             raise ValueError(f"d_model = {d_model} must be divisible by n_heads = {n_heads}")
@@ -170,8 +178,12 @@ class MultiHeadAttention(nn.Module):
         # only the options this backend takes (e.g. the window of "local")
         self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in self.backend.options}
         self.score = AttentionScore(score, n_heads, self.d_head)
-        self.in_proj = Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
-        self.out_proj = Linear(d_model, d_model, bias=bias)
+        packed = nn.Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
+        if cross:  # the same rows (and the same random draws) as the packed layer, in two layers
+            self.q_proj, self.kv_proj = _split_rows(packed, d_model)
+        else:
+            self.in_proj = packed
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         if self.backend.name == "linformer":  # its learned sequence projections E and F (rank, max_seq_len)
             opts = backend_options or {}
             rank, max_len = int(opts.get("rank", 64)), int(opts.get("max_seq_len", 512))
@@ -187,14 +199,36 @@ class MultiHeadAttention(nn.Module):
         b, t, c = x.shape
         return x.view(b, t, c // self.d_head, self.d_head).transpose(1, 2)  # (B, H or H_kv, T, D)
 
-    def _project(self, x: Tensor, part: slice) -> Tensor:
-        bias = None if self.in_proj.bias is None else self.in_proj.bias[part]
-        return linear(x, self.in_proj.weight[part], bias)
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.out_proj.weight.dtype
+
+    def in_projection(self) -> tuple[Tensor, Tensor | None]:
+        """The in-projection as torch.nn.MultiheadAttention lays it out: weight (C + 2 C_kv, C) and bias,
+        rows q, k, v (self-attention's own parameters; for cross-attention a concatenated copy)."""
+        if not self.cross:
+            return self.in_proj.weight, self.in_proj.bias
+        q, kv = self.q_proj, self.kv_proj
+        bias = None if q.bias is None or kv.bias is None else torch.cat([q.bias, kv.bias])
+        return torch.cat([q.weight, kv.weight]), bias
 
     def project_kv(self, memory: Tensor) -> KV:
         """(B, S, C) -> keys and values (B, H, S, D); computed once per source for cross-attention."""
-        k, v = self._project(memory, slice(self.d_model, None)).chunk(2, dim=-1)  # (B, S, H_kv * D) each
+        if not self.cross:
+            raise ValueError("project_kv is cross-attention's (a layer built with cross=True)")
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)  # (B, S, H_kv * D) each
         return KV(self.score.keys(self._split(k)), self._split(v))
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        if self.cross:  # a cross-attention saved by tformer <= 0.2: one in_proj, rows q, k, v
+            for name in ("weight", "bias"):
+                old = state_dict.pop(f"{prefix}in_proj.{name}", None)
+                if old is not None:
+                    state_dict[f"{prefix}q_proj.{name}"] = old[: self.d_model]
+                    state_dict[f"{prefix}kv_proj.{name}"] = old[self.d_model :]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -209,12 +243,17 @@ class MultiHeadAttention(nn.Module):
     ) -> AttentionOutput:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"attention input has shape {tuple(x.shape)}; expected (B, T, C={self.d_model})")
-        if x.dtype != self.in_proj.weight.dtype:
-            raise TypeError(
-                f"attention input has dtype {x.dtype} but the weights are {self.in_proj.weight.dtype}"
-            )
+        if x.dtype != self.weight_dtype:
+            raise TypeError(f"attention input has dtype {x.dtype} but the weights are {self.weight_dtype}")
         b, t, c = x.shape
-        if memory is None and static_kv is None:
+        if self.cross == (memory is None and static_kv is None):
+            raise ValueError(
+                "cross-attention (cross=True) needs `memory` or `static_kv`"
+                if self.cross
+                else "this is a self-attention layer: build MultiHeadAttention(..., cross=True) to attend to "
+                "a `memory`"
+            )
+        if not self.cross:
             # self-attention: one product for q, k and v
             q, k, v = self.in_proj(x).split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
             q, k, v = self._split(q), self._split(k), self._split(v)  # (B, H, T, D)
@@ -223,7 +262,7 @@ class MultiHeadAttention(nn.Module):
                 q, k = self.rotary(q, offset), self.rotary(k, offset)
             kv = KV(self.score.keys(k), v)
         else:
-            q = self._split(self._project(x, slice(0, c)))  # (B, H, T, D)
+            q = self._split(self.q_proj(x))  # (B, H, T, D)
             if static_kv is not None:
                 kv = static_kv
             else:
@@ -273,3 +312,53 @@ class MultiHeadAttention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, C)
         return AttentionOutput(self.out_proj(out), weights, cache)
+
+
+def legacy_cross_names(model: nn.Module) -> dict[str, tuple[str, str, int]]:
+    """For every cross-attention layer of `model`: the parameter names tformer <= 0.2 gave its packed
+    in-projection -> (the q_proj name, the kv_proj name, the number of q rows), to read states saved then
+    (weights: `MultiHeadAttention._load_from_state_dict`; optimiser moments: training/distributed.py)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention) and module.cross:
+            p = f"{prefix}." if prefix else ""
+            for name in ("weight", "bias"):
+                out[f"{p}in_proj.{name}"] = (f"{p}q_proj.{name}", f"{p}kv_proj.{name}", module.d_model)
+    return out
+
+
+def split_legacy_rows(values: dict[str, Any], names: dict[str, tuple[str, str, int]]) -> dict[str, Any]:
+    """`values` keyed by parameter name, with each legacy packed name of `names` replaced by its two parts
+    (tensors of one row per output split by rows; a value without rows, such as an optimiser's step count,
+    copied to both)."""
+
+    def part(value: Any, rows: slice) -> Any:
+        if isinstance(value, Tensor):  # a copy each, also of a 0-d step count (optimisers add to it in place)
+            return (value[rows] if value.dim() > 0 else value).clone()
+        if isinstance(value, dict):
+            return {k: part(v, rows) for k, v in value.items()}
+        return value
+
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in names:
+            q, kv, n = names[key]
+            out[q], out[kv] = part(value, slice(0, n)), part(value, slice(n, None))
+        else:
+            out[key] = value
+    return out
+
+
+def _split_rows(packed: nn.Linear, rows: int) -> tuple[nn.Linear, nn.Linear]:
+    """`packed`'s first `rows` output rows and the rest, as two linear layers (copies of its values)."""
+    first = torch.nn.utils.skip_init(nn.Linear, packed.in_features, rows, bias=packed.bias is not None)
+    rest = torch.nn.utils.skip_init(
+        nn.Linear, packed.in_features, packed.out_features - rows, bias=packed.bias is not None
+    )
+    with torch.no_grad():
+        first.weight.copy_(packed.weight[:rows])
+        rest.weight.copy_(packed.weight[rows:])
+        if packed.bias is not None:
+            first.bias.copy_(packed.bias[:rows])
+            rest.bias.copy_(packed.bias[rows:])
+    return first, rest

@@ -34,16 +34,16 @@ def matmul_ceiling(
     default kernel (`torch.matmul`: MKL for float32 on x86, oneDNN for bfloat16) and tformer's `linear`
     (oneDNN called directly for float32; F.linear, i.e. oneDNN again, for bfloat16): {"float32",
     "bfloat16"} are the ceilings, "<precision>_matmul" and "<precision>_onednn" the two figures."""
-    from tformer.linear import linear, linear_backend
+    from tformer.accel.linear import onednn_linear
 
     out = {}
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for name, dtype in ((p, dtypes[p]) for p in precisions):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         out[f"{name}_matmul"] = 2 * n**3 / median_seconds(partial(torch.matmul, a, b), repeats) / 1e9
-        with torch.no_grad(), linear_backend("onednn"):
+        with torch.no_grad():
             bt = b.t().contiguous()  # linear(a, w) = a @ w^T
-            out[f"{name}_onednn"] = 2 * n**3 / median_seconds(partial(linear, a, bt), repeats) / 1e9
+            out[f"{name}_onednn"] = 2 * n**3 / median_seconds(partial(onednn_linear, a, bt), repeats) / 1e9
         out[name] = max(out[f"{name}_matmul"], out[f"{name}_onednn"])
     return out
 

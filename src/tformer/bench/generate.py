@@ -1,8 +1,10 @@
 """`tformer bench generate`: greedy generation speed at GPT-2-small shape, batch 1 and 8.
 
-Rows: tformer's `generate` with the static KV cache and without a cache (re-reading the whole context each
-step), in float32 also with the cache but its linear layers on PyTorch's F.linear (MKL) instead of oneDNN,
-and with the cache and compiled matrix-vector kernels (`compile=True`; see tformer.linear), and Hugging Face `GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
+Rows: tformer's `generate` (its model with tformer.accel's kernels, as the command line loads it) with
+the static KV cache and without a cache (re-reading the whole context each step); with the cache but
+without tformer.accel's kernels ("stock": what TFORMER_ACCEL=off gives); with the cache and compiled
+matrix-vector kernels (`compile=True`; tformer.accel.linear); and Hugging Face
+`GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
 into tformer's LanguageModel: same architecture, GELU with tanh as GPT-2's "gelu_new"). Both generate
 exactly `new_tokens` tokens after the same prompt (no EOS), so their outputs must be the same tokens;
 the report says whether they are.
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tformer import accel
 from tformer.bench.common import (
     CopyProbe,
     GPTShape,
@@ -43,7 +46,6 @@ from tformer.bench.common import (
     write_outputs,
 )
 from tformer.inference.sampling import generate
-from tformer.linear import current_backend, linear_backend
 from tformer.models.lm import LanguageModel
 
 SHAPE = GPTShape(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block=1024, batch=1)
@@ -73,16 +75,17 @@ def _variants(lm: LanguageModel, hf: nn.Module | None) -> dict[str, Callable[[Te
         "tformer (KV cache)": lambda p, n: generate(lm, p, max_new_tokens=n, greedy=True),
         "tformer (no cache)": lambda p, n: generate(lm, p, max_new_tokens=n, greedy=True, use_cache=False),
     }
-    if next(lm.parameters()).dtype == torch.float32 and current_backend() == "onednn":
+    if accel.mode() != "off":
 
-        def aten(p: Tensor, n: int) -> Tensor:  # what oneDNN's matrix-vector products are worth
-            with linear_backend("aten"):
+        def stock(p: Tensor, n: int) -> Tensor:  # what tformer.accel's paths are worth
+            with accel.reverted(lm):
                 return generate(lm, p, max_new_tokens=n, greedy=True)
 
-        out["tformer (KV cache, aten linear)"] = aten
-        out["tformer (KV cache, compiled)"] = lambda p, n: generate(
-            lm, p, max_new_tokens=n, greedy=True, compile=True
-        )
+        out["tformer (KV cache, stock)"] = stock
+        if next(lm.parameters()).dtype != torch.bfloat16:  # the compiled kernels: float32 and int8 weights
+            out["tformer (KV cache, compiled)"] = lambda p, n: generate(
+                lm, p, max_new_tokens=n, greedy=True, compile=True
+            )
     if hf is not None:
         gen: Any = hf.generate
 
@@ -151,7 +154,7 @@ def run(
             lm = lm32 if dtype == torch.float32 else copy.deepcopy(lm32).to(dtype)
             hf = None if hf32 is None else hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
             wbytes = weight_bytes(lm)
-        variants = _variants(lm, hf)
+        variants = _variants(accel.apply(lm), hf)
         for b in batches:
             prompt = prompts[b]
             outputs = {name: fn(prompt, new_tokens) for name, fn in variants.items()}  # warm-up, tokens
@@ -233,7 +236,7 @@ def run(
         "weight_bytes_fp32": weight_bytes(lm32),
         "hf": with_hf,
         "int8": "tformer only (torchao dynamic int8 linear layers, the tied output projection with its "
-        "own int8 copy; 'compiled' reads each int8 weight once, tformer.linear); its tokens are compared "
+        "own int8 copy; 'compiled' reads each int8 weight once, tformer.accel.linear); its tokens are compared "
         "with HF's float32 ones",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

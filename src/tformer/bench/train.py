@@ -9,8 +9,9 @@ the same weights (a seeded Hugging Face GPT2LMHeadModel, copied into the others)
 Two phases per shape:
 1. Loss curves: each model, eagerly, for `loss_steps` steps in float32 and in bfloat16 autocast, from
    the same weights on the same batches; the largest gap to Hugging Face's loss shows the curves agree.
-2. Speed: per precision, the models (and tformer with torch.compile; in float32 also tformer with its
-   linear layers on PyTorch's F.linear instead of oneDNN, see tformer.linear) are timed interleaved (A B C A B C ...)
+2. Speed: per precision, the models (tformer with tformer.accel's kernels, as the command line trains
+   it; the same model without them, "tformer (stock)", what TFORMER_ACCEL=off gives; tformer with
+   torch.compile) are timed interleaved (A B C A B C ...)
    for `repeats` rounds of `steps` steps after a warm-up; medians. Model FLOPs utilisation divides the
    model's FLOPs per step (6 N + 12 L C T per token) by the step time and this machine's matmul ceiling
    of the same precision, measured at the start of the same run.
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer import accel
 from tformer.bench.common import (
     GPTShape,
     TorchEncoderLM,
@@ -44,7 +46,6 @@ from tformer.bench.common import (
     pyplot,
     write_outputs,
 )
-from tformer.linear import current_backend, linear_backend
 from tformer.models.lm import LanguageModel
 
 SHAPES = {
@@ -53,6 +54,7 @@ SHAPES = {
 }
 PRECISIONS = ("fp32", "bf16")
 SEED = 0
+STOCK = "tformer (stock)"  # the row of tformer's model without tformer.accel's kernels
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -70,10 +72,10 @@ class _Runner:
         model: nn.Module,
         logits: Callable[[Tensor], Tensor],
         batches: Tensor,
-        linear: str | None = None,
+        stock: bool = False,
     ):
         self.name, self.model, self.logits, self.batches = name, model, logits, batches
-        self.linear = linear  # tformer's linear backend for this runner (None: the default)
+        self.stock = stock  # tformer's model, run for this row without tformer.accel's paths
         model.train()
         # the same AdamW for every model (nanoGPT's learning rate for the baby shape), torch's fused kernel
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
@@ -84,8 +86,8 @@ class _Runner:
         batch = self.batches[self.position % len(self.batches)]
         self.position += 1
         x, y = batch[:, :-1], batch[:, 1:]
-        backend = contextlib.nullcontext() if self.linear is None else linear_backend(self.linear)
-        with backend, _autocast(precision):
+        paths = accel.reverted(self.model) if self.stock else contextlib.nullcontext()
+        with paths, _autocast(precision):
             logits = self.logits(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
@@ -123,6 +125,7 @@ def _models(shape: GPTShape, batches: Tensor, *, with_hf: bool) -> list[_Runner]
         gpt2_into_torch_encoder(hf, enc)
     else:
         _lm_into_torch_encoder(lm, enc)
+    accel.apply(lm)  # as the command line trains it (a no-op under TFORMER_ACCEL=off)
     runners = [_Runner("tformer", lm, _lm_logits(lm), batches)]
     if hf is not None:
         runners.append(_Runner("hf-gpt2", hf, _hf_logits(hf), batches))
@@ -192,9 +195,9 @@ def speed(
             c = _Runner("tformer+compile", lm, _lm_logits(compiled), batches)
             c.opt = runners[0].opt
             runners.insert(1, c)
-        if precision == "fp32" and current_backend() == "onednn":  # what oneDNN's products are worth
+        if accel.mode() != "off":  # what tformer.accel's paths are worth: the same model without them
             lm = runners[0].model
-            a = _Runner("tformer (aten linear)", lm, _lm_logits(lm), batches, linear="aten")
+            a = _Runner(STOCK, lm, _lm_logits(lm), batches, stock=True)
             a.opt = runners[0].opt
             runners.insert(1, a)
         for r in runners:  # warm-up (and compilation)

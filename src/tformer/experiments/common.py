@@ -122,7 +122,10 @@ def fit(
     """Adam with linear warm-up then cosine decay; `loss_fn(step)` builds a batch and returns its mean loss.
 
     Returns (step, training loss averaged since the last record, evaluate() or None) every `every` steps and
-    at the end."""
+    at the end. The model gets tformer.accel's kernels (in place), as the command line's training does."""
+    from tformer import accel
+
+    accel.apply(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
 
     def factor(step: int) -> float:

@@ -166,7 +166,9 @@ def _train(
     from tformer.pipeline import train as run_training
 
     config = RunConfig.from_dict({"task": task, "model": model, "train": train, "data": data})
-    return run_training(config, out, overwrite=True, progress=False).history  # reruns replace its own
+    return run_training(
+        config, out, overwrite=True, progress=False, accel=True
+    ).history  # reruns replace its own
 
 
 def run(out: Path, size: str) -> Result:

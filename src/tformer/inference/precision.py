@@ -11,7 +11,7 @@
   int8 -> int32. Embeddings, LayerNorms and the attention kernels stay float32. A tied output projection
   gets its own int8 copy; the embedding lookup keeps the float table. Decoding one sequence with
   `compile=True` (`tformer generate --compile`) computes the same function with compiled kernels that
-  read each int8 weight once (tformer.linear). torchao is an optional dependency
+  read each int8 weight once (tformer.accel.linear). torchao is an optional dependency
   (`pip install 'tformer[quant]'`), imported only when "int8" is asked for (docs/decisions.md).
 """
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tformer.accel import AccelLinear, compiled_decoding
 from tformer.inference.modes import evaluating
-from tformer.linear import compiled_gemv
 from tformer.models.lm import LanguageModel, LMCache
 
 
@@ -64,10 +64,16 @@ def generate(
 ) -> Tensor:
     """prompt (B, T0) ids -> (B, T0 + n) ids, n <= max_new_tokens. Stops early when every row has produced
     `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared). `compile`: one-row float32
-    CPU decoding steps use compiled matrix-vector kernels (tformer.linear.compiled_gemv; a few seconds of
-    compiling per process, then faster steps). The model runs in eval mode; one already in it is not
-    written to, so threads may share it (tformer.inference.modes)."""
-    with compiled_gemv(compile), evaluating(model):
+    and int8 CPU decoding steps use compiled matrix-vector kernels (tformer.accel.linear; a few seconds
+    of compiling per process, then faster steps), which needs a model given tformer's accelerated layers
+    (`tformer.accel.apply(model)`). The model runs in eval mode; one already in it is not written to, so
+    threads may share it (tformer.inference.modes)."""
+    if compile and not any(isinstance(m, AccelLinear) for m in model.modules()):
+        raise ValueError(
+            "compile=True compiles tformer.accel's decoding kernels, and this model has none: call "
+            "tformer.accel.apply(model) first (TFORMER_ACCEL=off in the environment turns them off)"
+        )
+    with compiled_decoding(compile), evaluating(model):
         return _generate(
             model, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, use_cache=use_cache, stop=stop,

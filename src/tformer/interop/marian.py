@@ -62,12 +62,16 @@ def seq2seq_config(cfg: HFConfig) -> ModelConfig:
     )
 
 
-def _attention(t: Tensors, name: str, d: int) -> dict[str, Tensor]:
-    qkv = [linear(t, f"{name}.{n}_proj", d, d) for n in ("q", "k", "v")]
-    return {
-        **prefixed("in_proj", fused_qkv(*qkv)),
-        **prefixed("out_proj", linear(t, f"{name}.out_proj", d, d)),
-    }
+def _attention(t: Tensors, name: str, d: int, *, cross: bool = False) -> dict[str, Tensor]:
+    """Marian's q/k/v/out projections -> tformer's: self-attention's one `in_proj` (rows q, k, v), or
+    cross-attention's `q_proj` and `kv_proj` (rows k, v)."""
+    q, k, v = (linear(t, f"{name}.{n}_proj", d, d) for n in ("q", "k", "v"))
+    projections = (
+        {**prefixed("q_proj", q), **prefixed("kv_proj", {key: torch.cat([k[key], v[key]]) for key in k})}
+        if cross
+        else prefixed("in_proj", fused_qkv(q, k, v))
+    )
+    return {**projections, **prefixed("out_proj", linear(t, f"{name}.out_proj", d, d))}
 
 
 def _norm(t: Tensors, name: str, d: int) -> dict[str, Tensor]:
@@ -100,7 +104,7 @@ def seq2seq_state(t: Tensors, c: ModelConfig) -> dict[str, Tensor]:
         h, o = f"model.decoder.layers.{i}", f"decoder_layers.{i}"
         state.update(prefixed(f"{o}.self_attn", _attention(t, f"{h}.self_attn", d)))
         state.update(prefixed(f"{o}.norm1", _norm(t, f"{h}.self_attn_layer_norm", d)))
-        state.update(prefixed(f"{o}.cross_attn", _attention(t, f"{h}.encoder_attn", d)))
+        state.update(prefixed(f"{o}.cross_attn", _attention(t, f"{h}.encoder_attn", d, cross=True)))
         state.update(prefixed(f"{o}.norm2", _norm(t, f"{h}.encoder_attn_layer_norm", d)))
         state.update(prefixed(f"{o}.ff.linear1", linear(t, f"{h}.fc1", f, d)))
         state.update(prefixed(f"{o}.ff.linear2", linear(t, f"{h}.fc2", d, f)))

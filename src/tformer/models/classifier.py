@@ -13,8 +13,7 @@ from torch import Tensor, nn
 
 from tformer.attention.masks import padding_mask
 from tformer.config import ClassifierConfig
-from tformer.layers import dropout_layer
-from tformer.linear import Linear
+from tformer.layers import dropout_layer, init_linears_
 from tformer.models.encoder import Encoder
 
 
@@ -41,11 +40,9 @@ class Classifier(nn.Module):
         self.config = c = config
         self.encoder = Encoder(c, c.vocab_size)
         self.dropout = dropout_layer(c.dropout)
-        self.head = Linear(c.d_model, c.n_classes)
+        self.head = nn.Linear(c.d_model, c.n_classes)
         for layer in self.encoder.layers:
-            for module in layer.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.xavier_uniform_(module.weight)
+            init_linears_(layer, nn.init.xavier_uniform_)
 
     def forward(
         self, ids: Tensor, *, need_weights: bool = False, token_types: Tensor | None = None

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ClassifierConfig
-from tformer.linear import Linear
 from tformer.models.classifier import ClassifierOutput
 from tformer.models.encoder import check_ids
 
@@ -29,7 +28,7 @@ class CNNClassifier(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         self.convs = nn.ModuleList(nn.Conv1d(c.d_model, c.cnn_filters, w) for w in c.cnn_widths)
         self.dropout = nn.Dropout(c.dropout)
-        self.head = Linear(c.cnn_filters * len(c.cnn_widths), c.n_classes)
+        self.head = nn.Linear(c.cnn_filters * len(c.cnn_widths), c.n_classes)
 
     def forward(self, ids: Tensor, *, need_weights: bool = False) -> ClassifierOutput:
         """ids (B, T), padded with pad_id -> class logits (B, n_classes). No attention weights to return."""

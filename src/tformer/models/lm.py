@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from tformer.attention.multihead import KVCache
 from tformer.config import LMConfig
-from tformer.linear import Linear
 from tformer.models.encoder import Encoder
 
 
@@ -72,7 +71,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = c = config
         self.decoder = Encoder(c, c.vocab_size)  # the stack, run causally
-        self.output = Linear(c.d_model, c.vocab_size, bias=False)
+        self.output = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_output:
             self.output.weight = self.decoder.embed.weight
         # GPT-2's initialisation: N(0, 0.02) for weights, with the projections that write into the

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from tformer.config import ClassifierConfig, LMConfig, ModelConfig
-from tformer.linear import Linear
 from tformer.models.classifier import ClassifierOutput
 from tformer.models.encoder import check_ids
 from tformer.models.lm import LMOutput, cache_capacity
@@ -60,9 +59,9 @@ class AdditiveAttention(nn.Module):
 
     def __init__(self, d_query: int, d_memory: int, d_attn: int) -> None:
         super().__init__()
-        self.query = Linear(d_query, d_attn, bias=False)
-        self.key = Linear(d_memory, d_attn)
-        self.v = Linear(d_attn, 1, bias=False)
+        self.query = nn.Linear(d_query, d_attn, bias=False)
+        self.key = nn.Linear(d_memory, d_attn)
+        self.v = nn.Linear(d_attn, 1, bias=False)
 
     def keys(self, memory: Tensor) -> Tensor:
         return self.key(memory)  # (B, S, A)
@@ -125,9 +124,9 @@ class RNNSeq2Seq(nn.Module):
         self.encoder = _rnn(kind, d, d // 2 if c.bidirectional else d, n, c.dropout, c.bidirectional)
         self.decoder = _rnn(kind, 2 * d, d, c.decoder_layers, c.dropout, False)
         self.attention = AdditiveAttention(d, d, d)
-        self.init_state = Linear(d, d)  # first decoder state from the mean encoder state
-        self.pre_output = Linear(3 * d, d)
-        self.output = Linear(d, c.tgt_vocab_size, bias=False)
+        self.init_state = nn.Linear(d, d)  # first decoder state from the mean encoder state
+        self.pre_output = nn.Linear(3 * d, d)
+        self.output = nn.Linear(d, c.tgt_vocab_size, bias=False)
         if c.tie_output:
             self.output.weight = self.tgt_embed.weight
         self.dropout = nn.Dropout(c.dropout)
@@ -272,7 +271,7 @@ class RNNLanguageModel(nn.Module):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)  # as Zaremba et al. (2014) initialise LSTM LMs
         self.rnn = _rnn(c.architecture, c.d_model, c.d_model, c.n_layers, c.dropout, False)
         self.dropout = nn.Dropout(c.dropout)
-        self.output = Linear(c.d_model, c.vocab_size, bias=False)
+        self.output = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_output:
             self.output.weight = self.embed.weight
 
@@ -330,7 +329,7 @@ class RNNClassifier(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         self.rnn = _rnn(c.architecture, c.d_model, c.d_model // 2, c.n_layers, c.dropout, True)
         self.dropout = nn.Dropout(c.dropout)
-        self.head = Linear(c.d_model, c.n_classes)
+        self.head = nn.Linear(c.d_model, c.n_classes)
 
     def forward(self, ids: Tensor, *, need_weights: bool = False) -> ClassifierOutput:
         """ids (B, T), padded with pad_id -> class logits (B, n_classes)."""

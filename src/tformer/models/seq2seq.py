@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from tformer.attention.masks import check_mask, padding_mask
 from tformer.attention.multihead import KV, KVCache
 from tformer.config import ModelConfig
-from tformer.layers import DecoderLayer, Embedding, dropout_layer, layer_norm
-from tformer.linear import Linear
+from tformer.layers import DecoderLayer, Embedding, dropout_layer, init_linears_, layer_norm
 from tformer.models.encoder import Encoder, check_ids, layer_kwargs
 from tformer.positions import PositionalEncoding
 
@@ -81,15 +80,13 @@ class Seq2Seq(nn.Module):
         self.decoder_norm = (
             layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
         )
-        self.output = Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
+        self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
         if self.output.bias is not None:
             nn.init.zeros_(self.output.bias)
         if c.tie_output:
             self.output.weight = self.tgt_embed.weight
         for layer in [*self.encoder.layers, *self.decoder_layers]:
-            for module in layer.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.xavier_uniform_(module.weight)
+            init_linears_(layer, nn.init.xavier_uniform_)
 
     @property
     def src_embed(self) -> Embedding:

@@ -20,9 +20,10 @@ PREDICTORS: dict[str, Any] = {
 
 
 def load_predictor(
-    path: str | Path, *, device: str = "cpu", precision: str = "fp32"
+    path: str | Path, *, device: str = "cpu", precision: str = "fp32", accel: bool = False
 ) -> Translator | TextClassifier | TextGenerator:
-    """Any checkpoint -> its task's predictor, the model in `precision` ("fp32", "bf16", "int8")."""
+    """Any checkpoint -> its task's predictor, the model in `precision` ("fp32", "bf16", "int8"), with
+    tformer.accel's kernels when `accel`."""
     path = run_dir.resolve(path)  # a run's `checkpoint` link (or the run directory): its latest save
     task = read_config(path).get("task")
     if task == "encoder":  # written by `tformer import hf` from a BERT model: no head to predict with
@@ -34,7 +35,7 @@ def load_predictor(
         raise CheckpointError(
             f"{path}: unknown task {task!r} in config.json; expected one of {', '.join(PREDICTORS)}"
         )
-    return PREDICTORS[task].load(path, device=device, precision=precision)
+    return PREDICTORS[task].load(path, device=device, precision=precision, accel=accel)
 
 
 __all__ = [

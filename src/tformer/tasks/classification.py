@@ -19,11 +19,11 @@ from tformer.config import ClassifierConfig, TrainConfig
 from tformer.data.batching import bucket_batches, pad
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.modes import evaluating
-from tformer.inference.precision import apply_precision, check_precision
+from tformer.inference.precision import check_precision
 from tformer.metrics import accuracy, macro_f1
 from tformer.models import build_model
 from tformer.models.classifier import Classifier
-from tformer.tasks.common import log, model_device, progress, read_task_config
+from tformer.tasks.common import for_inference, log, model_device, progress, read_task_config
 from tformer.training import run_dir
 from tformer.training.checkpoint import CheckpointError, load_weights
 from tformer.training.trainer import LossValue
@@ -137,10 +137,15 @@ class TextClassifier:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32"
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        accel: bool = False,
     ) -> TextClassifier:
         """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
-        (inference/precision.py)."""
+        (inference/precision.py); `accel`: give it tformer.accel's machine-specific kernels."""
         check_precision(precision)
         path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
         raw, model_config = read_task_config(path, "classification")
@@ -152,7 +157,9 @@ class TextClassifier:
             raise CheckpointError(
                 f"{path / 'config.json'}: 'labels' must list the {model_config.n_classes} class names"
             )
-        return cls(apply_precision(model.to(device), precision), Tokenizer.load(path / TOKENIZER), labels)
+        return cls(
+            for_inference(model, device, precision, accel=accel), Tokenizer.load(path / TOKENIZER), labels
+        )
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         for n, text in enumerate(texts, 1):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from tformer.config import model_config_class
 from tformer.training.checkpoint import CheckpointError, read_config
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def progress(iterable: Any, total: int, desc: str) -> Any:
@@ -17,6 +19,15 @@ def progress(iterable: Any, total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+def for_inference(model: M, device: str | torch.device, precision: str, *, accel: bool) -> M:
+    """A loaded model on `device`, in `precision` and eval mode, with tformer.accel's kernels if asked."""
+    from tformer import accel as _accel
+    from tformer.inference.precision import apply_precision
+
+    model = apply_precision(model.to(device), precision)
+    return _accel.apply(model) if accel else model
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

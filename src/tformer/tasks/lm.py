@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from tformer.config import LMConfig, TrainConfig
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.modes import evaluating
-from tformer.inference.precision import apply_precision, check_precision
+from tformer.inference.precision import check_precision
 from tformer.inference.sampling import generate
 from tformer.metrics import perplexity
 from tformer.models import build_model
 from tformer.models.lm import LanguageModel
-from tformer.tasks.common import model_device, progress, read_task_config
+from tformer.tasks.common import for_inference, model_device, progress, read_task_config
 from tformer.training import run_dir
 from tformer.training.checkpoint import load_weights
 from tformer.training.trainer import LossValue
@@ -134,17 +134,22 @@ class TextGenerator:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32"
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        accel: bool = False,
     ) -> TextGenerator:
         """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
-        (inference/precision.py)."""
+        (inference/precision.py); `accel`: give it tformer.accel's machine-specific kernels."""
         check_precision(precision)
         path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
         _, model_config = read_task_config(path, "lm")
         # a baseline (models/rnn.py, models/cnn.py) has the same interface
         model = cast(LanguageModel, build_model(model_config))
         load_weights(path, model)
-        return cls(apply_precision(model.to(device), precision), Tokenizer.load(path / TOKENIZER))
+        return cls(for_inference(model, device, precision, accel=accel), Tokenizer.load(path / TOKENIZER))
 
     def generate(
         self,

@@ -15,11 +15,11 @@ from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pa
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.inference.modes import evaluating
-from tformer.inference.precision import apply_precision, check_precision
+from tformer.inference.precision import check_precision
 from tformer.metrics import bleu, exact_match, perplexity
 from tformer.models import build_model
 from tformer.models.seq2seq import Seq2Seq
-from tformer.tasks.common import model_device, progress, read_task_config
+from tformer.tasks.common import for_inference, model_device, progress, read_task_config
 from tformer.training import run_dir
 from tformer.training.checkpoint import load_weights
 from tformer.training.losses import sequence_cross_entropy
@@ -157,10 +157,15 @@ class Translator:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32"
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        accel: bool = False,
     ) -> Translator:
         """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
-        (inference/precision.py)."""
+        (inference/precision.py); `accel`: give it tformer.accel's machine-specific kernels."""
         check_precision(precision)
         path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
         _, model_config = read_task_config(path, "translation")
@@ -169,7 +174,7 @@ class Translator:
         load_weights(path, model)
         src_tok = Tokenizer.load(path / SRC_TOKENIZER)
         tgt_tok = Tokenizer.load(path / TGT_TOKENIZER)
-        return cls(apply_precision(model.to(device), precision), src_tok, tgt_tok)
+        return cls(for_inference(model, device, precision, accel=accel), src_tok, tgt_tok)
 
     def translate_ids(
         self,

@@ -208,10 +208,14 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load full weights (every rank passes the same) into a plain, DDP or FSDP model, strictly."""
+    """Load full weights (every rank passes the same) into a plain, DDP or FSDP model, strictly. Weights
+    saved by tformer <= 0.2 (a cross-attention's one in_proj) are split as the model now holds them."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
+    from tformer.attention.multihead import legacy_cross_names, split_legacy_rows
+
     inner = unwrap(model)
+    state = split_legacy_rows(state, legacy_cross_names(inner))
     first: dict[int, str] = {}
     for name, p in inner.named_parameters(remove_duplicate=False):  # a tied name stored once: fill it in
         if name not in state and id(p) in first and first[id(p)] in state:
@@ -240,6 +244,15 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
             )
         optimizer.load_state_dict(state)
         return
+    from tformer.attention.multihead import legacy_cross_names, split_legacy_rows
+
+    old = legacy_cross_names(unwrap(model))
+    if any(name in old for name in state.get("state", {})):  # saved by tformer <= 0.2 (one cross in_proj)
+        groups = [
+            {**g, "params": [n for p in g["params"] for n in (old[p][:2] if p in old else (p,))]}
+            for g in state.get("param_groups", [])
+        ]
+        state = {**state, "state": split_legacy_rows(state["state"], old), "param_groups": groups}
     set_optimizer_state_dict(unwrap(model), optimizer, state, options=_options())
 
 

@@ -1,5 +1,5 @@
-"""tformer.linear: the oneDNN path computes nn.Linear's function (values and gradients, against float64),
-is taken where it should be and nowhere else, and can be switched off."""
+"""tformer.accel.linear: the oneDNN path computes nn.Linear's function (values and gradients, against
+float64), is taken where it should be and nowhere else, and is gone once reverted."""
 
 from __future__ import annotations
 
@@ -8,8 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tformer.linear as tl
-from tformer.linear import Linear, current_backend, linear, linear_backend
+import tformer.accel.linear as tl
+from tformer import accel
+from tformer.accel.linear import AccelLinear
+from tformer.accel.linear import accel_linear as linear
+
+
+def Linear(n_in: int, n_out: int, bias: bool = True) -> nn.Linear:  # noqa: N802 - a layer, as nn.Linear
+    """nn.Linear(n_in, n_out) given tformer.accel's paths."""
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    layer.__class__ = AccelLinear
+    return layer
+
 
 pytestmark = pytest.mark.skipif(tl._op is None, reason="this PyTorch build has no oneDNN (mkldnn)")
 
@@ -104,7 +114,7 @@ def test_same_state_dict_as_nn_linear():
 
 @pytest.mark.parametrize(
     "case",
-    ["float64", "bfloat16", "autocast", "aten", "one-dim"],
+    ["float64", "bfloat16", "autocast", "stock", "one-dim"],
 )
 def test_falls_back_to_f_linear(case, calls):
     layer = Linear(8, 4)
@@ -121,11 +131,10 @@ def test_falls_back_to_f_linear(case, calls):
             assert y.dtype == torch.bfloat16  # autocast still decides the precision
             assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
         y = y.float()
-    elif case == "aten":
-        with linear_backend("aten"):
-            assert current_backend() == "aten"
-            y = layer(x)
-        assert current_backend() == "onednn"
+    elif case == "stock":
+        accel.revert(layer)
+        assert type(layer) is nn.Linear
+        y = layer(x)
     else:
         y = layer(x)
     if case != "autocast":
@@ -147,12 +156,7 @@ def test_quantised_weight_keeps_its_kernel(calls):
     assert calls == []
 
 
-def test_bad_backend_names():
-    with pytest.raises(ValueError, match="unknown linear backend 'mkl'"), linear_backend("mkl"):
-        pass
-
-
-def test_model_logits_equal_with_either_backend():
+def test_model_logits_equal_with_and_without_accel():
     """A whole model gives the same logits through oneDNN and through F.linear (summation order only)."""
     from tformer.config import LMConfig
     from tformer.models.lm import LanguageModel
@@ -163,9 +167,8 @@ def test_model_logits_equal_with_either_backend():
     ).eval()
     ids = torch.randint(50, (2, 16))
     with torch.no_grad():
-        fast = lm(ids).logits
-        with linear_backend("aten"):
-            slow = lm(ids).logits
+        slow = lm(ids).logits
+        fast = accel.apply(lm)(ids).logits
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
@@ -180,6 +183,7 @@ def test_compiled_gemv_generates_the_same_tokens(calls):
     lm = LanguageModel(
         LMConfig(vocab_size=61, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=32)
     ).eval()
+    accel.apply(lm)
     prompt = torch.randint(61, (1, 5))
     plain = generate(lm, prompt, max_new_tokens=8, greedy=True)
     n_plain = len(calls)
@@ -190,7 +194,7 @@ def test_compiled_gemv_generates_the_same_tokens(calls):
     assert n_plain == 8 + 1 + 7 * 9 and len(calls) - n_plain == 8
     x = torch.randn(1, 1, 32, dtype=torch.float64)
     layer = lm.decoder.layers[0].ff.linear1
-    with torch.no_grad(), tl.compiled_gemv():
+    with torch.no_grad(), tl.compiled_decoding():
         got = layer(x.float())
     want = F.linear(x, layer.weight.double(), layer.bias.double())
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
@@ -205,11 +209,15 @@ def test_compiled_gemv_falls_back_when_compiling_fails(monkeypatch, calls):
     monkeypatch.setattr(torch._inductor, "compile", broken)
     layer = Linear(16, 8)
     x = torch.randn(1, 16)
-    with torch.no_grad(), tl.compiled_gemv(), pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
+    with (
+        torch.no_grad(),
+        tl.compiled_decoding(),
+        pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"),
+    ):
         y = layer(x)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
     assert len(calls) == 1  # served by oneDNN
-    with torch.no_grad(), tl.compiled_gemv():
+    with torch.no_grad(), tl.compiled_decoding():
         layer(x)  # no second warning: the failure is remembered
     assert len(calls) == 2
 
@@ -222,7 +230,7 @@ def test_compiled_gemv_takes_strided_rows_and_leaves_other_weights_to_onednn(cal
     torch.manual_seed(0)
     w, b = torch.randn(24, 16), torch.randn(24)
     seq = torch.randn(1, 5, 32)[..., ::2]  # (1, 5, 16), last-dim stride 2
-    with torch.no_grad(), tl.compiled_gemv():
+    with torch.no_grad(), tl.compiled_decoding():
         got = linear(seq[:, -1:], w, b)  # a strided one-row view
         torch.testing.assert_close(got, F.linear(seq[:, -1:], w, b), rtol=1e-5, atol=1e-5)
         assert got.shape == (1, 1, 24) and calls == []  # the compiled kernel served it
@@ -256,7 +264,7 @@ def test_compiled_int8_gemv_leaves_what_it_does_not_compute_to_torchao():
     function, and the gradient kept), and neither turns the compiled path off."""
     ref, q = _torchao_int8("Int8WeightOnlyConfig", 40, 96, True)
     x = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(2))
-    with tl.compiled_gemv():
+    with tl.compiled_decoding():
         with torch.no_grad():
             first = linear(x, q.weight, q.bias)  # compiles the kernel for a float32 bias
             half = q.bias.detach().to(torch.bfloat16)
@@ -283,7 +291,7 @@ def test_compiled_gemv_compiles_from_several_threads():
     def run(i: int) -> None:
         w, b, x = cases[i]
         try:
-            with torch.no_grad(), tl.compiled_gemv():
+            with torch.no_grad(), tl.compiled_decoding():
                 results[i] = linear(x, w, b)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -333,7 +341,7 @@ def test_compiled_int8_gemv_is_torchaos_function(config_name, bias):
     x = 3 * torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = F.linear(x, q.weight, q.bias)  # torchao's kernel
-        with tl.compiled_gemv():
+        with tl.compiled_decoding():
             got = linear(x, q.weight, q.bias)
         assert _built(("_int8_gemv_eager", 40, 96, bias))  # the compiled kernel served it
         exact = config_name == "Int8DynamicActivationInt8WeightConfig"
@@ -355,7 +363,7 @@ def test_int8_model_generates_the_same_tokens_compiled():
     lm = LanguageModel(
         LMConfig(vocab_size=61, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=32)
     ).eval()
-    q = apply_precision(copy.deepcopy(lm), "int8")
+    q = accel.apply(apply_precision(copy.deepcopy(lm), "int8"))
     prompt = torch.randint(61, (1, 5))
     logits: list[torch.Tensor] = []
     hook = q.output.register_forward_hook(lambda m, i, o: logits.append(o.detach().clone()))
@@ -370,16 +378,16 @@ def test_int8_model_generates_the_same_tokens_compiled():
     )  # the head
 
 
-@pytest.mark.parametrize("setting", ["default", "compiled_gemv", "aten"])
+@pytest.mark.parametrize("setting", ["default", "compiled_decoding"])
 def test_torch_compile_traces_linear_in_one_graph_whatever_the_settings(setting, calls):
-    """The backend and compiled-GEMV settings are context variables, which dynamo cannot read: under
-    torch.compile `linear` is F.linear before it looks at them (no graph break; fullgraph would fail)."""
+    """The compiled-decoding setting is a context variable, which dynamo cannot read: under torch.compile
+    an AccelLinear is F.linear before it looks at it (no graph break; fullgraph would fail)."""
     from contextlib import nullcontext
 
     torch._dynamo.reset()
     layer = Linear(16, 8)
     compiled = torch.compile(layer, fullgraph=True, backend="eager")  # dynamo only: no inductor compile
-    context = {"default": nullcontext(), "compiled_gemv": tl.compiled_gemv(), "aten": linear_backend("aten")}
+    context = {"default": nullcontext(), "compiled_decoding": tl.compiled_decoding()}
     x = torch.randn(1, 16)
     with torch.no_grad(), context[setting]:
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))

@@ -1,50 +1,41 @@
-"""Every linear layer of tformer: `nn.Linear`'s parameters and result, with float32 CPU products sent to oneDNN.
+"""The linear layer's machine-specific paths: float32 CPU products through oneDNN, and compiled
+matrix-vector kernels for decoding (float32 and torchao int8 weights). `accel.apply` gives a model's
+`nn.Linear` modules these paths by changing their class to `AccelLinear` (same parameters, state-dict keys
+and initialisation); the model code itself only knows `nn.Linear`.
 
-Why: PyTorch's CPU build sends float32 `F.linear` to MKL. On CPUs where MKL does not take its AVX-512 path
-(AMD EPYC, this project's machine) its products run at a fraction of the machine's speed, while oneDNN
-(also inside PyTorch, the library behind its bfloat16 and inductor CPU kernels) does not:
-`benchmarks/linear_kernels.py` measured 1.4-2.0x faster forward+backward at the models' shapes and
-2.1-2.6x at decoding's output projection (docs/decisions.md, decision 48). On CPUs where MKL is fast the two
-are about equal.
+Why oneDNN: PyTorch's CPU build sends float32 `F.linear` to MKL. On CPUs where MKL does not take its
+AVX-512 path (AMD EPYC) its products run at a fraction of the machine's speed, while oneDNN (also inside
+PyTorch, the library behind its bfloat16 and inductor CPU kernels) does not: `benchmarks/linear_kernels.py`
+measured 1.4-2.0x faster forward+backward at the models' shapes on an AMD EPYC (docs/decisions.md,
+decision 48). Where MKL is fast (an Intel Xeon with AVX-512) MKL can win instead: which path a layer takes
+is the caller's choice (`accel.apply`), by measurement where it is asked to measure.
 
 The oneDNN path is PyTorch's own `torch.ops.mkldnn._linear_pointwise` (what inductor emits for a frozen
 CPU linear), wrapped in an autograd Function whose backward is two more oneDNN products. It is taken only
 where it computes exactly `F.linear`'s function in the same precision: float32 tensors on the CPU, no
 autocast (which would have cast the product to bfloat16), plain tensors (a quantised or distributed weight
 subclass keeps its own kernel), and not while torch.compile, TorchScript or ONNX export is tracing (they
-see `F.linear`), and only for products of at least 2^19 multiply-adds: below that oneDNN's fixed cost
-per call (about 12 us) outweighs its speed. Everything else is `F.linear`. Results differ from MKL's
-only in summation order (about 1e-6 relative; the tests compare against PyTorch's layers at their usual
-tolerances).
-
-`TFORMER_LINEAR=aten` in the environment, or `linear_backend("aten")`, turns the oneDNN path off.
-
-`linear_backend` and `compiled_gemv` are context-local (`contextvars`): a block sets them for its own thread
-(or asyncio task) only, so two threads decoding at once, one compiled and one not, do not see each other's
-settings, and a new thread starts from the defaults (the environment's backend, compiled products off), not
-from the settings of the thread that started it.
+see `F.linear`). Results differ from MKL's only in summation order (about 1e-6 relative).
 
 Decoding one sequence multiplies every weight matrix by a single row: a matrix-vector product whose speed
-is how fast the weights stream from memory. Inside `compiled_gemv()` (what `generate(..., compile=True)`
-and `tformer generate --compile` turn on) such a product, in inference, float32 on the CPU, is one
-reduction kernel that inductor (torch.compile's compiler, called directly: decision 56) generates per
-weight shape, `(W * x).sum(-1) + b` fused,
-which reads the weights at 58-70 GB/s here against oneDNN's 41-51 and MKL's 18
-(`benchmarks/linear_kernels.py`). Each shape compiles once per process (GPT-2 small's five shapes: about
-3 s with inductor's disk cache warm, 9 s on a cold one, on 2 cores), so it is opt-in, for long
-generations. Where compiling fails (no C++ compiler) a warning says so once and oneDNN serves instead.
+is how fast the weights stream from memory. Inside `compiled_decoding()` (what `generate(...,
+compile=True)` and `tformer generate --compile` turn on, context-local: one thread's block does not reach
+another thread) such a product, in inference, float32 on the CPU, is one reduction kernel that inductor
+(torch.compile's compiler, called directly: decision 56) generates per weight shape, `(W * x).sum(-1) + b`
+fused. Each shape compiles once per process (GPT-2 small's five shapes: about 3 s with inductor's disk
+cache warm, 9 s on a cold one, on 2 cores), so it is opt-in. Where compiling fails (no C++ compiler) a
+warning says so once and the layer's other path serves instead.
 
 The same context compiles one-row products with torchao's int8 weights (`--precision int8`): one kernel
 reads each int8 weight once, 1 byte instead of float32's 4, where torchao 0.18's own CPU path transposes
-or dequantises the whole matrix on every call (so eager int8 decoding is slower than float32). It is
-torchao's function: the activation row is quantised by torchao's own `choose_qparams_affine` /
-`quantize_affine`, the integer dot products are exact in float32 up to K = 1024 and the rescale follows
-torchao's order, so the result is torchao's bit for bit (decision 53).
+or dequantises the whole matrix on every call. It is torchao's function: the activation row is quantised
+by torchao's own `choose_qparams_affine` / `quantize_affine`, the integer dot products are exact in float32
+up to K = 1024 and the rescale follows torchao's order, so the result is torchao's bit for bit
+(decision 53).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,42 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BACKENDS = ("onednn", "aten")
 _op: Any = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 )
 _PLAIN = (Tensor, nn.Parameter)
 
 
-def _initial_backend() -> str:
-    name = os.environ.get("TFORMER_LINEAR", "onednn")
-    if name not in BACKENDS:
-        raise ValueError(f"TFORMER_LINEAR={name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
-
-
-# Context-local (one value per thread or asyncio task): see the module's doc.
-_DEFAULT_BACKEND = _initial_backend()  # the environment's, read once at import (as before)
-_backend: ContextVar[str] = ContextVar("tformer_linear_backend", default=_DEFAULT_BACKEND)
-
-
-def current_backend() -> str:
-    """The backend in use in this thread: "onednn" when float32 CPU products go to oneDNN (and this PyTorch
-    build has it), else "aten"."""
-    return "onednn" if _backend.get() == "onednn" and _op is not None else "aten"
-
-
-@contextmanager
-def linear_backend(name: str) -> Iterator[None]:
-    """Within the block, and in this thread only, linear layers use `name` ("onednn" or "aten": PyTorch's
-    own F.linear)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown linear backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    token = _backend.set(name)
-    try:
-        yield
-    finally:
-        _backend.reset(token)
+def onednn_available() -> bool:
+    """This PyTorch build has oneDNN's linear kernel."""
+    return _op is not None
 
 
 # Products smaller than this (rows x N x K) stay on F.linear: a oneDNN call costs about 12 us more than
@@ -98,7 +62,7 @@ def linear_backend(name: str) -> Iterator[None]:
 # 26.4; 1 x 384 x 1536: 32.6 vs 27.0; 768 x 128 x 65: 74.8 vs 44.3); decision 55.
 ONEDNN_MIN_MNK = 1 << 19
 
-_gemv_on: ContextVar[bool] = ContextVar("tformer_compiled_gemv", default=False)  # context-local
+_gemv_on: ContextVar[bool] = ContextVar("tformer_compiled_decoding", default=False)  # context-local
 # Process-wide: the compiled kernels (shared by every thread), and why compiling failed, once it has.
 _gemv_broken: str | None = None
 _gemv_fns: dict[tuple[Any, ...], Any] = {}
@@ -107,9 +71,10 @@ _ao: Any = None  # torchao.quantization.quant_primitives, once a torchao int8 we
 
 
 @contextmanager
-def compiled_gemv(enabled: bool = True) -> Iterator[None]:
-    """Within the block, and in this thread only, single-row float32 CPU products in inference use a
-    compiled reduction kernel (`enabled=False`: they do not, whatever an enclosing block said)."""
+def compiled_decoding(enabled: bool = True) -> Iterator[None]:
+    """Within the block, and in this thread (or asyncio task) only, an `AccelLinear`'s single-row float32
+    or int8 CPU products in inference use a compiled reduction kernel (`enabled=False`: they do not,
+    whatever an enclosing block said)."""
     token = _gemv_on.set(enabled)
     try:
         yield
@@ -225,9 +190,7 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
         return None
     n, k = weight.shape[0], x.shape[-1]
     if not (
-        _backend.get() == "onednn"
-        and _op is not None
-        and weight.shape[1] == k  # else F.linear's own shape error
+        weight.shape[1] == k  # else F.linear's own shape error
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
         and weight.is_contiguous()
@@ -368,8 +331,7 @@ def _float32_cpu_eager(x: Tensor) -> bool:
 
 def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
-        _backend.get() == "onednn"
-        and _op is not None
+        _op is not None
         and _float32_cpu_eager(x)
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
@@ -390,8 +352,32 @@ def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     )
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), through oneDNN where that is the same function (see the module's doc)."""
+def _one_row_inference(x: Tensor) -> bool:
+    return (  # _float32_cpu_eager's conditions, inlined: this runs for every product while decoding
+        x.dim() >= 2  # (B, T, C) or (B, C), as before; a 1-D row (e.g. under vmap) stays on the eager path
+        and x.numel() == x.shape[-1] > 0
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(x) in _PLAIN
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) with oneDNN's kernels (forward and backward) where that is the same
+    function (see the module's doc), else F.linear."""
+    if not _eligible(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if (torch.is_grad_enabled() and x.requires_grad) or _grad_wanted(weight, bias):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
+
+
+def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) by `AccelLinear`'s paths: inside `compiled_decoding()` one-row products in
+    inference through the compiled kernels, float32 products of at least `ONEDNN_MIN_MNK` multiply-adds
+    through oneDNN (forward and backward), everything else F.linear."""
     if torch.compiler.is_compiling():  # torch.compile and torch.export see F.linear (inductor cannot lower
         return F.linear(x, weight, bias)  # the oneDNN op on plain weights; dynamo cannot read a ContextVar)
     if _gemv_on.get() and _one_row_inference(x):  # decoding: checked first, it runs 49 times per GPT-2 token
@@ -405,23 +391,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return _onednn(x, weight, bias)
 
 
-def _one_row_inference(x: Tensor) -> bool:
-    return (  # _float32_cpu_eager's conditions, inlined: this runs for every product while decoding
-        x.dim() >= 2  # (B, T, C) or (B, C), as before; a 1-D row (e.g. under vmap) stays on the eager path
-        and x.numel() == x.shape[-1] > 0
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and type(x) in _PLAIN
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and not torch.is_autocast_enabled("cpu")
-    )
+class AccelLinear(nn.Linear):
+    """nn.Linear (same parameters, state-dict keys and initialisation) computed by `accel_linear`.
 
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, state-dict keys and initialisation) computed by `linear`."""
+    `accel.apply` turns an `nn.Linear` into one by changing its class (the parameters, and so an optimiser
+    built on them, stay the same objects) and `accel.revert` turns it back."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return accel_linear(x, self.weight, self.bias)
 
 
-__all__ = ["BACKENDS", "Linear", "compiled_gemv", "current_backend", "linear", "linear_backend"]
+__all__ = [
+    "ONEDNN_MIN_MNK",
+    "AccelLinear",
+    "accel_linear",
+    "compiled_decoding",
+    "onednn_available",
+    "onednn_linear",
+]

@@ -1,0 +1,86 @@
+"""A faster CPU kernel for short low-precision attention, registered as the attention backend
+"sdpa_lowp_cpu" that `accel.apply` puts in the place of "sdpa".
+
+Why: on the CPU, torch's fused `scaled_dot_product_attention` in bfloat16 / float16 was 1.4-1.9x slower
+than three plain products with a float32 softmax at up to `SHORT_LOWP_KEYS` keys, at the same accuracy
+(docs/decisions.md, decision 52). Everything else (float32, CUDA, longer sequences) is "sdpa" itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tformer.attention.backends import full_mask, register, sdpa_attention
+
+NAME = "sdpa_lowp_cpu"
+_LOWP = (torch.bfloat16, torch.float16)
+# Up to this many keys, bfloat16 attention on the CPU goes through `_short_lowp_cpu`: forward+backward of
+# a causal (2, 12, T, 64) problem took 1.1 / 6.8 / 22.8 ms there against the fused kernel's 2.1 / 9.6 /
+# 30.9 ms at T = 64 / 256 / 512, and lost from 1024 keys on (86 vs 69 ms) as the (T, S) scores outgrow
+# the caches (docs/decisions.md, decision 52).
+SHORT_LOWP_KEYS = 512
+
+
+def _short_lowp_cpu(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float, scale: float | None
+) -> Tensor:
+    """Low-precision attention on the CPU for short sequences, computed as the fused kernel computes it:
+    scores q k^T and their softmax in float32 (from the low-precision q and k, so the scores are not
+    rounded), the weights rounded to q's dtype for the product with v. Its error against float64 equals
+    the fused kernel's (tests/test_attention.py); fully masked rows give zeros."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    t, s = q.shape[-2], k.shape[-2]
+    bias, empty = None, None  # an additive float32 mask of the mask's own (small, broadcast) shape
+    if mask is None and causal and t > 1:  # the queries are the last t positions: every row has a key
+        bias = torch.full((t, s), float("-inf"), device=q.device).triu_(s - t + 1)
+    elif (allowed := full_mask(mask, causal, t, s, q.device)) is not None:
+        # a row with no key to attend to attends everywhere (finite) and is zeroed at the end: no host sync
+        empty = ~allowed.any(dim=-1, keepdim=True)
+        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~(allowed | empty), float("-inf"))
+    # (B, H, ...) with a (T, S) bias or none: batched products over B*H, scale and bias in one pass
+    flat = q.dim() == 4 and q.shape[:2] == k.shape[:2] == v.shape[:2] and (bias is None or bias.dim() == 2)
+    with torch.autocast("cpu", enabled=False):
+        if flat:
+            q_, k_, v_ = q.flatten(0, 1).float(), k.flatten(0, 1).float().transpose(1, 2), v.flatten(0, 1)
+            if bias is None:
+                scores = torch.bmm(q_, k_).mul_(scale)
+            else:
+                scores = torch.baddbmm(bias.expand(q_.shape[0], t, s), q_, k_, alpha=scale)
+        else:
+            q_, k_, v_ = q.float(), k.float().transpose(-2, -1), v
+            scores = torch.matmul(q_, k_).mul_(scale)
+            scores = scores if bias is None else scores.add_(bias)
+        weights = torch.softmax(scores, dim=-1)  # (B[*H], [H,] T, S) float32
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        out = (torch.bmm if flat else torch.matmul)(weights.to(v.dtype), v_)
+    out = out.view(*q.shape[:-1], v.shape[-1])  # (B, H, T, D)
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+@register(NAME, supports_weights=False)
+def sdpa_lowp_cpu(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """ "sdpa", with bfloat16 / float16 CPU calls of up to `SHORT_LOWP_KEYS` keys through
+    `_short_lowp_cpu`."""
+    if not need_weights and q.device.type == "cpu" and q.dtype in _LOWP and k.shape[-2] <= SHORT_LOWP_KEYS:
+        return _short_lowp_cpu(q, k, v, mask, causal, dropout_p, scale), None
+    return sdpa_attention(
+        q, k, v, mask, causal=causal, dropout_p=dropout_p, need_weights=need_weights, scale=scale
+    )
+
+
+__all__ = ["NAME", "SHORT_LOWP_KEYS", "sdpa_lowp_cpu"]
