@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +22,32 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("TFORMER_FUZZ", "fast"))
+
+# tformer.accel's tuner caches its measurements per machine in the user's cache directory: the tests (and
+# the processes they start) measure into a directory of their own, empty at the start as in CI.
+os.environ["TFORMER_CACHE_DIR"] = tempfile.mkdtemp(prefix="tformer-test-cache-")
+
+
+def _precision_auto_is_fp32() -> None:
+    """The cache says bfloat16 is no faster than float32 here, so `precision = "auto"` (TrainConfig's
+    default) trains in float32 on every machine the tests run on; tests of "auto" itself use their own
+    cache. (A fake clock: both products "take" the same time.)"""
+    import torch
+
+    from tformer.accel.precision import RATIO_KEY
+    from tformer.accel.tune import Tuner
+
+    ticks = iter(range(10**6))
+    threads = torch.get_num_threads()
+    try:  # the fingerprint counts torch's threads: every count a test process may set
+        for n in sorted({1, 2, threads, os.cpu_count() or 1}):
+            torch.set_num_threads(n)
+            Tuner(timer=lambda: float(next(ticks))).ratio(RATIO_KEY, fast=lambda: None, base=lambda: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_precision_auto_is_fp32()
 
 
 @pytest.fixture(autouse=True)

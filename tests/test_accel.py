@@ -217,3 +217,165 @@ def test_bf16_model_attention_goes_through_the_accel_kernel(monkeypatch):
         fast = accel.apply(lm)(ids).logits
     assert len(calls) == 2  # one per layer
     torch.testing.assert_close(fast.float(), stock.float(), rtol=0.05, atol=0.05)
+
+
+# --- paths chosen by measurement --------------------------------------------------------------------------
+class _FakeTuner:
+    """Picks a scripted winner per shape class, and counts what it was asked."""
+
+    def __init__(self, winner: str) -> None:
+        self.winner, self.asked = winner, []
+
+    def choose(self, key, candidates, *, stock):
+        assert stock == "stock" and set(candidates) == {"stock", "onednn"}
+        for run in candidates.values():  # each candidate computes the product (and leaves no trace)
+            run()
+        self.asked.append(key)
+        return self.winner
+
+
+@pytest.mark.parametrize("winner", ["stock", "onednn"])
+def test_each_shape_class_is_measured_once_and_used(winner, monkeypatch):
+    from tformer.accel import linear as accel_linear
+
+    fake = _FakeTuner(winner)
+    monkeypatch.setattr(accel, "_tuner", fake)
+    monkeypatch.setattr(accel_linear, "ONEDNN_MIN_MNK", 0)
+    calls = []
+    real = accel_linear._op
+    monkeypatch.setattr(accel_linear, "_op", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = accel.apply(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)))
+    x = torch.randn(5, 8, requires_grad=True)
+    ref = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    ref.load_state_dict(model.state_dict())
+    for _ in range(3):
+        model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    grads = [p.grad.clone() / 3 for p in model.parameters()]  # three identical steps accumulated
+    ref(x).sum().backward()
+    for a, b in zip(grads, [p.grad for p in ref.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the timing left the gradients alone
+    assert [k[2:] for k in fake.asked] == [("train", "2-16", "16x8"), ("train", "2-16", "8x16")]
+    with torch.no_grad():
+        model(torch.randn(1, 8))
+    assert [k[2:] for k in fake.asked[2:]] == [("infer", "1", "16x8"), ("infer", "1", "8x16")]
+    assert accel.recorded(model) == {
+        f"linear/float32/{mode}/{bucket}/{shape}": winner
+        for mode, bucket in (("train", "2-16"), ("infer", "1"))
+        for shape in ("16x8", "8x16")
+    }
+    n_onednn = len(calls)
+    model(x).sum().backward()  # no new timing; the chosen path
+    assert len(fake.asked) == 4
+    assert (len(calls) > n_onednn) == (winner == "onednn")
+
+
+def test_recorded_choices_are_taken_over_the_machines(monkeypatch):
+    """A resumed run gives its recorded choices back: they are used, not re-measured."""
+    fake = _FakeTuner("onednn")
+    monkeypatch.setattr(accel, "_tuner", fake)
+    model = accel.apply(nn.Sequential(nn.Linear(8, 16)))
+    accel.apply(model, choices={"linear/float32/infer/>16/16x8": "stock"})
+    with torch.no_grad():
+        model(torch.randn(20, 8))
+    assert fake.asked == [] and accel.recorded(model) == {"linear/float32/infer/>16/16x8": "stock"}
+    with pytest.raises(ValueError, match="unknown paths"):
+        accel.apply(model, choices={"linear/float32/infer/1/16x8": "mkl"})
+
+
+def test_the_real_tuner_caches_its_choice_for_the_next_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFORMER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(accel, "_tuner", None)
+    model = accel.apply(nn.Sequential(nn.Linear(64, 64)))
+    with torch.no_grad():
+        model(torch.randn(32, 64))
+    (entry,) = accel.recorded(model).items()
+    cache = list(tmp_path.glob("accel-*.json"))
+    assert len(cache) == 1 and accel.tuner().lookup(tuple(entry[0].split("/"))) == entry[1]
+    monkeypatch.setattr(accel, "_tuner", None)  # a new process: the cached choice, no timing
+    again = accel.apply(nn.Sequential(nn.Linear(64, 64)))
+    with torch.no_grad():
+        again(torch.randn(32, 64))
+    assert accel.recorded(again) == dict([entry]) and accel.tuner().spent_s == 0
+
+
+# --- precision = "auto" -------------------------------------------------------------------------------------
+class _Ratio:
+    def __init__(self, ratio: float) -> None:
+        self.value, self.keys = ratio, []
+
+    def ratio(self, key, fast, base):
+        fast(), base()  # both products run
+        self.keys.append(key)
+        return self.value
+
+
+@pytest.mark.parametrize(("ratio", "want"), [(3.0, "bf16"), (2.0, "bf16"), (1.9, "fp32"), (0.2, "fp32")])
+def test_auto_precision_follows_the_measured_bf16_speedup(ratio, want):
+    from tformer.accel.precision import RATIO_KEY, resolve
+
+    fake = _Ratio(ratio)
+    got, why = resolve("auto", "cpu", fake)
+    assert got == want and fake.keys == [RATIO_KEY] and f"{ratio:.1f}x" in why
+    assert resolve("fp16", "cpu", fake)[0] == "fp16" and len(fake.keys) == 1  # not auto: as given
+
+
+def test_auto_precision_is_fp32_with_accel_off(monkeypatch):
+    from tformer.accel.precision import resolve
+
+    monkeypatch.setenv("TFORMER_ACCEL", "off")
+    fake = _Ratio(9.0)
+    assert resolve("auto", "cpu", fake) == ("fp32", "TFORMER_ACCEL=off") and fake.keys == []
+
+
+def _train_lm(tmp_path, **kw):
+    from tformer.config import RunConfig
+    from tformer.pipeline import train
+
+    (tmp_path / "t.txt").write_text("the cat sat on the mat.\n" * 40)
+    config = RunConfig.from_dict(
+        {
+            "task": "lm",
+            "model": {"d_model": 16, "n_heads": 2, "d_ff": 32, "n_layers": 1, "max_seq_len": 16},
+            "data": {"train": [str(tmp_path / "t.txt")], "tokenizer": "char", "valid_fraction": 0.2},
+            "train": {"max_steps": kw.pop("steps"), "epochs": 100, "batch_size": 4, "save_every_steps": 2},
+        }
+    )
+    return train(config, tmp_path / "run", progress=False, accel=True, **kw)
+
+
+def test_a_resumed_run_keeps_what_auto_precision_resolved_to(tmp_path, monkeypatch):
+    import tformer.training.trainer as trainer_module
+    from tformer.training.checkpoint import load_trainer_state, read_config
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda p, d: ("bf16", "test"))
+    first = _train_lm(tmp_path, steps=2)
+    saved = first.checkpoint.resolve()
+    assert read_config(saved)["train"]["precision"] == "bf16" == load_trainer_state(saved)["precision"]
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda p, d: ("fp32", "test"))
+    second = _train_lm(tmp_path, steps=4, resume=True)
+    assert read_config(second.checkpoint.resolve())["train"]["precision"] == "bf16"
+
+
+def test_a_resumed_run_takes_the_kernels_it_chose(tmp_path, monkeypatch):
+    """The checkpoint records which kernel each shape class took; a resumed run takes them back although
+    this machine would now choose otherwise."""
+    import tformer.training.trainer as trainer_module
+    from tformer.training.checkpoint import load_trainer_state
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda p, d: ("fp32", "test"))
+    monkeypatch.setattr(accel, "_tuner", _FakeTuner("stock"))
+    first = _train_lm(tmp_path, steps=2)
+    state = load_trainer_state(first.checkpoint.resolve())
+    assert (
+        state["accel"] == accel.recorded(first.model) and "linear/float32/train/>16/32x16" in state["accel"]
+    )
+    assert set(state["accel"].values()) == {"stock"}
+    now = _FakeTuner("onednn")
+    monkeypatch.setattr(accel, "_tuner", now)
+    second = _train_lm(tmp_path, steps=4, resume=True)
+    assert second.model is not first.model
+    after = accel.recorded(second.model)
+    assert {k: after[k] for k in state["accel"]} == state["accel"]  # the recorded ones, unchanged
+    assert not {"/".join(map(str, key)) for key in now.asked} & set(state["accel"])  # and not re-measured

@@ -166,7 +166,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.what != "attention":  # train / generate: their options and output live in tformer.bench.<what>
+    if args.what != "attention":  # train / generate / tune: options and output in tformer.bench.<what>
         import importlib
 
         return int(importlib.import_module(f"tformer.bench.{args.what}").cli(args))
@@ -201,9 +201,10 @@ def _viz(args: argparse.Namespace) -> int:
 def _precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "int8"],
+        choices=["fp32", "bf16", "int8", "auto"],
         default="fp32",
-        help="inference precision: bf16 weights, or int8 linear layers (needs torchao: tformer[quant])",
+        help="inference precision: bf16 weights, int8 linear layers (needs torchao: tformer[quant]), or "
+        "auto: bf16 where this machine computes it >= 2x faster than fp32",
     )
 
 
@@ -340,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser(
         "bench",
         help="benchmarks: `bench attention` times every attention backend, `bench train` / `bench generate` "
-        "the language model against Hugging Face GPT-2",
+        "the language model against Hugging Face GPT-2, `bench tune` measures tformer.accel's kernel choices",
     )
-    be.add_argument("what", choices=["attention", "train", "generate"])
+    be.add_argument("what", choices=["attention", "train", "generate", "tune"])
     be.add_argument("--lengths", default="256,512,1024,2048,4096,8192,16384")
     be.add_argument("--backends", default=None, help="comma-separated (default: all)")
     be.add_argument("--repeats", type=int, default=3)

@@ -393,9 +393,9 @@ class TrainConfig(_Config):
     eval_beam_size: int = 1  # translation: decoding used for the BLEU printed at each evaluation
     eval_max_sentences: int | None = 500  # translation: decode at most this many validation sentences
     log_every: int = 50
-    precision: str = (
-        "fp32"  # "bf16": bfloat16 autocast (CPU, GPU); "fp16": float16 autocast + grad scaler (GPU)
-    )
+    # "auto": bf16 where this machine's bfloat16 products are >= 2x float32's, else fp32 (accel/precision.py);
+    # "bf16": bfloat16 autocast (CPU, GPU); "fp16": float16 autocast + grad scaler (GPU); "fp32"
+    precision: str = "auto"
     compile: bool = False  # torch.compile the model (slow to start, faster steps)
     accumulate: int = 1  # batches per rank summed into one optimiser step (gradient accumulation)
     parallel: str = "ddp"  # with several processes (torchrun): "ddp" replicas or "fsdp" sharded (FSDP2)
@@ -438,7 +438,7 @@ class TrainConfig(_Config):
         if self.warmup_steps < 0:
             raise ConfigError(f"{name}.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check_choice(name, "schedule", self.schedule, SCHEDULES)
-        _check_choice(name, "precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice(name, "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice(name, "parallel", self.parallel, ("ddp", "fsdp"))
         _check_choice(name, "device", self.device, ("auto", "cpu", "cuda"))
         if self.init_from is not None and not self.init_from.strip():

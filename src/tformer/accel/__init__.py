@@ -16,6 +16,14 @@ a faster kernel for short bfloat16 CPU attention, "sdpa" itself otherwise). `rev
 twice is applying once. Nothing else is touched: in particular not the C library's allocator, which the
 command line and benchmark entry points set themselves (tformer.allocator).
 
+Which path a linear layer takes is chosen by measurement, not by what one machine once measured: the
+first product of each shape class (float32, train or inference, rows 1 / 2-16 / >16, out x in) times
+stock `F.linear` against oneDNN on this machine, keeps oneDNN only where it beat stock by more than the
+timing's noise, and caches the choice per machine fingerprint in the user's cache directory
+(accel/plan.py, accel/tune.py; `tformer bench tune` measures ahead). `recorded(model)` gives the choices a
+model made, which a training run keeps in its checkpoint and takes back on resume. `precision = "auto"`
+is decided the same way (accel/precision.py).
+
 The command line and `tformer bench` apply it by default; a Python user opts in with the one call above
 (predictors: `load(..., accel=True)`). `TFORMER_ACCEL=off` in the environment makes `apply` a no-op (stock
 PyTorch everywhere, and the command line leaves malloc alone too), `TFORMER_ACCEL=auto` (the default)
@@ -25,9 +33,11 @@ applies it.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -35,7 +45,8 @@ from torch import nn
 
 from tformer.accel import attention as _attention
 from tformer.accel.linear import AccelLinear, compiled_decoding, onednn_available
-from tformer.accel.tune import MODES, mode
+from tformer.accel.plan import Plan
+from tformer.accel.tune import MODES, Tuner, mode
 from tformer.attention.backends import get_backend
 from tformer.attention.multihead import MultiHeadAttention
 
@@ -51,20 +62,62 @@ def _retired_variables() -> None:
         )
 
 
-def apply(model: M) -> M:
+_tuner: Tuner | None = None
+_tuner_lock = threading.Lock()
+
+
+def tuner() -> Tuner:
+    """This process's tuner (accel/tune.py), on the machine's cache file; it says on stderr, once, when
+    measuring takes more than a second."""
+    global _tuner
+    with _tuner_lock:
+        if _tuner is None:
+            _tuner = Tuner(report=lambda line: print(line, file=sys.stderr))
+        return _tuner
+
+
+def _plan_of(model: nn.Module) -> Plan | None:
+    return next((m.__dict__["_accel_plan"] for m in model.modules() if "_accel_plan" in m.__dict__), None)
+
+
+def apply(model: M, *, choices: dict[str, str] | None = None, measure: bool = True) -> M:
     """Give `model`'s linear layers and attention tformer's machine-specific paths, in place (see the
-    module's doc); a no-op under `TFORMER_ACCEL=off`. Returns the model."""
+    module's doc); a no-op under `TFORMER_ACCEL=off`. Returns the model.
+
+    Each linear layer's path is chosen per shape class by timing on first use (`measure`; False: the fixed
+    rule, no timing); `choices` (what `recorded` returned for a run) fix the classes they name. Applying
+    again keeps the model's plan, and takes `choices` into it."""
     if mode() == "off":
         return model
     _retired_variables()
+    plan = _plan_of(model)
+    if plan is None:
+        plan = Plan(tuner() if measure else None)
+    if choices:
+        plan.update(choices)
     for module in model.modules():
-        if (
-            type(module) is nn.Linear
-        ):  # exactly nn.Linear: a subclass (peft, torchao, torch's MHA) keeps its own
+        # exactly nn.Linear: a subclass (peft, torchao, torch's MultiheadAttention) keeps its own forward
+        if type(module) is nn.Linear:
             module.__class__ = AccelLinear
+        if type(module) is AccelLinear:
+            module.__dict__["_accel_plan"] = plan
         elif isinstance(module, MultiHeadAttention) and module.backend.name == "sdpa":
             module.backend = get_backend(_attention.NAME)
     return model
+
+
+def recorded(model: nn.Module) -> dict[str, str] | None:
+    """The paths `model`'s accelerated layers chose so far, by shape class (for a checkpoint), or None
+    where accel was not applied."""
+    plan = _plan_of(model)
+    return None if plan is None else dict(sorted(plan.choices.items()))
+
+
+def agree(model: nn.Module, decide: Callable[[str, str], str]) -> None:
+    """Training choices of `model` go through `decide(class, local winner)` (torchrun: rank 0's winner)."""
+    plan = _plan_of(model)
+    if plan is not None:
+        plan.agree = decide
 
 
 def revert(model: M) -> M:
@@ -72,6 +125,7 @@ def revert(model: M) -> M:
     for module in model.modules():
         if type(module) is AccelLinear:
             module.__class__ = nn.Linear  # type: ignore[assignment]
+            module.__dict__.pop("_accel_plan", None)
         elif isinstance(module, MultiHeadAttention) and module.backend.name == _attention.NAME:
             module.backend = get_backend("sdpa")
     return model
@@ -86,12 +140,15 @@ def reverted(model: nn.Module) -> Iterator[None]:
     attentions = [
         m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.backend.name == _attention.NAME
     ]
+    plan = _plan_of(model)
     revert(model)
     try:
         yield
     finally:
         for m in linears:
             m.__class__ = AccelLinear
+            if plan is not None:
+                m.__dict__["_accel_plan"] = plan
         for a in attentions:
             a.backend = get_backend(_attention.NAME)
 

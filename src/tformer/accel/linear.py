@@ -374,31 +374,39 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return _onednn(x, weight, bias)
 
 
-def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: Any = None) -> Tensor:
     """F.linear(x, weight, bias) by `AccelLinear`'s paths: inside `compiled_decoding()` one-row products in
-    inference through the compiled kernels, float32 products of at least `ONEDNN_MIN_MNK` multiply-adds
-    through oneDNN (forward and backward), everything else F.linear."""
+    inference through the compiled kernels; float32 products oneDNN can compute through oneDNN (forward
+    and backward) where `plan` (an accel.plan.Plan) chose it for their shape class, or without a plan
+    from `ONEDNN_MIN_MNK` multiply-adds on; everything else F.linear."""
     if torch.compiler.is_compiling():  # torch.compile and torch.export see F.linear (inductor cannot lower
         return F.linear(x, weight, bias)  # the oneDNN op on plain weights; dynamo cannot read a ContextVar)
     if _gemv_on.get() and _one_row_inference(x):  # decoding: checked first, it runs 49 times per GPT-2 token
         y = _gemv(x, weight, bias) if type(weight) in _PLAIN else _int8_gemv(x, weight, bias)
         if y is not None:
             return y
-    if not _eligible(x, weight, bias) or x.numel() * weight.shape[0] < ONEDNN_MIN_MNK:
+    if not _eligible(x, weight, bias):
         return F.linear(x, weight, bias)
-    if (torch.is_grad_enabled() and x.requires_grad) or _grad_wanted(weight, bias):
+    grad = (torch.is_grad_enabled() and x.requires_grad) or _grad_wanted(weight, bias)
+    if plan is None:
+        if x.numel() * weight.shape[0] < ONEDNN_MIN_MNK:
+            return F.linear(x, weight, bias)
+    elif plan.path(x, weight, bias, grad) == "stock":
+        return F.linear(x, weight, bias)
+    if grad:
         return _OneDNNLinear.apply(x, weight, bias)
     return _onednn(x, weight, bias)
 
 
 class AccelLinear(nn.Linear):
-    """nn.Linear (same parameters, state-dict keys and initialisation) computed by `accel_linear`.
+    """nn.Linear (same parameters, state-dict keys and initialisation) computed by `accel_linear`, with
+    the plan `accel.apply` gave it (`_accel_plan`, shared by the model's layers; none: the fixed rule).
 
     `accel.apply` turns an `nn.Linear` into one by changing its class (the parameters, and so an optimiser
     built on them, stay the same objects) and `accel.revert` turns it back."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return accel_linear(x, self.weight, self.bias)
+        return accel_linear(x, self.weight, self.bias, self.__dict__.get("_accel_plan"))
 
 
 __all__ = [

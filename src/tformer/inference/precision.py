@@ -1,6 +1,8 @@
 """Reduced-precision inference for every model family: bfloat16 weights, or int8 linear layers.
 
 - "fp32": the model as trained.
+- "auto": "bf16" where this machine's bfloat16 products are at least twice as fast as float32's, else
+  "fp32" (tformer.accel.precision).
 - "bf16": every floating parameter and buffer cast to bfloat16 (`model.to(torch.bfloat16)`), so the
   activations, the KV cache and the attention kernels run in bfloat16 too. Masks stay boolean and each
   backend fills masked scores with its own dtype's most negative value (or -inf where a row is then
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "auto")
 M = TypeVar("M", bound=nn.Module)
 TORCHAO_VERSION = "0.18.0"  # the version tested; pyproject's `quant` extra pins it
 
@@ -60,6 +62,11 @@ def apply_precision(model: M, precision: str) -> M:
     Quantised and bfloat16 models are for inference only (int8 weights take no gradient)."""
     check_precision(precision)
     model.eval()
+    if precision == "auto":  # bf16 where this machine runs it >= 2x faster than fp32 (accel/precision.py)
+        from tformer.accel.precision import resolve
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        precision = resolve("auto", device)[0]
     if precision == "bf16":
         return model.to(torch.bfloat16)
     if precision == "int8":

@@ -99,6 +99,13 @@ def gather_objects(world: World, obj: Any) -> list[Any]:
     return out
 
 
+def from_rank0(world: World, obj: Any) -> Any:
+    """Rank 0's `obj` (a string or other small picklable value), on every rank."""
+    if not world.distributed:
+        return obj
+    return gather_objects(world, obj)[0]
+
+
 def check_same(world: World, value: Any, what: str) -> None:
     """Raise if ranks disagree on `value` (e.g. a digest of the vocabularies each rank built)."""
     values = gather_objects(world, value)

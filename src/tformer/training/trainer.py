@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tformer import accel
+from tformer.accel.precision import resolve as resolve_precision
 from tformer.config import ConfigError, TrainConfig
 from tformer.training import distributed, run_dir
 from tformer.training.checkpoint import (
@@ -129,9 +131,17 @@ class Trainer:
     ) -> None:
         """`command`, `overwrite`, `rerun`: who owns `out_dir` (run_dir.claim): a fresh `fit` into a
         directory another run wrote needs `overwrite`, or `rerun` when the same command wrote it."""
-        self.task, self.config = task, config
-        c = config
-        self.world = distributed.setup(c.device)
+        self.world = distributed.setup(config.device)
+        # "auto" becomes what this machine runs fastest (accel/precision.py): config.json records that
+        self.asked_precision = config.precision
+        resolved, why = resolve_precision(config.precision, self.world.device)
+        if config.precision == "auto":
+            if self.world.distributed:  # every rank computes alike: rank 0's measurement
+                resolved = distributed.from_rank0(self.world, resolved)
+            if self.world.is_main:
+                print(f"precision: auto -> {resolved} ({why})", file=sys.stderr)
+        self.task, self.config = task, config.replace(precision=resolved)
+        c = self.config
         _check_precision(c, self.world)
         self.module = model.to(self.world.device)  # the tformer model: evaluation, config, checkpoints
         self.out_dir = Path(out_dir)
@@ -143,6 +153,8 @@ class Trainer:
         peak = peak_lr(c.lr, d_model, c.warmup_steps)
         if c.compile:
             model.compile()  # torch.compile of forward, in place: the module, its state dict and names stay
+        if self.world.distributed:  # the kernels of training products: rank 0's choices on every rank
+            accel.agree(model, lambda _name, winner: distributed.from_rank0(self.world, winner))
         self.model = distributed.wrap(model, self.world, c.parallel)  # what training steps call
         self.optimizer = make_optimizer(self.model, c, peak, fused=not distributed.is_sharded(self.model))
         self.scheduler = make_scheduler(
@@ -195,6 +207,8 @@ class Trainer:
                 "rng_ranks": rngs,
                 "world_size": w.size,
                 "accumulate": self.config.accumulate,
+                "precision": self.config.precision,  # as resolved: a resumed "auto" run keeps it
+                "accel": accel.recorded(self.module),  # the kernels chosen per shape class (None: stock)
             }
             config = {**self.task.checkpoint_config(), "train": self.config.to_dict(), **self.extra_config}
             run_dir.save(
@@ -269,6 +283,10 @@ class Trainer:
                 ) from None
         else:
             load_weights(found, self.module)
+        if self.asked_precision == "auto" and state.get("precision") not in (None, self.config.precision):
+            self.config = self.config.replace(precision=state["precision"])  # the run's, measured then
+        if state.get("accel") and accel.recorded(self.module) is not None:
+            accel.apply(self.module, choices=state["accel"])  # the same kernels as before the stop
         try:
             distributed.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

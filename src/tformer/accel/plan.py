@@ -1,0 +1,135 @@
+"""Which path each of a model's accelerated linear layers takes, per shape class, chosen by measurement.
+
+A shape class is (float32, train or inference, rows bucket "1" / "2-16" / ">16", out features, in
+features). The first product of a class times its candidates on the call's own shapes, stock `F.linear`
+against oneDNN (forward, or forward + backward when autograd wants the product), through the machine's
+`Tuner` (accel/tune.py: a path wins only where it beat stock by more than the measurement's noise; the
+choice is cached per machine, so a later process reads it instead of timing). The timing runs on
+detached copies of the call's tensors: the caller's gradients, autograd graph and random streams are
+untouched.
+
+A `Plan` belongs to one model (every `AccelLinear` of it holds the same one). Its `choices` are what the
+model used, by shape class: a training run records them in its checkpoint and a resumed run gives them
+back (`accel.apply(model, choices=...)`), so the resumed steps take the same kernels, bit for bit, even
+if this machine's cache has since changed. Under torchrun the choices for training products are rank
+0's (`agree`): every rank times, rank 0's winner is broadcast, so all ranks compute alike.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tformer.accel import linear as _linear
+from tformer.accel.tune import Tuner, rows_bucket
+
+PATHS = ("stock", "onednn")
+
+
+def class_name(training: bool, bucket: str, n: int, k: int) -> str:
+    """A shape class as recorded in checkpoints: "linear/float32/train/>16/2304x768"."""
+    return f"linear/float32/{'train' if training else 'infer'}/{bucket}/{n}x{k}"
+
+
+class Plan:
+    """The paths of one model's accelerated layers (see the module's doc). `tuner` None: no measuring;
+    classes without a recorded choice take the fixed rule (oneDNN from `ONEDNN_MIN_MNK` multiply-adds)."""
+
+    def __init__(self, tuner: Tuner | None, choices: dict[str, str] | None = None) -> None:
+        self.tuner = tuner
+        self.choices: dict[str, str] = {}
+        self.agree: Callable[[str, str], str] | None = None  # (class, local winner) -> the winner to use
+        self._fast: dict[tuple[bool, str, int, int], str] = {}  # the same, keyed for the hot path
+        self._lock = threading.Lock()
+        if choices:
+            self.update(choices)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Plan:
+        """A copied model (copy.deepcopy) gets a plan of its own, with this one's tuner and choices."""
+        new = Plan(self.tuner, self.choices)
+        new.agree = self.agree
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled (a model sent to another process): choices only
+        return {"choices": dict(self.choices)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(None, state["choices"])  # type: ignore[misc]
+
+    def update(self, choices: dict[str, str]) -> None:
+        """Take recorded choices (a resumed run's), over any made here."""
+        bad = {k: v for k, v in choices.items() if v not in PATHS}
+        if bad:
+            raise ValueError(f"recorded accel choices name unknown paths {bad}; expected {', '.join(PATHS)}")
+        with self._lock:
+            self.choices.update(choices)
+            self._fast.clear()
+
+    def path(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> str:
+        """The path for this float32 product (the caller checked oneDNN could compute it)."""
+        n, k = weight.shape
+        bucket = rows_bucket(max(1, x.numel() // k))
+        fast = (training, bucket, n, k)
+        got = self._fast.get(fast)
+        if got is None:
+            got = self._choose(class_name(training, bucket, n, k), x, weight, bias, training)
+            self._fast[fast] = got
+        return got
+
+    def _choose(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> str:
+        with self._lock:
+            recorded = self.choices.get(name)
+        if recorded is not None:
+            return recorded
+        if self.tuner is None:
+            rows = max(1, x.numel() // weight.shape[1])
+            winner = (
+                "onednn" if rows * weight.shape[0] * weight.shape[1] >= _linear.ONEDNN_MIN_MNK else "stock"
+            )
+        else:
+            winner = self.tuner.choose(
+                tuple(name.split("/")), _candidates(x, weight, bias, training), stock="stock"
+            )
+        if training and self.agree is not None:
+            winner = self.agree(name, winner)
+        with self._lock:
+            return self.choices.setdefault(name, winner)
+
+
+def _candidates(
+    x: Tensor, weight: Tensor, bias: Tensor | None, training: bool
+) -> dict[str, Callable[[], Any]]:
+    """Stock and oneDNN, each computing this product (and, training, its gradients) on detached copies."""
+    xs = x.detach()
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    if not training:
+
+        def infer(fn: Callable[..., Tensor]) -> Callable[[], Any]:
+            def run() -> Tensor:
+                with torch.no_grad():
+                    return fn(xs, w, b)
+
+            return run
+
+        return {"stock": infer(F.linear), "onednn": infer(_linear.onednn_linear)}
+    xs, w = xs.clone().requires_grad_(), w.requires_grad_()
+    b = None if b is None else b.requires_grad_()
+    grad = torch.randn(
+        *x.shape[:-1], weight.shape[0], generator=torch.Generator().manual_seed(0), dtype=x.dtype
+    )
+    inputs = [t for t in (xs, w, b) if t is not None]
+
+    def step(fn: Callable[..., Tensor]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.enable_grad():
+                return torch.autograd.grad(fn(xs, w, b), inputs, grad)
+
+        return run
+
+    return {"stock": step(F.linear), "onednn": step(_linear.onednn_linear)}

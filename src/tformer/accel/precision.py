@@ -1,0 +1,52 @@
+"""`precision = "auto"`: bfloat16 where this machine computes it at least twice as fast as float32, else
+float32; decided by measurement, not by the CPU's name.
+
+On a CPU the deciding figure is the ratio of a bfloat16 to a float32 (512 x 512) @ (512 x 512) product,
+timed once per machine by the tuner (accel/tune.py, cached with its other choices): AMX and avx512_bf16
+cores pass (about 7x on a Sapphire Rapids Xeon, 2.1-2.4x on an AMD EPYC with avx512_bf16), AVX2-only
+cores do not (bfloat16 there is emulated, several times slower than float32). On CUDA the rule is the
+hardware's: compute capability 8.0 or more (Ampere on), where bfloat16 runs on the tensor cores. Anything
+else, and `TFORMER_ACCEL=off`, is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tformer.accel.tune import Tuner, mode
+
+BF16_MIN_SPEEDUP = 2.0
+RATIO_KEY = ("matmul", "bfloat16/float32", 512)
+
+
+def bf16_speedup(tuner: Tuner) -> float:
+    """This CPU's bfloat16 product speed over float32's (cached per machine by `tuner`)."""
+    n = RATIO_KEY[2]
+    g = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    return tuner.ratio(RATIO_KEY, fast=lambda: a16 @ b16, base=lambda: a32 @ b32)
+
+
+def resolve(precision: str, device: torch.device | str, tuner: Tuner | None = None) -> tuple[str, str]:
+    """`precision` as it runs on `device`: "auto" becomes "bf16" or "fp32" (see the module's doc); any
+    other value is itself. -> (precision, why)."""
+    if precision != "auto":
+        return precision, "as configured"
+    device = torch.device(device)
+    if mode() == "off":
+        return "fp32", "TFORMER_ACCEL=off"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            return "bf16", f"CUDA compute capability {major}.{minor} >= 8.0"
+        return "fp32", f"CUDA compute capability {major}.{minor} < 8.0"
+    if device.type != "cpu":
+        return "fp32", f"no bfloat16 rule for {device.type}"
+    if tuner is None:
+        from tformer import accel
+
+        tuner = accel.tuner()
+    ratio = bf16_speedup(tuner)
+    chosen = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
+    return chosen, f"bfloat16 products {ratio:.1f}x float32's on this CPU (bf16 from {BF16_MIN_SPEEDUP:g}x)"
