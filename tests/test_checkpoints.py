@@ -222,7 +222,9 @@ def test_a_run_saved_by_tformer_0_2_resumes_exactly(tmp_path, straight):
     opt = state["optimizer"]
     opt["state"] = _packed(opt["state"], _cat)
     for group in opt["param_groups"]:
-        names = [n.replace(".kv_proj.", ".in_proj.").replace(".q_proj.", ".in_proj.") for n in group["params"]]
+        names = [
+            n.replace(".kv_proj.", ".in_proj.").replace(".q_proj.", ".in_proj.") for n in group["params"]
+        ]
         group["params"] = list(dict.fromkeys(names))
     write_state(ckpt, state)
     run_job(str(out), 8, resume=True, save_every_steps=2)
