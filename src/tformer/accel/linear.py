@@ -20,7 +20,8 @@ see `F.linear`). Results differ from MKL's only in summation order (about 1e-6 r
 Decoding one sequence multiplies every weight matrix by a single row: a matrix-vector product whose speed
 is how fast the weights stream from memory. Inside `compiled_decoding()` (what `generate(...,
 compile=True)` and `tformer generate --compile` turn on, context-local: one thread's block does not reach
-another thread) such a product, in inference, float32 on the CPU, is one reduction kernel that inductor
+another thread) such a product, in inference, float32 or bfloat16 (read as it is stored, 2 bytes a weight; summed in
+float32) on the CPU, is one reduction kernel that inductor
 (torch.compile's compiler, called directly: decision 56) generates per weight shape, `(W * x).sum(-1) + b`
 fused. Each shape compiles once per process (GPT-2 small's five shapes: about 3 s with inductor's disk
 cache warm, 9 s on a cold one, on 2 cores), so it is opt-in. Where compiling fails (no C++ compiler) a
@@ -82,6 +83,15 @@ def compiled_decoding(enabled: bool = True) -> Iterator[None]:
         _gemv_on.reset(token)
 
 
+def _gemv_bf16_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # bfloat16 weights read once (2 bytes each), products and sums in float32 as bfloat16 matmuls do,
+    # rounded to bfloat16 at the end
+    y = (weight.float() * x.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(torch.bfloat16)
+
+
 def _gemv_eager(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     y = (weight * x).sum(-1)  # x (K,) -> y (N,): one pass over the weights, no temporary once fused
     if bias is not None:
@@ -138,13 +148,10 @@ def _row(x: Tensor) -> Tensor:
     return x.reshape(-1).contiguous()
 
 
-def _kernel_bias(bias: Tensor | None, n: int) -> bool:
-    """The bias is one the compiled kernels take: none, or a plain float32 CPU tensor of n values."""
+def _kernel_bias(bias: Tensor | None, n: int, dtype: torch.dtype = torch.float32) -> bool:
+    """The bias is one the compiled kernels take: none, or a plain CPU tensor of n values of `dtype`."""
     return bias is None or (
-        type(bias) in _PLAIN
-        and bias.dtype == torch.float32
-        and bias.device.type == "cpu"
-        and bias.shape == (n,)
+        type(bias) in _PLAIN and bias.dtype == dtype and bias.device.type == "cpu" and bias.shape == (n,)
     )
 
 
@@ -183,25 +190,26 @@ def _compile_failed(exc: Exception) -> None:
 
 
 def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """x, one float32 row in inference (`_one_row_inference`), times a plain float32 weight as the compiled
-    matrix-vector kernel; None where that kernel does not apply (what oneDNN's path would not take: see
-    `_eligible`) or compiling is not possible here."""
+    """x, one float32 or bfloat16 row in inference (`_one_row_inference`), times a plain weight of its
+    dtype as the compiled matrix-vector kernel (bfloat16: float32 products and sums, as bfloat16 matmuls
+    accumulate); None where that kernel does not apply or compiling is not possible here."""
     if weight.dim() != 2:
         return None
     n, k = weight.shape[0], x.shape[-1]
     if not (
         weight.shape[1] == k  # else F.linear's own shape error
-        and weight.dtype == torch.float32
+        and weight.dtype == x.dtype
         and weight.device.type == "cpu"
         and weight.is_contiguous()
         and k * n >= ONEDNN_MIN_MNK
-        and _kernel_bias(bias, n)
+        and _kernel_bias(bias, n, x.dtype)
         and not _grad_wanted(weight, bias)
         and not torch.jit.is_tracing()  # (ONNX export traces too)
     ):
         return None
     try:
-        y = _with_bias(_gemv_eager, (n, k), (_row(x), weight), bias)
+        eager = _gemv_eager if x.dtype == torch.float32 else _gemv_bf16_eager
+        y = _with_bias(eager, (n, k), (_row(x), weight), bias)
         return None if y is None else y.reshape(*x.shape[:-1], n)
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         _compile_failed(exc)
@@ -356,7 +364,7 @@ def _one_row_inference(x: Tensor) -> bool:
     return (  # _float32_cpu_eager's conditions, inlined: this runs for every product while decoding
         x.dim() >= 2  # (B, T, C) or (B, C), as before; a 1-D row (e.g. under vmap) stays on the eager path
         and x.numel() == x.shape[-1] > 0
-        and x.dtype == torch.float32
+        and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
         and x.device.type == "cpu"
         and type(x) in _PLAIN
         and not (torch.is_grad_enabled() and x.requires_grad)
@@ -382,7 +390,10 @@ def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: An
     if torch.compiler.is_compiling():  # torch.compile and torch.export see F.linear (inductor cannot lower
         return F.linear(x, weight, bias)  # the oneDNN op on plain weights; dynamo cannot read a ContextVar)
     if _gemv_on.get() and _one_row_inference(x):  # decoding: checked first, it runs 49 times per GPT-2 token
-        y = _gemv(x, weight, bias) if type(weight) in _PLAIN else _int8_gemv(x, weight, bias)
+        if type(weight) in _PLAIN:
+            y = _gemv(x, weight, bias)
+        else:  # torchao's int8 weights take float32 activations
+            y = _int8_gemv(x, weight, bias) if x.dtype == torch.float32 else None
         if y is not None:
             return y
     if not _eligible(x, weight, bias):

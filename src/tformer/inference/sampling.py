@@ -63,8 +63,8 @@ def generate(
     compile: bool = False,
 ) -> Tensor:
     """prompt (B, T0) ids -> (B, T0 + n) ids, n <= max_new_tokens. Stops early when every row has produced
-    `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared). `compile`: one-row float32
-    and int8 CPU decoding steps use compiled matrix-vector kernels (tformer.accel.linear; a few seconds
+    `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared). `compile`: one-row float32,
+    bfloat16 and int8 CPU decoding steps use compiled matrix-vector kernels (tformer.accel.linear; a few seconds
     of compiling per process, then faster steps), which needs a model given tformer's accelerated layers
     (`tformer.accel.apply(model)`). The model runs in eval mode; one already in it is not written to, so
     threads may share it (tformer.inference.modes)."""
