@@ -70,6 +70,40 @@ class CopyProbe:
         return self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9
 
 
+def machine_facts(choices: dict[str, str] | None) -> dict[str, Any]:
+    """What a benchmark report says about where it ran: the machine's fingerprint (CPU model, ISA flags,
+    threads, torch), tformer.accel's mode and the path each of tformer's shape classes took, and the
+    process's peak resident memory so far."""
+    from tformer import accel
+    from tformer.accel.tune import fingerprint
+    from tformer.memory import peak_rss_bytes
+
+    return {
+        "machine": fingerprint(),
+        "accel_mode": accel.mode(),
+        "accel_choices": choices or {},
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    """One markdown paragraph from `machine_facts`' entries of a report."""
+    from collections import Counter
+
+    from tformer.memory import format_bytes
+
+    m = report["machine"]
+    paths = Counter(report["accel_choices"].values())
+    chosen = ", ".join(f"{n} on {p}" for p, n in sorted(paths.items())) or "none measured"
+    peak = report.get("peak_rss_bytes")
+    return (
+        f"Machine: {m['cpu']} ({' '.join(m['isa']) or 'no listed ISA extensions'}), {m['threads']} threads, "
+        f"torch {m['torch']}. tformer.accel ({report['accel_mode']}): float32 shape classes {chosen} "
+        f"(measured here, cached per machine). Peak resident memory of the benchmark process: "
+        f"{'n/a' if peak is None else format_bytes(peak)}."
+    )
+
+
 def write_outputs(
     out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], plot: PlotFn
 ) -> None:

@@ -41,6 +41,8 @@ from tformer.bench.common import (
     GPTShape,
     gpt2_into_lm,
     hf_gpt2,
+    machine_facts,
+    machine_line,
     pyplot,
     require_transformers,
     write_outputs,
@@ -82,10 +84,9 @@ def _variants(lm: LanguageModel, hf: nn.Module | None) -> dict[str, Callable[[Te
                 return generate(lm, p, max_new_tokens=n, greedy=True)
 
         out["tformer (KV cache, stock)"] = stock
-        if next(lm.parameters()).dtype != torch.bfloat16:  # the compiled kernels: float32 and int8 weights
-            out["tformer (KV cache, compiled)"] = lambda p, n: generate(
-                lm, p, max_new_tokens=n, greedy=True, compile=True
-            )
+        out["tformer (KV cache, compiled)"] = lambda p, n: generate(  # float32, bfloat16, int8 kernels
+            lm, p, max_new_tokens=n, greedy=True, compile=True
+        )
     if hf is not None:
         gen: Any = hf.generate
 
@@ -142,6 +143,7 @@ def run(
     g = torch.Generator().manual_seed(SEED + 1)
     prompts = {b: torch.randint(shape.vocab_size, (b, prompt_len), generator=g) for b in batches}
     rows = []
+    choices: dict[str, str] = {}  # the kernel tformer's models took per shape class (for the report)
     hf_fp32_tokens: dict[int, Tensor] = {}
     for precision in precisions:
         if precision == "int8":
@@ -225,6 +227,7 @@ def run(
                     ),
                     file=sys.stderr,
                 )
+        choices.update(accel.recorded(lm) or {})
         del lm, hf, variants
         gc.collect()
     report = {
@@ -241,6 +244,7 @@ def run(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rows": rows,
+        **machine_facts(choices),
     }
     write_outputs(out, "generate", report, markdown, plot)
     return report
@@ -261,6 +265,8 @@ def markdown(report: dict[str, Any]) -> str:
         "included; a decoding step is timed as the difference between generating all the new tokens and "
         "only the first (which includes the prompt's pass), divided by one fewer, and set against the "
         "same floor. Medians of interleaved repeats. int8: " + report["int8"] + ".",
+        "",
+        machine_line(report),
         "",
         "| precision | batch | variant | tokens / s | of the floor | of the read floor | vs HF generate() "
         "| decoding step | of the floor (steps) | of the read floor (steps) | same tokens as HF |",

@@ -41,6 +41,8 @@ from tformer.bench.common import (
     gpt2_into_lm,
     gpt2_into_torch_encoder,
     hf_gpt2,
+    machine_facts,
+    machine_line,
     markov_tokens,
     matmul_ceiling,
     pyplot,
@@ -182,6 +184,7 @@ def speed(
     with_hf: bool,
     ceiling: dict[str, float],
     ceiling_n: int = 2048,
+    choices: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Interleaved timing of every model per precision; -> one row per (model, precision). MFU is against
     the median of the matmul ceilings measured at the start of the run and after each round of timings."""
@@ -236,6 +239,8 @@ def speed(
                 f"  {r.name:16s} {precision} {1000 * sec:9.1f} ms/step  {rows[-1]['mfu']:.0%} of ceiling",
                 file=sys.stderr,
             )
+        if choices is not None:  # the kernels tformer's model chose here, per shape class
+            choices.update(accel.recorded(runners[0].model) or {})
         del runners
         gc.collect()
     return rows
@@ -274,6 +279,7 @@ def run(
         "hf": with_hf,
         "shapes": {},
     }
+    choices: dict[str, str] = {}
     for name, shape in shapes.items():
         print(f"{name}: loss curves", file=sys.stderr)
         curves = loss_curves(shape, loss_steps.get(name, 4), precisions=precisions, with_hf=with_hf)
@@ -287,6 +293,7 @@ def run(
             with_hf=with_hf,
             ceiling=ceiling,
             ceiling_n=ceiling_n,
+            choices=choices,
         )
         report["shapes"][name] = {
             "shape": shape.__dict__,
@@ -299,6 +306,7 @@ def run(
                 if "hf-gpt2" in c
             },
         }
+    report.update(machine_facts(choices))
     write_outputs(out, "train", report, markdown, plot)
     return report
 
@@ -313,6 +321,8 @@ def markdown(report: dict[str, Any]) -> str:
         "measured again after every round of timings, it moves, so MFU = model FLOPs (6N + 12LCT per token) "
         "/ time / the median ceiling of the same precision over the run (given per table). Medians of "
         "interleaved repeats.",
+        "",
+        machine_line(report),
         "",
     ]
     for name, s in report["shapes"].items():

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from tformer import accel
 from tformer.accel.precision import resolve as resolve_precision
 from tformer.config import ConfigError, TrainConfig
+from tformer.memory import peak_rss_bytes
 from tformer.training import distributed, run_dir
 from tformer.training.checkpoint import (
     STATE,
@@ -553,7 +554,7 @@ class Trainer:
                     if count > 0:
                         record["loss"] = total / count
                         bar.set_postfix(loss=f"{total / count:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                    record.update(lr=lr, tokens_per_s=tps, time=s.train_time)
+                    record.update(lr=lr, tokens_per_s=tps, time=s.train_time, peak_rss_bytes=peak_rss_bytes())
                     if s.nonfinite_skips:
                         record["nonfinite_skips"] = s.nonfinite_skips
                     self._log(record)

@@ -1,0 +1,24 @@
+"""The process's peak resident memory, for benchmark reports and the training log ("memory is part of
+speed": a setting that makes steps faster by keeping freed memory must show what it keeps)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def peak_rss_bytes() -> int | None:
+    """The most resident memory this process has had, in bytes (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, three significant figures at most: 950 B, 12.3 MB, 7.5 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
