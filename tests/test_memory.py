@@ -20,6 +20,7 @@ json.dump({"before": before, "after": after}, sys.stdout)
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no getrusage")
 def test_peak_rss_grows_by_what_was_touched():
+    """In a child process (the peak is its own, not its parent's: a big test process starts it)."""
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout)
     assert got["after"] - got["before"] >= 500_000_000

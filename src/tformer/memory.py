@@ -7,7 +7,18 @@ import sys
 
 
 def peak_rss_bytes() -> int | None:
-    """The most resident memory this process has had, in bytes (None where the OS does not say)."""
+    """The most resident memory this process has had, in bytes (None where the OS does not say).
+
+    Linux: VmHWM from /proc/self/status, this program's own high-water mark (getrusage's ru_maxrss
+    carries the forking parent's peak over an exec, so a small child of a big process reports the
+    parent's). Elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # not on Windows
