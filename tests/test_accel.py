@@ -305,7 +305,8 @@ class _Ratio:
     def __init__(self, ratio: float) -> None:
         self.value, self.keys = ratio, []
 
-    def ratio(self, key, fast, base):
+    def ratio(self, key, fast, base, *, past_budget=False):
+        assert past_budget  # the run's precision is never left to the budget
         fast(), base()  # both products run
         self.keys.append(key)
         return self.value

@@ -391,6 +391,12 @@ def test_the_budget_returns_stock_uncached(clock, path):
     assert tuner.choose(OTHER, late, stock="stock") == "stock"
     assert late["fast"].calls == late["stock"].calls == 0
     assert tuner.record(OTHER) is None and tuner.ratio(("r",), late["fast"], late["stock"]) == 1.0
+    assert late["fast"].calls == late["stock"].calls == 0
+    # a decision asked for past the budget is timed all the same, and cached
+    assert tuner.ratio(("r",), late["fast"], late["stock"], past_budget=True) == pytest.approx(2.0)
+    assert late["fast"].calls > 0 and Tuner(path, timer=clock).ratio(
+        ("r",), late["fast"], late["stock"]
+    ) == pytest.approx(2.0)
     # a later process can still tune it
     assert Tuner(path, timer=clock).choose(OTHER, late, stock="stock") == "fast"
 

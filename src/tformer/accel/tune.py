@@ -18,7 +18,7 @@ relative to the median. A non-stock candidate wins only if its median beats stoc
 noises together and at least `_NOISE_FLOOR`. A candidate that raises is excluded (the entry says why);
 `stock` raising propagates. `Tuner.ratio` caches median(base) / median(fast) the same way. After `budget_s`
 seconds of timing, and always under `TFORMER_ACCEL=off`, nothing is timed: `choose` returns `stock` and
-`ratio` 1.0, uncached, so that a later process can still tune.
+`ratio` 1.0 (unless asked with `past_budget=True`), uncached, so that a later process can still tune.
 
 Cache: one JSON file per machine `fingerprint()`, {"schema": 1, "fingerprint": {...}, "entries": {key:
 {"winner", "stock", "median_s", "noise", "excluded", "tformer", "time"}}} (a ratio entry has "ratio" for
@@ -268,9 +268,18 @@ class Tuner:
             self._report(message)
         return winner
 
-    def ratio(self, key: tuple[Any, ...], fast: Callable[[], object], base: Callable[[], object]) -> float:
-        """median(base) / median(fast), cached: > 1 where `fast` is faster. 1.0 untimed (off, out of budget);
-        0.0 where `fast` raises (it cannot run here); `base` raising propagates."""
+    def ratio(
+        self,
+        key: tuple[Any, ...],
+        fast: Callable[[], object],
+        base: Callable[[], object],
+        *,
+        past_budget: bool = False,
+    ) -> float:
+        """median(base) / median(fast), cached: > 1 where `fast` is faster. 1.0 untimed (off, out of budget;
+        `past_budget=True` times it even after the budget is spent, for a decision too coarse to default,
+        such as the precision of a whole run); 0.0 where `fast` raises (it cannot run here); `base` raising
+        propagates."""
         skey = _canonical(key)
         if mode() == "off":
             return 1.0
@@ -278,7 +287,7 @@ class Tuner:
             cached = self._cached_ratio(skey)
             if cached is not None:
                 return cached
-            if self._spent >= self._budget_s:
+            if self._spent >= self._budget_s and not past_budget:
                 return 1.0
             cached = self._cached_ratio(skey, refresh=True)
             if cached is not None:

@@ -30,6 +30,7 @@ def run(shapes: tuple[str, ...] = tuple(SHAPES)) -> dict[str, Any]:
         raise ValueError("TFORMER_ACCEL=off: nothing to tune (stock PyTorch everywhere)")
     tuner = accel.tuner()
     start = time.perf_counter()
+    precision, why = resolve("auto", "cpu", tuner)
     choices: dict[str, str] = {}
     for name in shapes:
         shape = SHAPES[name]
@@ -42,7 +43,6 @@ def run(shapes: tuple[str, ...] = tuple(SHAPES)) -> dict[str, Any]:
             generate(lm, ids[:batch, :8], max_new_tokens=2, greedy=True)
         choices.update(accel.recorded(lm) or {})
         print(f"  {name}: {len(accel.recorded(lm) or {})} shape classes", file=sys.stderr)
-    precision, why = resolve("auto", "cpu", tuner)
     return {
         "choices": dict(sorted(choices.items())),
         "precision": precision,
