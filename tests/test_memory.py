@@ -1,4 +1,5 @@
-"""tformer.memory: the peak resident size grows with memory touched; sizes print in decimal units."""
+"""tformer.memory: the peak resident size grows with memory touched, the current one is VmRSS; sizes print
+in decimal units."""
 
 import json
 import subprocess
@@ -6,7 +7,8 @@ import sys
 
 import pytest
 
-from tformer.memory import format_bytes, peak_rss_bytes
+from tformer import memory
+from tformer.memory import current_rss_bytes, format_bytes, peak_rss_bytes
 
 CHILD = """
 import json, sys
@@ -40,3 +42,27 @@ def test_peak_rss_grows_by_what_was_touched():
 )
 def test_format_bytes_known_answers(n, text):
     assert format_bytes(n) == text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_current_rss_is_vmrss():
+    with open("/proc/self/status", encoding="ascii") as fh:
+        vmrss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    rss = current_rss_bytes()
+    assert rss is not None and abs(rss - vmrss) < 4_000_000  # two readings a moment apart, pages and kB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is KiB on Linux")
+def test_peak_rss_falls_back_to_ru_maxrss_in_kib(monkeypatch):
+    import builtins
+    import resource
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert memory.peak_rss_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,8 +1,9 @@
-"""The process's peak resident memory, for benchmark reports and the training log ("memory is part of
+"""The process's resident memory, now and at its peak, for benchmark reports and the training log ("memory is part of
 speed": a setting that makes steps faster by keeping freed memory must show what it keeps)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -25,6 +26,15 @@ def peak_rss_bytes() -> int | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now (VmRSS), in bytes; None where unknown (no /proc)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:  # pages; cheaper than /proc/self/status
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def format_bytes(n: float) -> str:
