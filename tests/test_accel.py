@@ -39,8 +39,10 @@ def test_apply_keeps_parameters_and_keys_and_is_idempotent_and_reversible():
     values = {k: v.clone() for k, v in model.state_dict().items()}
     assert accel.apply(model) is model
     n_linear = sum(t is nn.Linear for t in before)
-    assert accel.describe(model) == {
+    n_dropout = sum(t is nn.Dropout for t in before)
+    assert n_dropout > 0 and accel.describe(model) == {
         "attention:sdpa_lowp_cpu": 3 * 2,  # encoder self, decoder self and cross, 2 layers each
+        "dropout:accel": n_dropout,
         "linear:accel": n_linear,
     }
     after = _classes(model)

@@ -9,14 +9,15 @@ it is built, in the manner of torchao's `quantize_`:
     tformer.accel.apply(model)      # in place; returns the model
 
 `apply` changes each `nn.Linear` into an `AccelLinear` (accel/linear.py: float32 CPU products through
-oneDNN, compiled matrix-vector kernels for decoding) by changing its class, so its parameters, and an
+oneDNN, compiled matrix-vector kernels for decoding) and each `nn.Dropout` into an `AccelDropout`
+(accel/dropout.py: a mask from a quarter of the random draws) by changing its class, so its parameters, and an
 optimiser or a DDP wrapper already built on them, stay the same objects and the state-dict keys do not
 change; and it points each attention layer whose backend is "sdpa" at "sdpa_lowp_cpu" (accel/attention.py:
 a faster kernel for short bfloat16 CPU attention, "sdpa" itself otherwise). `revert` undoes both; applying
 twice is applying once. Nothing else is touched: in particular not the C library's allocator, which the
 command line and benchmark entry points set themselves (tformer.allocator).
 
-Which path a linear layer takes is chosen by measurement, not by what one machine once measured: the
+Which path a linear or dropout layer takes is chosen by measurement, not by what one machine once measured: the
 first product of each shape class (float32, train or inference, rows 1 / 2-16 / >16, out x in) times
 stock `F.linear` against oneDNN on this machine, keeps oneDNN only where it beat stock by more than the
 timing's noise, and caches the choice per machine fingerprint in the user's cache directory
@@ -44,6 +45,7 @@ from typing import TypeVar
 from torch import nn
 
 from tformer.accel import attention as _attention
+from tformer.accel.dropout import AccelDropout
 from tformer.accel.linear import AccelLinear, compiled_decoding, onednn_available
 from tformer.accel.plan import Plan
 from tformer.accel.tune import MODES, Tuner, mode
@@ -76,6 +78,10 @@ def tuner() -> Tuner:
         return _tuner
 
 
+# accel's module classes -> the stock class each replaces (exactly that class: a subclass keeps its forward)
+_SWAPPED: dict[type[nn.Module], type[nn.Module]] = {AccelLinear: nn.Linear, AccelDropout: nn.Dropout}
+
+
 def _plan_of(model: nn.Module) -> Plan | None:
     return next((m.__dict__["_accel_plan"] for m in model.modules() if "_accel_plan" in m.__dict__), None)
 
@@ -99,7 +105,9 @@ def apply(model: M, *, choices: dict[str, str] | None = None, measure: bool = Tr
         # exactly nn.Linear: a subclass (peft, torchao, torch's MultiheadAttention) keeps its own forward
         if type(module) is nn.Linear:
             module.__class__ = AccelLinear
-        if type(module) is AccelLinear:
+        elif type(module) is nn.Dropout:
+            module.__class__ = AccelDropout
+        if type(module) in _SWAPPED:
             module.__dict__["_accel_plan"] = plan
         elif isinstance(module, MultiHeadAttention) and module.backend.name == "sdpa":
             module.backend = get_backend(_attention.NAME)
@@ -123,8 +131,8 @@ def agree(model: nn.Module, decide: Callable[[str, str], str]) -> None:
 def revert(model: M) -> M:
     """Undo `apply`: stock `nn.Linear` modules and the "sdpa" backend again. Returns the model."""
     for module in model.modules():
-        if type(module) is AccelLinear:
-            module.__class__ = nn.Linear  # type: ignore[assignment]
+        if type(module) in _SWAPPED:
+            module.__class__ = _SWAPPED[type(module)]
             module.__dict__.pop("_accel_plan", None)
         elif isinstance(module, MultiHeadAttention) and module.backend.name == _attention.NAME:
             module.backend = get_backend("sdpa")
@@ -136,7 +144,7 @@ def reverted(model: nn.Module) -> Iterator[None]:
     """Within the block, `model` computes with stock PyTorch (what `TFORMER_ACCEL=off` gives); afterwards
     exactly the modules that had tformer's paths have them again. For side-by-side measurement (`tformer
     bench`) in one thread: the model itself changes for the block."""
-    linears = [m for m in model.modules() if type(m) is AccelLinear]
+    swapped = [m for m in model.modules() if type(m) in _SWAPPED]
     attentions = [
         m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.backend.name == _attention.NAME
     ]
@@ -145,8 +153,8 @@ def reverted(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m in linears:
-            m.__class__ = AccelLinear
+        for m in swapped:
+            m.__class__ = {stock: fast for fast, stock in _SWAPPED.items()}[type(m)]
             if plan is not None:
                 m.__dict__["_accel_plan"] = plan
         for a in attentions:
@@ -154,14 +162,18 @@ def reverted(model: nn.Module) -> Iterator[None]:
 
 
 def describe(model: nn.Module) -> dict[str, int]:
-    """How many modules of `model` take each path: {"linear:accel": n, "linear:stock": m, "attention:sdpa":
-    ...}, for logs and `tformer bench`."""
+    """How many modules of `model` take each path: {"linear:accel": n, "linear:stock": m, "dropout:accel":
+    ..., "attention:sdpa": ...}, for logs and `tformer bench`."""
     seen: Counter[str] = Counter()
     for module in model.modules():
         if type(module) is AccelLinear:
             seen["linear:accel"] += 1
         elif isinstance(module, nn.Linear):
             seen["linear:stock"] += 1
+        elif type(module) is AccelDropout:
+            seen["dropout:accel"] += 1
+        elif isinstance(module, nn.Dropout):
+            seen["dropout:stock"] += 1
         elif isinstance(module, MultiHeadAttention):
             seen[f"attention:{module.backend.name}"] += 1
     return dict(sorted(seen.items()))
@@ -169,6 +181,7 @@ def describe(model: nn.Module) -> dict[str, int]:
 
 __all__ = [
     "MODES",
+    "AccelDropout",
     "AccelLinear",
     "apply",
     "compiled_decoding",

@@ -1,4 +1,5 @@
-"""Which path each of a model's accelerated linear layers takes, per shape class, chosen by measurement.
+"""Which path each of a model's accelerated linear and dropout layers takes, per shape class, chosen by
+measurement.
 
 A shape class is (float32, train or inference, rows bucket "1" / "2-16" / ">16", out features, in
 features). The first product of a class times its candidates on the call's own shapes, stock `F.linear`
@@ -6,7 +7,11 @@ against oneDNN (forward, or forward + backward when autograd wants the product),
 `Tuner` (accel/tune.py: a path wins only where it beat stock by more than the measurement's noise; the
 choice is cached per machine, so a later process reads it instead of timing). The timing runs on
 detached copies of the call's tensors: the caller's gradients, autograd graph and random streams are
-untouched.
+untouched. Dropout has one class per dtype (not a size bucket, so that under torchrun every rank meets
+it at the same call, whatever its batch's shape), timed on 2^20 elements of that dtype (a training
+activation's size; a first call's own tensor may be small enough for the timing to be noise): stock
+`F.dropout` against "bits16" (accel/dropout.py), forward and backward, with the CPU generator's state
+restored after the timing.
 
 A `Plan` belongs to one model (every `AccelLinear` of it holds the same one). Its `choices` are what the
 model used, by shape class: a training run records them in its checkpoint and a resumed run gives them
@@ -25,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tformer.accel import dropout as _dropout
 from tformer.accel import linear as _linear
 from tformer.accel.tune import Tuner, rows_bucket
 
-PATHS = ("stock", "onednn")
+# the paths of each op, by the first part of its class name; the first is stock
+OP_PATHS = {"linear": ("stock", "onednn"), "dropout": ("stock", "bits16")}
 
 
 def class_name(training: bool, bucket: str, n: int, k: int) -> str:
@@ -44,7 +51,7 @@ class Plan:
         self.tuner = tuner
         self.choices: dict[str, str] = {}
         self.agree: Callable[[str, str], str] | None = None  # (class, local winner) -> the winner to use
-        self._fast: dict[tuple[bool, str, int, int], str] = {}  # the same, keyed for the hot path
+        self._fast: dict[tuple[Any, ...], str] = {}  # the same, keyed for the hot path
         self._lock = threading.Lock()
         if choices:
             self.update(choices)
@@ -63,9 +70,10 @@ class Plan:
 
     def update(self, choices: dict[str, str]) -> None:
         """Take recorded choices (a resumed run's), over any made here."""
-        bad = {k: v for k, v in choices.items() if v not in PATHS}
+        bad = {k: v for k, v in choices.items() if v not in OP_PATHS.get(k.split("/")[0], ())}
         if bad:
-            raise ValueError(f"recorded accel choices name unknown paths {bad}; expected {', '.join(PATHS)}")
+            expected = "; ".join(f"{op}/...: {', '.join(paths)}" for op, paths in OP_PATHS.items())
+            raise ValueError(f"recorded accel choices name unknown paths {bad}; expected {expected}")
         with self._lock:
             self.choices.update(choices)
             self._fast.clear()
@@ -80,6 +88,28 @@ class Plan:
             got = self._choose(class_name(training, bucket, n, k), x, weight, bias, training)
             self._fast[fast] = got
         return got
+
+    def dropout_path(self, x: Tensor, p: float) -> str:
+        """The path for training-mode dropout of `x` (the caller checked "bits16" could compute it)."""
+        fast = ("dropout", x.dtype)
+        got = self._fast.get(fast)
+        if got is None:
+            got = self._choose_dropout(f"dropout/{str(x.dtype).removeprefix('torch.')}/train", x.dtype, p)
+            self._fast[fast] = got
+        return got
+
+    def _choose_dropout(self, name: str, dtype: torch.dtype, p: float) -> str:
+        with self._lock:
+            recorded = self.choices.get(name)
+        if recorded is not None:
+            return recorded
+        winner = "stock"  # no tuner: the fixed rule is stock (masks as torch draws them)
+        if self.tuner is not None:
+            winner = self.tuner.choose(tuple(name.split("/")), _dropout_candidates(dtype, p), stock="stock")
+        if self.agree is not None:
+            winner = self.agree(name, winner)
+        with self._lock:
+            return self.choices.setdefault(name, winner)
 
     def _choose(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> str:
         with self._lock:
@@ -133,3 +163,23 @@ def _candidates(
         return run
 
     return {"stock": step(F.linear), "onednn": step(_linear.onednn_linear)}
+
+
+def _dropout_candidates(dtype: torch.dtype, p: float) -> dict[str, Callable[[], Any]]:
+    """Stock and "bits16" dropout, forward and backward, on 2^20 elements of `dtype`; each restores the
+    CPU generator's state afterwards, so the caller's masks are drawn as if no timing had happened."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(_dropout.TIMED_NUMEL, generator=g).to(dtype).requires_grad_()
+    grad = torch.ones_like(xs)
+
+    def step(fn: Callable[[Tensor], Tensor]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                return torch.autograd.grad(fn(xs), xs, grad)
+
+        return run
+
+    return {
+        "stock": step(lambda t: F.dropout(t, p, True)),
+        "bits16": step(lambda t: _dropout.bits16_dropout(t, p)),
+    }
