@@ -194,31 +194,45 @@ def test_short_lowp_kernel_is_as_accurate_as_the_fused_kernel(case):
 
 
 def test_short_lowp_kernel_only_where_it_is_faster(monkeypatch):
-    """Past SHORT_LOWP_KEYS keys, and for float32, the accel backend is torch's fused kernel itself."""
+    """Past SHORT_LOWP_KEYS keys, for float32, and without gradients (decoding, evaluation), the accel
+    backend is torch's fused kernel itself."""
     calls = []
     monkeypatch.setattr(accel_attention, "_short_lowp_cpu", lambda *a: calls.append(a) or a[0])
-    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16, requires_grad=True)
     for n in (accel_attention.SHORT_LOWP_KEYS, accel_attention.SHORT_LOWP_KEYS + 1):
         k = torch.randn(1, 2, n, 8, dtype=torch.bfloat16)
         accel_attention.sdpa_lowp_cpu(q, k, k)
-    accel_attention.sdpa_lowp_cpu(q.float(), q.float(), q.float())
+    x = q.detach().float().requires_grad_()
+    accel_attention.sdpa_lowp_cpu(x, x, x)
+    k = torch.randn(1, 2, 8, 8, dtype=torch.bfloat16)
+    accel_attention.sdpa_lowp_cpu(q.detach(), k, k)  # nothing wants gradients
+    with torch.no_grad():
+        accel_attention.sdpa_lowp_cpu(q, k, k)
     assert len(calls) == 1 and calls[0][1].shape[-2] == accel_attention.SHORT_LOWP_KEYS
 
 
-def test_bf16_model_attention_goes_through_the_accel_kernel(monkeypatch):
+def test_bf16_model_attention_goes_through_the_accel_kernel_when_training(monkeypatch):
     calls = []
     real = accel_attention._short_lowp_cpu
     monkeypatch.setattr(accel_attention, "_short_lowp_cpu", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     lm = LanguageModel(LMConfig(vocab_size=30, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=16))
     ids = torch.randint(30, (2, 9))
-    lm = lm.to(torch.bfloat16).eval()
-    with torch.no_grad():
-        stock = lm(ids).logits
-        assert calls == []
-        fast = accel.apply(lm)(ids).logits
+    lm = lm.to(torch.bfloat16).eval()  # no dropout: the same function in both paths
+    stock = lm(ids).logits
+    stock.float().square().mean().backward()
+    want = [p.grad.clone() for p in lm.parameters()]
+    assert calls == []
+    lm.zero_grad()
+    fast = accel.apply(lm)(ids).logits
+    fast.float().square().mean().backward()
     assert len(calls) == 2  # one per layer
     torch.testing.assert_close(fast.float(), stock.float(), rtol=0.05, atol=0.05)
+    for got, ref in zip((p.grad for p in lm.parameters()), want, strict=True):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=0.1, atol=0.05)
+    with torch.no_grad():
+        lm(ids)
+    assert len(calls) == 2  # inference: the fused kernel
 
 
 # --- paths chosen by measurement --------------------------------------------------------------------------
