@@ -144,7 +144,7 @@ def reverted(model: nn.Module) -> Iterator[None]:
     """Within the block, `model` computes with stock PyTorch (what `TFORMER_ACCEL=off` gives); afterwards
     exactly the modules that had tformer's paths have them again. For side-by-side measurement (`tformer
     bench`) in one thread: the model itself changes for the block."""
-    swapped = [m for m in model.modules() if type(m) in _SWAPPED]
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in _SWAPPED]
     attentions = [
         m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.backend.name == _attention.NAME
     ]
@@ -153,8 +153,8 @@ def reverted(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m in swapped:
-            m.__class__ = {stock: fast for fast, stock in _SWAPPED.items()}[type(m)]
+        for m, cls in swapped:
+            m.__class__ = cls
             if plan is not None:
                 m.__dict__["_accel_plan"] = plan
         for a in attentions:

@@ -10,10 +10,10 @@ E[dropout(x)] = x exactly, as with torch's 1 / (1 - p). Forward and backward tog
 `F.dropout` there from 384k elements; slower below about 10k (the extra ops' fixed cost), so tensors
 under `MIN_NUMEL` elements always take F.dropout.
 
-The masks are not torch's, draw for draw (another use of the same generator): so each (dtype, size)
-class is chosen by timing on first use like the linear layers' classes (accel/plan.py: stock wherever
-"bits16" did not beat it by more than the noise, timed with the caller's random stream restored), and the
-choice is recorded with the run, so a resumed run draws its masks as it began.
+The masks are not torch's, draw for draw (another use of the same generator): so the path is chosen
+per dtype by timing on first use like the linear layers' classes (accel/plan.py: stock unless "bits16"
+beat it by more than the noise, timed with the caller's random stream restored), and the choice is
+recorded with the run, so a resumed run draws its masks as it began.
 """
 
 from __future__ import annotations

@@ -99,33 +99,32 @@ class Plan:
         return got
 
     def _choose_dropout(self, name: str, dtype: torch.dtype, p: float) -> str:
-        with self._lock:
-            recorded = self.choices.get(name)
-        if recorded is not None:
-            return recorded
-        winner = "stock"  # no tuner: the fixed rule is stock (masks as torch draws them)
-        if self.tuner is not None:
-            winner = self.tuner.choose(tuple(name.split("/")), _dropout_candidates(dtype, p), stock="stock")
-        if self.agree is not None:
-            winner = self.agree(name, winner)
-        with self._lock:
-            return self.choices.setdefault(name, winner)
+        # no tuner: stock, masks as torch draws them
+        return self._decide(name, "stock", lambda: _dropout_candidates(dtype, p), collective=True)
 
     def _choose(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> str:
+        rows = max(1, x.numel() // weight.shape[1])
+        fixed = "onednn" if rows * weight.shape[0] * weight.shape[1] >= _linear.ONEDNN_MIN_MNK else "stock"
+        return self._decide(name, fixed, lambda: _candidates(x, weight, bias, training), collective=training)
+
+    def _decide(
+        self,
+        name: str,
+        fixed: str,
+        candidates: Callable[[], dict[str, Callable[[], Any]]],
+        *,
+        collective: bool,
+    ) -> str:
+        """The recorded choice for class `name`; else the tuner's (timing `candidates()`), or `fixed`
+        without a tuner; a training class (`collective`) then goes through `agree` (torchrun: rank 0's)."""
         with self._lock:
             recorded = self.choices.get(name)
         if recorded is not None:
             return recorded
-        if self.tuner is None:
-            rows = max(1, x.numel() // weight.shape[1])
-            winner = (
-                "onednn" if rows * weight.shape[0] * weight.shape[1] >= _linear.ONEDNN_MIN_MNK else "stock"
-            )
-        else:
-            winner = self.tuner.choose(
-                tuple(name.split("/")), _candidates(x, weight, bias, training), stock="stock"
-            )
-        if training and self.agree is not None:
+        winner = fixed
+        if self.tuner is not None:
+            winner = self.tuner.choose(tuple(name.split("/")), candidates(), stock="stock")
+        if collective and self.agree is not None:
             winner = self.agree(name, winner)
         with self._lock:
             return self.choices.setdefault(name, winner)
