@@ -413,3 +413,79 @@ def test_compiled_bf16_gemv_is_as_accurate_as_bf16_f_linear():
     stock = F.linear(x, w, b)
     err, ref_err = (float((t.double() - exact).abs().max()) for t in (got, stock))
     assert err <= 1.5 * ref_err + 1e-12 and err <= 2**-7 * float(exact.abs().max())
+
+
+# --- bfloat16 autocast products with bucketed rows --------------------------------------------------------
+def _autocast_grads(fn, x, w, b, grad):
+    xs = x.detach().clone().requires_grad_(x.requires_grad)
+    ws, bs = w.detach().clone().requires_grad_(), None if b is None else b.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(xs, ws, bs)
+    inputs = [t for t in (xs, ws, bs) if t is not None and t.requires_grad]
+    return (y, *torch.autograd.grad(y, inputs, grad))
+
+
+@pytest.mark.parametrize(
+    ("shape", "bias", "dtype"),
+    [
+        ((3, 37, 48), True, torch.float32),
+        ((130, 48), False, torch.float32),
+        ((2, 50, 48), True, torch.bfloat16),
+    ],
+)
+def test_bucketed_bf16_product_is_autocasts_function(shape, bias, dtype):
+    """Padded rows change nothing but the weight gradient's summation order: outputs, dtypes and every
+    gradient are autocast F.linear's (bfloat16 rounding: a few bf16 ulps of the largest entry)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    w, b = torch.randn(40, 48, generator=g), torch.randn(40, generator=g) if bias else None
+    grad = torch.randn(*shape[:-1], 40, generator=g).bfloat16()
+    assert tl.bucket_eligible(x, w, b) is False  # outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tl.bucket_eligible(x, w, b)
+        assert not tl.bucket_eligible(x[..., :1, :], w, b)  # fewer than ROW_BUCKET rows
+    want = _autocast_grads(F.linear, x, w, b, grad)
+    got = _autocast_grads(tl.bucketed_linear, x, w, b, grad)
+    for a, e in zip(got, want, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        scale = e.float().abs().max().item()
+        torch.testing.assert_close(a.float(), e.float(), rtol=0, atol=4 * 2**-8 * scale)
+
+
+class _BucketTuner:
+    """Picks a scripted winner for the bfloat16 class; runs each candidate once (they leave no trace)."""
+
+    def __init__(self, winner: str) -> None:
+        self.winner, self.asked = winner, []
+
+    def choose(self, key, candidates, *, stock):
+        assert stock == "stock" and set(candidates) == {"stock", "bucket"}
+        for run in candidates.values():
+            run()
+        self.asked.append(key)
+        return self.winner
+
+
+@pytest.mark.parametrize("winner", ["stock", "bucket"])
+def test_bf16_products_take_the_measured_path_once_per_class(winner, monkeypatch):
+    fake = _BucketTuner(winner)
+    monkeypatch.setattr(accel, "_tuner", fake)
+    padded = []
+    real = tl._RowBucketLinear.apply
+    monkeypatch.setattr(tl._RowBucketLinear, "apply", lambda *a: padded.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+    model = accel.apply(nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)))
+    x = torch.randn(2, 45, 16)
+    for rows in (45, 50):  # 90 and 100 rows: both pad to 128
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x[:, :rows]).float().sum().backward()
+    assert fake.asked == [("linear", "bfloat16", "train", "rows")]
+    assert accel.recorded(model) == {"linear/bfloat16/train/rows": winner}
+    # the timing's own "bucket" call (91 rows), then the layers' four products where "bucket" won
+    assert padded == [128] * (5 if winner == "bucket" else 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert fake.asked[1:] == [("linear", "bfloat16", "infer", "rows")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x[:, :10]).float().sum().backward()  # 20 rows: stock, not asked
+    assert len(fake.asked) == 2

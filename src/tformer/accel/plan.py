@@ -35,7 +35,10 @@ from tformer.accel import linear as _linear
 from tformer.accel.tune import Tuner, rows_bucket
 
 # the paths of each op, by the first part of its class name; the first is stock
-OP_PATHS = {"linear": ("stock", "onednn"), "dropout": ("stock", "bits16")}
+OP_PATHS = {"linear": ("stock", "onednn", "bucket"), "dropout": ("stock", "bits16")}
+# bfloat16 autocast products: one class per train / inference (the kernel builds it avoids do not depend
+# on the layer's size), timed on the first call's operands at row counts the process has not met
+BF16_CLASS = "linear/bfloat16/{}/rows"
 
 
 def class_name(training: bool, bucket: str, n: int, k: int) -> str:
@@ -86,6 +89,19 @@ class Plan:
         got = self._fast.get(fast)
         if got is None:
             got = self._choose(class_name(training, bucket, n, k), x, weight, bias, training)
+            self._fast[fast] = got
+        return got
+
+    def bf16_path(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> str:
+        """ "bucket" or "stock" for a CPU bfloat16 autocast product (the caller checked
+        `bucket_eligible`)."""
+        fast = ("bf16", training)
+        got = self._fast.get(fast)
+        if got is None:
+            name = BF16_CLASS.format("train" if training else "infer")
+            got = self._decide(
+                name, "stock", lambda: _bucket_candidates(x, weight, bias, training), collective=training
+            )
             self._fast[fast] = got
         return got
 
@@ -162,6 +178,38 @@ def _candidates(
         return run
 
     return {"stock": step(F.linear), "onednn": step(_linear.onednn_linear)}
+
+
+def _bucket_candidates(
+    x: Tensor, weight: Tensor, bias: Tensor | None, training: bool
+) -> dict[str, Callable[[], Any]]:
+    """Stock autocast and "bucket", each computing this layer's product (and, training, its gradients)
+    under bfloat16 autocast on detached operands, every call at a row count not used before in this
+    process: what length-bucketed batches meet step after step."""
+    k, n = weight.shape[1], weight.shape[0]
+    rows = max(1, x.numel() // k)
+    spread = 4096  # distinct row counts available to the timing (it makes far fewer calls)
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(rows + spread, k, generator=g).bfloat16()
+    gout = torch.randn(rows + spread, n, generator=g).bfloat16()
+    w = weight.detach().clone().requires_grad_(training)
+    b = None if bias is None else bias.detach().clone().requires_grad_(training)
+    calls = iter(range(1, 1 << 62))
+
+    def fresh(fn: Callable[..., Tensor]) -> Callable[[], Any]:
+        def run() -> Any:
+            m = rows + next(calls) % spread
+            xs = big[:m].detach().requires_grad_(training)
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(training):
+                y = fn(xs, w, b)
+                if not training:
+                    return y
+                inputs = [t for t in (xs, w, b) if t is not None]
+                return torch.autograd.grad(y, inputs, gout[:m])
+
+        return run
+
+    return {"stock": fresh(F.linear), "bucket": fresh(_linear.bucketed_linear)}
 
 
 def _dropout_candidates(dtype: torch.dtype, p: float) -> dict[str, Callable[[], Any]]:
