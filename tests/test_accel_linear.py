@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tformer.accel.bucket as tb
 import tformer.accel.linear as tl
 from tformer import accel
 from tformer.accel.linear import AccelLinear
@@ -440,12 +441,12 @@ def test_bucketed_bf16_product_is_autocasts_function(shape, bias, dtype):
     x = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
     w, b = torch.randn(40, 48, generator=g), torch.randn(40, generator=g) if bias else None
     grad = torch.randn(*shape[:-1], 40, generator=g).bfloat16()
-    assert tl.bucket_eligible(x, w, b) is False  # outside autocast
+    assert tb.bucket_eligible(x, w, b) is False  # outside autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert tl.bucket_eligible(x, w, b)
-        assert not tl.bucket_eligible(x[..., :1, :], w, b)  # fewer than ROW_BUCKET rows
+        assert tb.bucket_eligible(x, w, b)
+        assert not tb.bucket_eligible(x[..., :1, :], w, b)  # fewer than ROW_BUCKET rows
     want = _autocast_grads(F.linear, x, w, b, grad)
-    got = _autocast_grads(tl.bucketed_linear, x, w, b, grad)
+    got = _autocast_grads(tb.bucketed_linear, x, w, b, grad)
     for a, e in zip(got, want, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype
         scale = e.float().abs().max().item()
@@ -471,8 +472,8 @@ def test_bf16_products_take_the_measured_path_once_per_class(winner, monkeypatch
     fake = _BucketTuner(winner)
     monkeypatch.setattr(accel, "_tuner", fake)
     padded = []
-    real = tl._RowBucketLinear.apply
-    monkeypatch.setattr(tl._RowBucketLinear, "apply", lambda *a: padded.append(a[-1]) or real(*a))
+    real = tb._RowBucketLinear.apply
+    monkeypatch.setattr(tb._RowBucketLinear, "apply", lambda *a: padded.append(a[-1]) or real(*a))
     torch.manual_seed(0)
     model = accel.apply(nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8)))
     x = torch.randn(2, 45, 16)

@@ -27,15 +27,6 @@ fused. Each shape compiles once per process (GPT-2 small's five shapes: about 3 
 cache warm, 9 s on a cold one, on 2 cores), so it is opt-in. Where compiling fails (no C++ compiler) a
 warning says so once and the layer's other path serves instead.
 
-Under CPU bfloat16 autocast every product goes to oneDNN, which builds (JIT-compiles) a kernel for each
-new shape it meets: about 7 ms a product on a Sapphire Rapids Xeon, against 1-3 ms to run it, and its cache
-holds 1024 of them. Length-bucketed batches (translation, classification) give nearly every step a row
-count of its own, so a bfloat16 step there paid as much in kernel builds as in products. The "bucket" path
-pads the rows of such a product with zeros to a multiple of `ROW_BUCKET` (so that a few dozen shapes
-recur), computes it in bfloat16 as autocast does, and drops the padding again; the plan takes it where
-it measured faster on shapes the process has not seen (accel/plan.py). Real rows are autocast's products
-of the same operands; only the weight gradient's summation order over rows can differ (float rounding).
-
 The same context compiles one-row products with torchao's int8 weights (`--precision int8`): one kernel
 reads each int8 weight once, 1 byte instead of float32's 4, where torchao 0.18's own CPU path transposes
 or dequantises the whole matrix on every call. It is torchao's function: the activation row is quantised
@@ -55,6 +46,8 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tformer.accel import bucket as _bucket
 
 _op: Any = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -335,83 +328,6 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-# A bfloat16 product's rows are padded to a multiple of this on the "bucket" path: a 3,000-token batch
-# pads by 2% at most on average and its products fall into a few dozen shapes.
-ROW_BUCKET = 64
-
-
-class _RowBucketLinear(torch.autograd.Function):
-    """F.linear as CPU bfloat16 autocast computes it, with `x`'s rows zero-padded to `rows_to` for the
-    forward product and both backward products (dx = dy W, dW = dy^T x); outputs and dx without padding."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, rows_to: int) -> Tensor:
-        dt = torch.bfloat16
-        k, n = weight.shape[1], weight.shape[0]
-        rows = x.numel() // k
-        xp = x.new_empty((rows_to, k), dtype=dt)
-        xp[:rows].copy_(x.reshape(rows, k))
-        xp[rows:].zero_()
-        w = weight.to(dt)
-        b = None if bias is None else bias.to(dt)
-        with torch.autocast("cpu", enabled=False):
-            y = F.linear(xp, w, b)
-        ctx.save_for_backward(xp, w)
-        ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype, rows)
-        return y[:rows].reshape(*x.shape[:-1], n)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        xp, w = ctx.saved_tensors
-        x_shape, x_dtype, w_dtype, b_dtype, rows = ctx.meta
-        n = w.shape[0]
-        g = grad.reshape(rows, n).to(torch.bfloat16)
-        gp = g.new_empty((xp.shape[0], n))
-        gp[:rows].copy_(g)
-        gp[rows:].zero_()
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = (gp @ w)[:rows].reshape(x_shape).to(x_dtype) if need_x else None
-        dw = (gp.t() @ xp).to(w_dtype) if need_w else None
-        db = g.sum(0).to(b_dtype) if need_b and b_dtype is not None else None
-        return dx, dw, db, None
-
-
-def bucket_eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """A product the "bucket" path can compute: CPU bfloat16 autocast, float32 weights (the module's
-    own), plain tensors, at least `ROW_BUCKET` rows, outside tracing."""
-    return (
-        torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and x.device.type == "cpu"
-        and (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
-        and type(x) in _PLAIN
-        and x.dim() >= 2
-        and weight.dtype == torch.float32
-        and type(weight) in _PLAIN
-        and weight.device.type == "cpu"
-        and weight.dim() == 2
-        and x.shape[-1] == weight.shape[1]
-        and (
-            bias is None
-            or (type(bias) in _PLAIN and bias.dtype == torch.float32 and bias.shape == weight.shape[:1])
-        )
-        and x.numel() >= ROW_BUCKET * weight.shape[1]
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.onnx.is_in_onnx_export()
-    )
-
-
-def bucketed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) under CPU bfloat16 autocast, its rows padded to a multiple of
-    `ROW_BUCKET` (see the module's doc); the caller checked `bucket_eligible`."""
-    rows = x.numel() // weight.shape[1]
-    rows_to = -(-rows // ROW_BUCKET) * ROW_BUCKET
-    if rows_to == rows:
-        return F.linear(x, weight, bias)
-    return cast(Tensor, _RowBucketLinear.apply(x, weight, bias, rows_to))
-
-
 def _float32_cpu_eager(x: Tensor) -> bool:
     """x is a plain float32 CPU tensor, outside autocast (and, as `linear` checks first, outside
     torch.compile's tracing)."""
@@ -483,10 +399,10 @@ def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: An
             y = _int8_gemv(x, weight, bias) if x.dtype == torch.float32 else None
         if y is not None:
             return y
-    if plan is not None and bucket_eligible(x, weight, bias):
+    if plan is not None and _bucket.bucket_eligible(x, weight, bias):
         training = (torch.is_grad_enabled() and x.requires_grad) or _grad_wanted(weight, bias)
         if plan.bf16_path(x, weight, bias, training) == "bucket":
-            return bucketed_linear(x, weight, bias)
+            return _bucket.bucketed_linear(x, weight, bias)
         return F.linear(x, weight, bias)
     if not _eligible(x, weight, bias):
         return F.linear(x, weight, bias)
@@ -514,11 +430,8 @@ class AccelLinear(nn.Linear):
 
 __all__ = [
     "ONEDNN_MIN_MNK",
-    "ROW_BUCKET",
     "AccelLinear",
     "accel_linear",
-    "bucket_eligible",
-    "bucketed_linear",
     "compiled_decoding",
     "onednn_available",
     "onednn_linear",

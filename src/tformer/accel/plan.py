@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tformer.accel import bucket as _bucket
 from tformer.accel import dropout as _dropout
 from tformer.accel import linear as _linear
 from tformer.accel.tune import Tuner, rows_bucket
@@ -209,7 +210,7 @@ def _bucket_candidates(
 
         return run
 
-    return {"stock": fresh(F.linear), "bucket": fresh(_linear.bucketed_linear)}
+    return {"stock": fresh(F.linear), "bucket": fresh(_bucket.bucketed_linear)}
 
 
 def _dropout_candidates(dtype: torch.dtype, p: float) -> dict[str, Callable[[], Any]]:
