@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tformer import backends
 from tformer import config as config_module
 from tformer.attention import MultiHeadAttention
 from tformer.attention import scores as scores_module
@@ -198,13 +199,13 @@ def test_config_and_backend_errors():
         LMConfig(attention="performer", attention_score="cosine")
     with pytest.raises(ConfigError, match="linformer"):
         ModelConfig(attention="linformer", attention_score="l2")
-    with pytest.raises(ValueError, match=r"backend 'performer' cannot compute the 'l2' score"):
+    with pytest.raises(ValueError, match=r"backend 'performer' cannot compute attention_score = 'l2'"):
         MultiHeadAttention(C, H, backend="performer", score="l2")
     with pytest.raises(ValueError, match="unknown attention score 'x'"):
         MultiHeadAttention(C, H, score="x")
-    # the config (no torch) and the attention package name the same choices
-    assert config_module.ATTENTION_SCORES == scores_module.SCORES
-    assert config_module.SCORE_BACKENDS == scores_module.SCORE_BACKENDS
+    # the config (no torch) and the attention package read the same table (tformer/backends.py)
+    assert config_module.ATTENTION_SCORES == scores_module.SCORES == backends.SCORES
+    assert config_module.SCORE_BACKENDS == ("math", "sdpa", "chunked", "local")
 
 
 def test_dot_score_adds_no_parameters():

@@ -20,9 +20,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-ATTENTION_BACKENDS = ("math", "sdpa", "chunked", "local", "performer", "linformer")
-ATTENTION_SCORES = ("dot", "cosine", "l2")  # attention/scores.py
-SCORE_BACKENDS = ("math", "sdpa", "chunked", "local")  # the exact kernels, which take any q and k
+from tformer import backends
+
+# what each attention backend can do: tformer/backends.py (torch-free), the one table
+ATTENTION_BACKENDS = tuple(backends.BACKENDS)
+ATTENTION_SCORES = backends.SCORES
+SCORE_BACKENDS = tuple(n for n, b in backends.BACKENDS.items() if b.scores == backends.EXACT)
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 POSITIONS = ("sinusoidal", "sinusoidal_concat", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")
@@ -246,18 +249,22 @@ class TransformerConfig(_Config):
         _check_probability(name, dropout=self.dropout, attention_dropout=self.attention_dropout)
         _check_choice(name, "activation", self.activation, ACTIVATIONS)
         _check_choice(name, "positions", self.positions, POSITIONS)
-        _check_choice(name, "attention", self.attention, ATTENTION_BACKENDS)
         _check_choice(name, "attention_score", self.attention_score, ATTENTION_SCORES)
-        if self.attention_score != "dot" and self.attention not in SCORE_BACKENDS:
-            raise ConfigError(
-                f"{name}.attention = {self.attention!r} cannot compute attention_score = "
-                f"{self.attention_score!r} (it approximates the dot-product softmax itself); use one of "
-                f"{', '.join(SCORE_BACKENDS)}"
-            )
-        if self.attention_dropout > 0 and self.attention in ("chunked", "performer"):
-            raise ConfigError(f"{name}.attention = {self.attention!r} does not support attention_dropout > 0")
+        self._check_backend("attention", self.attention)
         if self.token_types < 0:
             raise ConfigError(f"{name}.token_types must be >= 0, got {self.token_types}")
+
+    def _check_backend(self, key: str, value: str, *, causal: bool = False, cross: bool = False) -> None:
+        """`value` (config key `key`) is a backend that can serve its role (tformer/backends.py)."""
+        name = type(self).__name__
+        _check_choice(name, key, value, tuple(backends.BACKENDS))
+        spec = backends.BACKENDS[value]
+        problem = backends.unsupported(
+            spec, score=self.attention_score, dropout=self.attention_dropout, causal=causal, cross=cross
+        )
+        if problem:
+            role = " (the causal self-attention)" if causal and key == "attention" else ""
+            raise ConfigError(f"{name}.{key}{role} = {value!r} {problem}")
 
     def _check_vocab(self, **sizes: int) -> None:
         name = type(self).__name__
@@ -285,6 +292,10 @@ class ModelConfig(TransformerConfig):
     tie_output: bool = True  # output projection shares the target embedding (paper section 3.4)
     output_bias: bool = False  # a bias on the output logits (Marian's final_logits_bias)
     bidirectional: bool = True  # lstm / gru: a bidirectional encoder (d_model / 2 per direction)
+    # the other attention roles (tformer/backends.py); None: `attention` where it can fill the role, else
+    # "sdpa" (a `local` translator attends to its whole source, a `linformer` one's decoder is causal)
+    decoder_attention: str | None = None  # the decoder's causal self-attention
+    cross_attention: str | None = None  # the decoder's attention to the encoder output
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -295,6 +306,8 @@ class ModelConfig(TransformerConfig):
                 raise ConfigError(f"{name}.{key} is for encoder-only stacks; a translation model has none")
         if self.n_decoder_layers is not None:
             _check_positive(name, n_decoder_layers=self.n_decoder_layers)
+        self._check_backend("decoder_attention", self.decoder_backend, causal=True)
+        self._check_backend("cross_attention", self.cross_backend, cross=True)
         if self.architecture != "transformer" and self.bidirectional and self.d_model % 2:
             raise ConfigError(
                 f"{name}.d_model = {self.d_model} must be even for a bidirectional {self.architecture} "
@@ -309,6 +322,16 @@ class ModelConfig(TransformerConfig):
     @property
     def decoder_layers(self) -> int:
         return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
+    @property
+    def decoder_backend(self) -> str:
+        """The backend of the decoder's self-attention (`decoder_attention`, resolved)."""
+        return backends.role(self.attention, self.decoder_attention, causal=True)
+
+    @property
+    def cross_backend(self) -> str:
+        """The backend of cross-attention (`cross_attention`, resolved)."""
+        return backends.role(self.attention, self.cross_attention, cross=True)
 
 
 Seq2SeqConfig = ModelConfig
@@ -362,10 +385,7 @@ class LMConfig(TransformerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_vocab(vocab_size=self.vocab_size)
-        if self.attention == "linformer":
-            raise ConfigError(
-                "LMConfig.attention = 'linformer' cannot be causal; a language model needs another backend"
-            )
+        self._check_backend("attention", self.attention, causal=True)  # the stack runs causally
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,7 @@ class DecoderLayer(nn.Module):
         backend_options: dict[str, Any] | None = None,
         n_kv_heads: int | None = None,
         score: str = "dot",
+        cross_backend: str = "sdpa",
     ) -> None:
         super().__init__()
         self.norm_first = norm_first
@@ -195,20 +196,20 @@ class DecoderLayer(nn.Module):
             n_heads,
             dropout=attention_dropout,
             bias=bias,
-            backend="sdpa" if backend == "linformer" else backend,  # linformer cannot be causal
+            backend=backend,
             rotary=rotary,
             backend_options=backend_options,
             n_kv_heads=n_kv_heads,
             score=score,
         )
-        # A window over source positions means nothing to a target query: cross-attention stays full.
-        cross_backend = "sdpa" if backend == "local" else backend
         self.cross_attn = MultiHeadAttention(
             d_model,
             n_heads,
             dropout=attention_dropout,
             bias=bias,
             backend=cross_backend,
+            # no options: a linformer cross-attention has always had the default (64, 512) projections,
+            # whatever the config's linformer_rank (the shapes saved checkpoints hold)
             n_kv_heads=n_kv_heads,
             score=score,
             cross=True,

@@ -1,4 +1,5 @@
-"""Attention kernels behind one signature, and a registry by name.
+"""Attention kernels behind one signature, and the registry that imports each by name (tformer/backends.py
+declares the backends, what they can do and where their kernels live).
 
 Every backend is `fn(q, k, v, mask=None, *, causal=False, dropout_p=0.0, need_weights=False, scale=None)`
 with q (B, H, T, D), k and v (B, H, S, D), a bool mask broadcastable to (B, H, T, S) (True = may attend),
@@ -9,6 +10,7 @@ to yields zeros, never NaN.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tformer import backends as capabilities
 from tformer.attention.masks import causal_mask, combine
 
 AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
@@ -25,38 +28,65 @@ AttentionFn = Callable[..., tuple[Tensor, Tensor | None]]
 
 @dataclass(frozen=True)
 class Backend:
+    """A kernel and its capabilities (`spec`, declared in tformer/backends.py)."""
+
     name: str
     fn: AttentionFn
-    supports_weights: bool
-    options: tuple[str, ...] = ()  # extra keyword arguments it takes (e.g. "window")
+    spec: capabilities.Backend
+
+    @property
+    def supports_weights(self) -> bool:
+        return self.spec.weights
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return self.spec.options
 
 
-_REGISTRY: dict[str, Backend] = {}
+_REGISTRY: dict[str, Backend] = {}  # kernels imported so far, and those registered at run time
+
+
+def load(path: str) -> Callable[..., Any]:
+    """The function a "module:function" path of tformer/backends.py names."""
+    module, _, symbol = path.partition(":")
+    fn: Callable[..., Any] = getattr(importlib.import_module(module), symbol)
+    return fn
 
 
 def register(
     name: str, *, supports_weights: bool, options: tuple[str, ...] = ()
 ) -> Callable[[AttentionFn], AttentionFn]:
-    """Register `fn` as the backend `name` (attention/*.py, and tformer.accel's machine-specific ones)."""
+    """Register `fn` as the kernel `name` at run time (tformer.accel's machine-specific stand-ins for an
+    exact kernel: capabilities of an exact kernel). A backend users choose is an entry of
+    tformer/backends.py instead."""
 
     def wrap(fn: AttentionFn) -> AttentionFn:
-        _REGISTRY[name] = Backend(name, fn, supports_weights, options)
+        spec = capabilities.Backend(
+            name,
+            f"{fn.__module__}:{fn.__name__}",
+            weights=supports_weights,
+            scores=capabilities.EXACT,
+            options=options,
+        )
+        _REGISTRY[name] = Backend(name, fn, spec)
         return fn
 
     return wrap
 
 
 def get_backend(name: str) -> Backend:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown attention backend {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    if name not in _REGISTRY:
+        if name not in capabilities.BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {name!r}; available: {', '.join(available_backends())}"
+            )
+        spec = capabilities.BACKENDS[name]
+        _REGISTRY[name] = Backend(name, load(spec.kernel), spec)
+    return _REGISTRY[name]
 
 
 def available_backends() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*capabilities.BACKENDS, *_REGISTRY})
 
 
 def full_mask(mask: Tensor | None, causal: bool, t: int, s: int, device: torch.device) -> Tensor | None:
@@ -67,7 +97,6 @@ def full_mask(mask: Tensor | None, causal: bool, t: int, s: int, device: torch.d
     return mask
 
 
-@register("math", supports_weights=True)
 def math_attention(
     q: Tensor,
     k: Tensor,
@@ -97,7 +126,6 @@ def math_attention(
     return out, (weights if need_weights else None)
 
 
-@register("sdpa", supports_weights=False)
 def sdpa_attention(
     q: Tensor,
     k: Tensor,
@@ -126,43 +154,3 @@ def sdpa_attention(
     empty = ~allowed.any(dim=-1, keepdim=True)  # (B?, H?, T, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scale)
     return out.masked_fill(empty, 0.0), None
-
-
-@register("chunked", supports_weights=False)
-def _chunked(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
-) -> tuple[Tensor, Tensor | None]:
-    """Exact attention in key blocks with an online softmax (attention/chunked.py): O(T) memory."""
-    from tformer.attention.chunked import chunked_attention
-
-    return chunked_attention(q, k, v, mask, **kwargs)
-
-
-@register("local", supports_weights=False, options=("window",))
-def _local(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
-) -> tuple[Tensor, Tensor | None]:
-    """Sliding-window attention (attention/local.py): O(T * window)."""
-    from tformer.attention.local import local_attention
-
-    return local_attention(q, k, v, mask, **kwargs)
-
-
-@register("performer", supports_weights=False)
-def _performer(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
-) -> tuple[Tensor, Tensor | None]:
-    """FAVOR+ random-feature attention (attention/performer.py): O(T) time and memory, approximate."""
-    from tformer.attention.performer import performer_attention
-
-    return performer_attention(q, k, v, mask, **kwargs)
-
-
-@register("linformer", supports_weights=False, options=("proj_k", "proj_v"))
-def _linformer(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **kwargs: Any
-) -> tuple[Tensor, Tensor | None]:
-    """Low-rank projection of keys and values along the sequence (attention/linformer.py): O(T * rank)."""
-    from tformer.attention.linformer import linformer_attention
-
-    return linformer_attention(q, k, v, mask, **kwargs)

@@ -10,9 +10,21 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tformer.attention.masks import key_padding
+
+
+def linformer_parameters(
+    n_heads: int, d_head: int, *, rank: int = 64, max_seq_len: int = 512
+) -> dict[str, nn.Parameter]:
+    """The learned sequence projections E ("proj_k") and F ("proj_v"), (rank, max_seq_len) each, shared by
+    the heads of one attention layer; their names are the kernel's keywords and the state-dict keys."""
+    rank, max_seq_len = int(rank), int(max_seq_len)
+    return {
+        "proj_k": nn.Parameter(torch.randn(rank, max_seq_len) / math.sqrt(max_seq_len)),
+        "proj_v": nn.Parameter(torch.randn(rank, max_seq_len) / math.sqrt(max_seq_len)),
+    }
 
 
 def linformer_attention(
@@ -36,7 +48,9 @@ def linformer_attention(
     if need_weights:
         raise ValueError("the 'linformer' backend has no (T, S) attention weights; use 'math' for them")
     if proj_k is None or proj_v is None:
-        raise ValueError("the 'linformer' backend needs its projections (MultiHeadAttention creates them)")
+        raise ValueError(
+            "the 'linformer' backend needs its projections (linformer_parameters; MultiHeadAttention owns them)"
+        )
     s = k.shape[-2]
     if s > proj_k.shape[-1]:
         raise ValueError(f"{s} keys, more than the Linformer projection's max_seq_len = {proj_k.shape[-1]}")

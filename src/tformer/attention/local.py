@@ -28,6 +28,13 @@ def band_mask(t: int, s: int, window: int, *, causal: bool, device: torch.device
     return near & (k <= q) if causal else near
 
 
+def reference_mask(
+    t: int, s: int, *, causal: bool, device: torch.device | None = None, window: int = DEFAULT_WINDOW
+) -> Tensor:
+    """What `math` must also mask to compute this backend's attention (its weights, when asked for)."""
+    return band_mask(t, s, window, causal=causal, device=device)
+
+
 def local_attention(
     q: Tensor,
     k: Tensor,

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from tformer.attention.backends import get_backend
-from tformer.attention.local import DEFAULT_WINDOW, band_mask
+from tformer.attention.backends import get_backend, load
 from tformer.attention.masks import check_mask, combine
-from tformer.attention.scores import AttentionScore, check_score
+from tformer.attention.scores import AttentionScore
+from tformer.backends import SCORES, unsupported
 
 
 class KV(NamedTuple):
@@ -160,7 +159,12 @@ class MultiHeadAttention(nn.Module):
         cross: bool = False,
     ) -> None:
         super().__init__()
-        check_score(score, backend)
+        self.backend = get_backend(backend)
+        if score not in SCORES:
+            raise ValueError(f"unknown attention score {score!r}; expected one of {', '.join(SCORES)}")
+        problem = unsupported(self.backend.spec, score=score, dropout=dropout, cross=cross)
+        if problem:
+            raise ValueError(f"attention backend {backend!r} {problem}")
         self.cross = cross
         self.rotary = rotary  # rotary positions for self-attention (shared, holds no parameters)
         if d_model % n_heads:
@@ -174,9 +178,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"n_kv_heads = {n_kv_heads} must divide n_heads = {n_heads}")
         self.kv_dim = self.n_kv_heads * self.d_head
         self.dropout = dropout
-        self.backend = get_backend(backend)
-        # only the options this backend takes (e.g. the window of "local")
-        self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in self.backend.options}
+        spec = self.backend.spec
+        # only the options this backend takes (e.g. the window of "local"), by their user-facing names
+        self.backend_options = {k: v for k, v in (backend_options or {}).items() if k in spec.options}
         self.score = AttentionScore(score, n_heads, self.d_head)
         packed = nn.Linear(d_model, d_model + 2 * self.kv_dim, bias=bias)  # rows: q, k, v
         if cross:  # the same rows (and the same random draws) as the packed layer, in two layers
@@ -184,15 +188,18 @@ class MultiHeadAttention(nn.Module):
         else:
             self.in_proj = packed
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
-        if self.backend.name == "linformer":  # its learned sequence projections E and F (rank, max_seq_len)
-            opts = backend_options or {}
-            rank, max_len = int(opts.get("rank", 64)), int(opts.get("max_seq_len", 512))
-            self.proj_k = nn.Parameter(torch.randn(rank, max_len) / math.sqrt(max_len))
-            self.proj_v = nn.Parameter(torch.randn(rank, max_len) / math.sqrt(max_len))
+        # the parameters a backend owns (linformer's E and F), sized by its options, under their own names
+        self.backend_params: tuple[str, ...] = ()
+        if spec.params is not None:
+            params = load(spec.params)(n_heads, self.d_head, **self.backend_options)
+            for name, p in params.items():
+                self.register_parameter(name, p)
+            self.backend_params = tuple(params)
 
     def _options(self) -> dict[str, Any]:
-        if self.backend.name == "linformer":
-            return {"proj_k": self.proj_k, "proj_v": self.proj_v}
+        """The kernel's keywords: the backend's parameters when it owns some, else its options."""
+        if self.backend_params:
+            return {name: self._parameters[name] for name in self.backend_params}
         return self.backend_options
 
     def _split(self, x: Tensor) -> Tensor:
@@ -291,9 +298,11 @@ class MultiHeadAttention(nn.Module):
                 f"attention backend '{backend.name}' cannot return weights; using 'math' for this call",
                 stacklevel=2,
             )
-            if backend.name == "local":  # the reference must see only the window, as `local` does
-                window = self.backend_options.get("window", DEFAULT_WINDOW)
-                mask = combine(mask, band_mask(t, s, window, causal=causal, device=x.device))
+            if backend.spec.reference_mask is not None:  # e.g. `local`'s window: the reference sees it too
+                extra = load(backend.spec.reference_mask)(
+                    t, s, causal=causal, device=x.device, **self.backend_options
+                )
+                mask = combine(mask, extra)
             backend = get_backend("math")
         k_all, v_all = kv.k, kv.v
         if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads

@@ -1,6 +1,6 @@
 """Score functions besides the scaled dot product, run through the unchanged exact kernels.
 
-Every exact backend computes softmax(q k^T * scale) v. A score function is therefore expressed as a
+Which backends take them is declared in tformer/backends.py (`Backend.scores`). Every exact backend computes softmax(q k^T * scale) v. A score function is therefore expressed as a
 transform of the queries and of the keys plus the `scale` handed to the kernel, so `math`, `sdpa`,
 `chunked` and `local` (with its masks, causal fast paths and online softmax) need no change:
 
@@ -33,23 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SCORES = ("dot", "cosine", "l2")
-# Backends whose kernel is softmax(q k^T * scale) v for arbitrary q and k (the score functions above).
-SCORE_BACKENDS = ("math", "sdpa", "chunked", "local")
+from tformer.backends import SCORES
 
 COSINE_INIT_TEMPERATURE = 10.0
 COSINE_MAX_TEMPERATURE = 100.0
-
-
-def check_score(score: str, backend: str) -> None:
-    """Raise a ValueError when `score` is unknown or `backend` cannot compute it."""
-    if score not in SCORES:
-        raise ValueError(f"unknown attention score {score!r}; expected one of {', '.join(SCORES)}")
-    if score != "dot" and backend not in SCORE_BACKENDS:
-        raise ValueError(
-            f"attention backend {backend!r} cannot compute the {score!r} score: it approximates "
-            f"softmax(q.k / sqrt(D)) itself; use one of {', '.join(SCORE_BACKENDS)} (or score 'dot')"
-        )
 
 
 class AttentionScore(nn.Module):

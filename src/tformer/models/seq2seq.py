@@ -74,7 +74,13 @@ class Seq2Seq(nn.Module):
         self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
         self.dropout = dropout_layer(c.dropout)
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_kwargs(c, self.encoder.rotary))
+            DecoderLayer(
+                c.d_model,
+                c.n_heads,
+                c.d_ff,
+                **(layer_kwargs(c, self.encoder.rotary) | {"backend": c.decoder_backend}),
+                cross_backend=c.cross_backend,
+            )
             for _ in range(c.decoder_layers)
         )
         self.decoder_norm = (
