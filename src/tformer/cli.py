@@ -1,4 +1,5 @@
-"""`tformer` on the command line. Each subcommand calls one library function; errors print one line."""
+"""`tformer` on the command line. Each subcommand calls one library function; errors print one line. The
+families' own verbs (translate, classify, generate) and `train`'s task choices come from tformer.families."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from tformer import families
+from tformer.families.commands import precision_option
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,30 +44,6 @@ def _demo(args: argparse.Namespace) -> int:
     print("Translate with it (sentences as arguments, or one per line on stdin):")
     print(f'  {exe} translate {shlex.quote(str(result.checkpoint))} "deux cent quarante-sept"')
     return 0
-
-
-def _translate(args: argparse.Namespace) -> int:
-    from tformer.tasks import Translator
-
-    translator = Translator.load(args.checkpoint, precision=args.precision, accel=True)
-    texts = _read_inputs(args.text)
-    outputs = translator.translate(
-        texts, beam_size=args.beam, length_penalty=args.length_penalty, max_len=args.max_len
-    )
-    for line in outputs:
-        print(line)
-    return 0
-
-
-def _read_inputs(texts: list[str]) -> list[str]:
-    if texts:
-        return texts
-    if sys.stdin.isatty():
-        print("reading one input per line from stdin (Ctrl-D to end)", file=sys.stderr)
-    lines = [line.rstrip("\n") for line in sys.stdin]
-    while lines and not lines[-1].strip():  # trailing blank lines only; others are reported as empty inputs
-        lines.pop()
-    return lines
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -137,34 +117,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classify(args: argparse.Namespace) -> int:
-    from tformer.tasks import TextClassifier
-
-    classifier = TextClassifier.load(args.checkpoint, precision=args.precision, accel=True)
-    for label, prob in classifier.predict(_read_inputs(args.text)):
-        print(f"{label}\t{prob:.4f}")
-    return 0
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from tformer.tasks import TextGenerator
-
-    generator = TextGenerator.load(args.checkpoint, precision=args.precision, accel=True)
-    text = generator.generate(
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        seed=args.seed,
-        stop=args.stop or (),
-        compile=args.compile,
-    )
-    print(args.prompt + text)
-    return 0
-
-
 def _bench(args: argparse.Namespace) -> int:
     if args.what != "attention":  # train / generate / tune: options and output in tformer.bench.<what>
         import importlib
@@ -196,16 +148,6 @@ def _viz(args: argparse.Namespace) -> int:
     for line in run_viz(args.source, args.arg, vars(args)):
         print(line)
     return 0
-
-
-def _precision_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "int8", "auto"],
-        default="fp32",
-        help="inference precision: bf16 weights, int8 linear layers (needs torchao: tformer[quant]), or "
-        "auto: bf16 where this machine computes it >= 2x faster than fp32",
-    )
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
@@ -262,23 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
-    tr = sub.add_parser("translate", help="translate text with a checkpoint (arguments, or stdin lines)")
-    tr.add_argument("checkpoint", help="checkpoint directory (e.g. runs/demo/checkpoint)")
-    tr.add_argument("text", nargs="*", help="sentences; none: read one per line from stdin")
-    tr.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
-    tr.add_argument("--length-penalty", type=float, default=0.6)
-    tr.add_argument("--max-len", type=int, default=None, help="maximum output tokens")
-    _precision_option(tr)
-    tr.set_defaults(func=_translate, rest="text")
-
-    tn = sub.add_parser("train", help="train a model on your files (translation, classification or lm)")
-    tn.add_argument("task", choices=["translation", "classification", "lm"])
+    names = families.names()
+    tn = sub.add_parser("train", help=f"train a model on your files ({', '.join(names[:-1])} or {names[-1]})")
+    tn.add_argument("task", choices=names)
     tn.add_argument("--config", help="a TOML file with [model], [train] and [data] sections (see configs/)")
     tn.add_argument(
         "--train",
         nargs="+",
-        help="training data: translation: a TSV or SOURCE TARGET files; "
-        "classification: a CSV/TSV/JSONL; lm: a text file",
+        help="training data: " + "; ".join(f"{f.name}: {f.train_data}" for f in families.FAMILIES.values()),
     )
     tn.add_argument("--valid", nargs="+", help="validation data, same format")
     tn.add_argument("--out", default="runs/train", help="output directory (checkpoint, log.jsonl)")
@@ -309,34 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beam", type=int, default=4, help="translation: beam size")
     ev.add_argument("--text-column", default=None, help="classification: text column (default: as trained)")
     ev.add_argument("--label-column", default=None, help="classification: label column (default: as trained)")
-    _precision_option(ev)
+    precision_option(ev)
     ev.set_defaults(func=_eval)
-
-    cl = sub.add_parser(
-        "classify", help="label texts with a classifier checkpoint (arguments, or stdin lines)"
-    )
-    cl.add_argument("checkpoint")
-    cl.add_argument("text", nargs="*")
-    _precision_option(cl)
-    cl.set_defaults(func=_classify, rest="text")
-
-    ge = sub.add_parser("generate", help="continue a prompt with a language-model checkpoint")
-    ge.add_argument("checkpoint")
-    ge.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
-    ge.add_argument("--max-new-tokens", type=int, default=200)
-    ge.add_argument("--temperature", type=float, default=0.8)
-    ge.add_argument("--top-k", type=int, default=None)
-    ge.add_argument("--top-p", type=float, default=None)
-    ge.add_argument("--greedy", action="store_true", help="always the most probable token")
-    ge.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    ge.add_argument("--stop", action="append", help="stop before this string (repeatable)")
-    ge.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the float32 CPU matrix-vector products of decoding (seconds once, then faster tokens)",
-    )
-    _precision_option(ge)
-    ge.set_defaults(func=_generate)
+    for family in families.FAMILIES.values():  # each family's own verbs: translate, classify, generate
+        family.command_adder()(sub)
 
     be = sub.add_parser(
         "bench",

@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from tformer import backends
+from tformer import backends, families
 
 # what each attention backend can do: tformer/backends.py (torch-free), the one table
 ATTENTION_BACKENDS = tuple(backends.BACKENDS)
@@ -31,13 +31,9 @@ POSITIONS = ("sinusoidal", "sinusoidal_concat", "learned", "rotary", "none")
 POOLINGS = ("cls", "mean")
 SCHEDULES = ("inverse_sqrt", "cosine", "constant")
 TOKENIZERS = ("word", "bpe", "char")
-TASKS = ("translation", "classification", "lm")
-# model.architecture per family: the Transformer, or a baseline of the literature (models/rnn.py, models/cnn.py)
-ARCHITECTURES = {
-    "ModelConfig": ("transformer", "lstm", "gru"),
-    "ClassifierConfig": ("transformer", "cnn", "lstm", "gru"),
-    "LMConfig": ("transformer", "lstm", "gru"),
-}
+# Task names, each family's [model] class and its architectures come from tformer.families (the registry);
+# TASKS is the built-in families' names, kept for importers (the checks below ask the registry each time).
+TASKS = families.names()
 
 C = TypeVar("C", bound="_Config")
 
@@ -220,12 +216,12 @@ class TransformerConfig(_Config):
     def __post_init__(self) -> None:
         _check_types(self)
         name = type(self).__name__
-        allowed = ARCHITECTURES.get(name, ("transformer",))
+        family = families.for_config(type(self))
+        allowed = family.architectures if family else ("transformer",)
         if self.architecture not in allowed:
-            family = {"ModelConfig": "translation", "ClassifierConfig": "classification", "LMConfig": "lm"}
             raise ConfigError(
                 f"{name}.architecture = {self.architecture!r} is not available for "
-                f"{family.get(name, name)}; choose one of {', '.join(allowed)}"
+                f"{family.name if family else name}; choose one of {', '.join(allowed)}"
             )
         _check_positive(
             name,
@@ -515,7 +511,7 @@ class RunConfig(_Config):
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        _check_choice(type(self).__name__, "task", self.task, TASKS)
+        _check_choice(type(self).__name__, "task", self.task, families.names())
         wanted = model_config_class(self.task)
         if self.model is None:
             object.__setattr__(self, "model", wanted())
@@ -551,12 +547,11 @@ class RunConfig(_Config):
         if task and data.get("task", task) != task:
             raise ConfigError(f"{source}: a {_show(data['task'])} config, but the task asked for is {task!r}")
         task = task or data.get("task", "translation")
+        tasks = ", ".join(families.names())
         if not isinstance(task, str):
-            raise ConfigError(
-                f"{source}: task = {_show(task)} is not a string; expected one of {', '.join(TASKS)}"
-            )
-        if task not in TASKS:
-            raise ConfigError(f"{source}: task = {_show(task)} is not one of {', '.join(TASKS)}")
+            raise ConfigError(f"{source}: task = {_show(task)} is not a string; expected one of {tasks}")
+        if task not in families.FAMILIES:
+            raise ConfigError(f"{source}: task = {_show(task)} is not one of {tasks}")
         classes: dict[str, type[_Config]] = {
             "model": model_config_class(task),
             "train": TrainConfig,
@@ -586,7 +581,8 @@ class RunConfig(_Config):
 
 
 def model_config_class(task: str) -> type[TransformerConfig]:
-    return {"translation": ModelConfig, "classification": ClassifierConfig, "lm": LMConfig}[task]
+    """The [model] section's class of a task (its family's, tformer.families)."""
+    return families.get(task).config_class()
 
 
 def load_toml(path: str | Path, *, task: str | None = None) -> RunConfig:

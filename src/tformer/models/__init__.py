@@ -3,7 +3,7 @@ literature's baselines (LSTM / GRU with additive attention, LSTM / GRU language 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -11,35 +11,19 @@ from tformer.models.classifier import Classifier, ClassifierOutput
 from tformer.models.lm import LanguageModel, LMCache, LMOutput
 from tformer.models.seq2seq import DecoderCache, Seq2Seq, Seq2SeqOutput
 
+if TYPE_CHECKING:
+    from tformer.config import TransformerConfig
 
-def build_model(config: Any) -> nn.Module:
-    """The model a family config asks for (`config.architecture`): the Transformer or a baseline."""
-    from tformer.config import ClassifierConfig, LMConfig, ModelConfig
 
-    arch = config.architecture
-    if isinstance(config, ClassifierConfig):
-        if arch == "cnn":
-            from tformer.models.cnn import CNNClassifier
+def build_model(config: TransformerConfig) -> nn.Module:
+    """The model a family config asks for: its family (tformer.families) maps `config.architecture` to a
+    class, the Transformer or a baseline."""
+    from tformer import families
 
-            return CNNClassifier(config)
-        if arch in ("lstm", "gru"):
-            from tformer.models.rnn import RNNClassifier
-
-            return RNNClassifier(config)
-        return Classifier(config)
-    if isinstance(config, LMConfig):
-        if arch in ("lstm", "gru"):
-            from tformer.models.rnn import RNNLanguageModel
-
-            return RNNLanguageModel(config)
-        return LanguageModel(config)
-    if isinstance(config, ModelConfig):
-        if arch in ("lstm", "gru"):
-            from tformer.models.rnn import RNNSeq2Seq
-
-            return RNNSeq2Seq(config)
-        return Seq2Seq(config)
-    raise TypeError(f"no model for a {type(config).__name__}")
+    family = families.for_config(type(config))
+    if family is None:
+        raise TypeError(f"no model for a {type(config).__name__}: no family in tformer.families has it")
+    return family.model_builder(config.architecture)(config)
 
 
 __all__ = [

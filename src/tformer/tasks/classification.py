@@ -15,17 +15,17 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from tformer.config import ClassifierConfig, TrainConfig
+from tformer.config import ClassifierConfig, ConfigError, RunConfig, TrainConfig
 from tformer.data.batching import bucket_batches, pad
+from tformer.data.readers import read_labelled, report_skipped
 from tformer.data.tokenizers import Tokenizer
+from tformer.families.roles import EvalRequest
 from tformer.inference.modes import evaluating
-from tformer.inference.precision import check_precision
 from tformer.metrics import accuracy, macro_f1
 from tformer.models import build_model
 from tformer.models.classifier import Classifier
-from tformer.tasks.common import for_inference, log, model_device, progress, read_task_config
-from tformer.training import run_dir
-from tformer.training.checkpoint import CheckpointError, load_weights
+from tformer.tasks.common import CheckpointPredictor, log, model_device, one, progress, tokenizer
+from tformer.training.checkpoint import CheckpointError
 from tformer.training.trainer import LossValue
 
 TOKENIZER = "tokenizer.json"
@@ -126,40 +126,23 @@ class ClassificationTask:
         self.tok.save(directory / TOKENIZER)
 
 
-class TextClassifier:
-    """A trained classifier with its tokenizer and label names: text in, (label, probability) out.
+class TextClassifier(CheckpointPredictor):
+    """A trained classifier with its tokenizer and label names: text in, (label, probability) out
+    (`load`: tasks/common.py)."""
 
-    The model is put in eval mode once, here, and never switched after, so threads may share a predictor
-    (tformer.inference.modes)."""
+    family = "classification"
 
     def __init__(self, model: Classifier, tokenizer: Tokenizer, labels: Sequence[str]) -> None:
         self.model, self.tok, self.labels = model.eval(), tokenizer, list(labels)
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        precision: str = "fp32",
-        accel: bool = False,
-    ) -> TextClassifier:
-        """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
-        (inference/precision.py); `accel`: give it tformer.accel's machine-specific kernels."""
-        check_precision(precision)
-        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
-        raw, model_config = read_task_config(path, "classification")
+    def from_checkpoint(cls, path: Path, raw: dict[str, Any], model: torch.nn.Module) -> TextClassifier:
         # a baseline (models/rnn.py, models/cnn.py) has the same interface
-        model = cast(Classifier, build_model(model_config))
-        load_weights(path, model)
-        labels = raw.get("labels")
-        if not isinstance(labels, list) or len(labels) != model_config.n_classes:
-            raise CheckpointError(
-                f"{path / 'config.json'}: 'labels' must list the {model_config.n_classes} class names"
-            )
-        return cls(
-            for_inference(model, device, precision, accel=accel), Tokenizer.load(path / TOKENIZER), labels
-        )
+        classifier = cast(Classifier, model)
+        labels, n_classes = raw.get("labels"), classifier.config.n_classes
+        if not isinstance(labels, list) or len(labels) != n_classes:
+            raise CheckpointError(f"{path / 'config.json'}: 'labels' must list the {n_classes} class names")
+        return cls(classifier, Tokenizer.load(path / TOKENIZER), labels)
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         for n, text in enumerate(texts, 1):
@@ -172,3 +155,70 @@ class TextClassifier:
         probs = self.probabilities(texts)
         best = probs.argmax(-1)
         return [(self.labels[int(i)], float(probs[n, i])) for n, i in enumerate(best)]
+
+
+def build(config: RunConfig, saved: Path | None = None) -> tuple[ClassificationTask, torch.nn.Module]:
+    """`tformer train classification`: labelled files -> tokenizer (or `train.init_from`'s pretrained one,
+    architecture and encoder weights) -> task and model. `saved`: a checkpoint being resumed."""
+    d = config.data
+    (train_path,) = one(config, "train")
+    (valid_path,) = one(config, "valid")
+    train_rows, stats = read_labelled(train_path, text_column=d.text_column, label_column=d.label_column)
+    report_skipped(stats)
+    labels = sorted({y for _, y in train_rows})
+    if len(labels) < 2:
+        raise ConfigError(f"{train_path}: found only the label(s) {labels}; a classifier needs at least two")
+    valid_rows, vstats = read_labelled(
+        valid_path, text_column=d.text_column, label_column=d.label_column, labels=labels
+    )
+    report_skipped(vstats)
+    log(
+        f"classification: {len(train_rows):,} training and {len(valid_rows):,} validation texts, labels {labels}"
+    )
+    start = None
+    if config.train.init_from:  # pretrained: its tokenizer, architecture and encoder weights
+        from tformer.interop.init_from import classifier_start
+
+        start = classifier_start(config.train.init_from)
+        tok, model_config = start.tokenizer, start.model_config(config.model, n_classes=len(labels))
+        log(f"init_from {config.train.init_from}: vocabulary {tok.vocab_size:,}")
+    else:
+        tok = tokenizer(saved, TOKENIZER, (t for t, _ in train_rows), config)
+        log(f"tokenizer: {d.tokenizer}, vocabulary {tok.vocab_size:,}")
+        model_config = config.model.replace(
+            vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id
+        )
+    task = ClassificationTask(model_config, config.train, tok, labels, train_rows, valid_rows)
+    model = build_model(model_config)
+    if start is not None:
+        if not isinstance(model, Classifier):
+            raise ConfigError(
+                f"train.init_from starts a Transformer classifier; model.architecture is "
+                f"{model_config.architecture!r} (use 'transformer' or drop init_from)"
+            )
+        start.load_into(model)
+    return task, model
+
+
+def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, Any]:
+    """`tformer eval` of a classifier: accuracy and macro-F1 on one labelled file (columns as trained
+    unless the request names others)."""
+    predictor = TextClassifier.load(path, precision=request.precision, accel=request.accel)
+    if len(data) != 1:
+        raise ConfigError(f"classification: --data takes one file, got {len(data)}")
+    rows, stats = read_labelled(
+        data[0],
+        text_column=request.text_column or request.trained.text_column,
+        label_column=request.label_column or request.trained.label_column,
+        labels=predictor.labels,
+    )
+    report_skipped(stats)
+    probs = predictor.probabilities([t for t, _ in rows])
+    index = {label: i for i, label in enumerate(predictor.labels)}
+    gold = [index[y] for _, y in rows]
+    pred = probs.argmax(-1).tolist()
+    return {
+        "texts": len(rows),
+        "accuracy": accuracy(pred, gold),
+        "macro_f1": macro_f1(pred, gold, len(predictor.labels)),
+    }

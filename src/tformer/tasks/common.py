@@ -1,17 +1,80 @@
-"""Small helpers every task uses."""
+"""What every family's task shares: reading its files for training (`need`, `one`, `tokenizer`), and the
+one `CheckpointPredictor.load` every predictor opens a checkpoint with."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from tformer.config import model_config_class
+from tformer.config import ConfigError, RunConfig, model_config_class
+from tformer.data.tokenizers import Tokenizer
 from tformer.training.checkpoint import CheckpointError, read_config
 
 M = TypeVar("M", bound=torch.nn.Module)
+P = TypeVar("P", bound="CheckpointPredictor")
+
+
+class CheckpointPredictor:
+    """Base of the families' predictors: `load` is the one checkpoint loader (config -> the family's model
+    -> weights -> device / precision / accel), `from_checkpoint` the family's own files (tokenizers,
+    labels). Its model is put in eval mode once and never switched after, so threads may share a
+    predictor (tformer.inference.modes)."""
+
+    family: ClassVar[str]  # the task name its checkpoints carry
+
+    @classmethod
+    def load(
+        cls: type[P],
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        accel: bool = False,
+    ) -> P:
+        """Open a checkpoint directory (or a run's `checkpoint` link); `precision` "bf16" or "int8"
+        converts the model for inference (inference/precision.py); `accel`: tformer.accel's kernels."""
+        from tformer.inference.precision import check_precision
+        from tformer.models import build_model
+        from tformer.training import run_dir
+        from tformer.training.checkpoint import load_weights
+
+        check_precision(precision)
+        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
+        raw, model_config = read_task_config(path, cls.family)
+        model = build_model(model_config)  # the Transformer or a baseline with its interface
+        load_weights(path, model)
+        return cls.from_checkpoint(path, raw, for_inference(model, device, precision, accel=accel))
+
+    @classmethod
+    def from_checkpoint(cls: type[P], path: Path, raw: dict[str, Any], model: torch.nn.Module) -> P:
+        """The predictor of a loaded `model` and the checkpoint's other files; `raw` is config.json."""
+        raise NotImplementedError
+
+
+def need(config: RunConfig, key: str) -> list[str]:
+    """data.train / data.valid's paths, or an error saying how to give them."""
+    paths = config.data.paths(key)
+    if not paths:
+        raise ConfigError(f"no {key} data: give --{key} FILE (or data.{key} in the config)")
+    return paths
+
+
+def one(config: RunConfig, key: str) -> list[str]:
+    paths = need(config, key)
+    if len(paths) != 1:
+        raise ConfigError(f"{config.task}: --{key} takes one file, got {len(paths)}: {paths}")
+    return paths
+
+
+def tokenizer(saved: Path | None, name: str, texts: Iterable[str], config: RunConfig) -> Tokenizer:
+    """The tokenizer saved in the checkpoint being resumed, or one trained on the training texts."""
+    if saved is not None and (saved / name).exists():
+        return Tokenizer.load(saved / name)
+    return Tokenizer.train(texts, kind=config.data.tokenizer, vocab_size=config.data.vocab_size)
 
 
 def progress(iterable: Any, total: int, desc: str) -> Any:

@@ -16,17 +16,16 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from tformer.config import LMConfig, TrainConfig
+from tformer.config import ConfigError, LMConfig, RunConfig, TrainConfig
+from tformer.data.readers import read_text
 from tformer.data.tokenizers import Tokenizer
+from tformer.families.roles import EvalRequest
 from tformer.inference.modes import evaluating
-from tformer.inference.precision import check_precision
 from tformer.inference.sampling import generate
 from tformer.metrics import perplexity
 from tformer.models import build_model
 from tformer.models.lm import LanguageModel
-from tformer.tasks.common import for_inference, model_device, progress, read_task_config
-from tformer.training import run_dir
-from tformer.training.checkpoint import load_weights
+from tformer.tasks.common import CheckpointPredictor, log, model_device, one, progress, tokenizer
 from tformer.training.trainer import LossValue
 
 TOKENIZER = "tokenizer.json"
@@ -123,33 +122,18 @@ class LanguageModelTask:
         self.tok.save(directory / TOKENIZER)
 
 
-class TextGenerator:
-    """A trained language model with its tokenizer: prompt in, continuation out.
+class TextGenerator(CheckpointPredictor):
+    """A trained language model with its tokenizer: prompt in, continuation out (`load`: tasks/common.py)."""
 
-    The model is put in eval mode once, here, and never switched after, so threads may share a predictor
-    (tformer.inference.modes)."""
+    family = "lm"
 
     def __init__(self, model: LanguageModel, tokenizer: Tokenizer) -> None:
         self.model, self.tok = model.eval(), tokenizer
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        precision: str = "fp32",
-        accel: bool = False,
-    ) -> TextGenerator:
-        """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
-        (inference/precision.py); `accel`: give it tformer.accel's machine-specific kernels."""
-        check_precision(precision)
-        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
-        _, model_config = read_task_config(path, "lm")
-        # a baseline (models/rnn.py, models/cnn.py) has the same interface
-        model = cast(LanguageModel, build_model(model_config))
-        load_weights(path, model)
-        return cls(for_inference(model, device, precision, accel=accel), Tokenizer.load(path / TOKENIZER))
+    def from_checkpoint(cls, path: Path, raw: dict[str, Any], model: torch.nn.Module) -> TextGenerator:
+        # a baseline (models/rnn.py) has the same interface
+        return cls(cast(LanguageModel, model), Tokenizer.load(path / TOKENIZER))
 
     def generate(
         self,
@@ -200,3 +184,37 @@ class TextGenerator:
         text = continuation(out[0].tolist())
         cuts = [text.index(s) for s in stop if s in text]
         return text[: min(cuts)] if cuts else text
+
+
+def build(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTask, torch.nn.Module]:
+    """`tformer train lm`: a text file (validation: another, or its last data.valid_fraction) ->
+    tokenizer -> task and model. `saved`: a checkpoint being resumed (its tokenizer)."""
+    d = config.data
+    (train_path,) = one(config, "train")
+    text = read_text(train_path)
+    if config.data.valid:
+        (valid_path,) = one(config, "valid")
+        train_text, valid_text = text, read_text(valid_path)
+    elif d.valid_fraction > 0:
+        cut = int(len(text) * (1 - d.valid_fraction))
+        train_text, valid_text = text[:cut], text[cut:]
+    else:
+        raise ConfigError("no validation text: give --valid FILE or data.valid_fraction (e.g. 0.1)")
+    tok = tokenizer(saved, TOKENIZER, train_text.splitlines(keepends=True), config)
+    log(
+        f"lm: {len(train_text):,} training and {len(valid_text):,} validation characters; "
+        f"tokenizer {d.tokenizer}, vocabulary {tok.vocab_size:,}"
+    )
+    model_config = config.model.replace(vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+    task = LanguageModelTask(model_config, config.train, tok, train_text, valid_text)
+    return task, build_model(model_config)
+
+
+def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, Any]:
+    """`tformer eval` of a language model: mean NLL and perplexity over one text file."""
+    predictor = TextGenerator.load(path, precision=request.precision, accel=request.accel)
+    if len(data) != 1:
+        raise ConfigError(f"lm: --data takes one file, got {len(data)}")
+    ids = torch.tensor(predictor.tok.encode(read_text(data[0])), dtype=torch.long)
+    nll = mean_nll(predictor.model, ids)  # predictors hold their model in eval mode
+    return {"tokens": len(ids), "nll": nll, "perplexity": perplexity(nll)}

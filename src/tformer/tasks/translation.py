@@ -1,5 +1,6 @@
 """Translation (the paper's task): parallel text -> Seq2Seq; label-smoothed loss; BLEU / exact match;
-beam-search prediction from a checkpoint."""
+beam-search prediction from a checkpoint. The family's entry in tformer.families names `build`,
+`Translator` and `evaluate_files`."""
 
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ from typing import Any, cast
 
 import torch
 
-from tformer.config import ModelConfig, TrainConfig
+from tformer.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pad
+from tformer.data.readers import read_parallel, report_skipped
 from tformer.data.tokenizers import Tokenizer
+from tformer.families.roles import EvalRequest
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.inference.modes import evaluating
-from tformer.inference.precision import check_precision
-from tformer.metrics import bleu, exact_match, perplexity
+from tformer.metrics import bleu, chrf, exact_match, perplexity
 from tformer.models import build_model
 from tformer.models.seq2seq import Seq2Seq
-from tformer.tasks.common import for_inference, model_device, progress, read_task_config
-from tformer.training import run_dir
-from tformer.training.checkpoint import load_weights
+from tformer.tasks.common import CheckpointPredictor, log, model_device, need, progress, tokenizer
 from tformer.training.losses import sequence_cross_entropy
 from tformer.training.trainer import LossValue
 
@@ -146,35 +146,19 @@ class TranslationTask:
         self.tgt_tok.save(directory / TGT_TOKENIZER)
 
 
-class Translator:
-    """A trained encoder-decoder with its tokenizers: text in, text out.
+class Translator(CheckpointPredictor):
+    """A trained encoder-decoder with its tokenizers: text in, text out (`load`: tasks/common.py)."""
 
-    The model is put in eval mode once, here, and never switched after, so threads may share a predictor
-    (tformer.inference.modes)."""
+    family = "translation"
 
     def __init__(self, model: Seq2Seq, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer) -> None:
         self.model, self.src_tok, self.tgt_tok = model.eval(), src_tokenizer, tgt_tokenizer
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        precision: str = "fp32",
-        accel: bool = False,
-    ) -> Translator:
-        """Open a checkpoint directory; `precision` "bf16" or "int8" converts the model for inference
-        (inference/precision.py); `accel`: give it tformer.accel's machine-specific kernels."""
-        check_precision(precision)
-        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
-        _, model_config = read_task_config(path, "translation")
-        # a baseline (models/rnn.py, models/cnn.py) has the same interface
-        model = cast(Seq2Seq, build_model(model_config))
-        load_weights(path, model)
-        src_tok = Tokenizer.load(path / SRC_TOKENIZER)
-        tgt_tok = Tokenizer.load(path / TGT_TOKENIZER)
-        return cls(for_inference(model, device, precision, accel=accel), src_tok, tgt_tok)
+    def from_checkpoint(cls, path: Path, raw: dict[str, Any], model: torch.nn.Module) -> Translator:
+        # a baseline (models/rnn.py) has the same interface
+        src_tok, tgt_tok = Tokenizer.load(path / SRC_TOKENIZER), Tokenizer.load(path / TGT_TOKENIZER)
+        return cls(cast(Seq2Seq, model), src_tok, tgt_tok)
 
     def translate_ids(
         self,
@@ -227,3 +211,61 @@ class Translator:
     def translate(self, texts: Sequence[str], **kwargs: Any) -> list[str]:
         """Translate sentences. Keyword arguments as for `translate_ids` (beam_size, length_penalty, ...)."""
         return self.translate_ids(self.encode(texts), **kwargs)
+
+
+def build(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask, torch.nn.Module]:
+    """`tformer train translation`: parallel files -> tokenizers (one shared, or source and target) ->
+    task and model (vocabulary sizes filled in). `saved`: a checkpoint being resumed (its tokenizers)."""
+    d = config.data
+    train_pairs, stats = read_parallel(need(config, "train"))
+    report_skipped(stats)
+    valid_pairs, vstats = read_parallel(need(config, "valid"))
+    report_skipped(vstats)
+    log(f"translation: {len(train_pairs):,} training pairs, {len(valid_pairs):,} validation pairs")
+    if d.shared_vocab:
+        src_tok = tgt_tok = tokenizer(saved, SRC_TOKENIZER, (x for pair in train_pairs for x in pair), config)
+    else:
+        src_tok = tokenizer(saved, SRC_TOKENIZER, (s for s, _ in train_pairs), config)
+        tgt_tok = tokenizer(saved, TGT_TOKENIZER, (t for _, t in train_pairs), config)
+    model_config = config.model.replace(
+        src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size, pad_id=tgt_tok.pad_id
+    )
+    if model_config.share_embeddings and not d.shared_vocab:
+        raise ConfigError("model.share_embeddings needs data.shared_vocab = true (one vocabulary)")
+    log(
+        f"tokenizer: {d.tokenizer}, vocabulary {src_tok.vocab_size:,}"
+        + ("" if d.shared_vocab else f" (source) / {tgt_tok.vocab_size:,} (target)")
+    )
+    task = TranslationTask(
+        model_config,
+        config.train,
+        src_tok,
+        tgt_tok,
+        train_pairs,
+        valid_pairs,
+        eval_beam_size=config.train.eval_beam_size,
+        eval_max_sentences=config.train.eval_max_sentences,
+    )
+    return task, build_model(model_config)
+
+
+def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, Any]:
+    """`tformer eval` of a translation checkpoint: BLEU, chrF and exact match of its beam search on
+    parallel `data` (sentences longer than max_seq_len are skipped, and counted)."""
+    predictor = Translator.load(path, precision=request.precision, accel=request.accel)
+    pairs, stats = read_parallel(data)
+    report_skipped(stats)
+    limit = predictor.model.config.max_seq_len
+    fits = [p for p in pairs if len(predictor.src_tok.encode(p[0])) <= limit]
+    if len(fits) < len(pairs):
+        log(f"skipped {len(pairs) - len(fits)} of {len(pairs)} sentences longer than max_seq_len = {limit}")
+    hyps = predictor.translate([s for s, _ in fits], beam_size=request.beam_size)
+    refs = [t for _, t in fits]
+    score = bleu(hyps, refs)
+    return {
+        "sentences": len(refs),
+        "bleu": score.score,
+        "bleu_signature": score.signature,
+        "chrf": chrf(hyps, refs),
+        "exact_match": exact_match(hyps, refs),
+    }
