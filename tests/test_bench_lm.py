@@ -148,6 +148,15 @@ def test_gpt2_weights_copied_give_the_same_logits():
     torch.testing.assert_close(enc(ids), ref, atol=1e-10, rtol=0)
 
 
+def test_lm_weights_copied_into_the_torch_encoder_give_the_same_logits():
+    torch.manual_seed(0)
+    lm = LanguageModel(TINY.lm_config()).double().eval()
+    enc = TorchEncoderLM(TINY).double().eval()
+    common.lm_into_torch_encoder(lm, enc)
+    ids = torch.randint(23, (2, 12))
+    torch.testing.assert_close(enc(ids), lm(ids).logits, atol=1e-10, rtol=0)
+
+
 def test_missing_transformers_error_names_the_extra(monkeypatch):
     import builtins
 

@@ -124,6 +124,8 @@ def pyplot() -> Any:
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` untimed ones: the timer the
+    benchmarks share (a median, so one call stalled by another process does not move it)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -203,36 +205,40 @@ def hf_gpt2(shape: GPTShape, seed: int) -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+def gpt2_lm_state(hf: Any) -> dict[str, Tensor]:
+    """A Hugging Face GPT2LMHeadModel's weights as tformer LanguageModel's state dict, by interop's GPT-2
+    mapping (tformer.interop.gpt2.lm_state, the one there is): every tensor used or named as ignored."""
+    from tformer.interop import gpt2
+    from tformer.interop.common import Tensors
+
+    c = hf.config
+    shape = LMConfig(
+        vocab_size=c.vocab_size,
+        d_model=c.n_embd,
+        n_heads=c.n_head,
+        d_ff=c.n_inner or 4 * c.n_embd,
+        n_layers=c.n_layer,
+        max_seq_len=c.n_positions,
+    )
+    tensors = Tensors(hf.state_dict(), "GPT2LMHeadModel")
+    state = gpt2.lm_state(tensors, shape)
+    tensors.finish()
+    return state
+
+
 @torch.no_grad()
 def gpt2_into_lm(hf: Any, lm: LanguageModel) -> None:
-    """Copy a Hugging Face GPT-2's weights into tformer's LanguageModel of the same shape.
+    """Copy a Hugging Face GPT-2's weights into tformer's LanguageModel of the same shape."""
+    from tformer.interop.common import load_exact
 
-    GPT-2's `Conv1D` stores (in, out) matrices, nn.Linear (out, in): every matrix is transposed. Its fused
-    c_attn (columns q, k, v) is tformer's in_proj (rows q, k, v). The output projection is tied in both."""
-    h = hf.transformer
-    d: Any = lm.decoder  # (Any: the layers are reached through ModuleList indexing)
-    d.embed.weight.copy_(h.wte.weight)
-    d.positions.table.copy_(h.wpe.weight)
-    for ours, theirs in zip(d.layers, h.h, strict=True):
-        pairs = (
-            (ours.norm1, theirs.ln_1),
-            (ours.norm2, theirs.ln_2),
-            (ours.self_attn.in_proj, theirs.attn.c_attn),
-            (ours.self_attn.out_proj, theirs.attn.c_proj),
-            (ours.ff.linear1, theirs.mlp.c_fc),
-            (ours.ff.linear2, theirs.mlp.c_proj),
-        )
-        for dst, src in pairs:
-            w = src.weight if isinstance(dst, nn.LayerNorm) else src.weight.t()
-            dst.weight.copy_(w)
-            dst.bias.copy_(src.bias)
-    d.norm.weight.copy_(h.ln_f.weight)
-    d.norm.bias.copy_(h.ln_f.bias)
+    load_exact(lm, gpt2_lm_state(hf), "GPT2LMHeadModel")
 
 
 class TorchEncoderLM(nn.Module):
     """The same GPT-2-shaped model from PyTorch's own blocks: token + learned position embeddings, an
     `nn.TransformerEncoder` of pre-norm layers run with a causal mask, final LayerNorm, tied output."""
+
+    mask: Tensor  # (block, block) additive causal mask, a non-persistent buffer
 
     def __init__(self, shape: GPTShape) -> None:
         super().__init__()
@@ -257,32 +263,45 @@ class TorchEncoderLM(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         t = ids.shape[1]
         x = self.wte(ids) + self.wpe.weight[:t]
-        mask: Tensor = self.mask  # type: ignore[assignment]
-        x = self.stack(x, mask=mask[:t, :t], is_causal=True)
+        x = self.stack(x, mask=self.mask[:t, :t], is_causal=True)
         return F.linear(self.ln_f(x), self.wte.weight)
 
 
+# tformer LanguageModel state-dict names -> TorchEncoderLM's: the same tensors (fused q/k/v in_proj, nn.Linear
+# orientation) under PyTorch's names, applied in this order
+_TORCH_ENCODER_NAMES = (
+    ("decoder.layers.", "stack.layers."),
+    (".self_attn.in_proj.weight", ".self_attn.in_proj_weight"),
+    (".self_attn.in_proj.bias", ".self_attn.in_proj_bias"),
+    (".ff.linear", ".linear"),
+    ("decoder.embed.", "wte."),
+    ("decoder.positions.table", "wpe.weight"),
+    ("decoder.norm.", "ln_f."),
+)
+
+
+def torch_encoder_state(lm_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A GPT-2-shaped tformer LanguageModel's state dict as TorchEncoderLM's (its output is tied to wte)."""
+    out = {}
+    for key, value in lm_state.items():
+        if key == "output.weight":  # tied to the token embedding in both models
+            continue
+        for ours, theirs in _TORCH_ENCODER_NAMES:
+            key = key.replace(ours, theirs)
+        out[key] = value
+    return out
+
+
 @torch.no_grad()
-def gpt2_into_torch_encoder(hf: Any, model: Any) -> None:
-    """Copy a Hugging Face GPT-2's weights into the nn.TransformerEncoder model (same layout as tformer's)."""
-    h = hf.transformer
-    model.wte.weight.copy_(h.wte.weight)
-    model.wpe.weight.copy_(h.wpe.weight)
-    for ours, theirs in zip(model.stack.layers, h.h, strict=True):
-        ours.self_attn.in_proj_weight.copy_(theirs.attn.c_attn.weight.t())
-        ours.self_attn.in_proj_bias.copy_(theirs.attn.c_attn.bias)
-        for dst, src in (
-            (ours.self_attn.out_proj, theirs.attn.c_proj),
-            (ours.linear1, theirs.mlp.c_fc),
-            (ours.linear2, theirs.mlp.c_proj),
-        ):
-            dst.weight.copy_(src.weight.t())
-            dst.bias.copy_(src.bias)
-        for dst, src in ((ours.norm1, theirs.ln_1), (ours.norm2, theirs.ln_2)):
-            dst.weight.copy_(src.weight)
-            dst.bias.copy_(src.bias)
-    model.ln_f.weight.copy_(h.ln_f.weight)
-    model.ln_f.bias.copy_(h.ln_f.bias)
+def gpt2_into_torch_encoder(hf: Any, model: TorchEncoderLM) -> None:
+    """Copy a Hugging Face GPT-2's weights into the nn.TransformerEncoder model."""
+    model.load_state_dict(torch_encoder_state(gpt2_lm_state(hf)), strict=True)
+
+
+@torch.no_grad()
+def lm_into_torch_encoder(lm: LanguageModel, model: TorchEncoderLM) -> None:
+    """Copy tformer's LanguageModel weights into the nn.TransformerEncoder model."""
+    model.load_state_dict(torch_encoder_state(lm.state_dict()), strict=True)
 
 
 def markov_tokens(vocab_size: int, length: int, seed: int, branching: int = 4) -> Tensor:

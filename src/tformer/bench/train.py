@@ -41,6 +41,7 @@ from tformer.bench.common import (
     gpt2_into_lm,
     gpt2_into_torch_encoder,
     hf_gpt2,
+    lm_into_torch_encoder,
     machine_facts,
     machine_line,
     markov_tokens,
@@ -126,30 +127,13 @@ def _models(shape: GPTShape, batches: Tensor, *, with_hf: bool) -> list[_Runner]
         gpt2_into_lm(hf, lm)
         gpt2_into_torch_encoder(hf, enc)
     else:
-        _lm_into_torch_encoder(lm, enc)
+        lm_into_torch_encoder(lm, enc)
     accel.apply(lm)  # as the command line trains it (a no-op under TFORMER_ACCEL=off)
     runners = [_Runner("tformer", lm, _lm_logits(lm), batches)]
     if hf is not None:
         runners.append(_Runner("hf-gpt2", hf, _hf_logits(hf), batches))
     runners.append(_Runner("torch-encoder", enc, enc, batches))
     return runners
-
-
-@torch.no_grad()
-def _lm_into_torch_encoder(lm: LanguageModel, enc: Any) -> None:
-    """tformer's weights into the torch stack (same layout: fused in_proj, nn.Linear orientation)."""
-    d: Any = lm.decoder
-    enc.wte.weight.copy_(d.embed.weight)
-    enc.wpe.weight.copy_(d.positions.table)
-    for ours, theirs in zip(enc.stack.layers, d.layers, strict=True):
-        ours.self_attn.in_proj_weight.copy_(theirs.self_attn.in_proj.weight)
-        ours.self_attn.in_proj_bias.copy_(theirs.self_attn.in_proj.bias)
-        ours.self_attn.out_proj.load_state_dict(theirs.self_attn.out_proj.state_dict())
-        ours.linear1.load_state_dict(theirs.ff.linear1.state_dict())
-        ours.linear2.load_state_dict(theirs.ff.linear2.state_dict())
-        ours.norm1.load_state_dict(theirs.norm1.state_dict())
-        ours.norm2.load_state_dict(theirs.norm2.state_dict())
-    enc.ln_f.load_state_dict(d.norm.state_dict())
 
 
 def have_transformers() -> bool:

@@ -10,6 +10,8 @@ which keeps each step cheap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -59,7 +61,7 @@ def generate(
     seed: int | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
-    stop: callable | None = None,  # type: ignore[valid-type]
+    stop: Callable[[Tensor], bool] | None = None,
     compile: bool = False,
 ) -> Tensor:
     """prompt (B, T0) ids -> (B, T0 + n) ids, n <= max_new_tokens. Stops early when every row has produced
@@ -93,7 +95,7 @@ def _generate(
     seed: int | None,
     eos_id: int | None,
     use_cache: bool,
-    stop: callable | None,  # type: ignore[valid-type]
+    stop: Callable[[Tensor], bool] | None,
 ) -> Tensor:
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt has shape {tuple(prompt.shape)}; expected (B, T) with at least one token")
