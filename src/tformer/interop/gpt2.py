@@ -47,22 +47,48 @@ def lm_config(cfg: HFConfig) -> LMConfig:
     )
 
 
+def _top(c: LMConfig) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """(tformer name, GPT-2 name, shape) outside the blocks."""
+    d, p = c.d_model, "transformer"
+    return (
+        ("decoder.embed.weight", f"{p}.wte.weight", (c.vocab_size, d)),
+        ("decoder.positions.table", f"{p}.wpe.weight", (c.max_seq_len, d)),
+        ("decoder.norm.weight", f"{p}.ln_f.weight", (d,)),
+        ("decoder.norm.bias", f"{p}.ln_f.bias", (d,)),
+    )
+
+
+def _convs(c: LMConfig) -> tuple[tuple[str, str, int, int], ...]:
+    """Per block: (tformer nn.Linear, GPT-2 Conv1D, in features, out features)."""
+    d, f = c.d_model, c.d_ff
+    return (
+        ("self_attn.in_proj", "attn.c_attn", d, 3 * d),
+        ("self_attn.out_proj", "attn.c_proj", d, d),
+        ("ff.linear1", "mlp.c_fc", d, f),
+        ("ff.linear2", "mlp.c_proj", f, d),
+    )
+
+
+_NORMS = (("norm1", "ln_1"), ("norm2", "ln_2"))  # per block: tformer LayerNorm, GPT-2's
+
+
+def _block(i: int) -> tuple[str, str]:
+    return f"transformer.h.{i}", f"decoder.layers.{i}"
+
+
+# The one GPT-2 <-> LanguageModel mapping: the three tables above, read in both directions (`lm_state`
+# in, `gpt2_state` out; bench.common copies Hugging Face models through `lm_state` too).
+
+
 def lm_state(t: Tensors, c: LMConfig) -> dict[str, Tensor]:
     """GPT-2's tensors -> LanguageModel state dict (prefix "transformer." as GPT2LMHeadModel saves it)."""
-    d, f, p = c.d_model, c.d_ff, "transformer"
-    state = {
-        "decoder.embed.weight": t.take(f"{p}.wte.weight", (c.vocab_size, d)),
-        "decoder.positions.table": t.take(f"{p}.wpe.weight", (c.max_seq_len, d)),
-        "decoder.norm.weight": t.take(f"{p}.ln_f.weight", (d,)),
-        "decoder.norm.bias": t.take(f"{p}.ln_f.bias", (d,)),
-    }
+    d = c.d_model
+    state = {ours: t.take(theirs, shape) for ours, theirs, shape in _top(c)}
     for i in range(c.n_layers):
-        h, o = f"{p}.h.{i}", f"decoder.layers.{i}"
-        state.update(prefixed(f"{o}.self_attn.in_proj", conv1d(t, f"{h}.attn.c_attn", d, 3 * d)))
-        state.update(prefixed(f"{o}.self_attn.out_proj", conv1d(t, f"{h}.attn.c_proj", d, d)))
-        state.update(prefixed(f"{o}.ff.linear1", conv1d(t, f"{h}.mlp.c_fc", d, f)))
-        state.update(prefixed(f"{o}.ff.linear2", conv1d(t, f"{h}.mlp.c_proj", f, d)))
-        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+        h, o = _block(i)
+        for ours, theirs, n_in, n_out in _convs(c):
+            state.update(prefixed(f"{o}.{ours}", conv1d(t, f"{h}.{theirs}", n_in, n_out)))
+        for ours, theirs in _NORMS:
             state[f"{o}.{ours}.weight"] = t.take(f"{h}.{theirs}.weight", (d,))
             state[f"{o}.{ours}.bias"] = t.take(f"{h}.{theirs}.bias", (d,))
         # the causal-mask buffers older transformers versions saved; tformer builds its mask from a flag
@@ -128,24 +154,13 @@ def gpt2_config(c: LMConfig, *, bos_id: int, eos_id: int, pad_id: int) -> dict[s
 def gpt2_state(model: LanguageModel) -> dict[str, Tensor]:
     """LanguageModel -> GPT2LMHeadModel's tensors (Conv1D weights transposed back to (in, out))."""
     c, sd = model.config, model.state_dict()
-
-    def conv(ours: str) -> dict[str, Tensor]:
-        return {"weight": sd[f"{ours}.weight"].t(), "bias": sd[f"{ours}.bias"]}
-
-    p = "transformer"
-    out = {
-        f"{p}.wte.weight": sd["decoder.embed.weight"],
-        f"{p}.wpe.weight": sd["decoder.positions.table"],
-        f"{p}.ln_f.weight": sd["decoder.norm.weight"],
-        f"{p}.ln_f.bias": sd["decoder.norm.bias"],
-    }
+    out = {theirs: sd[ours] for ours, theirs, _ in _top(c)}
     for i in range(c.n_layers):
-        h, o = f"{p}.h.{i}", f"decoder.layers.{i}"
-        out.update(prefixed(f"{h}.attn.c_attn", conv(f"{o}.self_attn.in_proj")))
-        out.update(prefixed(f"{h}.attn.c_proj", conv(f"{o}.self_attn.out_proj")))
-        out.update(prefixed(f"{h}.mlp.c_fc", conv(f"{o}.ff.linear1")))
-        out.update(prefixed(f"{h}.mlp.c_proj", conv(f"{o}.ff.linear2")))
-        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+        h, o = _block(i)
+        for ours, theirs, _, _ in _convs(c):
+            out[f"{h}.{theirs}.weight"] = sd[f"{o}.{ours}.weight"].t()
+            out[f"{h}.{theirs}.bias"] = sd[f"{o}.{ours}.bias"]
+        for ours, theirs in _NORMS:
             out[f"{h}.{theirs}.weight"] = sd[f"{o}.{ours}.weight"]
             out[f"{h}.{theirs}.bias"] = sd[f"{o}.{ours}.bias"]
     if not c.tie_output:
