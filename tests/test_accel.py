@@ -367,6 +367,7 @@ def test_a_resumed_run_keeps_what_auto_precision_resolved_to(tmp_path, monkeypat
     from tformer.training.checkpoint import load_trainer_state, read_config
 
     monkeypatch.setattr(trainer_module, "resolve_precision", lambda p, d: ("bf16", "test"))
+    monkeypatch.setattr(trainer_module, "confirm_by_step", lambda key, step: ("bf16", "test"))
     first = _train_lm(tmp_path, steps=2)
     saved = first.checkpoint.resolve()
     assert read_config(saved)["train"]["precision"] == "bf16" == load_trainer_state(saved)["precision"]
@@ -396,3 +397,58 @@ def test_a_resumed_run_takes_the_kernels_it_chose(tmp_path, monkeypatch):
     after = accel.recorded(second.model)
     assert {k: after[k] for k in state["accel"]} == state["accel"]  # the recorded ones, unchanged
     assert not {"/".join(map(str, key)) for key in now.asked} & set(state["accel"])  # and not re-measured
+
+
+@pytest.mark.parametrize(("ratio", "want"), [(1.5, "bf16"), (1.1, "bf16"), (1.05, "fp32"), (0.0, "fp32")])
+def test_the_model_step_confirms_bf16_only_where_it_is_faster(ratio, want):
+    from tformer.accel.precision import confirm_by_step
+
+    fake, ran = _Ratio(ratio), []
+    got, why = confirm_by_step(("LanguageModel", 123), ran.append, fake)
+    assert got == want and ran == ["bf16", "fp32"] and f"{ratio:.2f}x" in why
+    assert fake.keys == [("step", "bfloat16/float32", "LanguageModel", 123)]
+
+
+class _StepTuner(_FakeTuner):
+    """Stock kernels; a scripted bfloat16/float32 ratio for the model's step (the product rule is patched)."""
+
+    def __init__(self, step_ratio: float) -> None:
+        super().__init__("stock")
+        self.step_ratio, self.steps = step_ratio, []
+
+    def choose(self, key, candidates, *, stock):
+        return stock
+
+    def ratio(self, key, fast, base, *, past_budget=False):
+        assert key[0] == "step" and past_budget
+        for _ in range(2):  # warm-up and timing, as the tuner calls them
+            fast(), base()
+        self.steps.append(key)
+        return self.step_ratio
+
+
+@pytest.mark.parametrize(("ratio", "want"), [(1.4, "bf16"), (0.8, "fp32")])
+def test_auto_precision_is_confirmed_on_the_models_step_and_leaves_no_trace(
+    ratio, want, tmp_path, monkeypatch
+):
+    """The product rule's bf16 stands only where the model's own step measured faster; the timing's forward
+    and backward passes leave the run as it would have been (weights, random streams), and the checkpoint
+    records what the run used."""
+    import tformer.training.trainer as trainer_module
+    from tformer.training.checkpoint import load_trainer_state
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda p, d: ("bf16", "products 4x"))
+    fake = _StepTuner(ratio)
+    monkeypatch.setattr(accel, "_tuner", fake)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    confirmed = _train_lm(tmp_path / "a", steps=2)
+    assert len(fake.steps) == 1 and fake.steps[0][2] == "LanguageModel"
+    assert load_trainer_state(confirmed.checkpoint.resolve())["precision"] == want
+    # the same precision without any timing step run
+    monkeypatch.setattr(trainer_module, "confirm_by_step", lambda key, step: (want, "given"))
+    direct = _train_lm(tmp_path / "b", steps=2)
+    assert len(fake.steps) == 1
+    for (name, a), b in zip(
+        confirmed.model.state_dict().items(), direct.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name

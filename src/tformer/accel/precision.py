@@ -9,15 +9,25 @@ product is short enough that its fixed costs and the machine's noise put the rat
 (1.8-2.5x on one Xeon whose 1024 ratio was 4.7x). On CUDA the rule is the
 hardware's: compute capability 8.0 or more (Ampere on), where bfloat16 runs on the tensor cores. Anything
 else, and `TFORMER_ACCEL=off`, is float32.
+
+A product's ratio is not a model's: at d_model 256 most of a training step is casts, elementwise work and
+the logits, which run at memory speed, and a Xeon whose 1024-cube bfloat16 product ran 3.5x float32's
+trained Multi30k's model at 1.15x alone and 0.87x with another process on the cores (BENCHMARKS.md). So
+where the product rule says bf16 for a CPU training run, the trainer confirms it on the model's own step
+(`confirm_by_step`: forward and backward on the run's first batch, each precision, timed by the tuner and
+cached per machine and model) and keeps bf16 only from `STEP_MIN_SPEEDUP` on.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from tformer.accel.tune import Tuner, mode
 
 BF16_MIN_SPEEDUP = 2.0
+STEP_MIN_SPEEDUP = 1.1  # a bfloat16 training step must beat float32's by this to be taken
 RATIO_KEY = ("matmul", "bfloat16/float32", 1024)
 
 
@@ -52,3 +62,26 @@ def resolve(precision: str, device: torch.device | str, tuner: Tuner | None = No
     ratio = bf16_speedup(tuner)
     chosen = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
     return chosen, f"bfloat16 products {ratio:.1f}x float32's on this CPU (bf16 from {BF16_MIN_SPEEDUP:g}x)"
+
+
+def confirm_by_step(
+    key: tuple[object, ...], step: Callable[[str], object], tuner: Tuner | None = None
+) -> tuple[str, str]:
+    """ "bf16" where `step("bf16")` (one training step's forward and backward under bfloat16 autocast)
+    ran at least `STEP_MIN_SPEEDUP` times as fast as `step("fp32")`, else "fp32"; timed once per machine
+    and `key` (the model), cached by the tuner. -> (precision, why)."""
+    if tuner is None:
+        from tformer import accel
+
+        tuner = accel.tuner()
+    ratio = tuner.ratio(
+        ("step", "bfloat16/float32", *key),
+        fast=lambda: step("bf16"),
+        base=lambda: step("fp32"),
+        past_budget=True,
+    )
+    chosen = "bf16" if ratio >= STEP_MIN_SPEEDUP else "fp32"
+    return (
+        chosen,
+        f"this model's bfloat16 training step {ratio:.2f}x float32's (bf16 from {STEP_MIN_SPEEDUP:g}x)",
+    )

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tformer import accel
+from tformer.accel.precision import confirm_by_step
 from tformer.accel.precision import resolve as resolve_precision
 from tformer.config import ConfigError, TrainConfig
 from tformer.memory import peak_rss_bytes
@@ -141,6 +142,8 @@ class Trainer:
                 resolved = distributed.from_rank0(self.world, resolved)
             if self.world.is_main:
                 print(f"precision: auto -> {resolved} ({why})", file=sys.stderr)
+        # the product rule's bf16 is confirmed on the model's own step before the first one (_confirm_auto)
+        self._confirm = config.precision == "auto" and resolved == "bf16"
         self.task, self.config = task, config.replace(precision=resolved)
         c = self.config
         _check_precision(c, self.world)
@@ -490,6 +493,36 @@ class Trainer:
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.world.device.type, dtype=dtype, enabled=precision != "fp32")
 
+    def _confirm_auto(self, batch: Any) -> None:
+        """precision "auto" resolved to bf16 by the product rule: keep it only where this model's step
+        measures faster in bf16 (accel/precision.py), on a CPU, one process (under torchrun, DDP's
+        collectives would take part in the timing: rank 0's product rule stands there). The timing runs
+        forward and backward on `batch` with the random streams forked and the buffers (batch-norm
+        statistics) restored; no optimiser step: the run starts as if it had not happened."""
+        if self.world.device.type != "cpu" or self.world.distributed:
+            return
+        model = self.module
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+        def step(precision: str) -> None:
+            with torch.random.fork_rng(devices=[]):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    total = self.task.loss(model, batch)[0]
+                total.backward()
+            model.zero_grad(set_to_none=True)
+
+        n_params = sum(p.numel() for p in model.parameters())
+        try:
+            chosen, why = confirm_by_step((type(model).__name__, n_params), step)
+        finally:
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        if self.world.is_main:
+            print(f"precision: auto -> {chosen} ({why})", file=sys.stderr)
+        self.config = self.config.replace(precision=chosen)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self._interrupted:  # a second signal: stop now, unless the counters are half-changed
@@ -521,6 +554,9 @@ class Trainer:
                 leave=False,
                 dynamic_ncols=True,
             )
+            if self._confirm and s.step == 0 and s.batch_in_epoch == 0 and not self._resumed:
+                self._confirm_auto(batches[w.rank * c.accumulate])
+            self._confirm = False
             window_loss: float | torch.Tensor = 0.0
             window_count: int | torch.Tensor = 0
             window_tokens, window_time = 0, 0.0
