@@ -5,7 +5,9 @@ import torch
 
 from conftest import copy_decoder_layer, copy_encoder_layer
 from tformer.attention import causal_mask, padding_mask
-from tformer.layers import DecoderLayer, EncoderLayer, FeedForward
+from tformer.config import ModelConfig, TransformerConfig
+from tformer.layers import FeedForward
+from tformer.models.builders import decoder_layer, encoder_layer
 
 B, S, T, C, H, F = 2, 6, 5, 16, 4, 32
 SRC = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])
@@ -14,7 +16,16 @@ SRC = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_encoder_layer_matches_torch(norm_first, activation):
-    ours = EncoderLayer(C, H, F, dropout=0.0, norm_first=norm_first, activation=activation, backend="math")
+    c = TransformerConfig(
+        d_model=C,
+        n_heads=H,
+        d_ff=F,
+        dropout=0.0,
+        norm_first=norm_first,
+        activation=activation,
+        attention="math",
+    )
+    ours = encoder_layer(c)
     ref = torch.nn.TransformerEncoderLayer(
         C, H, F, dropout=0.0, batch_first=True, norm_first=norm_first, activation=activation
     )
@@ -37,7 +48,8 @@ def test_encoder_layer_matches_torch(norm_first, activation):
 
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_decoder_layer_matches_torch(norm_first):
-    ours = DecoderLayer(C, H, F, dropout=0.0, norm_first=norm_first, backend="math").double()
+    c = ModelConfig(d_model=C, n_heads=H, d_ff=F, dropout=0.0, norm_first=norm_first, attention="math")
+    ours = decoder_layer(c).double()
     ref = torch.nn.TransformerDecoderLayer(
         C, H, F, dropout=0.0, batch_first=True, norm_first=norm_first
     ).double()

@@ -1,8 +1,10 @@
-"""Building blocks of the stacks (paper section 3): embeddings, feed-forward, encoder and decoder layers.
+"""Building blocks of the stacks (paper section 3): embeddings, feed-forward, Add & Norm, encoder and
+decoder layers.
 
-Layers take plain values, never a config; `models/` builds them from a config. Each sublayer is wrapped as
-the paper's Add & Norm, `x = LayerNorm(x + Dropout(sublayer(x)))` (post-norm), or with `norm_first=True`
-as `x = x + Dropout(sublayer(LayerNorm(x)))` (pre-norm).
+Layers take plain values or injected submodules, never a config: a layer receives its attention and
+feed-forward sublayers and one `Residual` (Add & Norm) per sublayer; models/builders.py makes them from a
+config. `Residual` is the paper's `x = LayerNorm(x + Dropout(sublayer(x)))` (post-norm), or with
+`norm_first=True` `x = x + Dropout(sublayer(LayerNorm(x)))` (pre-norm).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.attention.multihead import KV, KVCache, MultiHeadAttention
+from tformer.attention.multihead import KV, AttentionOutput, KVCache, MultiHeadAttention
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -86,6 +88,55 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
+class Residual(nn.Module):
+    """Add & Norm around one sublayer (paper sections 3.1 and 5.4; pre-norm: Xiong et al., 2020).
+
+    Post-norm: `LayerNorm(x + Dropout(f(x)))`; pre-norm (`norm_first`): `x + Dropout(f(LayerNorm(x)))`.
+    `unit(x, f)` for a sublayer that maps a tensor to a tensor; `pre(x)` and `post(x, y)` around one that
+    returns more (attention's keys/values and weights). Its parameters are its LayerNorm's, `weight` and
+    `bias`, so a layer's `norm1` keeps the state-dict keys it had as an `nn.LayerNorm`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        dropout: float = 0.0,
+        norm_first: bool = False,
+        eps: float = 1e-5,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape, self.eps, self.norm_first = (d_model,), eps, norm_first
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
+        self.dropout = dropout_layer(dropout)
+
+    def norm(self, x: Tensor) -> Tensor:
+        """The LayerNorm alone, computed as `nn.LayerNorm` computes it."""
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def pre(self, x: Tensor) -> Tensor:
+        """The sublayer's input: x normalised (pre-norm) or x itself (post-norm)."""
+        return self.norm(x) if self.norm_first else x
+
+    def post(self, x: Tensor, y: Tensor) -> Tensor:
+        """The residual sum of x and the sublayer's output y (B, T, C), normalised after (post-norm)."""
+        x = x + self.dropout(y)
+        return x if self.norm_first else self.norm(x)
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        return self.post(x, sublayer(self.pre(x)))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}, norm_first={self.norm_first}"
+
+
 class EncoderLayerOutput(NamedTuple):
     x: Tensor  # (B, T, C)
     kv: KV | KVCache  # self-attention keys/values (with `past`), or `past` itself when it is a KVCache
@@ -93,48 +144,21 @@ class EncoderLayerOutput(NamedTuple):
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each inside Add & Norm.
+    """Self-attention then feed-forward, each inside its Add & Norm (`norm1`, `norm2`).
 
     Bidirectional, it is the paper's encoder layer (and a classifier's); with `causal=True` and a KV cache
     it is the block of a decoder-only language model.
     """
 
     def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        d_ff: int,
-        *,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        activation: str = "relu",
-        norm_first: bool = False,
-        layer_norm_eps: float = 1e-5,
-        bias: bool = True,
-        backend: str = "sdpa",
-        rotary: nn.Module | None = None,
-        backend_options: dict[str, Any] | None = None,
-        n_kv_heads: int | None = None,
-        score: str = "dot",
+        self, self_attn: MultiHeadAttention, ff: nn.Module, norm1: Residual, norm2: Residual
     ) -> None:
         super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(
-            d_model,
-            n_heads,
-            dropout=attention_dropout,
-            bias=bias,
-            backend=backend,
-            rotary=rotary,
-            backend_options=backend_options,
-            n_kv_heads=n_kv_heads,
-            score=score,
-        )
-        self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
-        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
-        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
-        self.dropout1 = dropout_layer(dropout)
-        self.dropout2 = dropout_layer(dropout)
+        self.self_attn, self.ff, self.norm1, self.norm2 = self_attn, ff, norm1, norm2
+
+    @property
+    def norm_first(self) -> bool:
+        return self.norm1.norm_first
 
     def forward(
         self,
@@ -145,16 +169,10 @@ class EncoderLayer(nn.Module):
         past: KV | KVCache | None = None,
         need_weights: bool = False,
     ) -> EncoderLayerOutput:
-        if self.norm_first:
-            attn = self.self_attn(
-                self.norm1(x), mask=mask, causal=causal, past=past, need_weights=need_weights
-            )
-            x = x + self.dropout1(attn.out)
-            x = x + self.dropout2(self.ff(self.norm2(x)))
-        else:
-            attn = self.self_attn(x, mask=mask, causal=causal, past=past, need_weights=need_weights)
-            x = self.norm1(x + self.dropout1(attn.out))
-            x = self.norm2(x + self.dropout2(self.ff(x)))
+        attn = self.self_attn(
+            self.norm1.pre(x), mask=mask, causal=causal, past=past, need_weights=need_weights
+        )
+        x = self.norm2(self.norm1.post(x, attn.out), self.ff)
         assert attn.kv is not None
         return EncoderLayerOutput(x, attn.kv, attn.weights)
 
@@ -168,59 +186,29 @@ class DecoderLayerOutput(NamedTuple):
 
 
 class DecoderLayer(nn.Module):
-    """Masked self-attention, cross-attention over the encoder output, feed-forward; each in Add & Norm."""
+    """Masked self-attention, cross-attention over the encoder output, feed-forward; each inside its Add &
+    Norm (`norm1`, `norm2`, `norm3`)."""
 
     def __init__(
         self,
-        d_model: int,
-        n_heads: int,
-        d_ff: int,
-        *,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        activation: str = "relu",
-        norm_first: bool = False,
-        layer_norm_eps: float = 1e-5,
-        bias: bool = True,
-        backend: str = "sdpa",
-        rotary: nn.Module | None = None,
-        backend_options: dict[str, Any] | None = None,
-        n_kv_heads: int | None = None,
-        score: str = "dot",
-        cross_backend: str = "sdpa",
+        self_attn: MultiHeadAttention,
+        cross_attn: MultiHeadAttention,
+        ff: nn.Module,
+        norm1: Residual,
+        norm2: Residual,
+        norm3: Residual,
     ) -> None:
         super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(
-            d_model,
-            n_heads,
-            dropout=attention_dropout,
-            bias=bias,
-            backend=backend,
-            rotary=rotary,
-            backend_options=backend_options,
-            n_kv_heads=n_kv_heads,
-            score=score,
-        )
-        self.cross_attn = MultiHeadAttention(
-            d_model,
-            n_heads,
-            dropout=attention_dropout,
-            bias=bias,
-            backend=cross_backend,
-            # no options: a linformer cross-attention has always had the default (64, 512) projections,
-            # whatever the config's linformer_rank (the shapes saved checkpoints hold)
-            n_kv_heads=n_kv_heads,
-            score=score,
-            cross=True,
-        )
-        self.ff = FeedForward(d_model, d_ff, dropout=dropout, activation=activation, bias=bias)
-        self.norm1 = layer_norm(d_model, layer_norm_eps, bias)
-        self.norm2 = layer_norm(d_model, layer_norm_eps, bias)
-        self.norm3 = layer_norm(d_model, layer_norm_eps, bias)
-        self.dropout1 = dropout_layer(dropout)
-        self.dropout2 = dropout_layer(dropout)
-        self.dropout3 = dropout_layer(dropout)
+        if not cross_attn.cross:
+            raise ValueError(
+                "DecoderLayer's cross_attn must be built with MultiHeadAttention(..., cross=True)"
+            )
+        self.self_attn, self.cross_attn, self.ff = self_attn, cross_attn, ff
+        self.norm1, self.norm2, self.norm3 = norm1, norm2, norm3
+
+    @property
+    def norm_first(self) -> bool:
+        return self.norm1.norm_first
 
     def forward(
         self,
@@ -235,24 +223,13 @@ class DecoderLayer(nn.Module):
         need_weights: bool = False,
     ) -> DecoderLayerOutput:
         """x (B, T, C) target states; memory (B, S, C) encoder output (None when `cross_kv` is given)."""
-
-        def self_block(h: Tensor):
-            return self.self_attn(h, mask=self_mask, causal=causal, past=past, need_weights=need_weights)
-
-        def cross_block(h: Tensor):
-            return self.cross_attn(h, memory, mask=memory_mask, static_kv=cross_kv, need_weights=need_weights)
-
-        if self.norm_first:
-            sa = self_block(self.norm1(x))
-            x = x + self.dropout1(sa.out)
-            ca = cross_block(self.norm2(x))
-            x = x + self.dropout2(ca.out)
-            x = x + self.dropout3(self.ff(self.norm3(x)))
-        else:
-            sa = self_block(x)
-            x = self.norm1(x + self.dropout1(sa.out))
-            ca = cross_block(x)
-            x = self.norm2(x + self.dropout2(ca.out))
-            x = self.norm3(x + self.dropout3(self.ff(x)))
-        assert sa.kv is not None and ca.kv is not None
+        sa: AttentionOutput = self.self_attn(
+            self.norm1.pre(x), mask=self_mask, causal=causal, past=past, need_weights=need_weights
+        )
+        x = self.norm1.post(x, sa.out)
+        ca: AttentionOutput = self.cross_attn(
+            self.norm2.pre(x), memory, mask=memory_mask, static_kv=cross_kv, need_weights=need_weights
+        )
+        x = self.norm3(self.norm2.post(x, ca.out), self.ff)
+        assert sa.kv is not None and isinstance(ca.kv, KV)
         return DecoderLayerOutput(x, sa.kv, ca.kv, sa.weights, ca.weights)

@@ -141,7 +141,9 @@ class MultiHeadAttention(nn.Module):
     Cached decoding passes `past`, either a `KVCache` (preallocated; this step's keys/values are written
     into it in place, and it is returned as `kv`) or the `KV` of earlier positions (returned extended by
     concatenation), or `static_kv` (cross-attention keys/values computed once per source by `project_kv`).
-    `score` picks the score function ("dot", "cosine", "l2"; attention/scores.py).
+    `score` picks the score function ("dot", "cosine", "l2"; attention/scores.py). What `backend` can do
+    (scores, dropout, cross-attention, weights), which `backend_options` it takes and which parameters it
+    owns (linformer's `proj_k` / `proj_v`, made by its factory) come from its entry in tformer/backends.py.
     """
 
     def __init__(

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from tformer.attention.multihead import KV, KVCache
 from tformer.config import TransformerConfig
-from tformer.layers import Embedding, EncoderLayer, dropout_layer, layer_norm
+from tformer.layers import Embedding, dropout_layer, layer_norm
+from tformer.models.builders import encoder_layer
 from tformer.positions import PositionalEncoding, RotaryEmbedding
 
 
@@ -41,26 +42,6 @@ def check_ids(ids: Tensor, *, vocab_size: int, max_len: int, name: str) -> None:
             raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
-def layer_kwargs(c: TransformerConfig, rotary: nn.Module | None) -> dict[str, Any]:
-    return dict(
-        dropout=c.dropout,
-        attention_dropout=c.attention_dropout,
-        activation=c.activation,
-        norm_first=c.norm_first,
-        layer_norm_eps=c.layer_norm_eps,
-        bias=c.bias,
-        backend=c.attention,
-        rotary=rotary,
-        backend_options={
-            "window": c.attention_window,
-            "rank": c.linformer_rank,
-            "max_seq_len": c.max_seq_len,
-        },
-        n_kv_heads=c.n_kv_heads,
-        score=c.attention_score,
-    )
-
-
 class Encoder(nn.Module):
     """Embedding (+ positions, dropout) -> N self-attention layers -> optional final LayerNorm."""
 
@@ -77,9 +58,7 @@ class Encoder(nn.Module):
         self.rotary = RotaryEmbedding(c.d_head, c.max_seq_len) if c.positions == "rotary" else None
         self.dropout = dropout_layer(c.dropout)
         n = c.n_layers if n_layers is None else n_layers
-        self.layers = nn.ModuleList(
-            EncoderLayer(c.d_model, c.n_heads, c.d_ff, **layer_kwargs(c, self.rotary)) for _ in range(n)
-        )
+        self.layers = nn.ModuleList(encoder_layer(c, self.rotary) for _ in range(n))
         self.norm = layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
 
     def forward(

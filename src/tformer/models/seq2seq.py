@@ -17,7 +17,8 @@ from tformer.attention.masks import check_mask, padding_mask
 from tformer.attention.multihead import KV, KVCache
 from tformer.config import ModelConfig
 from tformer.layers import DecoderLayer, Embedding, dropout_layer, init_linears_, layer_norm
-from tformer.models.encoder import Encoder, check_ids, layer_kwargs
+from tformer.models.builders import decoder_layer
+from tformer.models.encoder import Encoder, check_ids
 from tformer.positions import PositionalEncoding
 
 
@@ -74,14 +75,7 @@ class Seq2Seq(nn.Module):
         self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
         self.dropout = dropout_layer(c.dropout)
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(
-                c.d_model,
-                c.n_heads,
-                c.d_ff,
-                **(layer_kwargs(c, self.encoder.rotary) | {"backend": c.decoder_backend}),
-                cross_backend=c.cross_backend,
-            )
-            for _ in range(c.decoder_layers)
+            decoder_layer(c, self.encoder.rotary) for _ in range(c.decoder_layers)
         )
         self.decoder_norm = (
             layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
@@ -156,8 +150,9 @@ class Seq2Seq(nn.Module):
             o = layer(x, memory, self_mask=tgt_mask, memory_mask=memory_mask, need_weights=need_weights)
             x = o.x
             if self_w is not None and cross_w is not None:
-                self_w.append(cast(Tensor, o.self_weights))
-                cross_w.append(cast(Tensor, o.cross_weights))
+                assert o.self_weights is not None and o.cross_weights is not None
+                self_w.append(o.self_weights)
+                cross_w.append(o.cross_weights)
         logits = self.output(self.decoder_norm(x))
         return Seq2SeqOutput(logits, self_attention=self_w, cross_attention=cross_w)
 
@@ -217,6 +212,7 @@ class Seq2Seq(nn.Module):
             )
             x = o.x
             if cross_w is not None:
-                cross_w.append(cast(Tensor, o.cross_weights))
+                assert o.cross_weights is not None
+                cross_w.append(o.cross_weights)
         logits = self.output(self.decoder_norm(x))
         return Seq2SeqOutput(logits, cross_attention=cross_w, cache=cache)
