@@ -100,10 +100,10 @@ def _seq2seq_runners():
     import torch
 
     from tformer import accel
-    from tformer.config import ModelConfig
+    from tformer.config import Seq2SeqConfig
     from tformer.models import Seq2Seq
 
-    config = ModelConfig(
+    config = Seq2SeqConfig(
         d_model=256, n_heads=8, d_ff=1024, n_layers=3, dropout=0.1, max_seq_len=128, src_vocab_size=8000,
         tgt_vocab_size=8000, share_embeddings=True, tie_output=True,
     )  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tformer.attention import causal_mask
-from tformer.config import ModelConfig
+from tformer.config import Seq2SeqConfig
 from tformer.models import Seq2Seq
 
 SHAPES = {
@@ -115,7 +115,7 @@ def make_step(model: nn.Module, forward, src, tgt_in, tgt_out):
 
 def bench_shape(name: str, spec: dict, repeats: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    config = ModelConfig(
+    config = Seq2SeqConfig(
         src_vocab_size=VOCAB,
         tgt_vocab_size=VOCAB,
         share_embeddings=True,

@@ -180,11 +180,11 @@ def _seq2seq(rec: _Record, steps: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from tformer.config import ModelConfig
+    from tformer.config import Seq2SeqConfig
     from tformer.models.seq2seq import Seq2Seq
 
     vocab = 8000
-    config = ModelConfig(
+    config = Seq2SeqConfig(
         src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=256, n_heads=8, d_ff=1024, n_layers=3,
         dropout=0.1, max_seq_len=128, share_embeddings=True, tie_output=True,
     )  # fmt: skip

@@ -64,10 +64,10 @@ def test_clip_norm_none_is_no_clipping():
 @pytest.mark.parametrize(
     ("cls", "key", "value", "message"),
     [
-        (ModelConfig, "layer_norm_eps", INF, r"ModelConfig.layer_norm_eps = inf is not a finite number"),
+        (ModelConfig, "layer_norm_eps", INF, r"Seq2SeqConfig.layer_norm_eps = inf is not a finite number"),
         (LMConfig, "dropout", NAN, r"LMConfig.dropout = nan is not a finite number"),
         (ClassifierConfig, "attention_dropout", -INF, r"attention_dropout = -inf is not a finite number"),
-        (ModelConfig, "linformer_rank", 0, r"ModelConfig.linformer_rank must be > 0"),
+        (ModelConfig, "linformer_rank", 0, r"Seq2SeqConfig.linformer_rank must be > 0"),
         (ClassifierConfig, "cnn_widths", (3, True), r"ClassifierConfig.cnn_widths\[1\] = True \(bool\)"),
         (DataConfig, "valid_fraction", NAN, r"DataConfig.valid_fraction = nan is not a finite number"),
         (DataConfig, "train", (1,), r"DataConfig.train\[0\] = 1 \(int\); expected str"),
@@ -81,7 +81,7 @@ def test_model_and_data_values_that_make_no_sense(cls, key, value, message):
 
 
 def test_run_config_parts_match_the_task():
-    with pytest.raises(ConfigError, match=r"RunConfig.model is a ModelConfig; task 'lm' needs an LMConfig"):
+    with pytest.raises(ConfigError, match=r"RunConfig.model is a Seq2SeqConfig; task 'lm' needs an LMConfig"):
         RunConfig(task="lm", model=ModelConfig())
     with pytest.raises(ConfigError, match=r"RunConfig.train = 3 \(int\); expected a TrainConfig"):
         RunConfig(train=3)
@@ -92,14 +92,14 @@ def test_run_config_parts_match_the_task():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model = 3\n", r"run.toml: \[model\] must be a table of ModelConfig keys, got 3 \(int\)"),
+        ("model = 3\n", r"run.toml: \[model\] must be a table of Seq2SeqConfig keys, got 3 \(int\)"),
         ('train = "x"\n', r"run.toml: \[train\] must be a table of TrainConfig keys, got 'x' \(str\)"),
         ("data = [1, 2]\n", r"run.toml: \[data\] must be a table of DataConfig keys, got \[1, 2\] \(list\)"),
         ("task = 3\n", r"run.toml: task = 3 is not a string; expected one of translation"),
         ('task = ["lm"]\n', r"run.toml: task = \['lm'\] is not a string"),
         ("[train]\nlr = 'abc'\n", r"run.toml: TrainConfig.lr = 'abc' \(str\); expected float \| None"),
         ("[train]\nlr = inf\n", r"run.toml: TrainConfig.lr = inf is not a finite number"),
-        ("[model]\nd_model = 100\n", r"run.toml: ModelConfig.d_model = 100 must be divisible"),
+        ("[model]\nd_model = 100\n", r"run.toml: Seq2SeqConfig.d_model = 100 must be divisible"),
         ('task = "lm"\n[train]\ninit_from = "hf:x"\n', r"run.toml: train.init_from starts a classifier"),
         ("[train]\nseed = " + "9" * 5000 + "\n", r"run.toml: not valid TOML"),
     ],
@@ -124,7 +124,7 @@ def test_from_dict_errors_name_the_source():
     src = "ckpt/config.json"
     with pytest.raises(ConfigError, match=r"^ckpt/config.json: TrainConfig.lr = 'abc' \(str\)"):
         RunConfig.from_dict({"train": {"lr": "abc"}}, source=src)
-    with pytest.raises(ConfigError, match=r"^ckpt/config.json: ModelConfig.n_heads must be > 0"):
+    with pytest.raises(ConfigError, match=r"^ckpt/config.json: Seq2SeqConfig.n_heads must be > 0"):
         ModelConfig.from_dict({"n_heads": 0}, source=src)
     with pytest.raises(ConfigError, match=r"^ckpt/config.json: DataConfig.tokenizer = 'x' is not one of"):
         DataConfig.from_dict({"tokenizer": "x"}, source=src)
@@ -140,7 +140,7 @@ def test_from_dict_errors_name_the_source():
         (["model"], r"ckpt/config.json: expected a mapping of sections"),
         ("x", r"ckpt/config.json: expected a mapping of sections .*got a str"),
         (None, r"ckpt/config.json: expected a mapping of sections .*got a NoneType"),
-        ({"model": None}, r"ckpt/config.json: \[model\] must be a table of ModelConfig keys, got None"),
+        ({"model": None}, r"ckpt/config.json: \[model\] must be a table of Seq2SeqConfig keys, got None"),
     ],
 )
 def test_from_dict_of_a_non_mapping(data, message):
@@ -173,7 +173,7 @@ def test_section_from_dict_of_a_non_mapping():
         ("train.=5", r"^override 'train.=5': the key is empty"),
         (".lr=5", r"^override '.lr=5': the section is empty"),
         ("lr=1\nwarmup_steps=2", r"^override 'lr=1\nwarmup_steps=2': TrainConfig.lr = '1\\nwarmup_steps=2'"),
-        ("n_heads=3", r"^override 'n_heads=3': ModelConfig.d_model = 512 must be divisible by n_heads = 3"),
+        ("n_heads=3", r"^override 'n_heads=3': Seq2SeqConfig.d_model = 512 must be divisible by n_heads = 3"),
     ],
 )
 def test_override_errors_name_the_argument(item, message):
@@ -183,7 +183,8 @@ def test_override_errors_name_the_argument(item, message):
 
 def test_override_errors_name_only_the_arguments_involved():
     with pytest.raises(
-        ConfigError, match=r"^overrides 'd_model=33', 'n_heads=2': ModelConfig.d_model = 33 must be divisible"
+        ConfigError,
+        match=r"^overrides 'd_model=33', 'n_heads=2': Seq2SeqConfig.d_model = 33 must be divisible",
     ):
         apply_overrides(RunConfig(), ["d_model=33", "dropout=0.2", "n_heads=2"])
     with pytest.raises(ConfigError, match=r"^override 'train.init_from=hf:x': train.init_from starts"):
@@ -202,3 +203,11 @@ def test_valid_configs_still_round_trip(tmp_path):
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.train.betas == (0.0, 0.5)
     assert cfg.model.cnn_widths == (2, 3) and cfg.data.train == ("a.csv",)
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_model_config_is_the_deprecated_name_of_seq2seq_config():
+    import tformer
+    from tformer.config import Seq2SeqConfig
+
+    assert ModelConfig is Seq2SeqConfig is tformer.Seq2SeqConfig is tformer.ModelConfig
+    assert Seq2SeqConfig.__name__ == "Seq2SeqConfig"

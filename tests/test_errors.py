@@ -83,7 +83,7 @@ def test_missing_and_corrupt_checkpoint(tmp_path, model):
 
 
 def test_unknown_config_key_names_the_closest(tmp_path):
-    with pytest.raises(ConfigError, match="unknown ModelConfig key 'n_head'.*did you mean 'n_heads'"):
+    with pytest.raises(ConfigError, match="unknown Seq2SeqConfig key 'n_head'.*did you mean 'n_heads'"):
         ModelConfig.from_dict({"n_head": 4})
     with pytest.raises(ConfigError, match="did you mean 'warmup_steps'"):
         TrainConfig.from_dict({"warmup_step": 10})

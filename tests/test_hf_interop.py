@@ -349,7 +349,7 @@ def test_new_model_options_are_validated() -> None:
 
     with pytest.raises(ConfigError, match="token_types must be >= 0, got -1"):
         ClassifierConfig(token_types=-1)
-    with pytest.raises(ConfigError, match="ModelConfig.embedding_norm is for encoder-only stacks"):
+    with pytest.raises(ConfigError, match="Seq2SeqConfig.embedding_norm is for encoder-only stacks"):
         ModelConfig(embedding_norm=True)
     with pytest.raises(ConfigError, match="activation = 'swish' is not one of relu, gelu, gelu_tanh, silu"):
         ClassifierConfig(activation="swish")

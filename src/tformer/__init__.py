@@ -2,7 +2,7 @@
 
 The public API, imported lazily so that `tformer.config` (and this package) load without torch:
 
-    from tformer import ModelConfig, Seq2Seq, Translator
+    from tformer import Seq2Seq, Seq2SeqConfig, Translator
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "ModelConfig": "tformer.config",
+    "ModelConfig": "tformer.config",  # the deprecated name of Seq2SeqConfig
+    "Seq2SeqConfig": "tformer.config",
     "ClassifierConfig": "tformer.config",
     "LMConfig": "tformer.config",
     "DataConfig": "tformer.config",

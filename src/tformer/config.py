@@ -278,7 +278,7 @@ class TransformerConfig(_Config):
 
 
 @dataclass(frozen=True)
-class ModelConfig(TransformerConfig):
+class Seq2SeqConfig(TransformerConfig):
     """The paper's encoder-decoder (translation). Defaults: the base model."""
 
     src_vocab_size: int = 32000
@@ -330,7 +330,8 @@ class ModelConfig(TransformerConfig):
         return backends.role(self.attention, self.cross_attention, cross=True)
 
 
-Seq2SeqConfig = ModelConfig
+# The class's name before 0.3, kept importable: every `ModelConfig` is a Seq2SeqConfig (deprecated alias).
+ModelConfig = Seq2SeqConfig
 
 
 @dataclass(frozen=True)
@@ -516,7 +517,7 @@ class RunConfig(_Config):
         if self.model is None:
             object.__setattr__(self, "model", wanted())
         if not isinstance(self.model, wanted):
-            article = "an" if wanted is LMConfig else "a"  # "an LMConfig", "a ModelConfig"
+            article = "an" if wanted is LMConfig else "a"  # "an LMConfig", "a Seq2SeqConfig"
             raise ConfigError(
                 f"RunConfig.model is a {type(self.model).__name__}; task {self.task!r} needs "
                 f"{article} {wanted.__name__}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tformer.config import ModelConfig, TrainConfig
+from tformer.config import Seq2SeqConfig, TrainConfig
 from tformer.data.synthetic import number_translation
 from tformer.data.tokenizers import Tokenizer
 from tformer.metrics import bleu, exact_match
@@ -30,7 +30,7 @@ class DemoSize:
     n_train: int
     n_valid: int
     n_test: int
-    model: ModelConfig
+    model: Seq2SeqConfig
     train: TrainConfig
     beam_size: int = 4
 
@@ -38,7 +38,7 @@ class DemoSize:
 def demo_size(quick: bool, seed: int = 0) -> DemoSize:
     """The full demo (a few minutes on 2 CPU cores) or a quick one (seconds, for tests)."""
     if quick:
-        model = ModelConfig(d_model=64, n_heads=4, d_ff=128, n_layers=2, dropout=0.0, max_seq_len=32)
+        model = Seq2SeqConfig(d_model=64, n_heads=4, d_ff=128, n_layers=2, dropout=0.0, max_seq_len=32)
         train = TrainConfig(
             epochs=6,
             batch_tokens=1500,
@@ -49,7 +49,7 @@ def demo_size(quick: bool, seed: int = 0) -> DemoSize:
             label_smoothing=0.0,
         )
         return DemoSize(2000, 200, 200, model, train, beam_size=2)
-    model = ModelConfig(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.1, max_seq_len=48)
+    model = Seq2SeqConfig(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.1, max_seq_len=48)
     train = TrainConfig(
         epochs=5, max_time=230.0, batch_tokens=3000, lr=2e-3, warmup_steps=400, seed=seed, log_every=25
     )

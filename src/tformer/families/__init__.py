@@ -132,7 +132,7 @@ _BASELINES = "tformer.models.rnn"
 register(
     Family(
         name="translation",
-        config="tformer.config:ModelConfig",
+        config="tformer.config:Seq2SeqConfig",
         models={
             "transformer": "tformer.models.seq2seq:Seq2Seq",
             "lstm": f"{_BASELINES}:RNNSeq2Seq",

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from torch import nn
 
-from tformer.config import ClassifierConfig, LMConfig, ModelConfig
+from tformer.config import ClassifierConfig, LMConfig, Seq2SeqConfig
 from tformer.data.tokenizers import Tokenizer
 from tformer.interop import bert, gpt2, marian
 from tformer.interop.common import (
@@ -51,7 +51,7 @@ class Imported:
 
     family: str
     task: str  # "lm", "translation" or "encoder"
-    config: LMConfig | ModelConfig | ClassifierConfig
+    config: LMConfig | Seq2SeqConfig | ClassifierConfig
     model: nn.Module  # LanguageModel, Seq2Seq or Encoder
     tokenizer: Tokenizer | None
     source: Path

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tformer.config import ModelConfig
+from tformer.config import Seq2SeqConfig
 from tformer.interop.common import HFConfig, InteropError, Tensors, fused_qkv, linear, prefixed
 from tformer.positions import sinusoidal_table
 
 
-def seq2seq_config(cfg: HFConfig) -> ModelConfig:
+def seq2seq_config(cfg: HFConfig) -> Seq2SeqConfig:
     vocab = cfg.need("vocab_size")
     for ours, theirs in (("n_heads", "attention_heads"), ("d_ff", "ffn_dim")):
         enc, dec = cfg.need(f"encoder_{theirs}"), cfg.need(f"decoder_{theirs}")
@@ -37,7 +37,7 @@ def seq2seq_config(cfg: HFConfig) -> ModelConfig:
         )
     for key in ("normalize_before", "add_final_layer_norm", "normalize_embedding"):
         cfg.expect(key, False, False, "Marian is post-norm without extra norms")
-    return ModelConfig(
+    return Seq2SeqConfig(
         src_vocab_size=vocab,
         tgt_vocab_size=vocab,
         d_model=cfg.need("d_model"),
@@ -78,7 +78,7 @@ def _norm(t: Tensors, name: str, d: int) -> dict[str, Tensor]:
     return {"weight": t.take(f"{name}.weight", (d,)), "bias": t.take(f"{name}.bias", (d,))}
 
 
-def seq2seq_state(t: Tensors, c: ModelConfig) -> dict[str, Tensor]:
+def seq2seq_state(t: Tensors, c: Seq2SeqConfig) -> dict[str, Tensor]:
     d, f, v = c.d_model, c.d_ff, c.src_vocab_size
     shared = t.take("model.shared.weight", (v, d))
     for alias in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from tformer.attention.multihead import MultiHeadAttention
-from tformer.config import ModelConfig, TransformerConfig
+from tformer.config import Seq2SeqConfig, TransformerConfig
 from tformer.layers import DecoderLayer, EncoderLayer, FeedForward, Residual
 
 
@@ -54,7 +54,7 @@ def encoder_layer(c: TransformerConfig, rotary: nn.Module | None = None) -> Enco
     return EncoderLayer(attention(c, rotary=rotary), feed_forward(c), residual(c), residual(c))
 
 
-def decoder_layer(c: ModelConfig, rotary: nn.Module | None = None) -> DecoderLayer:
+def decoder_layer(c: Seq2SeqConfig, rotary: nn.Module | None = None) -> DecoderLayer:
     """Causal self-attention (`c.decoder_backend`), cross-attention (`c.cross_backend`), feed-forward."""
     return DecoderLayer(
         attention(c, backend=c.decoder_backend, rotary=rotary),

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from tformer.config import ClassifierConfig, LMConfig, ModelConfig
+from tformer.config import ClassifierConfig, LMConfig, Seq2SeqConfig
 from tformer.models.classifier import ClassifierOutput
 from tformer.models.encoder import check_ids
 from tformer.models.lm import LMOutput, cache_capacity
@@ -111,7 +111,7 @@ class RNNSeq2Seq(nn.Module):
     [embedding of y_{t-1}; context c_t], where c_t attends over the encoder states with the previous top
     hidden state as query; logits from [s_t; c_t; embedding] (the deep output of Bahdanau et al.)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         self.config = c = config
         kind, d, n = c.architecture, c.d_model, c.n_layers

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from tformer.attention.masks import check_mask, padding_mask
 from tformer.attention.multihead import KV, KVCache
-from tformer.config import ModelConfig
+from tformer.config import Seq2SeqConfig
 from tformer.layers import DecoderLayer, Embedding, dropout_layer, init_linears_, layer_norm
 from tformer.models.builders import decoder_layer
 from tformer.models.encoder import Encoder, check_ids
@@ -63,7 +63,7 @@ class Seq2SeqOutput:
 class Seq2Seq(nn.Module):
     """Encoder-decoder Transformer. Inputs are (B, S) source ids and (B, T) target ids, batch first."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         self.config = c = config
         self.encoder = Encoder(c, c.src_vocab_size)

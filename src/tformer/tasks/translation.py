@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import torch
 
-from tformer.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from tformer.config import ConfigError, RunConfig, Seq2SeqConfig, TrainConfig
 from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pad
 from tformer.data.readers import read_parallel, report_skipped
 from tformer.data.tokenizers import Tokenizer
@@ -55,7 +55,7 @@ class TranslationTask:
 
     def __init__(
         self,
-        model_config: ModelConfig,
+        model_config: Seq2SeqConfig,
         train_config: TrainConfig,
         src_tokenizer: Tokenizer,
         tgt_tokenizer: Tokenizer,
