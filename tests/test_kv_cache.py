@@ -150,3 +150,16 @@ def test_generate_reuses_its_buffers_past_the_window():
     b = generate(model, prompt, max_new_tokens=30, greedy=True, use_cache=False)
     assert a.shape == (2, 35)
     assert torch.equal(a[:, :16], b[:, :16])  # identical while the text fits in the window
+
+
+def test_the_caches_live_in_kv_cache_and_keep_their_old_import_path():
+    from tformer.attention import kv_cache, multihead
+
+    assert multihead.KVCache is kv_cache.KVCache and multihead.KV is kv_cache.KV
+    k, v = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    static = kv_cache.KVCache(8)
+    static.append(k, v)
+    for cache in (kv_cache.KV(k, v), static):  # both LayerKVs: what a layer reads back
+        assert torch.equal(cache.k, k) and torch.equal(cache.v, v) and cache.length == 4
+        kept = cache.index_select(torch.tensor([1]))
+        assert torch.equal(kept.k, k[1:]) and kept.length == 4

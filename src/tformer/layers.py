@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.attention.multihead import KV, AttentionOutput, KVCache, MultiHeadAttention
+from tformer.attention.kv_cache import KV, KVCache
+from tformer.attention.multihead import AttentionOutput, MultiHeadAttention
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from tformer.attention.multihead import KV, KVCache
+from tformer.attention.kv_cache import KV, KVCache
 from tformer.config import TransformerConfig
 from tformer.layers import Embedding, dropout_layer, layer_norm
 from tformer.models.builders import encoder_layer

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from tformer.attention.multihead import KVCache
+from tformer.attention.kv_cache import KVCache
 from tformer.config import LMConfig
 from tformer.models.encoder import Encoder
 

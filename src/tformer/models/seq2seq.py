@@ -13,8 +13,8 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from tformer.attention.kv_cache import KV, KVCache
 from tformer.attention.masks import check_mask, padding_mask
-from tformer.attention.multihead import KV, KVCache
 from tformer.config import Seq2SeqConfig
 from tformer.layers import DecoderLayer, Embedding, dropout_layer, init_linears_, layer_norm
 from tformer.models.builders import decoder_layer
