@@ -4,6 +4,7 @@ one `CheckpointPredictor.load` every predictor opens a checkpoint with."""
 from __future__ import annotations
 
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -18,7 +19,7 @@ M = TypeVar("M", bound=torch.nn.Module)
 P = TypeVar("P", bound="CheckpointPredictor")
 
 
-class CheckpointPredictor:
+class CheckpointPredictor(ABC):
     """Base of the families' predictors: `load` is the one checkpoint loader (config -> the family's model
     -> weights -> device / precision / accel), `from_checkpoint` the family's own files (tokenizers,
     labels). Its model is put in eval mode once and never switched after, so threads may share a
@@ -50,9 +51,10 @@ class CheckpointPredictor:
         return cls.from_checkpoint(path, raw, for_inference(model, device, precision, accel=accel))
 
     @classmethod
+    @abstractmethod
     def from_checkpoint(cls: type[P], path: Path, raw: dict[str, Any], model: torch.nn.Module) -> P:
-        """The predictor of a loaded `model` and the checkpoint's other files; `raw` is config.json."""
-        raise NotImplementedError
+        """The predictor of a loaded `model` and the checkpoint's other files; `raw` is config.json. Each
+        family's predictor defines it (an abstract method: a predictor without it cannot be made)."""
 
 
 def need(config: RunConfig, key: str) -> list[str]:
