@@ -56,49 +56,11 @@ def _seed():
     yield
 
 
-def copy_mha(ours, ref):
-    """Copy torch.nn.MultiheadAttention's packed in-projection (rows q, k, v) into ours: self-attention's
-    one `in_proj`, or cross-attention's `q_proj` and `kv_proj`."""
-    import torch
-
-    with torch.no_grad():
-        if ours.cross:
-            c = ours.d_model
-            ours.q_proj.weight.copy_(ref.in_proj_weight[:c])
-            ours.q_proj.bias.copy_(ref.in_proj_bias[:c])
-            ours.kv_proj.weight.copy_(ref.in_proj_weight[c:])
-            ours.kv_proj.bias.copy_(ref.in_proj_bias[c:])
-        else:
-            ours.in_proj.weight.copy_(ref.in_proj_weight)
-            ours.in_proj.bias.copy_(ref.in_proj_bias)
-        ours.out_proj.weight.copy_(ref.out_proj.weight)
-        ours.out_proj.bias.copy_(ref.out_proj.bias)
-
-
-def in_proj_grads(ours):
-    """Our attention's in-projection gradients as torch's packed (weight, bias), rows q, k, v."""
-    if ours.cross:
-        return (
-            torch.cat([ours.q_proj.weight.grad, ours.kv_proj.weight.grad]),
-            torch.cat([ours.q_proj.bias.grad, ours.kv_proj.bias.grad]),
-        )
-    return ours.in_proj.weight.grad, ours.in_proj.bias.grad
-
-
-def copy_ff_norms(ours, ref, n_norms):
-    with torch.no_grad():
-        ours.ff.linear1.load_state_dict(ref.linear1.state_dict())
-        ours.ff.linear2.load_state_dict(ref.linear2.state_dict())
-        for i in range(1, n_norms + 1):
-            getattr(ours, f"norm{i}").load_state_dict(getattr(ref, f"norm{i}").state_dict())
-
-
-def copy_encoder_layer(ours, ref):
-    copy_mha(ours.self_attn, ref.self_attn)
-    copy_ff_norms(ours, ref, 2)
-
-
-def copy_decoder_layer(ours, ref):
-    copy_mha(ours.self_attn, ref.self_attn)
-    copy_mha(ours.cross_attn, ref.multihead_attn)
-    copy_ff_norms(ours, ref, 3)
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models of the distributed and export tests: threads only add synchronisation (and stall on a
+    busy machine). Spawned ranks run one thread each too. Use with `pytestmark = usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,7 +17,7 @@ from torch import nn
 
 import tformer.accel.linear as tl
 import tformer.allocator
-import viz_models
+from support import models as viz_models
 from tformer.config import ClassifierConfig, LMConfig, ModelConfig, TrainConfig
 from tformer.data.batching import pad
 from tformer.data.tokenizers import Tokenizer

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import HERE, _weights, run_job
+from support.jobs import TESTS, run_job, weights_of
 from tformer.training import run_dir
 from tformer.training.checkpoint import (
     STATE,
@@ -26,8 +26,8 @@ from tformer.training.checkpoint import (
 from tformer.training.trainer import Interrupted
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
+def assert_sameweights_of(a: Path, b: Path) -> None:
+    wa, wb = weights_of(a), weights_of(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -161,7 +161,7 @@ def test_retention_never_deletes_what_the_links_name(tmp_path):
 def test_a_kill_at_any_point_of_a_save_resumes_exactly(tmp_path, straight, point):
     out = tmp_path / "run"
     code = (
-        f"import sys; sys.path.insert(0, {str(HERE)!r}); from test_training import run_job; "
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); from support.jobs import run_job; "
         f"run_job({str(out)!r}, 8, save_every_steps=2)"
     )
     env = {**os.environ, "TFORMER_CRASH_AT": f"{point}@2"}  # during the second save (step 4)
@@ -170,7 +170,7 @@ def test_a_kill_at_any_point_of_a_save_resumes_exactly(tmp_path, straight, point
     saved = run_dir.latest(out)
     assert saved is not None and saved.name in ("checkpoint-2", "checkpoint-4")
     run_job(str(out), 8, resume=True, save_every_steps=2)
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 def test_resume_without_the_link_finds_the_newest_complete_checkpoint(tmp_path, straight):
@@ -178,14 +178,14 @@ def test_resume_without_the_link_finds_the_newest_complete_checkpoint(tmp_path, 
     run_job(str(out), 4, save_every_steps=2)
     (out / "checkpoint").unlink()
     run_job(str(out), 8, resume=True, save_every_steps=2)
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 def test_resume_before_any_checkpoint_starts_from_scratch(tmp_path, straight):
     out = tmp_path / "run"
     trainer = run_job(str(out), 8, resume=True)
     assert trainer.state.step == 8
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 def _packed(values: dict, cat):
@@ -228,7 +228,7 @@ def test_a_run_saved_by_tformer_0_2_resumes_exactly(tmp_path, straight):
         group["params"] = list(dict.fromkeys(names))
     write_state(ckpt, state)
     run_job(str(out), 8, resume=True, save_every_steps=2)
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 # --- who may write into --out -----------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_a_real_write_failure_during_a_save_is_a_clear_error(tmp_path):
         "import resource, signal, sys; "
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
-        f"sys.path.insert(0, {str(HERE)!r}); from test_training import run_job; "
+        f"sys.path.insert(0, {str(TESTS)!r}); from support.jobs import run_job; "
         "from tformer.training.checkpoint import CheckpointError\n"
         f"try:\n    run_job({str(tmp_path)!r}, 3)\nexcept CheckpointError as e:\n    print(e); sys.exit(3)"
     )
@@ -332,7 +332,7 @@ def test_a_log_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, str
     assert "1 incomplete or unreadable line(s) (line 3)" in capfd.readouterr().err
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 4, 6, 8]  # the first run's final eval at 4 stays
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 # --- non-finite numbers never reach a checkpoint ----------------------------------------------------------
@@ -389,7 +389,7 @@ def test_sigterm_saves_and_names_the_signal(tmp_path, straight, capfd):
     assert stopped.value.signum == signal.SIGTERM and stopped.value.saved is not None
     assert "SIGTERM: checkpoint saved at step 4" in capfd.readouterr().err
     run_job(str(out), 8, resume=True)
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -400,7 +400,7 @@ def test_a_second_signal_after_an_update_saves_nothing(tmp_path, straight, capfd
     assert "stopped at once inside step 5, not saved" in capfd.readouterr().err
     assert os.readlink(out / "checkpoint") == "checkpoint-4"  # not a state with an uncounted update
     run_job(str(out), 8, resume=True, save_every_steps=2)
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 def test_the_cli_exits_143_on_sigterm_and_resumes(tmp_path):
@@ -494,7 +494,7 @@ def test_a_second_signal_while_the_counters_change_waits_for_them(tmp_path, stra
     assert state["trainer"]["step"] == 5 and state["scheduler"]["last_epoch"] == 5
     monkeypatch.setattr(trainer_module.Trainer, "_step", real_step)
     run_job(str(out), 8, resume=True)
-    assert_same_weights(out, straight)
+    assert_sameweights_of(out, straight)
 
 
 def test_two_runs_cannot_train_into_one_directory_at_once(tmp_path):

@@ -20,7 +20,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-import viz_models
+from support import models as viz_models
 from tformer.viz.attention import attention_maps
 from tformer.viz.html import attention_html, page_data
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import viz_models
+from support import models as viz_models
 from tformer.attention.multihead import MultiHeadAttention
 from tformer.cli import main
 from tformer.inference.decoding import beam_search, greedy_decode

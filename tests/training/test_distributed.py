@@ -23,66 +23,18 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from test_families import TEXTS
-from tformer.config import ClassifierConfig, ConfigError, LMConfig, ModelConfig, TrainConfig
-from tformer.data.synthetic import number_translation
-from tformer.data.tokenizers import Tokenizer
-from tformer.models import Classifier, LanguageModel, Seq2Seq
-from tformer.tasks import ClassificationTask, LanguageModelTask, TranslationTask
+from support.models import TEXT, build
+from tformer.config import ConfigError, TrainConfig
 from tformer.training import Trainer
 from tformer.training.checkpoint import load_trainer_state
 from tformer.training.trainer import LossValue
 
 TOL = 2e-5
 STEPS = 4
-TEXT = "to be or not to be, that is the question: whether tis nobler in the mind to suffer. " * 12
-REVIEWS = TEXTS * 3  # labelled sentences of test_families
 FAMILIES = ("lm", "classification", "translation")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: threads only add synchronisation (and stall on a busy machine). The spawned
-    ranks run one thread each too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(family: str, *, dropout: float = 0.0, **train_kw):
-    """A tiny task and model of `family`, the same in every process (fixed seeds, no dropout by default)."""
-    tc = TrainConfig(
-        epochs=100,
-        lr=1e-3,
-        warmup_steps=0,
-        schedule="constant",
-        log_every=2,
-        eval_every_epochs=100,
-        label_smoothing=0.1,
-        seed=3,
-        eps=1e-6,  # see the module docstring
-        **train_kw,
-    )
-    small = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=dropout)
-    torch.manual_seed(11)
-    if family == "lm":
-        tok = Tokenizer.train([TEXT], kind="char")
-        mc = LMConfig(vocab_size=tok.vocab_size, max_seq_len=16, **small)
-        return LanguageModelTask(mc, tc, tok, TEXT, TEXT[:200]), LanguageModel(mc)
-    if family == "classification":
-        tok = Tokenizer.train([t for t, _ in REVIEWS], kind="word")
-        mc = ClassifierConfig(vocab_size=tok.vocab_size, n_classes=2, max_seq_len=16, **small)
-        return ClassificationTask(mc, tc, tok, ["neg", "pos"], REVIEWS, REVIEWS[:8]), Classifier(mc)
-    splits = number_translation(120, 10, 0, seed=1, max_digits=3)
-    pairs = {k: [(p.src, p.tgt) for p in v] for k, v in splits.items()}
-    src_tok = Tokenizer.train([s for s, _ in pairs["train"]], kind="word")
-    tgt_tok = Tokenizer.train([t for _, t in pairs["train"]], kind="word")
-    mc = ModelConfig(
-        src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size, max_seq_len=24, **small
-    )
-    task = TranslationTask(mc, tc, src_tok, tgt_tok, pairs["train"], pairs["valid"], eval_max_sentences=2)
-    return task, Seq2Seq(mc)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch_kw(family: str) -> dict:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import copy_mha, in_proj_grads
+from support.weights import copy_mha, in_proj_grads
 from tformer.attention import (
     MultiHeadAttention,
     causal_mask,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import copy_decoder_layer, copy_encoder_layer
+from support.weights import copy_decoder_layer, copy_encoder_layer
 from tformer.attention import causal_mask
 from tformer.config import ModelConfig
 from tformer.models import Seq2Seq

@@ -11,12 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from test_distributed import build, one_thread  # noqa: F401  (autouse fixture)
+from support.models import build
 from tformer import cli
 from tformer.inference.decoding import greedy_decode
 from tformer.training import Trainer
 
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["classification", "lm", "translation"])

@@ -4,6 +4,7 @@ rotary positions, tokenizers."""
 import pytest
 import torch
 
+from support.models import TEXTS
 from tformer.config import ClassifierConfig, LMConfig, TrainConfig
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.sampling import filter_logits, generate
@@ -11,17 +12,6 @@ from tformer.models import Classifier, LanguageModel
 from tformer.positions import RotaryEmbedding
 from tformer.tasks import ClassificationTask, LanguageModelTask
 from tformer.training import Trainer
-
-TEXTS = [
-    ("a wonderful and moving film", "pos"),
-    ("dull , slow and far too long", "neg"),
-    ("the best acting of the year", "pos"),
-    ("a tedious mess of a plot", "neg"),
-    ("funny , warm and clever", "pos"),
-    ("i wanted my two hours back", "neg"),
-    ("beautifully shot and well told", "pos"),
-    ("the jokes never land", "neg"),
-]
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
