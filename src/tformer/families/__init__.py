@@ -119,11 +119,12 @@ def get(name: str) -> Family:
 
 
 def for_config(cls: type) -> Family | None:
-    """The family whose [model] class is exactly `cls`. Imports nothing: `cls`'s own module is loaded, and
-    the family's path may name it by an alias (ModelConfig for Seq2SeqConfig)."""
+    """The family whose [model] class is exactly `cls`. Imports nothing: a family whose path names a module
+    not loaded yet cannot be `cls`'s. The path may name the class where it is re-exported (tformer.config
+    for tformer.config.model's classes) or by an alias (ModelConfig for Seq2SeqConfig)."""
     for family in FAMILIES.values():
         module, _, symbol = family.config.partition(":")
-        if module == cls.__module__ and getattr(sys.modules.get(module), symbol, None) is cls:
+        if getattr(sys.modules.get(module), symbol, None) is cls:
             return family
     return None
 

@@ -1,0 +1,233 @@
+"""The [train] and [data] sections and RunConfig, a whole run (task + [model] + [train] + [data]), which
+is what config.json and a TOML file hold. Imports no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tformer import families
+from tformer.config.base import (
+    ConfigError,
+    S,
+    Section,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_probability,
+    check_types,
+    closest,
+    short,
+    show,
+)
+from tformer.config.model import LMConfig, TransformerConfig
+
+SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+TOKENIZERS = ("word", "bpe", "char")
+# Task names, each family's [model] class and its architectures come from tformer.families (the registry);
+# TASKS is the built-in families' names, kept for importers (the checks below ask the registry each time).
+TASKS = families.names()
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    """Optimisation. Adam with the paper's betas and epsilon (section 5.3), label smoothing 0.1."""
+
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimiser steps, whatever the epoch
+    max_time: float | None = None  # seconds; stop (and evaluate) once training has run this long
+    batch_tokens: int = 4096  # target (source + target) tokens per batch, before padding
+    max_batch_sentences: int = 512
+    batch_size: int | None = None  # lm: sequences per batch (None: batch_tokens // max_seq_len)
+    lr: float | None = None  # peak learning rate; None: the paper's d_model**-0.5 * warmup**-0.5
+    schedule: str = "inverse_sqrt"
+    warmup_steps: int = 4000
+    min_lr: float = 0.0  # floor of the cosine schedule
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float | None = 1.0  # gradient norm clipped to this; 0 or None: no clipping
+    seed: int = 0
+    eval_every_epochs: int = 1
+    eval_every_steps: int | None = None  # also evaluate every this many steps (curves for long epochs)
+    eval_beam_size: int = 1  # translation: decoding used for the BLEU printed at each evaluation
+    eval_max_sentences: int | None = 500  # translation: decode at most this many validation sentences
+    log_every: int = 50
+    # "auto": bf16 where this machine's bfloat16 products are >= 2x float32's, else fp32 (accel/precision.py);
+    # "bf16": bfloat16 autocast (CPU, GPU); "fp16": float16 autocast + grad scaler (GPU); "fp32"
+    precision: str = "auto"
+    compile: bool = False  # torch.compile the model (slow to start, faster steps)
+    accumulate: int = 1  # batches per rank summed into one optimiser step (gradient accumulation)
+    parallel: str = "ddp"  # with several processes (torchrun): "ddp" replicas or "fsdp" sharded (FSDP2)
+    device: str = "auto"  # "auto": the process's CUDA GPU when there is one, else CPU; or "cpu", "cuda"
+    init_from: str | None = None  # classification: start from "hf:DIR" (BERT) or a tformer checkpoint
+    save_every_steps: int | None = 1000  # also checkpoint every this many steps (None: at evaluations only)
+    keep_checkpoints: int = 2  # checkpoint-<step>/ directories kept in the run directory (newest first)
+    max_nonfinite_skips: int = 10  # steps skipped for a non-finite gradient before training stops
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        name = type(self).__name__
+        check_positive(
+            name,
+            epochs=self.epochs,
+            batch_tokens=self.batch_tokens,
+            max_batch_sentences=self.max_batch_sentences,
+            eval_every_epochs=self.eval_every_epochs,
+            log_every=self.log_every,
+            accumulate=self.accumulate,
+        )
+        if self.max_steps is not None:
+            check_positive(name, max_steps=self.max_steps)
+        for key in ("max_time", "batch_size", "eval_every_steps", "eval_max_sentences"):
+            if getattr(self, key) is not None:  # None: no limit / derived / never / all
+                check_positive(name, **{key: getattr(self, key)})
+        check_positive(name, eps=self.eps, eval_beam_size=self.eval_beam_size)
+        check_nonnegative(name, weight_decay=self.weight_decay, min_lr=self.min_lr)
+        if self.clip_norm is not None:  # 0 or None: no clipping (0 is fairseq's way, and TOML has no None)
+            check_nonnegative(name, clip_norm=self.clip_norm)
+        if not 0 <= self.seed < 2**32:  # offsets are added per rank and step; torch's seeds stop at 2**64
+            raise ConfigError(f"{name}.seed must be in [0, 2**32), got {self.seed}")
+        if self.save_every_steps is not None:
+            check_positive(name, save_every_steps=self.save_every_steps)
+        check_positive(name, keep_checkpoints=self.keep_checkpoints)
+        if self.max_nonfinite_skips < 0:
+            raise ConfigError(f"{name}.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
+        if self.lr is not None:
+            check_positive(name, lr=self.lr)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{name}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check_choice(name, "schedule", self.schedule, SCHEDULES)
+        check_choice(name, "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        check_choice(name, "parallel", self.parallel, ("ddp", "fsdp"))
+        check_choice(name, "device", self.device, ("auto", "cpu", "cuda"))
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError(f"{name}.init_from is empty; give hf:DIR or a checkpoint directory")
+        check_probability(name, label_smoothing=self.label_smoothing)
+        if self.schedule == "cosine" and self.max_steps is None:
+            raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")
+        if not all(0.0 <= b < 1.0 for b in self.betas):  # two floats: check_types
+            raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Where the data is and how it becomes ids. In paths, "{data}" stands for $TFORMER_DATA, or
+    ../shared/data when that is unset."""
+
+    train: tuple[
+        str, ...
+    ] = ()  # translation: one TSV or two aligned files; lm: text; classification: csv/tsv/jsonl
+    valid: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+    tokenizer: str = "bpe"
+    vocab_size: int = 8000
+    shared_vocab: bool = True  # translation: one vocabulary for source and target
+    text_column: str = "text"
+    label_column: str = "label"
+    valid_fraction: float = 0.0  # lm without a valid file: hold out this final fraction of the text
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for key in ("train", "valid", "test"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                object.__setattr__(self, key, (value,))
+        check_types(self)  # lists become tuples
+        check_choice(name, "tokenizer", self.tokenizer, TOKENIZERS)
+        check_positive(name, vocab_size=self.vocab_size)
+        check_probability(name, valid_fraction=self.valid_fraction)
+
+    def paths(self, key: str) -> list[str]:
+        import os
+
+        root = os.environ.get("TFORMER_DATA", "../shared/data")
+        return [p.replace("{data}", root) for p in getattr(self, key)]
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    """A whole run as one TOML file: [model], [train] and [data] sections. The task picks the model class."""
+
+    task: str = "translation"
+    # the task's model config (None: its defaults), a subclass the task picks: typed Any so that each task's
+    # code reads its own family's keys (RunConfig is not generic over the family; __post_init__ checks it)
+    model: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        check_choice(type(self).__name__, "task", self.task, families.names())
+        wanted = model_config_class(self.task)
+        if self.model is None:
+            object.__setattr__(self, "model", wanted())
+        if not isinstance(self.model, wanted):
+            article = "an" if wanted is LMConfig else "a"  # "an LMConfig", "a Seq2SeqConfig"
+            raise ConfigError(
+                f"RunConfig.model is a {type(self.model).__name__}; task {self.task!r} needs "
+                f"{article} {wanted.__name__}"
+            )
+        for key, cls in (("train", TrainConfig), ("data", DataConfig)):
+            if not isinstance(getattr(self, key), cls):
+                value = getattr(self, key)
+                raise ConfigError(
+                    f"RunConfig.{key} = {show(value)} ({type(value).__name__}); expected a {cls.__name__}"
+                )
+        if self.train.init_from and self.task != "classification":
+            raise ConfigError(
+                f"train.init_from starts a classifier from pretrained weights; the task is {self.task!r}"
+            )
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, object], *, source: str = "config", task: str | None = None
+    ) -> RunConfig:
+        sections = ["task", "model", "train", "data"]
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: expected a mapping of sections ({', '.join(sections)}), got a {type(data).__name__}"
+            )
+        for key in data:
+            if key not in sections:
+                raise ConfigError(
+                    f"{source}: unknown section '[{short(str(key))}]'{closest(str(key), sections)}"
+                )
+        if task and data.get("task", task) != task:
+            raise ConfigError(f"{source}: a {show(data['task'])} config, but the task asked for is {task!r}")
+        task = task or data.get("task", "translation")
+        tasks = ", ".join(families.names())
+        if not isinstance(task, str):
+            raise ConfigError(f"{source}: task = {show(task)} is not a string; expected one of {tasks}")
+        if task not in families.FAMILIES:
+            raise ConfigError(f"{source}: task = {show(task)} is not one of {tasks}")
+
+        def section(key: str, section_cls: type[S]) -> S:
+            value = data.get(key, {})
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{source}: [{key}] must be a table of {section_cls.__name__} keys, "
+                    f"got {show(value)} ({type(value).__name__})"
+                )
+            return section_cls.from_dict(value, source=source)
+
+        model = section("model", model_config_class(task))
+        train, data_config = section("train", TrainConfig), section("data", DataConfig)
+        try:
+            return cls(task=task, model=model, train=train, data=data_config)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "task": self.task,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "data": self.data.to_dict(),
+        }
+
+
+def model_config_class(task: str) -> type[TransformerConfig]:
+    """The [model] section's class of a task (its family's, tformer.families)."""
+    return families.get(task).config_class()
