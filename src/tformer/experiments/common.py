@@ -1,19 +1,17 @@
 """What every experiment shares: its result (numbers, tables, plots, notes), writing result.json and
-summary.md, plots, timing, a small training loop for the generated tasks, and the data switch (a corpus
-under $TFORMER_DATA when present, generated data otherwise, said in the output)."""
+summary.md, plots, and the data switch (a corpus under $TFORMER_DATA when present, generated data
+otherwise, said in the output). Training is training.py's (through the Trainer); timing is
+`tformer.bench.common.median_seconds`."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import matplotlib
 
@@ -29,10 +27,10 @@ SIZES = ("quick", "medium", "full")
 class Table:
     title: str
     columns: list[str]
-    rows: list[list[Any]]
+    rows: Sequence[Sequence[object]]
 
     def markdown(self) -> str:
-        def cell(v: Any) -> str:
+        def cell(v: object) -> str:
             return f"{v:.4g}" if isinstance(v, float) else str(v)
 
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |"]
@@ -48,13 +46,13 @@ class Result:
     name: str
     claim: str
     size: str
-    numbers: dict[str, Any] = field(default_factory=dict)
+    numbers: dict[str, object] = field(default_factory=dict)  # JSON values
     tables: list[Table] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)  # file names inside the output directory
     notes: list[str] = field(default_factory=list)  # data used, settings, caveats
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "name": self.name,
             "claim": self.claim,
@@ -92,80 +90,32 @@ def data_dir(name: str, *files: str) -> Path | None:
     return root if all((root / f).exists() for f in files) else None
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fit(
-    model: nn.Module,
-    loss_fn: Callable[[int], torch.Tensor],
-    steps: int,
-    *,
-    lr: float,
-    warmup: int = 0,
-    clip: float = 1.0,
-    every: int = 0,
-    evaluate: Callable[[], float] | None = None,
-) -> list[tuple[int, float, float | None]]:
-    """Adam with linear warm-up then cosine decay; `loss_fn(step)` builds a batch and returns its mean loss.
+class _PanelSeries(TypedDict):
+    series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]]  # label -> (xs, ys)
 
-    Returns (step, training loss averaged since the last record, evaluate() or None) every `every` steps and
-    at the end. The model gets tformer.accel's kernels (in place), as the command line's training does."""
-    from tformer import accel
 
-    accel.apply(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+class Panel(_PanelSeries, total=False):
+    """One plot of `line_plot`: its curves, axis labels and scales, title, a horizontal reference line."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    history: list[tuple[int, float, float | None]] = []
-    running: list[float] = []
-    model.train()
-    for step in range(steps):
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        sched.step()
-        running.append(loss.item())
-        if (every and (step + 1) % every == 0) or step == steps - 1:
-            value = None
-            if evaluate is not None:
-                model.eval()
-                with torch.no_grad():
-                    value = evaluate()
-                model.train()
-            history.append((step + 1, sum(running) / len(running), value))
-            running = []
-    model.eval()
-    return history
+    xlabel: str
+    ylabel: str
+    logx: bool
+    logy: bool
+    title: str
+    hline: tuple[float, str]  # (y, label)
 
 
 def line_plot(
     path: Path,
-    panels: Sequence[dict[str, Any]],
+    panels: Sequence[Panel],
     *,
     title: str = "",
 ) -> str:
-    """Panels side by side; each {"series": {label: (xs, ys)}, "xlabel", "ylabel", "logx", "logy", "title",
-    "hline": (y, label)}. Returns the file name."""
+    """Panels side by side. Returns the file name."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for label, (xs, ys) in panel["series"].items():
@@ -212,54 +162,3 @@ def char_corpus(size: str) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     ids = torch.tensor([index[ch] for ch in text], dtype=torch.long)
     cut = int(0.9 * len(ids))
     return ids[:cut], ids[cut:], len(chars), what
-
-
-def lm_batch(
-    ids: torch.Tensor, batch: int, block: int, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.randint(len(ids) - block - 1, (batch,), generator=g)
-    w = ids[starts[:, None] + torch.arange(block + 1)]
-    return w[:, :-1], w[:, 1:]
-
-
-@torch.no_grad()
-def lm_valid_loss(
-    model: nn.Module, ids: torch.Tensor, block: int, batches: int = 8, batch: int = 16
-) -> float:
-    """Mean next-token loss on `batches` fixed random windows of the validation ids (same for every model)."""
-    g = torch.Generator().manual_seed(1234)
-    total = 0.0
-    for _ in range(batches):
-        x, y = lm_batch(ids, batch, block, g)
-        logits = model(x).logits
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
-    return total / batches
-
-
-def fit_char_lm(
-    model: nn.Module,
-    train_ids: torch.Tensor,
-    valid_ids: torch.Tensor,
-    settings: dict[str, Any],
-    *,
-    lr: float,
-) -> list[tuple[int, float, float | None]]:
-    """`fit` a character LM on windows of `train_ids` (settings: batch, block, steps, every), the same batch
-    sequence for every model (seed 0), with the validation loss recorded every `every` steps."""
-    g = torch.Generator().manual_seed(0)
-    block = settings["block"]
-
-    def loss_fn(step: int) -> torch.Tensor:
-        x, y = lm_batch(train_ids, settings["batch"], block, g)
-        logits = model(x).logits
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    return fit(
-        model,
-        loss_fn,
-        settings["steps"],
-        lr=lr,
-        warmup=settings["steps"] // 10,
-        every=settings["every"],
-        evaluate=lambda: lm_valid_loss(model, valid_ids, block),
-    )

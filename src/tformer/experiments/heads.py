@@ -8,19 +8,26 @@ d_k = d_model / heads), everything else equal; validation loss curves and the fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tformer.config import LMConfig
-from tformer.experiments.common import Result, Table, char_corpus, fit_char_lm, line_plot
+from tformer.experiments.common import Result, Table, char_corpus, line_plot
+from tformer.experiments.training import CharLMSettings, Point, char_lm_batches, fit_char_lm
 from tformer.models.lm import LanguageModel
 
 CLAIM = (
     "Multi-head attention lets the model attend to information from different representation subspaces "
     "at different positions; a single head averages this away (Vaswani et al., 2017, 3.2.2 and table 3 A)."
 )
-SETTINGS: dict[str, dict[str, Any]] = {
+
+
+class Settings(CharLMSettings):
+    heads: list[int]
+    d_model: int
+
+
+SETTINGS: dict[str, Settings] = {
     "quick": {"heads": [1, 2, 4], "steps": 20, "d_model": 32, "block": 32, "batch": 8, "every": 10},
     "medium": {
         "heads": [1, 2, 4, 8, 16],
@@ -44,7 +51,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def run(out: Path, size: str) -> Result:
     s = SETTINGS[size]
     train_ids, valid_ids, vocab, what = char_corpus(size)
-    curves: dict[str, list[tuple[int, float, float | None]]] = {}
+    batches = char_lm_batches(train_ids, s)
+    curves: dict[str, list[Point]] = {}
     for h in s["heads"]:
         torch.manual_seed(0)
         cfg = LMConfig(
@@ -57,13 +65,14 @@ def run(out: Path, size: str) -> Result:
             max_seq_len=s["block"],
         )
         model = LanguageModel(cfg)
-        curves[f"{h} head{'s' if h > 1 else ''}"] = fit_char_lm(model, train_ids, valid_ids, s, lr=2e-3)
-    final = {k: v[-1][2] for k, v in curves.items()}
+        label = f"{h} head{'s' if h > 1 else ''}"
+        curves[label] = fit_char_lm(model, batches, valid_ids, s, out / "runs" / f"heads_{h}", lr=2e-3)
+    final = {k: v[-1].valid_loss for k, v in curves.items()}
     result = Result("heads", CLAIM, size)
     result.notes = [
         f"{what}; causal LM, 2 layers, d_model {s['d_model']} (d_k = d_model / heads), d_ff "
-        f"{4 * s['d_model']}, learned positions, {s['steps']} Adam steps (lr 2e-3, warm-up then cosine) "
-        f"of batch {s['batch']} x {s['block']} characters, the same batches for every model.",
+        f"{4 * s['d_model']}, learned positions, {s['steps']} Adam steps through the Trainer (lr 2e-3, linear "
+        f"warm-up over the first tenth, then cosine) of batch {s['batch']} x {s['block']} characters, the same batches for every model.",
         "Validation loss: mean over 8 fixed validation batches. Parameter count is the same for every head "
         "count (the projections are d_model x d_model whatever the split).",
         "One seed per setting: differences of a few hundredths of a nat are within seed noise.",
@@ -78,7 +87,7 @@ def run(out: Path, size: str) -> Result:
             "Final validation loss (nats per character)",
             ["heads", "d_k", "validation loss", "last training loss"],
             [
-                [h, s["d_model"] // h, v[-1][2], v[-1][1]]
+                [h, s["d_model"] // h, v[-1].valid_loss, v[-1].train_loss]
                 for h, v in zip(s["heads"], curves.values(), strict=True)
             ],
         )
@@ -88,7 +97,9 @@ def run(out: Path, size: str) -> Result:
             out / "heads.png",
             [
                 {
-                    "series": {k: ([r[0] for r in v], [r[2] for r in v]) for k, v in curves.items()},
+                    "series": {
+                        k: ([r.step for r in v], [r.valid_loss for r in v]) for k, v in curves.items()
+                    },
                     "xlabel": "step",
                     "ylabel": "validation loss (nats / char)",
                     "title": "training curves",

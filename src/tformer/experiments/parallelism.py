@@ -10,14 +10,15 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from tformer import accel
+from tformer.bench.common import median_seconds
 from tformer.config import LMConfig
-from tformer.experiments.common import Result, Table, line_plot, median_time, n_params
+from tformer.experiments.common import Result, Table, line_plot, n_params
 from tformer.models.lm import LanguageModel
 from tformer.models.rnn import RNNLanguageModel
 
@@ -27,7 +28,16 @@ CLAIM = (
     "(Vaswani et al., 2017, section 4 and table 1)."
 )
 
-SETTINGS: dict[str, dict[str, Any]] = {
+
+class Settings(TypedDict):
+    lengths: list[int]
+    d_model: int
+    batch: int
+    repeats: int
+    decode_steps: int
+
+
+SETTINGS: dict[str, Settings] = {
     "quick": {"lengths": [32, 64, 128], "d_model": 64, "batch": 4, "repeats": 2, "decode_steps": 8},
     "medium": {
         "lengths": [32, 64, 128, 256, 512],
@@ -126,7 +136,7 @@ def run(out: Path, size: str) -> Result:
         for name, model in models.items():
             model.train()
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            train[name].append(median_time(partial(_train_step, model, opt, x), repeats))
+            train[name].append(median_seconds(partial(_train_step, model, opt, x), repeats))
             model.eval()
             decode[name].append(_decode_time(model, length, s["decode_steps"], repeats))
     tokens = [batch * n for n in lengths]

@@ -10,13 +10,13 @@ positions the encoder is permutation-invariant: it cannot tell "A ... B" from "B
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import torch
-import torch.nn.functional as F
 
 from tformer.config import ClassifierConfig
-from tformer.experiments.common import Result, Table, fit, line_plot
+from tformer.experiments.common import Result, Table, line_plot
+from tformer.experiments.training import classification_loss, fit
 from tformer.models.classifier import Classifier
 
 CLAIM = (
@@ -25,7 +25,17 @@ CLAIM = (
     "(Vaswani et al., 2017, 3.5)."
 )
 KINDS = ["sinusoidal", "learned", "rotary", "none"]
-SETTINGS: dict[str, dict[str, Any]] = {
+
+
+class Settings(TypedDict):
+    steps: int
+    d_model: int
+    batch: int
+    test: int
+    test_lengths: list[int]
+
+
+SETTINGS: dict[str, Settings] = {
     "quick": {"steps": 60, "d_model": 32, "batch": 32, "test": 256, "test_lengths": [16, 32, 64]},
     "medium": {
         "steps": 500,
@@ -65,9 +75,21 @@ def mirrored_test(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.T
     return torch.cat([x, swapped]), torch.cat([y, 1 - y])
 
 
+def train_batches(n: int, batch: int, g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` training batches, each of one random length in TRAIN_LENGTHS."""
+    batches = []
+    for _ in range(n):
+        length = int(torch.randint(TRAIN_LENGTHS[0], TRAIN_LENGTHS[1] + 1, (1,), generator=g))
+        batches.append(order_batch(batch, length, g))
+    return batches
+
+
 def run(out: Path, size: str) -> Result:
     s = SETTINGS[size]
     max_len = max(s["test_lengths"])
+    batches = train_batches(
+        s["steps"], s["batch"], torch.Generator().manual_seed(0)
+    )  # the same for every kind
     accuracy: dict[str, list[float]] = {}
     for kind in KINDS:
         torch.manual_seed(0)
@@ -84,14 +106,7 @@ def run(out: Path, size: str) -> Result:
             norm_first=True,
         )
         model = Classifier(cfg)
-        g = torch.Generator().manual_seed(0)
-
-        def loss_fn(step: int, model: Classifier = model, g: torch.Generator = g) -> torch.Tensor:
-            length = int(torch.randint(TRAIN_LENGTHS[0], TRAIN_LENGTHS[1] + 1, (1,), generator=g))
-            x, y = order_batch(s["batch"], length, g)
-            return F.cross_entropy(model(x).logits, y)
-
-        fit(model, loss_fn, s["steps"], lr=1e-3, warmup=s["steps"] // 10)
+        fit(model, batches, classification_loss, out / "runs" / kind, lr=1e-3, warmup=s["steps"] // 10)
         accuracy[kind] = []
         with torch.no_grad():
             for length in s["test_lengths"]:
@@ -103,8 +118,8 @@ def run(out: Path, size: str) -> Result:
         f"lengths {TRAIN_LENGTHS[0]}-{TRAIN_LENGTHS[1]}, tested on {s['test']} fresh sequences per length "
         "(half of them the other half with A and B swapped).",
         f"Encoder classifier: 2 pre-norm layers, d_model {s['d_model']}, 4 heads, mean pooling, max_seq_len "
-        f"{max_len} (learned positions past {TRAIN_LENGTHS[1]} are never trained); {s['steps']} Adam steps, "
-        f"lr 1e-3, batch {s['batch']}.",
+        f"{max_len} (learned positions past {TRAIN_LENGTHS[1]} are never trained); {s['steps']} Adam steps "
+        f"through the Trainer (lr 1e-3, linear warm-up over the first tenth, then cosine), batch {s['batch']}.",
         "Chance is 0.5; with no positions the encoder is permutation-invariant: it answers a sequence and "
         "its swap alike and scores exactly 0.5 on this test set.",
     ]

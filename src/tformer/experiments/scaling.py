@@ -10,13 +10,13 @@ with one head of large d_k, with and without the factor, everything else equal.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tformer.attention.multihead import MultiHeadAttention
 from tformer.config import LMConfig
-from tformer.experiments.common import Result, Table, char_corpus, fit_char_lm, line_plot
+from tformer.experiments.common import Panel, Result, Table, char_corpus, line_plot
+from tformer.experiments.training import CharLMSettings, Point, char_lm_batches, fit_char_lm
 from tformer.models.lm import LanguageModel
 
 CLAIM = (
@@ -24,7 +24,14 @@ CLAIM = (
     "extremely small gradients; scaling by 1/sqrt(d_k) counteracts this (Vaswani et al., 2017, 3.2.1)."
 )
 D_K = [4, 16, 64, 256, 1024]
-SETTINGS: dict[str, dict[str, Any]] = {
+
+
+class Settings(CharLMSettings):
+    samples: int
+    d_model: int
+
+
+SETTINGS: dict[str, Settings] = {
     "quick": {"samples": 256, "steps": 30, "d_model": 32, "block": 32, "batch": 8, "every": 10},
     "medium": {"samples": 2000, "steps": 300, "d_model": 128, "block": 64, "batch": 16, "every": 30},
     "full": {"samples": 4000, "steps": 1500, "d_model": 256, "block": 128, "batch": 32, "every": 100},
@@ -65,10 +72,9 @@ def paper_init(model: LanguageModel) -> None:
     """Xavier-uniform attention and feed-forward matrices, as the paper's models (and tformer's Seq2Seq)
     are initialised: unit-variance inputs then give scores of variance ~d_k / 4, the regime the claim is
     about. (GPT-2's N(0, 0.02) keeps initial scores tiny whatever the scaling.)"""
-    for layer in model.decoder.layers:
-        for module in layer.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
+    for module in model.modules():  # every layer's projections; not the output, tied to the embedding
+        if isinstance(module, torch.nn.Linear) and module is not model.output:
+            torch.nn.init.xavier_uniform_(module.weight)
 
 
 def run(out: Path, size: str) -> Result:
@@ -78,7 +84,8 @@ def run(out: Path, size: str) -> Result:
         for scaled in (True, False)
     }
     train_ids, valid_ids, vocab, what = char_corpus(size)
-    curves: dict[str, list[tuple[int, float, float | None]]] = {}
+    batches = char_lm_batches(train_ids, s)
+    curves: dict[str, list[Point]] = {}
     for label in ("scaled 1/sqrt(d_k)", "unscaled"):
         torch.manual_seed(0)
         cfg = LMConfig(
@@ -95,20 +102,22 @@ def run(out: Path, size: str) -> Result:
         paper_init(model)
         if label == "unscaled":
             unscale(model)
-        curves[label] = fit_char_lm(model, train_ids, valid_ids, s, lr=1e-3)
+        run_dir = out / "runs" / ("scaled" if label != "unscaled" else "unscaled")
+        curves[label] = fit_char_lm(model, batches, valid_ids, s, run_dir, lr=1e-3)
     result = Result("scaling", CLAIM, size)
     result.notes = [
         f"Exact part: float64, {s['samples']} random queries against {KEYS} keys each, q and k ~ N(0, 1)^d_k; "
         "gradient: of sum_j p_j g_j with respect to the scores, g ~ N(0, 1).",
         f"Training part: {what}; causal LM, 2 layers, one head of d_k = d_model = {s['d_model']}, pre-norm, "
         f"Xavier-initialised attention (the paper's regime), {s['steps']} steps of batch {s['batch']} x "
-        f"{s['block']} characters, Adam lr 1e-3; validation loss on 8 fixed batches.",
+        f"{s['block']} characters, Adam lr 1e-3 through the Trainer (linear warm-up over the first tenth, "
+        "then cosine); validation loss on 8 fixed batches.",
     ]
     result.numbers = {
         "d_k": D_K,
         "exact": exact,
         "training": {k: [list(r) for r in v] for k, v in curves.items()},
-        "final_valid_loss": {k: v[-1][2] for k, v in curves.items()},
+        "final_valid_loss": {k: v[-1].valid_loss for k, v in curves.items()},
     }
     result.tables.append(
         Table(
@@ -140,10 +149,13 @@ def run(out: Path, size: str) -> Result:
         Table(
             "Character LM validation loss (nats) during training",
             ["step", *curves],
-            [[r[0], *(curves[k][i][2] for k in curves)] for i, r in enumerate(next(iter(curves.values())))],
+            [
+                [r.step, *(curves[k][i].valid_loss for k in curves)]
+                for i, r in enumerate(next(iter(curves.values())))
+            ],
         )
     )
-    panels = [
+    panels: list[Panel] = [
         {
             "series": {k: (D_K, [r[key] for r in v]) for k, v in exact.items()},
             "xlabel": "d_k",
@@ -164,7 +176,9 @@ def run(out: Path, size: str) -> Result:
             out / "scaling_training.png",
             [
                 {
-                    "series": {k: ([r[0] for r in v], [r[2] for r in v]) for k, v in curves.items()},
+                    "series": {
+                        k: ([r.step for r in v], [r.valid_loss for r in v]) for k, v in curves.items()
+                    },
                     "xlabel": "step",
                     "ylabel": "validation loss (nats / char)",
                     "title": f"char LM, one head, d_k = {s['d_model']}",

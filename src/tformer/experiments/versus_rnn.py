@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from tformer.config import RunConfig
 from tformer.experiments.common import Result, Table, data_dir, line_plot
@@ -20,7 +20,17 @@ CLAIM = (
     "The Transformer reaches better translation quality than recurrent models at a fraction of their "
     "training cost (Vaswani et al., 2017, section 6.1 and table 2)."
 )
-SETTINGS: dict[str, dict[str, Any]] = {
+
+
+class Settings(TypedDict):
+    budget: float  # seconds of training per model (train.max_time)
+    eval_every: int | None
+    eval_sentences: int
+    subset: int | None  # the first this many training pairs / phrases (None: all)
+    batch_tokens: int
+
+
+SETTINGS: dict[str, Settings] = {
     "quick": {"budget": 4.0, "eval_every": None, "eval_sentences": 50, "subset": 3000, "batch_tokens": 600},
     "medium": {
         "budget": 90.0,
@@ -31,11 +41,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     "full": {"budget": 300.0, "eval_every": 300, "eval_sentences": 300, "subset": None, "batch_tokens": 3000},
 }
-TRANSLATION_MODELS: dict[str, dict[str, Any]] = {
+# [model] and [data] sections of a RunConfig
+TRANSLATION_MODELS: dict[str, dict[str, object]] = {
     "Transformer": {"d_model": 256, "n_heads": 8, "d_ff": 1024, "n_layers": 3, "dropout": 0.1},
     "LSTM": {"architecture": "lstm", "d_model": 256, "n_layers": 2, "dropout": 0.2},
 }
-CLASSIFIER_MODELS: dict[str, dict[str, Any]] = {
+CLASSIFIER_MODELS: dict[str, dict[str, object]] = {
     "Transformer": {
         "d_model": 256,
         "n_heads": 4,
@@ -94,12 +105,14 @@ def _generated_sentiment(path: Path, n: int, seed: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _data(out: Path, size: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def _data(out: Path, size: str) -> tuple[dict[str, object], dict[str, object], list[str]]:
     """Data sections for translation and classification, and notes saying which data they are."""
     notes = []
     sub = SETTINGS[size]["subset"]
     gen = out / "data"
     gen.mkdir(parents=True, exist_ok=True)
+    mt: dict[str, object]
+    cl: dict[str, object]
     mt_root = data_dir("multi30k", "train.de.gz", "train.en.gz", "val.de.gz", "val.en.gz")
     sst_root = data_dir("sst2", "train_full.tsv", "dev.tsv")
     if mt_root is not None:
@@ -161,7 +174,7 @@ def _data(out: Path, size: str) -> tuple[dict[str, Any], dict[str, Any], list[st
 
 
 def _train(
-    task: str, model: dict[str, Any], data: dict[str, Any], train: dict[str, Any], out: Path
+    task: str, model: dict[str, object], data: dict[str, object], train: dict[str, object], out: Path
 ) -> list[dict[str, Any]]:
     from tformer.pipeline import train as run_training
 
@@ -174,7 +187,7 @@ def _train(
 def run(out: Path, size: str) -> Result:
     s = SETTINGS[size]
     mt_data, cl_data, notes = _data(out, size)
-    common = {
+    common: dict[str, object] = {
         "epochs": 1000,
         "max_time": s["budget"],
         "eval_every_steps": s["eval_every"],
@@ -184,7 +197,7 @@ def run(out: Path, size: str) -> Result:
     }
     histories: dict[str, dict[str, list[dict[str, Any]]]] = {"translation": {}, "classification": {}}
 
-    def small(model: dict[str, Any]) -> dict[str, Any]:
+    def small(model: dict[str, object]) -> dict[str, object]:
         """--quick: the same kinds of model, small (seconds of training only check that everything runs)."""
         if size != "quick":
             return model
@@ -232,17 +245,23 @@ def run(out: Path, size: str) -> Result:
         "3/4/5 x 100 filters (Kim, 2014).",
         "On a shared CPU the steps done within the budget depend on contention at the time of the run.",
     ]
-    mt_rows, cl_rows = [], []
-    numbers: dict[str, Any] = {"budget_seconds": s["budget"], "translation": {}, "classification": {}}
+    mt_rows: list[list[object]] = []
+    cl_rows: list[list[object]] = []
+    translation: dict[str, dict[str, object]] = {}
+    classification: dict[str, dict[str, object]] = {}
     for name in TRANSLATION_MODELS:
         r = final("translation", name)
-        numbers["translation"][name] = {k: r[k] for k in ("step", "time", "bleu", "valid_nll", "exact_match")}
+        translation[name] = {k: r[k] for k in ("step", "time", "bleu", "valid_nll", "exact_match")}
         mt_rows.append([name, r["step"], r["time"], r["bleu"], r["valid_nll"]])
     for name in CLASSIFIER_MODELS:
         r = final("classification", name)
-        numbers["classification"][name] = {k: r[k] for k in ("step", "time", "accuracy", "valid_nll")}
+        classification[name] = {k: r[k] for k in ("step", "time", "accuracy", "valid_nll")}
         cl_rows.append([name, r["step"], r["time"], r["accuracy"], r["valid_nll"]])
-    result.numbers = numbers
+    result.numbers = {
+        "budget_seconds": s["budget"],
+        "translation": translation,
+        "classification": classification,
+    }
     result.tables.append(
         Table(
             "Translation at equal training time", ["model", "steps", "train s", "BLEU", "valid NLL"], mt_rows
