@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+import tformer.accel.compiled as tc
 import tformer.accel.linear as tl
 from tformer.allocator import reuse_freed_memory
 from tformer.bench.common import CopyProbe
@@ -49,13 +50,13 @@ class _ThroughDynamo:
         return self.fn(*tensors, *self.consts)
 
 
-KINDS = {"torch.compile (dynamo)": _ThroughDynamo, "torch._inductor.compile (tformer)": tl._Kernel}
+KINDS = {"torch.compile (dynamo)": _ThroughDynamo, "torch._inductor.compile (tformer)": tc._Kernel}
 
 
 def use(kind: str, kernels: dict[str, dict[Any, Any]]) -> None:
-    """Make tformer.accel.linear build and keep its kernels the `kind` way."""
-    tl._Kernel = KINDS[kind]
-    tl._gemv_fns = kernels[kind]
+    """Make tformer.accel.compiled build and keep its kernels the `kind` way."""
+    tc._Kernel = KINDS[kind]
+    tc._gemv_fns = kernels[kind]
 
 
 def per_call_us(n: int, k: int, calls: int) -> float:
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/gemv_dispatch.json")
     args = parser.parse_args()
     reuse_freed_memory()
-    original = tl._Kernel
+    original = tc._Kernel
     kernels: dict[str, dict[Any, Any]] = {kind: {} for kind in KINDS}
     saved = tl.ONEDNN_MIN_MNK
     tl.ONEDNN_MIN_MNK = 0  # the tiny shape too goes to the compiled kernel
@@ -117,8 +118,8 @@ def main() -> None:
                 step[kind] = ((t1 - t0) - (t2 - t1)) / 32
             pairs.append({"copy_gbs": probe.gbs(), "step_ms": {k: 1e3 * step[k] for k in KINDS}})
     finally:
-        tl._Kernel = original
-        tl._gemv_fns = {}
+        tc._Kernel = original
+        tc._gemv_fns = {}
         tl.ONEDNN_MIN_MNK = saved
     wbytes = weight_bytes(lm)
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "per_call_us": calls}

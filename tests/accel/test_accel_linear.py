@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tformer.accel.bucket as tb
+import tformer.accel.compiled as tc
 import tformer.accel.linear as tl
 from tformer import accel
 from tformer.accel.linear import AccelLinear
@@ -194,7 +195,7 @@ def test_compiled_gemv_generates_the_same_tokens(calls):
     # (its last-position output projection, and all of the 7 steps after it) is compiled
     assert n_plain == 8 + 1 + 7 * 9 and len(calls) - n_plain == 8
     x = torch.randn(1, 1, 32, dtype=torch.float64)
-    layer = lm.decoder.layers[0].ff.linear1
+    layer = lm.blocks.layers[0].ff.linear1
     with torch.no_grad(), tl.compiled_decoding():
         got = layer(x.float())
     want = F.linear(x, layer.weight.double(), layer.bias.double())
@@ -205,8 +206,8 @@ def test_compiled_gemv_falls_back_when_compiling_fails(monkeypatch, calls):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(tl, "_gemv_fns", {})
-    monkeypatch.setattr(tl, "_gemv_broken", None)
+    monkeypatch.setattr(tc, "_gemv_fns", {})
+    monkeypatch.setattr(tc, "_gemv_broken", None)
     monkeypatch.setattr(torch._inductor, "compile", broken)
     layer = Linear(16, 8)
     x = torch.randn(1, 16)
@@ -249,14 +250,14 @@ def test_compiled_gemv_takes_strided_rows_and_leaves_other_weights_to_onednn(cal
         with pytest.raises(RuntimeError, match="meta"):  # a bias on another device: F.linear's error
             linear(torch.randn(1, 1, 16), w, torch.empty(24, device="meta"))
         linear(torch.randn(1, 16), w, b)  # still compiled
-    assert tl._gemv_broken is None and len(calls) == 1  # the wrong-size call went to F.linear
+    assert tc._gemv_broken is None and len(calls) == 1  # the wrong-size call went to F.linear
     assert not [x for x in recwarn if issubclass(x.category, RuntimeWarning)]
 
 
 def _built(key: tuple) -> bool:
     """The compiled kernel for `key` exists and compiled (not just registered), and nothing failed."""
-    kernel = tl._gemv_fns.get(key)
-    return kernel is not None and kernel.fn is not None and tl._gemv_broken is None
+    kernel = tc._gemv_fns.get(key)
+    return kernel is not None and kernel.fn is not None and tc._gemv_broken is None
 
 
 def test_compiled_int8_gemv_leaves_what_it_does_not_compute_to_torchao():
@@ -375,7 +376,7 @@ def test_int8_model_generates_the_same_tokens_compiled():
     for a, b in zip(logits[:8], logits[8:], strict=True):
         assert torch.equal(a, b)
     assert any(
-        key[0] == "_int8_gemv_eager" and key[1] == 61 and _built(key) for key in tl._gemv_fns
+        key[0] == "_int8_gemv_eager" and key[1] == 61 and _built(key) for key in tc._gemv_fns
     )  # the head
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tformer.accel import tune
-from tformer.accel.tune import Tuner, cache_dir, fingerprint, fingerprint_key, mode, rows_bucket
+from tformer.accel import machine, tune
+from tformer.accel.machine import cache_dir, fingerprint, fingerprint_key, mode, rows_bucket
+from tformer.accel.tune import Tuner
 
 KEY = ("linear", "float32", "train", "2-16", 768, 2304)
 OTHER = ("linear", "float32", "infer", "1", 768, 2304)
@@ -511,10 +512,10 @@ def test_cpuinfo_parsing():
     x86 = (
         "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx2 fma avx512f amx_tile sha_ni\n"
     )
-    assert tune._parse_cpuinfo(x86 * 2) == ("AMD EPYC 7B13", ["amx_tile", "avx2", "avx512f", "fma"])
+    assert machine._parse_cpuinfo(x86 * 2) == ("AMD EPYC 7B13", ["amx_tile", "avx2", "avx512f", "fma"])
     arm = (
         "processor\t: 0\nFeatures\t: fp asimd aes sve bf16 i8mm\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
     )
-    name, isa = tune._parse_cpuinfo(arm)
+    name, isa = machine._parse_cpuinfo(arm)
     assert name.endswith("implementer 0x41 part 0xd40") and isa == ["asimd", "bf16", "i8mm", "sve"]
-    assert tune._parse_cpuinfo("") == (None, [])
+    assert machine._parse_cpuinfo("") == (None, [])

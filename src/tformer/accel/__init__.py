@@ -45,10 +45,12 @@ from typing import TypeVar
 from torch import nn
 
 from tformer.accel import attention as _attention
+from tformer.accel.compiled import compiled_decoding
 from tformer.accel.dropout import AccelDropout
-from tformer.accel.linear import AccelLinear, compiled_decoding, onednn_available
+from tformer.accel.linear import AccelLinear, onednn_available
+from tformer.accel.machine import MODES, mode
 from tformer.accel.plan import Plan
-from tformer.accel.tune import MODES, Tuner, mode
+from tformer.accel.tune import Tuner
 from tformer.attention.backends import get_backend
 from tformer.attention.multihead import MultiHeadAttention
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,8 @@ from torch import Tensor
 from tformer.accel import bucket as _bucket
 from tformer.accel import dropout as _dropout
 from tformer.accel import linear as _linear
-from tformer.accel.tune import Tuner, rows_bucket
+from tformer.accel.machine import rows_bucket
+from tformer.accel.tune import Tuner
 
 # the paths of each op, by the first part of its class name; the first is stock
 OP_PATHS = {"linear": ("stock", "onednn", "bucket"), "dropout": ("stock", "bits16")}
@@ -52,25 +52,32 @@ class Plan:
     classes without a recorded choice take the fixed rule (oneDNN from `ONEDNN_MIN_MNK` multiply-adds)."""
 
     def __init__(self, tuner: Tuner | None, choices: dict[str, str] | None = None) -> None:
+        self._start(tuner, choices)
+
+    def _start(self, tuner: Tuner | None, choices: dict[str, str] | None) -> None:
         self.tuner = tuner
         self.choices: dict[str, str] = {}
         self.agree: Callable[[str, str], str] | None = None  # (class, local winner) -> the winner to use
-        self._fast: dict[tuple[Any, ...], str] = {}  # the same, keyed for the hot path
+        # the same, keyed for the hot path: (training, rows bucket, n, k), ("bf16", training) or
+        # ("dropout", dtype)
+        self._fast: dict[tuple[object, ...], str] = {}
         self._lock = threading.Lock()
         if choices:
             self.update(choices)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> Plan:
+    def __deepcopy__(self, memo: dict[int, object]) -> Plan:
         """A copied model (copy.deepcopy) gets a plan of its own, with this one's tuner and choices."""
         new = Plan(self.tuner, self.choices)
         new.agree = self.agree
         return new
 
-    def __getstate__(self) -> dict[str, Any]:  # pickled (a model sent to another process): choices only
+    def __getstate__(
+        self,
+    ) -> dict[str, dict[str, str]]:  # pickled (a model sent to another process): choices only
         return {"choices": dict(self.choices)}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(None, state["choices"])  # type: ignore[misc]
+    def __setstate__(self, state: dict[str, dict[str, str]]) -> None:
+        self._start(None, state["choices"])
 
     def update(self, choices: dict[str, str]) -> None:
         """Take recorded choices (a resumed run's), over any made here."""
@@ -128,7 +135,7 @@ class Plan:
         self,
         name: str,
         fixed: str,
-        candidates: Callable[[], dict[str, Callable[[], Any]]],
+        candidates: Callable[[], dict[str, Callable[[], object]]],
         *,
         collective: bool,
     ) -> str:
@@ -149,14 +156,14 @@ class Plan:
 
 def _candidates(
     x: Tensor, weight: Tensor, bias: Tensor | None, training: bool
-) -> dict[str, Callable[[], Any]]:
+) -> dict[str, Callable[[], object]]:
     """Stock and oneDNN, each computing this product (and, training, its gradients) on detached copies."""
     xs = x.detach()
     w = weight.detach()
     b = None if bias is None else bias.detach()
     if not training:
 
-        def infer(fn: Callable[..., Tensor]) -> Callable[[], Any]:
+        def infer(fn: Callable[..., Tensor]) -> Callable[[], object]:
             def run() -> Tensor:
                 with torch.no_grad():
                     return fn(xs, w, b)
@@ -171,8 +178,8 @@ def _candidates(
     )
     inputs = [t for t in (xs, w, b) if t is not None]
 
-    def step(fn: Callable[..., Tensor]) -> Callable[[], Any]:
-        def run() -> Any:
+    def step(fn: Callable[..., Tensor]) -> Callable[[], object]:
+        def run() -> object:
             with torch.enable_grad():
                 return torch.autograd.grad(fn(xs, w, b), inputs, grad)
 
@@ -183,7 +190,7 @@ def _candidates(
 
 def _bucket_candidates(
     x: Tensor, weight: Tensor, bias: Tensor | None, training: bool
-) -> dict[str, Callable[[], Any]]:
+) -> dict[str, Callable[[], object]]:
     """Stock autocast and "bucket", each computing this layer's product (and, training, its gradients)
     under bfloat16 autocast on detached operands, every call at a row count not used before in this
     process: what length-bucketed batches meet step after step."""
@@ -197,8 +204,8 @@ def _bucket_candidates(
     b = None if bias is None else bias.detach().clone().requires_grad_(training)
     calls = iter(range(1, 1 << 62))
 
-    def fresh(fn: Callable[..., Tensor]) -> Callable[[], Any]:
-        def run() -> Any:
+    def fresh(fn: Callable[..., Tensor]) -> Callable[[], object]:
+        def run() -> object:
             m = rows + next(calls) % spread
             xs = big[:m].detach().requires_grad_(training)
             with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(training):
@@ -213,15 +220,15 @@ def _bucket_candidates(
     return {"stock": fresh(F.linear), "bucket": fresh(_bucket.bucketed_linear)}
 
 
-def _dropout_candidates(dtype: torch.dtype, p: float) -> dict[str, Callable[[], Any]]:
+def _dropout_candidates(dtype: torch.dtype, p: float) -> dict[str, Callable[[], object]]:
     """Stock and "bits16" dropout, forward and backward, on 2^20 elements of `dtype`; each restores the
     CPU generator's state afterwards, so the caller's masks are drawn as if no timing had happened."""
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(_dropout.TIMED_NUMEL, generator=g).to(dtype).requires_grad_()
     grad = torch.ones_like(xs)
 
-    def step(fn: Callable[[Tensor], Tensor]) -> Callable[[], Any]:
-        def run() -> Any:
+    def step(fn: Callable[[Tensor], Tensor]) -> Callable[[], object]:
+        def run() -> object:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 return torch.autograd.grad(fn(xs), xs, grad)
 

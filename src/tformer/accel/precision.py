@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from tformer.accel.tune import Tuner, mode
+from tformer.accel.machine import mode
+from tformer.accel.tune import Key, Tuner
 
 BF16_MIN_SPEEDUP = 2.0
 STEP_MIN_SPEEDUP = 1.1  # a bfloat16 training step must beat float32's by this to be taken
@@ -64,9 +65,7 @@ def resolve(precision: str, device: torch.device | str, tuner: Tuner | None = No
     return chosen, f"bfloat16 products {ratio:.1f}x float32's on this CPU (bf16 from {BF16_MIN_SPEEDUP:g}x)"
 
 
-def confirm_by_step(
-    key: tuple[object, ...], step: Callable[[str], object], tuner: Tuner | None = None
-) -> tuple[str, str]:
+def confirm_by_step(key: Key, step: Callable[[str], object], tuner: Tuner | None = None) -> tuple[str, str]:
     """ "bf16" where `step("bf16")` (one training step's forward and backward under bfloat16 autocast)
     ran at least `STEP_MIN_SPEEDUP` times as fast as `step("fp32")`, else "fp32"; timed once per machine
     and `key` (the model), cached by the tuner. -> (precision, why)."""

@@ -20,14 +20,10 @@ noises together and at least `_NOISE_FLOOR`. A candidate that raises is excluded
 seconds of timing, and always under `TFORMER_ACCEL=off`, nothing is timed: `choose` returns `stock` and
 `ratio` 1.0 (unless asked with `past_budget=True`), uncached, so that a later process can still tune.
 
-Cache: one JSON file per machine `fingerprint()`, {"schema": 1, "fingerprint": {...}, "entries": {key:
-{"winner", "stock", "median_s", "noise", "excluded", "tformer", "time"}}} (a ratio entry has "ratio" for
-"winner" and "stock"). A file of another schema or fingerprint is ignored, a corrupt one ignored with a
-warning; either is replaced on the next write. An entry is re-measured if another tformer version or
-another stock made it, or if its winner is not offered now, or a name offered now was not measured then.
-Writes are atomic (temporary file, fsync, `os.replace`) and merge, under an `flock` on a sibling lock
-file, with what other processes wrote meanwhile; if the cache cannot be written, the Tuner warns once and
-keeps its results in memory. Nothing read back is executed.
+Cache (accel/tune_cache.py): one JSON file per machine `fingerprint()` (accel/machine.py), written
+atomically and merged with what other processes wrote. An entry is re-measured if another tformer version
+or another stock made it, or if its winner is not offered now, or a name offered now was not measured
+then. If the cache cannot be written, the Tuner warns once and keeps its results in memory.
 
 Threads: one re-entrant lock covers timing and the cache, so threads asking for one key time it once and
 no two timings overlap (a candidate may itself ask for an inner choice). Reporting: `summary()` is a line
@@ -39,34 +35,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
-import os
-import platform
 import statistics
-import sys
-import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TypeAlias
 
-import torch
+from tformer import __version__
+from tformer.accel.machine import Fingerprint, cache_dir, fingerprint, fingerprint_key, mode
+from tformer.accel.tune_cache import CacheFile
+from tformer.jsontypes import JSONObject
 
-from .. import __version__
+# A shape class's name: str/int/float/bool/None parts, stored as its canonical JSON string
+Key: TypeAlias = tuple[str | int | float | bool | None, ...]
 
-MODES = ("off", "auto")
-SCHEMA = 1
-
-# The /proc/cpuinfo flags that decide which kernels are fast: x86 vector/matrix units, ARM's features.
-_ISA_FLAGS = frozenset(
-    {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
-    | {"avx_vnni", "asimd", "sve", "bf16", "i8mm"}
-)
 _WARMUP = 3  # untimed calls per candidate (first-call allocation, compilation, caches)
 _MIN_REPEATS = 5
 _MAX_REPEATS = 25
@@ -75,80 +62,7 @@ _NOISE_FLOOR = 0.03  # a non-stock winner must be at least this much (relative) 
 _REPORT_AFTER_S = 1.0
 
 
-def mode() -> str:
-    """`TFORMER_ACCEL`: "auto" (the default) times candidates; "off" always takes the stock kernel."""
-    value = os.environ.get("TFORMER_ACCEL", "auto")
-    if value not in MODES:
-        raise ValueError(f"TFORMER_ACCEL={value!r}: expected 'auto' (the default) or 'off'")
-    return value
-
-
-def rows_bucket(rows: int) -> str:
-    """The shape class of a product's row count (batch x tokens): "1" (one-row decoding), "2-16", ">16"."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"rows={rows!r}: expected a positive int")
-    return "1" if rows == 1 else "2-16" if rows <= 16 else ">16"
-
-
-def _parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
-    """-> (CPU model name or None, the sorted `_ISA_FLAGS` it has) from /proc/cpuinfo's text."""
-    name: str | None = None
-    flags: set[str] = set()
-    arm: dict[str, str] = {}
-    for line in text.splitlines():
-        field, sep, value = line.partition(":")
-        if not sep:
-            continue
-        field, value = field.strip().lower(), value.strip()
-        if field == "model name" and name is None:
-            name = value
-        elif field in ("flags", "features") and not flags:  # x86 says flags, ARM says Features
-            flags = set(value.split())
-        elif field in ("cpu implementer", "cpu part") and field not in arm:
-            arm[field] = value
-    if name is None and len(arm) == 2:  # ARM Linux names no model: implementer and part tell cores apart
-        name = f"{platform.machine()} implementer {arm['cpu implementer']} part {arm['cpu part']}"
-    return name, sorted(flags & _ISA_FLAGS)
-
-
-def fingerprint() -> dict[str, Any]:
-    """What makes a timing valid on this machine (JSON-able): a timing is reused only where all of it matches."""
-    try:
-        name, isa = _parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
-    except OSError:  # not Linux
-        name, isa = None, []
-    cuda = None
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        cuda = {"name": torch.cuda.get_device_name(), "capability": [major, minor]}
-    return {
-        "cpu": name or platform.processor() or platform.machine() or "unknown",
-        "isa": isa,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
-        "cuda": cuda,
-    }
-
-
-def fingerprint_key(fp: dict[str, Any] | None = None) -> str:
-    """A short stable hex hash of `fp` (default: this machine's `fingerprint()`), for the cache file's name."""
-    blob = json.dumps(fingerprint() if fp is None else fp, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    """$TFORMER_CACHE_DIR, else $XDG_CACHE_HOME/tformer, else ~/.cache/tformer; made on first write only."""
-    explicit = os.environ.get("TFORMER_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored
-        return Path(xdg) / "tformer"
-    return Path.home() / ".cache" / "tformer"
-
-
-def _canonical(key: tuple[Any, ...]) -> str:
+def _canonical(key: Key) -> str:
     if not isinstance(key, tuple):
         raise TypeError(f"a tuning key is a tuple of str/int/float/bool/None, got {key!r}")
     for part in key:
@@ -210,16 +124,16 @@ class Tuner:
         if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s >= 0:
             raise ValueError(f"budget_s={budget_s!r}: expected a number of seconds >= 0")
         fp = fingerprint()
-        self._fingerprint: dict[str, Any] = json.loads(json.dumps(fp))  # as it reads back from the file
+        self._fingerprint: Fingerprint = json.loads(json.dumps(fp))  # as it reads back from the file
         self.path = Path(path) if path is not None else cache_dir() / f"accel-{fingerprint_key(fp)}.json"
+        self._file = CacheFile(self.path, self._fingerprint)
         self._timer = timer
         self._budget_s = float(budget_s)
         self._report = report
         self._lock = threading.RLock()
-        self._entries: dict[str, dict[str, Any]] | None = None  # loaded on first use
-        self._measured: dict[str, dict[str, Any]] = {}  # what this Tuner timed: wins when merging
+        self._entries: dict[str, JSONObject] | None = None  # loaded on first use
+        self._measured: dict[str, JSONObject] = {}  # what this Tuner timed: wins when merging
         self._writable = True
-        self._warned_unreadable = False
         self._reported = False
         self._spent = 0.0
         self._count = 0
@@ -227,7 +141,7 @@ class Tuner:
 
     # -- answers -----------------------------------------------------------------------------------
 
-    def lookup(self, key: tuple[Any, ...]) -> str | None:
+    def lookup(self, key: Key) -> str | None:
         """The cached winner for this shape class (made by this tformer version), or None."""
         skey = _canonical(key)
         with self._lock:
@@ -235,16 +149,14 @@ class Tuner:
         winner = entry.get("winner") if entry is not None and entry.get("tformer") == __version__ else None
         return winner if isinstance(winner, str) else None
 
-    def record(self, key: tuple[Any, ...]) -> dict[str, Any] | None:
+    def record(self, key: Key) -> JSONObject | None:
         """A copy of the cached entry (winner, median_s, noise, excluded, tformer, time), or None."""
         skey = _canonical(key)
         with self._lock:
             entry = self._cached(skey)
             return copy.deepcopy(entry)
 
-    def choose(
-        self, key: tuple[Any, ...], candidates: Mapping[str, Callable[[], object]], *, stock: str
-    ) -> str:
+    def choose(self, key: Key, candidates: Mapping[str, Callable[[], object]], *, stock: str) -> str:
         """The name of the fastest candidate for this shape class, `stock` unless another is reliably faster."""
         skey = _canonical(key)
         if stock not in candidates:
@@ -270,7 +182,7 @@ class Tuner:
 
     def ratio(
         self,
-        key: tuple[Any, ...],
+        key: Key,
         fast: Callable[[], object],
         base: Callable[[], object],
         *,
@@ -372,26 +284,25 @@ class Tuner:
         return median_s, noise, excluded
 
     @staticmethod
-    def _facts(
-        median_s: dict[str, float], noise: dict[str, float], excluded: dict[str, str]
-    ) -> dict[str, Any]:
+    def _facts(median_s: dict[str, float], noise: dict[str, float], excluded: dict[str, str]) -> JSONObject:
         return {
-            "median_s": median_s,
-            "noise": noise,
-            "excluded": excluded,
+            "median_s": dict(median_s),
+            "noise": dict(noise),
+            "excluded": dict(excluded),
             "tformer": __version__,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
     @staticmethod
-    def _reusable(entry: dict[str, Any], candidates: Mapping[str, Callable[[], object]], stock: str) -> bool:
+    def _reusable(entry: JSONObject, candidates: Mapping[str, Callable[[], object]], stock: str) -> bool:
         """A cached choice stands if made by this version for this stock, its winner is offered, and every
         name offered now was measured (or excluded) then."""
         measured: set[str] = set()
         for field in ("median_s", "excluded"):
-            if not isinstance(entry.get(field), dict):
+            names = entry.get(field)
+            if not isinstance(names, dict):
                 return False
-            measured |= set(entry[field])
+            measured |= set(names)
         winner = entry.get("winner")
         return (
             entry.get("tformer") == __version__
@@ -410,66 +321,23 @@ class Tuner:
             f"(cached in {_display(self.path)}; TFORMER_ACCEL=off skips it)"
         )
 
-    # -- the cache file ----------------------------------------------------------------------------
+    # -- the cache -----------------------------------------------------------------------------------
 
-    def _cached(self, skey: str, *, refresh: bool = False) -> dict[str, Any] | None:
+    def _cached(self, skey: str, *, refresh: bool = False) -> JSONObject | None:
         """The entry in memory, the file read on first use; refresh: read it again (another process may have
         timed this key meanwhile), done only right before timing."""
         if self._entries is None or refresh:
-            self._entries = {**self._read(), **self._measured}
+            self._entries = {**self._file.read(), **self._measured}
         return self._entries.get(skey)
 
-    def _read(self) -> dict[str, dict[str, Any]]:
-        """The file's entries for this schema and fingerprint; {} for a missing, foreign or unreadable file."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
-        except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8
-            self._warn_unreadable(f"{type(exc).__name__}: {exc}")
-            return {}
-        if not isinstance(data, dict):
-            self._warn_unreadable(f"a JSON {type(data).__name__}, not an object")
-            return {}
-        if data.get("schema") != SCHEMA:
-            return {}  # another version's file: replaced on the next write
-        entries = data.get("entries")
-        if not isinstance(entries, dict) or not isinstance(data.get("fingerprint"), dict):
-            self._warn_unreadable("no 'fingerprint' and 'entries' objects")
-            return {}
-        if data["fingerprint"] != self._fingerprint:
-            return {}  # another machine's file: replaced on the next write
-        return {skey: entry for skey, entry in entries.items() if isinstance(entry, dict)}
-
-    def _warn_unreadable(self, why: str) -> None:
-        if not self._warned_unreadable:
-            self._warned_unreadable = True
-            warnings.warn(
-                f"tformer accel: ignoring the unreadable tuning cache {self.path} ({why}); it will be replaced",
-                stacklevel=5,  # the caller of lookup/record/choose/ratio
-            )
-
-    def _store(self, skey: str, entry: dict[str, Any]) -> None:
+    def _store(self, skey: str, entry: JSONObject) -> None:
         self._measured[skey] = entry
         assert self._entries is not None  # _cached ran first
         self._entries[skey] = entry
         if not self._writable:
             return
-        tmp: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._file_lock():
-                entries = {**self._read(), **self._measured}  # keep what other processes wrote meanwhile
-                data = {"schema": SCHEMA, "fingerprint": self._fingerprint, "entries": entries}
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-                tmp = None
-            self._entries = dict(entries)
+            self._entries = dict(self._file.write(self._measured))
         except OSError as exc:
             self._writable = False
             warnings.warn(
@@ -477,23 +345,3 @@ class Tuner:
                 "keeping the results in memory only",
                 stacklevel=3,  # the caller of choose/ratio
             )
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-
-    @contextlib.contextmanager
-    def _file_lock(self) -> Iterator[None]:
-        """An exclusive flock on a sibling lock file across processes; none where flock is missing or fails."""
-        if sys.platform == "win32":
-            yield
-            return
-        import fcntl
-
-        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            with contextlib.suppress(OSError):  # e.g. ENOLCK on some network file systems: merge unlocked
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
