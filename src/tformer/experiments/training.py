@@ -16,6 +16,7 @@ from torch import nn
 
 from tformer import accel
 from tformer.config import TrainConfig
+from tformer.training.state import LogRecord
 from tformer.training.trainer import LossValue, Trainer
 
 BatchT = TypeVar("BatchT")
@@ -97,11 +98,21 @@ def fit(
     model_config = getattr(model, "config")  # noqa: B009  (every tformer model has a config)
     task = GeneratedTask(batches, loss_fn, model_config.to_dict(), evaluate)
     trainer = Trainer(model, task, config, out_dir=out, progress=False, command="experiment", rerun=True)
-    history = trainer.fit()
-    train_loss = {r["step"]: float(r["loss"]) for r in history if r["type"] == "train" and "loss" in r}
-    return [
-        Point(r["step"], train_loss[r["step"]], r.get("valid_loss")) for r in history if r["type"] == "eval"
-    ]
+    return curve(trainer.fit())
+
+
+def curve(history: list[LogRecord]) -> list[Point]:
+    """The Trainer's history as points: each evaluation with the training loss logged at its step."""
+    train_loss: dict[int, float] = {}
+    points = []
+    for r in history:
+        step, loss, valid = r["step"], r.get("loss"), r.get("valid_loss")
+        assert isinstance(step, int), r
+        if r["type"] == "train" and isinstance(loss, float):
+            train_loss[step] = loss
+        elif r["type"] == "eval":
+            points.append(Point(step, train_loss[step], valid if isinstance(valid, float) else None))
+    return points
 
 
 class CharLMSettings(TypedDict):

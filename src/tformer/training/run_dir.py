@@ -29,9 +29,8 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from safetensors import SafetensorError
 
@@ -43,7 +42,6 @@ from tformer.training.checkpoint import (
     crash_point,
     fsync_dir,
     load_trainer_state,
-    write_checkpoint,
 )
 
 MARKER = ".tformer-run.json"
@@ -59,7 +57,7 @@ _TEMP = re.compile(
 )
 
 
-def read_marker(out_dir: Path) -> dict[str, Any] | None:
+def read_marker(out_dir: Path) -> dict[str, object] | None:
     path = out_dir / MARKER
     if not path.exists():
         return None
@@ -262,10 +260,9 @@ def check_room(out_dir: str | Path, needed: int) -> None:
         )
 
 
-def save(out_dir: str | Path, *, step: int, keep: int, **files: Any) -> Path:
-    """Write `checkpoint-<step>/` (see the module doc), switch `checkpoint` to it, keep the newest `keep`.
-
-    `files`: what `checkpoint.write_checkpoint` takes (model, config, write_extra, trainer_state, weights)."""
+def save(out_dir: str | Path, *, step: int, keep: int, write: Callable[[Path], None]) -> Path:
+    """Write `checkpoint-<step>/` (see the module doc) with `write(directory)` (checkpoint.write_checkpoint
+    and its files), switch `checkpoint` to it, keep the newest `keep`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     link = out / LATEST
@@ -282,7 +279,7 @@ def save(out_dir: str | Path, *, step: int, keep: int, **files: Any) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-        write_checkpoint(tmp, **files)
+        write(tmp)
         os.replace(tmp, final)
         crash_point("rename:checkpoint")
         fsync_dir(out)
@@ -334,7 +331,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def log_records(out_dir: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+def log_records(out_dir: str | Path) -> Iterator[tuple[int, dict[str, object] | None, str]]:
     """(line number, record or None when the line is not a complete JSON object, raw line) of log.jsonl."""
     path = Path(out_dir) / LOG
     if not path.exists():
@@ -349,7 +346,7 @@ def log_records(out_dir: str | Path) -> Iterator[tuple[int, dict[str, Any] | Non
             yield n, record if ok else None, line
 
 
-def rewrite_log(out_dir: str | Path, history: list[dict[str, Any]]) -> None:
+def rewrite_log(out_dir: str | Path, history: Sequence[Mapping[str, object]]) -> None:
     """On resume: log.jsonl becomes the records of the checkpoint's history (every log line and evaluation
     up to its step; later ones are logged again), so lines a crash cut short or never flushed come back.
     Lines of the old log that were cut short or unreadable are named in a warning."""

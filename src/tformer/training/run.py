@@ -1,0 +1,258 @@
+"""A training run's state and records, apart from the loop that advances it (trainer.py): the step
+counter and its non-finite accounting (a step is counted when taken and given back when its flag, read a
+step later, says it was skipped: _settle), evaluation, the JSONL log, and the checkpoint: save from rank 0
+(full weights, optimiser state keyed by parameter name: it resumes at any world size) and resume, under
+the run directory's lock (run_dir.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Generic
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from tformer.config import TrainConfig
+from tformer.training import distributed, run_dir
+from tformer.training.checkpoint import write_checkpoint
+from tformer.training.snapshot import check_finite, restore, trainer_state
+from tformer.training.state import BatchT, LogRecord, Task, TrainState, rng_state
+from tformer.training.step import NonfiniteFlag, SkippingAdamW
+
+
+class TrainingRun(Generic[BatchT]):
+    """A run's model, optimiser, schedule, counters and files; Trainer (trainer.py) builds it and runs
+    the loop. Only rank 0 logs and writes."""
+
+    def __init__(
+        self,
+        *,
+        world: distributed.World,
+        task: Task[BatchT],
+        config: TrainConfig,
+        asked_precision: str,
+        module: torch.nn.Module,
+        model: torch.nn.Module,
+        optimizer: SkippingAdamW,
+        scheduler: LambdaLR,
+        scaler: torch.amp.GradScaler,
+        out_dir: Path,
+        progress: bool,
+        command: str,
+        extra_config: dict[str, object],
+    ) -> None:
+        """`module`: the tformer model (evaluation, config, checkpoints); `model`: what training steps call
+        (`module`, or its DDP / FSDP wrapper); `config`: with the precision resolved, `asked_precision` the
+        configured one; `progress`: this rank shows progress."""
+        self.world, self.task, self.config, self.asked_precision = world, task, config, asked_precision
+        self.module, self.model = module, model
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.out_dir = out_dir
+        self.checkpoint_dir = out_dir / run_dir.LATEST  # a link to the latest checkpoint-<step>/
+        self.log_path = out_dir / run_dir.LOG
+        self.progress, self.command = progress, command
+        self.extra_config = extra_config  # more sections for config.json (e.g. the data config)
+        self.state = TrainState()
+        self._resumed = False  # resume() ran: out_dir is claimed
+        self._pending: NonfiniteFlag | None = None  # the last step's non-finite flag, not yet read
+        self._step_rng: dict[str, object] | None = None  # RNG states at the start of the running step
+        self._critical = False  # counters being changed: a second signal waits for the end
+        self._saved_at: tuple[int, int] | None = None  # (step, records) of the checkpoint on disk
+        self._lock: int | None = None  # run_dir.lock on out_dir while this run trains (rank 0)
+        self._stop_agreed = False  # every rank knows to stop after the current step
+
+    def save(self, *, collective: bool = True) -> Path:
+        """Write the checkpoint from rank 0: full (unsharded) weights and optimiser state keyed by parameter
+        name, so it resumes at any world size. Every rank must call it (FSDP gathers the shards), unless
+        `collective` is False (an abrupt stop on one rank: only an unsharded rank 0 can still save)."""
+        w, s = self.world, self.state
+        sharded = distributed.is_sharded(self.model)
+        if not collective and w.distributed and (sharded or not w.is_main):
+            return self.checkpoint_dir
+        self._settle(collective)
+        if self._saved_at == (s.step, len(s.history)):
+            return self.checkpoint_dir  # this very state is on disk already
+        check_finite(self.module, w, collective=collective, step=s.step, out_dir=self.out_dir)
+        weights = distributed.full_model_state(self.model) if sharded else None
+        optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
+        # Stopped inside a step, before its update: the state is the step's start, RNG included.
+        rng = self._step_rng or rng_state()
+        rngs = distributed.gather_objects(w, rng) if collective else [rng]
+        if w.is_main:
+            state = trainer_state(
+                optimizer=optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                state=s,
+                rngs=rngs,
+                world=w,
+                config=self.config,
+                module=self.module,
+            )
+            config = {**self.task.checkpoint_config(), "train": self.config.to_dict(), **self.extra_config}
+            write = partial(
+                write_checkpoint,
+                model=self.module,
+                weights=weights,
+                config=config,
+                write_extra=self.task.write_files,
+                trainer_state=state,
+            )
+            run_dir.save(self.out_dir, step=s.step, keep=self.config.keep_checkpoints, write=write)
+        if collective:
+            distributed.barrier(w)  # nobody reads a checkpoint rank 0 is still writing
+        self._saved_at = (s.step, len(s.history))
+        return self.checkpoint_dir
+
+    def resume(self) -> bool:
+        """Restore weights, optimizer, scheduler, position and RNG from the run's latest checkpoint
+        (written at any world size). False when there is none yet: training starts from scratch."""
+        w = self.world
+        if w.is_main:
+            self._hold_out_dir()
+        try:
+            return self._resume()
+        except BaseException:
+            self._release_out_dir()
+            raise
+
+    def _resume(self) -> bool:
+        w = self.world
+        if w.is_main:
+            run_dir.claim(self.out_dir, command=self.command, resume=True)
+        distributed.barrier(w)
+        self._resumed = True
+        found = run_dir.latest(self.out_dir)
+        if found is None:
+            if w.is_main:
+                run_dir.rewrite_log(self.out_dir, [])  # records of a run that died before its first save
+            return False
+        self.state, self.config = restore(
+            found,
+            world=w,
+            module=self.module,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            config=self.config,
+            asked_precision=self.asked_precision,
+            progress=self.progress,
+        )
+        # Records logged after this checkpoint (a run killed before its next save) will be logged again.
+        if w.is_main:  # the checkpoint's history is the log up to it; later records are logged again
+            run_dir.rewrite_log(self.out_dir, self.state.history)
+        self._saved_at = (self.state.step, len(self.state.history))
+        return True
+
+    def _log(self, record: LogRecord) -> None:
+        self.state.history.append(record)
+        if not self.world.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")  # one write: a crash leaves at most a partial last line
+
+    def _time_up(self) -> bool:
+        c = self.config
+        return c.max_time is not None and self.state.train_time >= c.max_time
+
+    def _should_stop(self) -> bool:
+        """Between steps. With several ranks the time limit is decided on rank 0 and agreed on in the next
+        step (ranks measure different times; all must take the same number of steps)."""
+        c, s = self.config, self.state
+        if c.max_steps is not None and s.step >= c.max_steps:
+            self._settle()  # the last step may have been skipped
+            if s.step >= c.max_steps:
+                return True
+        return self._stop_agreed if self.world.distributed else self._time_up()
+
+    def _due(self, every: int | None) -> bool:
+        """Whether the step just taken is a multiple of `every`, once its non-finite flag is read."""
+        if not every or self.state.step % every:
+            return False
+        self._settle()
+        return self.state.step % every == 0
+
+    def _settle(self, collective: bool = True) -> None:
+        """Read the last step's non-finite flag (it waits for that step only; the current one's work may
+        still be queued). A skipped step gives back its count and does not advance the schedule.
+        `collective` False: this rank decides alone (an abrupt stop on one rank)."""
+        if self._pending is None:
+            return
+        c, s, w = self.config, self.state, self.world
+        self._critical = True  # the flag is consumed and the counters change together, or not at all
+        try:
+            skipped = self._pending.read()
+            if c.precision == "fp16" and collective:  # the loss flag of this rank; every rank must agree
+                (skipped_any,) = distributed.sum_on_host(w, [float(skipped)])
+                skipped = skipped_any > 0
+            if skipped:
+                s.step -= 1
+                s.nonfinite_skips += 1
+            else:
+                self.scheduler.step()
+            self._pending = None
+        finally:
+            self._critical = False
+        if not skipped:
+            return
+        lr = self.scheduler.get_last_lr()[0]
+        if s.nonfinite_skips > c.max_nonfinite_skips:
+            last = run_dir.latest(self.out_dir) if w.is_main else None
+            raise FloatingPointError(
+                f"training stopped at step {s.step + 1}: {s.nonfinite_skips} steps had a non-finite gradient "
+                f"(NaN or inf), more than train.max_nonfinite_skips = {c.max_nonfinite_skips}; lower the "
+                f"learning rate (now {lr:.3g}), set train.clip_norm, or check the data. Nothing non-finite "
+                f"was saved; the last checkpoint is {last or 'none yet'}"
+            )
+        if w.is_main:
+            tqdm.write(
+                f"step {s.step + 1}: the gradient is not finite (NaN or inf); step skipped "
+                f"({s.nonfinite_skips} of at most train.max_nonfinite_skips = {c.max_nonfinite_skips})",
+                file=sys.stderr,
+            )
+
+    def evaluate(self) -> LogRecord:
+        """Evaluate on rank 0 (on every rank under FSDP, whose forward needs all of them); the others
+        record the evaluation's place without metrics."""
+        self._settle()
+        t0 = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self.world.is_main or distributed.is_sharded(self.model):
+            self.module.eval()
+            with torch.no_grad():
+                metrics = self.task.evaluate(self.module)
+        record: LogRecord = {
+            "type": "eval",
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "time": self.state.train_time,
+            **metrics,
+            "eval_seconds": time.perf_counter() - t0,
+        }
+        self._log(record)
+        return record
+
+    def _hold_out_dir(self) -> None:
+        if self._lock is None:
+            self._lock = run_dir.lock(self.out_dir)
+
+    def _release_out_dir(self) -> None:
+        run_dir.unlock(self._lock)
+        self._lock = None
+
+    def _report(self, record: LogRecord) -> None:
+        if not self.progress:
+            return
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in record.items()
+            if k not in ("type",)
+        )
+        tqdm.write(f"eval: {shown}")
