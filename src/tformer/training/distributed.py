@@ -18,11 +18,19 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, ValueType
+    from torch.distributed.fsdp import FSDPModule
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,8 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    host_group: Any = None  # gloo group for host-side agreement (None: the default group, or no group)
+    # the gloo group for host-side agreement (None: the default group, or no group)
+    host_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -78,7 +87,7 @@ def setup(device: str = "auto") -> World:
     return World(rank, size, local_rank, where, _HOST_GROUP if dist.get_backend() != "gloo" else None)
 
 
-_HOST_GROUP: Any = None
+_HOST_GROUP: dist.ProcessGroup | None = None
 
 
 def sum_on_host(world: World, values: Sequence[float]) -> list[float]:
@@ -90,23 +99,23 @@ def sum_on_host(world: World, values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
-def gather_objects(world: World, obj: Any) -> list[Any]:
+def gather_objects(world: World, obj: T) -> list[T]:
     """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not world.distributed:
         return [obj]
-    out: list[Any] = [None] * world.size
+    out = [obj] * world.size  # every item replaced by the gather
     dist.all_gather_object(out, obj, group=world.host_group)
     return out
 
 
-def from_rank0(world: World, obj: Any) -> Any:
+def from_rank0(world: World, obj: T) -> T:
     """Rank 0's `obj` (a string or other small picklable value), on every rank."""
     if not world.distributed:
         return obj
     return gather_objects(world, obj)[0]
 
 
-def check_same(world: World, value: Any, what: str) -> None:
+def check_same(world: World, value: object, what: str) -> None:
     """Raise if ranks disagree on `value` (e.g. a digest of the vocabularies each rank built)."""
     values = gather_objects(world, value)
     if any(v != values[0] for v in values):
@@ -149,8 +158,9 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
         ids = [world.device.index] if world.device.type == "cuda" else None
         # tformer's buffers are constants (position tables): no need to broadcast them at every forward.
         quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-        kw: dict[str, Any] = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
-        return DistributedDataParallel(model, device_ids=ids, **kw)
+        if quiet:
+            return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for layer in _layers(model):
@@ -169,13 +179,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> TypeGuard[FSDPModule]:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
 
 
-def set_gradient_sync(model: nn.Module, sync: bool) -> Any:
+def set_gradient_sync(model: nn.Module, sync: bool) -> AbstractContextManager[None]:
     """A context for one accumulation micro-batch: gradients are all-reduced (DDP) / reduce-scattered
     (FSDP) only on the last one; the others accumulate locally (`no_sync`)."""
     from contextlib import nullcontext
@@ -185,15 +195,15 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> Any:
     if isinstance(model, DistributedDataParallel) and not sync:
         return model.no_sync()
     if is_sharded(model):
-        model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        model.set_requires_gradient_sync(sync)
     return nullcontext()
 
 
 # --- full state dicts for checkpoints -------------------------------------------------------------------
-def _options(**kw: Any) -> Any:
+def _options(*, cpu_offload: bool = False, strict: bool = True) -> StateDictOptions:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -205,7 +215,10 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     gathered = get_model_state_dict(inner, options=_options(cpu_offload=True))
     # Own storage per tensor (a gathered one may view a larger buffer), then re-tie the names that share
     # one parameter in the model (gathering copies each name separately).
-    state = {k: cast(torch.Tensor, v).clone() for k, v in gathered.items()}
+    state: dict[str, torch.Tensor] = {}
+    for k, v in gathered.items():
+        assert isinstance(v, torch.Tensor)  # full_state_dict: plain tensors (no sharded value)
+        state[k] = v.clone()
     first: dict[int, str] = {}
     for name, p in inner.named_parameters(remove_duplicate=False):
         if id(p) in first and first[id(p)] in state:
@@ -228,7 +241,8 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if name not in state and id(p) in first and first[id(p)] in state:
             state = {**state, name: state[first[id(p)]]}
         first.setdefault(id(p), name)
-    set_model_state_dict(inner, cast(dict[str, Any], state), options=_options(strict=True))
+    full: dict[str, ValueType] = dict(state)
+    set_model_state_dict(inner, full, options=_options(strict=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
