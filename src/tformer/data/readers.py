@@ -38,7 +38,8 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from tformer.jsontypes import JSON
 
 _NAMED_LINES = 5  # line numbers remembered (and printed) per skip reason
 _CHUNK = 1 << 16  # bytes per read
@@ -227,7 +228,7 @@ def read_text(path: str | Path) -> str:
     return "".join(line + "\n" for _, line in read_lines(path))
 
 
-def _json_kind(value: Any) -> str:
+def _json_kind(value: JSON) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -239,13 +240,13 @@ def _json_kind(value: Any) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
-class _Object(dict[str, Any]):
+class _Object(dict[str, JSON]):
     """A JSON object that remembers how often each key appeared (json keeps only the last value)."""
 
     counts: dict[str, int]
 
 
-def _object(pairs: list[tuple[str, Any]]) -> _Object:
+def _object(pairs: list[tuple[str, JSON]]) -> _Object:
     obj = _Object(pairs)
     obj.counts = {}
     for k, _ in pairs:
