@@ -59,8 +59,8 @@ class TorchReference(nn.Module):
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         m = self.ours_embed
         pad = src == 0
-        x = m.dropout(m.positions(m.src_embed(src)))
-        y = m.dropout(m.positions(m.tgt_embed(tgt)))
+        x = m.encoder.dropout(m.encoder.positions(m.src_embed(src)))
+        y = m.decoder.dropout(m.decoder.positions(m.tgt_embed(tgt)))
         t = tgt.shape[1]
         h = self.transformer(
             x,
@@ -76,8 +76,8 @@ class TorchReference(nn.Module):
 def copy_stacks(ours: Seq2Seq, ref: nn.Transformer) -> None:
     with torch.no_grad():
         for mine, theirs in [
-            *zip(ours.encoder_layers, ref.encoder.layers, strict=True),
-            *zip(ours.decoder_layers, ref.decoder.layers, strict=True),
+            *zip(ours.encoder.layers, ref.encoder.layers, strict=True),
+            *zip(ours.decoder.layers, ref.decoder.layers, strict=True),
         ]:
             pairs = [(mine.self_attn, theirs.self_attn)]
             if hasattr(theirs, "multihead_attn"):
@@ -93,7 +93,7 @@ def copy_stacks(ours: Seq2Seq, ref: nn.Transformer) -> None:
                 if hasattr(theirs, f"norm{i}"):
                     getattr(theirs, f"norm{i}").load_state_dict(getattr(mine, f"norm{i}").state_dict())
         ref.encoder.norm.load_state_dict(ours.encoder.norm.state_dict())
-        ref.decoder.norm.load_state_dict(ours.decoder_norm.state_dict())
+        ref.decoder.norm.load_state_dict(ours.decoder.norm.state_dict())
 
 
 def make_step(model: nn.Module, forward, src, tgt_in, tgt_out):

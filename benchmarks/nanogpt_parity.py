@@ -50,9 +50,9 @@ def main() -> int:
     )
     sd = theirs.state_dict()
     mapped = {
-        "decoder.embed.weight": sd["transformer.wte.weight"],
-        "decoder.positions.table": sd["transformer.wpe.weight"],
-        "decoder.norm.weight": sd["transformer.ln_f.weight"],
+        "blocks.embed.weight": sd["transformer.wte.weight"],
+        "blocks.positions.table": sd["transformer.wpe.weight"],
+        "blocks.norm.weight": sd["transformer.ln_f.weight"],
         "output.weight": sd["lm_head.weight"],
     }
     names = {
@@ -68,7 +68,7 @@ def main() -> int:
             for kind in ("weight", "bias"):
                 key = f"transformer.h.{i}.{src}.{kind}"
                 if key in sd:
-                    mapped[f"decoder.layers.{i}.{dst}.{kind}"] = sd[key]
+                    mapped[f"blocks.layers.{i}.{dst}.{kind}"] = sd[key]
     ours.load_state_dict(mapped, strict=True)
     theirs.eval(), ours.eval()
     val = torch.from_numpy(

@@ -7,7 +7,7 @@ from support.weights import copy_decoder_layer, copy_encoder_layer
 from tformer.attention import causal_mask, padding_mask
 from tformer.config import ModelConfig, TransformerConfig
 from tformer.layers import FeedForward
-from tformer.models.builders import decoder_layer, encoder_layer
+from tformer.models.builders import decoder_layer, self_attention_layer
 
 B, S, T, C, H, F = 2, 6, 5, 16, 4, 32
 SRC = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 0, 0, 0]])
@@ -25,7 +25,7 @@ def test_encoder_layer_matches_torch(norm_first, activation):
         activation=activation,
         attention="math",
     )
-    ours = encoder_layer(c)
+    ours = self_attention_layer(c)
     ref = torch.nn.TransformerEncoderLayer(
         C, H, F, dropout=0.0, batch_first=True, norm_first=norm_first, activation=activation
     )

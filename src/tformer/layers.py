@@ -1,5 +1,5 @@
-"""Building blocks of the stacks (paper section 3): embeddings, feed-forward, Add & Norm, encoder and
-decoder layers.
+"""Building blocks of the stacks (paper section 3): embeddings, feed-forward, Add & Norm, the
+self-attention layer (the paper's encoder layer, and run causally a GPT block) and the decoder layer.
 
 Layers take plain values or injected submodules, never a config: a layer receives its attention and
 feed-forward sublayers and one `Residual` (Add & Norm) per sublayer; models/builders.py makes them from a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ class Embedding(nn.Module):
         return out * self.multiplier if self.multiplier != 1.0 else out
 
 
-def init_linears_(module: nn.Module, init: Callable[[Tensor], Any]) -> None:
+def init_linears_(module: nn.Module, init: Callable[[Tensor], object]) -> None:
     """`init(weight)` on every linear layer of `module`, in module order. A cross-attention's `q_proj` and
     `kv_proj` are initialised as the one packed (C + 2 C_kv, C) matrix they split, so that an initialisation
     that depends on the shape (Xavier's fan-in + fan-out) sees the layer's full shape as it does for
@@ -138,17 +138,18 @@ class Residual(nn.Module):
         return f"{self.normalized_shape[0]}, eps={self.eps}, norm_first={self.norm_first}"
 
 
-class EncoderLayerOutput(NamedTuple):
+class SelfAttentionLayerOutput(NamedTuple):
     x: Tensor  # (B, T, C)
     kv: KV | KVCache  # self-attention keys/values (with `past`), or `past` itself when it is a KVCache
     weights: Tensor | None  # (B, H, T, S) when asked for
 
 
-class EncoderLayer(nn.Module):
+class SelfAttentionLayer(nn.Module):
     """Self-attention then feed-forward, each inside its Add & Norm (`norm1`, `norm2`).
 
     Bidirectional, it is the paper's encoder layer (and a classifier's); with `causal=True` and a KV cache
-    it is the block of a decoder-only language model.
+    it is the block of a decoder-only language model. Named for what it holds rather than for one of
+    those uses; `EncoderLayer` is the same class under its older name.
     """
 
     def __init__(
@@ -169,13 +170,17 @@ class EncoderLayer(nn.Module):
         causal: bool = False,
         past: KV | KVCache | None = None,
         need_weights: bool = False,
-    ) -> EncoderLayerOutput:
+    ) -> SelfAttentionLayerOutput:
         attn = self.self_attn(
             self.norm1.pre(x), mask=mask, causal=causal, past=past, need_weights=need_weights
         )
         x = self.norm2(self.norm1.post(x, attn.out), self.ff)
         assert attn.kv is not None
-        return EncoderLayerOutput(x, attn.kv, attn.weights)
+        return SelfAttentionLayerOutput(x, attn.kv, attn.weights)
+
+
+EncoderLayer = SelfAttentionLayer  # the name of tformer <= 0.2, kept importable
+EncoderLayerOutput = SelfAttentionLayerOutput
 
 
 class DecoderLayerOutput(NamedTuple):

@@ -60,7 +60,7 @@ def test_model_layers_use_the_resolved_roles():
         d_model=8, n_heads=2, d_ff=16, n_layers=1, src_vocab_size=10, tgt_vocab_size=10,
         attention="local", cross_attention="math",
     )  # fmt: skip
-    layer = Seq2Seq(c).decoder_layers[0]
+    layer = Seq2Seq(c).decoder.layers[0]
     assert layer.self_attn.backend.name == "local" and layer.cross_attn.backend.name == "math"
 
 

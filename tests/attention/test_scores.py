@@ -186,7 +186,7 @@ def test_lm_with_score_overfits_a_batch(score):
         opt.step()
     assert start > 2.0 and loss.item() < 0.1, (start, loss.item())  # from ~log(16) = 2.77 to memorised
     if score == "cosine":
-        temps = model.decoder.layers[0].self_attn.score.log_temperature
+        temps = model.blocks.layers[0].self_attn.score.log_temperature
         assert not torch.allclose(temps, torch.full_like(temps, math.log(10.0)))
 
 

@@ -31,8 +31,8 @@ def _config(**kw):
 
 def _reference_logits(model: Seq2Seq, ref_encoder, ref_decoder, src, tgt):
     src_keep = src != 0
-    src_x = model.positions(model.src_embed(src))
-    tgt_x = model.positions(model.tgt_embed(tgt))
+    src_x = model.encoder.positions(model.src_embed(src))
+    tgt_x = model.decoder.positions(model.tgt_embed(tgt))
     memory = ref_encoder(src_x, src_key_padding_mask=~src_keep)
     t = tgt.shape[1]
     out = ref_decoder(
@@ -60,19 +60,19 @@ def test_model_matches_torch_transformer(norm_first):
         .double()
         .eval()
     )
-    for ours, theirs in zip(model.encoder_layers, ref.encoder.layers, strict=True):
+    for ours, theirs in zip(model.encoder.layers, ref.encoder.layers, strict=True):
         copy_encoder_layer(ours, theirs)
-    for ours, theirs in zip(model.decoder_layers, ref.decoder.layers, strict=True):
+    for ours, theirs in zip(model.decoder.layers, ref.decoder.layers, strict=True):
         copy_decoder_layer(ours, theirs)
     with torch.no_grad():
         model.encoder.norm.load_state_dict(ref.encoder.norm.state_dict())
-        model.decoder_norm.load_state_dict(ref.decoder.norm.state_dict())
+        model.decoder.norm.load_state_dict(ref.decoder.norm.state_dict())
     ours = model(SRC, TGT).logits
     want = _reference_logits(model, ref.encoder, ref.decoder, SRC, TGT)
     torch.testing.assert_close(ours, want, atol=1e-10, rtol=0)
     # Gradients through the whole model, embeddings included (shared parameters: compare via autograd).
     (e_ours, q_ours) = torch.autograd.grad(
-        (ours**2).sum(), [model.src_embed.weight, model.encoder_layers[0].self_attn.in_proj.weight]
+        (ours**2).sum(), [model.src_embed.weight, model.encoder.layers[0].self_attn.in_proj.weight]
     )
     (e_want, in_proj) = torch.autograd.grad(
         (want**2).sum(), [model.src_embed.weight, ref.encoder.layers[0].self_attn.in_proj_weight]
@@ -90,9 +90,9 @@ def test_post_norm_without_final_norm_matches_torch_stacks():
     dec_layer = torch.nn.TransformerDecoderLayer(c.d_model, c.n_heads, c.d_ff, dropout=0.0, batch_first=True)
     ref_enc = torch.nn.TransformerEncoder(enc_layer, c.n_layers, enable_nested_tensor=False).double().eval()
     ref_dec = torch.nn.TransformerDecoder(dec_layer, c.decoder_layers).double().eval()
-    for ours, theirs in zip(model.encoder_layers, ref_enc.layers, strict=True):
+    for ours, theirs in zip(model.encoder.layers, ref_enc.layers, strict=True):
         copy_encoder_layer(ours, theirs)
-    for ours, theirs in zip(model.decoder_layers, ref_dec.layers, strict=True):
+    for ours, theirs in zip(model.decoder.layers, ref_dec.layers, strict=True):
         copy_decoder_layer(ours, theirs)
     with torch.no_grad():
         torch.testing.assert_close(

@@ -70,10 +70,10 @@ def _modules(maps, model):
     if maps.task == "translation":
         return {
             "encoder": [layer.self_attn for layer in model.encoder.layers],
-            "decoder": [layer.self_attn for layer in model.decoder_layers],
-            "cross": [layer.cross_attn for layer in model.decoder_layers],
+            "decoder": [layer.self_attn for layer in model.decoder.layers],
+            "cross": [layer.cross_attn for layer in model.decoder.layers],
         }
-    stack = model.encoder if maps.task == "classification" else model.decoder
+    stack = model.encoder if maps.task == "classification" else model.blocks
     return {maps.kinds[0].name: [layer.self_attn for layer in stack.layers]}
 
 

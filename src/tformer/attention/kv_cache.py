@@ -1,12 +1,41 @@
-"""The self-attention caches of one layer: `KV` (keys and values as tensors, grown by concatenation) and
-`KVCache` (preallocated buffers written in place), both `LayerKV`s: what a layer reads back from a
-cache whatever its kind."""
+"""Caches for incremental decoding, under two protocols.
+
+`DecodingCache` is what a decoding loop needs from any model's cache, whatever the model keeps in it:
+`length`, `index_select`, `reorder_`, `clone`. Six types follow it: a layer's `KV` and `KVCache` (here),
+`DecoderCache` (models/decoder.py), `LMCache` (models/lm.py), `RNNDecoderCache` and `RNNLMCache`
+(models/rnn.py). `LayerKV` is what an attention layer reads back: `KV` (keys and values as tensors, grown
+by concatenation) and `KVCache` (preallocated buffers written in place).
+
+Every row of a batch has the same `length` today: all rows start together. Continuous batching (rows
+joining and leaving a running batch) extends the protocol by a `lengths` (B,) tensor, the filled positions
+of each row, with `length` its maximum; a layer then builds its key mask from `lengths`
+(attention/masks.py makes masks from lengths) and writes each row at its own offset. Nothing in the
+decoding loops below the protocol needs to change for that.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from torch import Tensor
+
+C = TypeVar("C", bound="DecodingCache")
+
+
+class DecodingCache(Protocol):
+    """A model's cache as decoding loops use it (greedy, beam search, sampling, the server): how many
+    positions it holds, a copy with some batch rows (one source repeated for its beams), an in-place
+    reorder of rows (beams moving), and an independent copy (a cache is written in place, so branching
+    needs one)."""
+
+    @property
+    def length(self) -> int: ...
+
+    def index_select(self: C, index: Tensor) -> C: ...
+
+    def reorder_(self, index: Tensor) -> None: ...
+
+    def clone(self: C) -> C: ...
 
 
 class LayerKV(Protocol):
@@ -40,6 +69,14 @@ class KV(NamedTuple):
     def index_select(self, index: Tensor) -> KV:
         """Keep / reorder batch rows (beam search): index (B',) -> KV with batch B'."""
         return KV(self.k.index_select(0, index), self.v.index_select(0, index))
+
+    def reorder_(self, index: Tensor) -> None:
+        """Reorder batch rows in place (same batch size), writing into the tensors themselves."""
+        self.k.copy_(self.k.index_select(0, index))
+        self.v.copy_(self.v.index_select(0, index))
+
+    def clone(self) -> KV:
+        return KV(self.k.clone(), self.v.clone())
 
 
 class KVCache:
@@ -131,4 +168,4 @@ class KVCache:
         self.length = 0
 
 
-__all__ = ["KV", "KVCache", "LayerKV"]
+__all__ = ["KV", "DecodingCache", "KVCache", "LayerKV"]

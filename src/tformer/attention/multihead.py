@@ -4,6 +4,7 @@ reads and writes are attention/kv_cache.py's."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -51,7 +52,7 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         backend: str = "sdpa",
         rotary: nn.Module | None = None,
-        backend_options: dict[str, Any] | None = None,
+        backend_options: Mapping[str, int] | None = None,
         n_kv_heads: int | None = None,
         score: str = "dot",
         cross: bool = False,
@@ -94,7 +95,7 @@ class MultiHeadAttention(nn.Module):
                 self.register_parameter(name, p)
             self.backend_params = tuple(params)
 
-    def _options(self) -> dict[str, Any]:
+    def _options(self) -> Mapping[str, Tensor | int | None]:
         """The kernel's keywords: the backend's parameters when it owns some, else its options."""
         if self.backend_params:
             return {name: self._parameters[name] for name in self.backend_params}
@@ -125,7 +126,7 @@ class MultiHeadAttention(nn.Module):
         return KV(self.score.keys(self._split(k)), self._split(v))
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+        self, state_dict: dict[str, Tensor], prefix: str, *args: object, **kwargs: object
     ) -> None:
         if self.cross:  # a cross-attention saved by tformer <= 0.2: one in_proj, rows q, k, v
             for name in ("weight", "bias"):

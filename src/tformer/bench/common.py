@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -113,7 +114,7 @@ def write_outputs(
     plot(report, out / f"{stem}.png")
 
 
-def pyplot() -> Any:
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
     import matplotlib
 
@@ -123,7 +124,7 @@ def pyplot() -> Any:
     return plt
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` untimed ones: the timer the
     benchmarks share (a median, so one call stalled by another process does not move it)."""
     for _ in range(warmup):
@@ -174,7 +175,7 @@ class GPTShape:
         return 6 * n + 12 * L * c * t
 
 
-def require_transformers() -> Any:
+def require_transformers() -> ModuleType:
     """Import Hugging Face `transformers`, or say how to get it (it is the benchmarks' optional extra)."""
     try:
         import transformers
@@ -270,13 +271,13 @@ class TorchEncoderLM(nn.Module):
 # tformer LanguageModel state-dict names -> TorchEncoderLM's: the same tensors (fused q/k/v in_proj, nn.Linear
 # orientation) under PyTorch's names, applied in this order
 _TORCH_ENCODER_NAMES = (
-    ("decoder.layers.", "stack.layers."),
+    ("blocks.layers.", "stack.layers."),
     (".self_attn.in_proj.weight", ".self_attn.in_proj_weight"),
     (".self_attn.in_proj.bias", ".self_attn.in_proj_bias"),
     (".ff.linear", ".linear"),
-    ("decoder.embed.", "wte."),
-    ("decoder.positions.table", "wpe.weight"),
-    ("decoder.norm.", "ln_f."),
+    ("blocks.embed.", "wte."),
+    ("blocks.positions.table", "wpe.weight"),
+    ("blocks.norm.", "ln_f."),
 )
 
 

@@ -23,6 +23,7 @@ int8 copy, the embedding table stays float32). Hugging Face rows are float32 and
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
 import statistics
@@ -338,7 +339,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def cli(args: Any) -> int:
+def cli(args: argparse.Namespace) -> int:
     """`tformer bench generate` (options from tformer.bench.add_cli_options)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)

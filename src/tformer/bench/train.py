@@ -21,6 +21,7 @@ Hugging Face is optional (`pip install -e .[bench]`); without it the tformer and
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import statistics
@@ -28,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ SEED = 0
 STOCK = "tformer (stock)"  # the row of tformer's model without tformer.accel's kernels
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+def _autocast(precision: str) -> contextlib.AbstractContextManager[object]:
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -107,11 +108,18 @@ def _batches(shape: GPTShape, n: int, seed: int) -> Tensor:
     return stream[starts[..., None] + torch.arange(shape.block + 1)]
 
 
-def _lm_logits(model: Callable[..., Any]) -> Callable[[Tensor], Tensor]:
+class _WithLogits(Protocol):
+    """A model's output object (tformer's LMOutput, Hugging Face's CausalLMOutput)."""
+
+    @property
+    def logits(self) -> Tensor: ...
+
+
+def _lm_logits(model: Callable[[Tensor], _WithLogits]) -> Callable[[Tensor], Tensor]:
     return lambda x: model(x).logits
 
 
-def _hf_logits(model: Callable[..., Any]) -> Callable[[Tensor], Tensor]:
+def _hf_logits(model: Callable[..., _WithLogits]) -> Callable[[Tensor], Tensor]:
     return lambda x: model(input_ids=x).logits
 
 
@@ -366,7 +374,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def cli(args: Any) -> int:
+def cli(args: argparse.Namespace) -> int:
     """`tformer bench train` (options from tformer.bench.add_cli_options)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ classes of `bench generate`), and measures whether bfloat16 pays here (`precisio
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from typing import Any
@@ -69,7 +70,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cli(args: Any) -> int:
+def cli(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     names = tuple(s for s in args.shapes.split(",") if s)

@@ -27,13 +27,17 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from tformer.models.seq2seq import Seq2Seq
 from tformer.training.checkpoint import read_config
+
+if TYPE_CHECKING:
+    from torch.export import Dim
 
 
 @dataclass
@@ -48,7 +52,7 @@ class _Graph:
     name: str
     module: nn.Module
     inputs: dict[str, Tensor]  # example inputs, by name, in argument order
-    dynamic: dict[str, dict[int, Any]]  # input name -> {axis: torch.export.Dim}
+    dynamic: dict[str, dict[int, Dim]]  # input name -> {axis: torch.export.Dim}
     outputs: list[str]
     check: dict[str, Tensor]  # inputs of other sizes (with padding) for the ONNX Runtime check
 
@@ -141,7 +145,7 @@ def _graphs(task: str, model: nn.Module) -> list[_Graph]:
     ]
 
 
-def _axes(x: Tensor, dynamic: dict[int, Any]) -> list[str | int]:
+def _axes(x: Tensor, dynamic: dict[int, Dim]) -> list[str | int]:
     """Axis names (dynamic) or sizes (fixed) of an input, for onnx.json."""
     return [dynamic[i].__name__ if i in dynamic else int(x.shape[i]) for i in range(x.dim())]
 
@@ -158,7 +162,7 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _runtime() -> Any:
+def _runtime() -> ModuleType:
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
@@ -185,7 +189,7 @@ def export_onnx(
     model: nn.Module = load_predictor(checkpoint).model.eval()
     out.mkdir(parents=True, exist_ok=True)
     results: list[ExportedGraph] = []
-    graphs: dict[str, Any] = {}
+    graphs: dict[str, dict[str, object]] = {}
     for graph in _graphs(str(task), model):
         graph.module.eval()  # the wrappers too: export traces in the wrapper's mode (dropout off)
         path = out / f"{graph.name}.onnx"

@@ -1,7 +1,7 @@
 """Autoregressive decoding of an encoder-decoder: greedy and batched beam search, both incremental.
 
 The source is encoded once; every decoder layer's cross-attention keys/values are computed once per
-source (`Seq2Seq.start_cache`); each step feeds one token and writes its self-attention keys and values
+source (`Seq2Seq.start_cache`; any `IncrementalSeq2Seq`, RNNSeq2Seq too); each step feeds one token and writes its self-attention keys and values
 into static buffers of `max_len` positions, allocated once (beam search reorders them in place). Scores are sums of token log-probabilities (EOS included); beam search ranks finished hypotheses
 by score / lp(length), with GNMT's lp(n) = ((5 + n) / 6) ** length_penalty (Wu et al., 2016).
 
@@ -11,13 +11,43 @@ Both run the model in eval mode; a model already in it is not written to, so thr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from tformer.attention.kv_cache import DecodingCache
+from tformer.config import Seq2SeqConfig
 from tformer.inference.modes import evaluating
-from tformer.models.seq2seq import Seq2Seq
+from tformer.models.seq2seq import Seq2SeqOutput
+
+C = TypeVar("C", bound=DecodingCache)
+
+
+class IncrementalSeq2Seq(Protocol[C]):
+    """What greedy and beam search need of an encoder-decoder (Seq2Seq, RNNSeq2Seq): encode once, start a
+    cache of type C from the memory, feed tokens after the cached ones."""
+
+    @property
+    def config(self) -> Seq2SeqConfig: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def eval(self) -> object: ...
+
+    def encode(
+        self, src: Tensor, *, src_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor, list[Tensor] | None]: ...
+
+    def start_cache(
+        self, memory: Tensor, memory_mask: Tensor | None, *, capacity: int | None = None
+    ) -> C: ...
+
+    def decode_step(
+        self, tgt: Tensor, cache: C, *, need_weights: bool = False, checked: bool = False
+    ) -> Seq2SeqOutput: ...
 
 
 @dataclass
@@ -27,7 +57,7 @@ class Hypothesis:
     finished: bool  # ended with EOS (False: cut at max_len)
 
 
-def _check_inputs(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int) -> None:
+def _check_inputs(model: IncrementalSeq2Seq[C], src: Tensor, bos_id: int, eos_id: int) -> None:
     if not isinstance(src, Tensor) or src.dim() != 2:
         raise ValueError(f"src has shape {tuple(getattr(src, 'shape', ()))}; expected (B, S) token ids")
     v = model.config.tgt_vocab_size
@@ -36,7 +66,7 @@ def _check_inputs(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int) -> None
             raise ValueError(f"{name} = {value} is outside the target vocabulary [0, {v})")
 
 
-def _max_steps(model: Seq2Seq, max_len: int | None, src_len: int) -> int:
+def _max_steps(model: IncrementalSeq2Seq[C], max_len: int | None, src_len: int) -> int:
     limit = model.config.max_seq_len
     if max_len is None:
         max_len = min(limit, 2 * src_len + 10)
@@ -45,7 +75,7 @@ def _max_steps(model: Seq2Seq, max_len: int | None, src_len: int) -> int:
     return min(max_len, limit)
 
 
-def _next_logp(model: Seq2Seq, logits: Tensor, bos_id: int) -> Tensor:
+def _next_logp(model: IncrementalSeq2Seq[C], logits: Tensor, bos_id: int) -> Tensor:
     """(N, V) last-position logits -> float64 log-probabilities; PAD and BOS are never generated."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     logp[:, [model.config.pad_id, bos_id]] = float("-inf")
@@ -57,7 +87,7 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 def greedy_decode(
-    model: Seq2Seq,
+    model: IncrementalSeq2Seq[C],
     src: Tensor,
     *,
     bos_id: int,
@@ -71,7 +101,12 @@ def greedy_decode(
 
 
 def _greedy(
-    model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, max_len: int | None, src_mask: Tensor | None
+    model: IncrementalSeq2Seq[C],
+    src: Tensor,
+    bos_id: int,
+    eos_id: int,
+    max_len: int | None,
+    src_mask: Tensor | None,
 ) -> list[Hypothesis]:
     _check_inputs(model, src, bos_id, eos_id)
     steps = _max_steps(model, max_len, src.shape[1])
@@ -102,7 +137,7 @@ def _greedy(
 
 
 def beam_search(
-    model: Seq2Seq,
+    model: IncrementalSeq2Seq[C],
     src: Tensor,
     *,
     bos_id: int,
@@ -124,7 +159,7 @@ def beam_search(
 
 
 def _beam(
-    model: Seq2Seq,
+    model: IncrementalSeq2Seq[C],
     src: Tensor,
     bos_id: int,
     eos_id: int,

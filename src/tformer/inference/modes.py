@@ -15,12 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from torch import nn
 
 
+class Switchable(Protocol):
+    """A model as `evaluating` uses it: an nn.Module, or a protocol of one (inference/decoding.py)."""
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def eval(self) -> object: ...
+
+
 @contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: Switchable) -> Iterator[None]:
     """Inside the block the model is in eval mode. Without a module in training mode: nothing is written.
     Otherwise eval mode, then each module's own flag restored (`model.train(True)` would switch on a
     submodule that was deliberately left in eval mode)."""

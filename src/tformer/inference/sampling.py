@@ -10,14 +10,48 @@ which keeps each step cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tformer.accel import AccelLinear, compiled_decoding
+from tformer.attention.kv_cache import DecodingCache
+from tformer.config import LMConfig
 from tformer.inference.modes import evaluating
-from tformer.models.lm import LanguageModel, LMCache
+from tformer.models.lm import LMOutput
+
+
+class GenerationCache(DecodingCache, Protocol):
+    """A language model's cache as generation uses it: a `DecodingCache` of at most `capacity` positions,
+    which `clear()` empties (keeping its buffers) when the text outgrows it."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    def clear(self) -> None: ...
+
+
+G = TypeVar("G", bound=GenerationCache)
+
+
+class IncrementalLM(Protocol[G]):
+    """What `generate` needs of a language model (LanguageModel, RNNLanguageModel): a cache of type G and a
+    forward pass that continues after the cached positions."""
+
+    @property
+    def config(self) -> LMConfig: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def eval(self) -> object: ...
+
+    def new_cache(self, capacity: int | None = None) -> G: ...
+
+    def __call__(
+        self, ids: Tensor, *, cache: G | None = None, last_only: bool = False, checked: bool = False
+    ) -> LMOutput: ...
 
 
 def filter_logits(
@@ -50,7 +84,7 @@ def filter_logits(
 
 
 def generate(
-    model: LanguageModel,
+    model: IncrementalLM[G],
     prompt: Tensor,
     *,
     max_new_tokens: int,
@@ -84,7 +118,7 @@ def generate(
 
 @torch.no_grad()
 def _generate(
-    model: LanguageModel,
+    model: IncrementalLM[G],
     prompt: Tensor,
     *,
     max_new_tokens: int,
@@ -112,7 +146,7 @@ def _generate(
     ids = torch.empty(b, t0 + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
     ids[:, :t0] = prompt
     n = t0  # filled columns
-    cache: LMCache | None = None
+    cache: G | None = None
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
         if use_cache:

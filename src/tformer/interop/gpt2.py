@@ -51,10 +51,10 @@ def _top(c: LMConfig) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
     """(tformer name, GPT-2 name, shape) outside the blocks."""
     d, p = c.d_model, "transformer"
     return (
-        ("decoder.embed.weight", f"{p}.wte.weight", (c.vocab_size, d)),
-        ("decoder.positions.table", f"{p}.wpe.weight", (c.max_seq_len, d)),
-        ("decoder.norm.weight", f"{p}.ln_f.weight", (d,)),
-        ("decoder.norm.bias", f"{p}.ln_f.bias", (d,)),
+        ("blocks.embed.weight", f"{p}.wte.weight", (c.vocab_size, d)),
+        ("blocks.positions.table", f"{p}.wpe.weight", (c.max_seq_len, d)),
+        ("blocks.norm.weight", f"{p}.ln_f.weight", (d,)),
+        ("blocks.norm.bias", f"{p}.ln_f.bias", (d,)),
     )
 
 
@@ -73,7 +73,7 @@ _NORMS = (("norm1", "ln_1"), ("norm2", "ln_2"))  # per block: tformer LayerNorm,
 
 
 def _block(i: int) -> tuple[str, str]:
-    return f"transformer.h.{i}", f"decoder.layers.{i}"
+    return f"transformer.h.{i}", f"blocks.layers.{i}"
 
 
 # The one GPT-2 <-> LanguageModel mapping: the three tables above, read in both directions (`lm_state`
@@ -95,7 +95,7 @@ def lm_state(t: Tensors, c: LMConfig) -> dict[str, Tensor]:
         t.ignore(f"{h}.attn.bias", "causal mask buffer")
         t.ignore(f"{h}.attn.masked_bias", "mask fill value buffer")
     if c.tie_output:
-        t.take_same("lm_head.weight", state["decoder.embed.weight"], "transformer.wte.weight")
+        t.take_same("lm_head.weight", state["blocks.embed.weight"], "transformer.wte.weight")
     else:
         state["output.weight"] = t.take("lm_head.weight", (c.vocab_size, d))
     return state

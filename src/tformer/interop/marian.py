@@ -101,7 +101,7 @@ def seq2seq_state(t: Tensors, c: Seq2SeqConfig) -> dict[str, Tensor]:
         state.update(prefixed(f"{o}.ff.linear2", linear(t, f"{h}.fc2", d, f)))
         state.update(prefixed(f"{o}.norm2", _norm(t, f"{h}.final_layer_norm", d)))
     for i in range(c.decoder_layers):
-        h, o = f"model.decoder.layers.{i}", f"decoder_layers.{i}"
+        h, o = f"model.decoder.layers.{i}", f"decoder.layers.{i}"
         state.update(prefixed(f"{o}.self_attn", _attention(t, f"{h}.self_attn", d)))
         state.update(prefixed(f"{o}.norm1", _norm(t, f"{h}.self_attn_layer_norm", d)))
         state.update(prefixed(f"{o}.cross_attn", _attention(t, f"{h}.encoder_attn", d, cross=True)))

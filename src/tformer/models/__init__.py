@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from tformer.models.classifier import Classifier, ClassifierOutput
+from tformer.models.decoder import Decoder, DecoderCache
+from tformer.models.encoder import Encoder
 from tformer.models.lm import LanguageModel, LMCache, LMOutput
-from tformer.models.seq2seq import DecoderCache, Seq2Seq, Seq2SeqOutput
+from tformer.models.seq2seq import Seq2Seq, Seq2SeqOutput
+from tformer.models.stack import TransformerStack
 
 if TYPE_CHECKING:
     from tformer.config import TransformerConfig
@@ -29,11 +32,14 @@ def build_model(config: TransformerConfig) -> nn.Module:
 __all__ = [
     "Classifier",
     "ClassifierOutput",
+    "Decoder",
     "DecoderCache",
+    "Encoder",
     "LMCache",
     "LMOutput",
     "LanguageModel",
     "Seq2Seq",
     "Seq2SeqOutput",
+    "TransformerStack",
     "build_model",
 ]

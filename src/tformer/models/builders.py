@@ -12,7 +12,7 @@ from torch import nn
 
 from tformer.attention.multihead import MultiHeadAttention
 from tformer.config import Seq2SeqConfig, TransformerConfig
-from tformer.layers import DecoderLayer, EncoderLayer, FeedForward, Residual
+from tformer.layers import DecoderLayer, FeedForward, Residual, SelfAttentionLayer
 
 
 def backend_options(c: TransformerConfig) -> dict[str, int]:
@@ -49,9 +49,9 @@ def residual(c: TransformerConfig) -> Residual:
     return Residual(c.d_model, dropout=c.dropout, norm_first=c.norm_first, eps=c.layer_norm_eps, bias=c.bias)
 
 
-def encoder_layer(c: TransformerConfig, rotary: nn.Module | None = None) -> EncoderLayer:
+def self_attention_layer(c: TransformerConfig, rotary: nn.Module | None = None) -> SelfAttentionLayer:
     """Self-attention (`c.attention`) + feed-forward: an encoder layer, or run causally a GPT block."""
-    return EncoderLayer(attention(c, rotary=rotary), feed_forward(c), residual(c), residual(c))
+    return SelfAttentionLayer(attention(c, rotary=rotary), feed_forward(c), residual(c), residual(c))
 
 
 def decoder_layer(c: Seq2SeqConfig, rotary: nn.Module | None = None) -> DecoderLayer:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tformer.config import ClassifierConfig
 from tformer.models.classifier import ClassifierOutput
-from tformer.models.encoder import check_ids
+from tformer.models.stack import check_ids
 
 
 class CNNClassifier(nn.Module):

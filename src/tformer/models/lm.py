@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor, nn
 
-from tformer.attention.kv_cache import KVCache
+from tformer.attention.kv_cache import DecodingCache, KVCache
 from tformer.config import LMConfig
-from tformer.models.encoder import Encoder
+from tformer.models.legacy import Prefixes, upgrade_on_load
+from tformer.models.stack import TransformerStack
 
 
 def cache_capacity(capacity: int | None, max_seq_len: int) -> int:
@@ -29,7 +31,8 @@ def cache_capacity(capacity: int | None, max_seq_len: int) -> int:
 @dataclass
 class LMCache:
     """Per-layer self-attention keys/values of the positions seen so far (static buffers, `KVCache`).
-    Passed in and returned; written in place, so it follows one sequence (`clone` to branch)."""
+    Passed in and returned; written in place, so it follows one sequence (`clone` to branch). A
+    `DecodingCache` (attention/kv_cache.py)."""
 
     kv: list[KVCache]
 
@@ -62,21 +65,27 @@ class LMCache:
 @dataclass
 class LMOutput:
     logits: Tensor  # (B, T, V)
-    cache: LMCache | None = None
+    cache: DecodingCache | None = None  # an LMCache (RNNLanguageModel: an RNNLMCache)
     attention: list[Tensor] | None = None  # per layer (B, H, T, S), when asked for
 
 
 class LanguageModel(nn.Module):
+    """Embedding + positions -> `blocks` (the self-attention stack, run causally) -> output tied to the
+    embedding. ids (B, T), batch first."""
+
+    # tformer <= 0.2 called the stack `decoder` (state-dict keys decoder.layers.N.*, decoder.embed.weight, ...)
+    LEGACY_PREFIXES: ClassVar[Prefixes] = (("decoder.", "blocks."),)
+
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.decoder = Encoder(c, c.vocab_size)  # the stack, run causally
+        self.blocks = TransformerStack(c, c.vocab_size)
         self.output = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_output:
-            self.output.weight = self.decoder.embed.weight
+            self.output.weight = self.blocks.embed.weight
         # GPT-2's initialisation: N(0, 0.02) for weights, with the projections that write into the
         # residual stream scaled by 1/sqrt(2 * n_layers).
-        for name, p in self.decoder.layers.named_parameters():
+        for name, p in self.blocks.layers.named_parameters():
             if p.dim() == 2:
                 std = (
                     0.02 / math.sqrt(2 * c.n_layers)
@@ -88,13 +97,14 @@ class LanguageModel(nn.Module):
                 nn.init.zeros_(p)
         if not c.tie_output:
             nn.init.normal_(self.output.weight, std=0.02)
+        upgrade_on_load(self)
 
     def new_cache(self, capacity: int | None = None) -> LMCache:
         """An empty static cache for up to `capacity` positions (default: max_seq_len). Its buffers,
         (B, n_kv_heads, capacity, d_head) per layer for keys and for values, are allocated by the first
         forward pass that writes to it, with that pass's batch size, dtype and device."""
         capacity = cache_capacity(capacity, self.config.max_seq_len)
-        return LMCache([KVCache(capacity) for _ in self.decoder.layers])
+        return LMCache([KVCache(capacity) for _ in self.blocks.layers])
 
     def forward(
         self,
@@ -112,7 +122,7 @@ class LanguageModel(nn.Module):
         no others. `checked` skips validating the ids (a caller feeding back tokens it chose)."""
         if cache is None and use_cache:
             cache = self.new_cache()
-        out = self.decoder(
+        out = self.blocks(
             ids,
             causal=True,
             past=None if cache is None else cache.kv,

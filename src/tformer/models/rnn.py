@@ -14,7 +14,7 @@ output projection.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +22,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from tformer.config import ClassifierConfig, LMConfig, Seq2SeqConfig
 from tformer.models.classifier import ClassifierOutput
-from tformer.models.encoder import check_ids
 from tformer.models.lm import LMOutput, cache_capacity
 from tformer.models.seq2seq import Seq2SeqOutput
+from tformer.models.stack import check_ids
 
 State = Tensor | tuple[Tensor, Tensor]  # GRU: h (L, B, H); LSTM: (h, c)
 
@@ -81,7 +81,7 @@ class AdditiveAttention(nn.Module):
 class RNNDecoderCache:
     """What incremental decoding keeps: the encoder's states and attention keys (per source), the decoder's
     recurrent state (per hypothesis). Passed in, updated in place and returned, as `DecoderCache` (its
-    state is fixed-size, so it needs no capacity)."""
+    state is fixed-size, so it needs no capacity); a `DecodingCache` (attention/kv_cache.py)."""
 
     memory: Tensor  # (B, S, C)
     keys: Tensor  # (B, S, A)
@@ -104,6 +104,11 @@ class RNNDecoderCache:
         """Reorder the hypotheses' recurrent state (beam search: beams move within their source, whose
         rows share the encoder part, which stays as it is)."""
         self.state = _select_state(self.state, index)
+
+    def clone(self) -> RNNDecoderCache:
+        """An independent copy: decoding replaces `state` rather than writing into it, so sharing the
+        tensors is safe."""
+        return replace(self)
 
 
 class RNNSeq2Seq(nn.Module):
@@ -196,7 +201,7 @@ class RNNSeq2Seq(nn.Module):
         logits = self.output(self.dropout(hidden))
         cache.state, cache.length = state, cache.length + tgt.shape[1]
         cross = [torch.stack(weights, dim=1)[:, None]] if need_weights else None  # (B, 1, T, S)
-        return Seq2SeqOutput(logits, cross_attention=cross, cache=cache)  # type: ignore[arg-type]
+        return Seq2SeqOutput(logits, cross_attention=cross, cache=cache)
 
     def decode(
         self,
@@ -244,8 +249,14 @@ class RNNLMCache:
         state = None if self.state is None else _select_state(self.state, index)
         return RNNLMCache(state, self.length, self.capacity)
 
+    def reorder_(self, index: Tensor) -> None:
+        """Reorder batch rows (same batch size)."""
+        if self.state is not None:
+            self.state = _select_state(self.state, index)
+
     def clone(self) -> RNNLMCache:
-        return self.index_select(torch.arange(self.batch_size())) if self.state is not None else self
+        """An independent copy: the forward pass replaces `state` rather than writing into it."""
+        return replace(self)
 
     def batch_size(self) -> int:
         assert self.state is not None
@@ -310,7 +321,7 @@ class RNNLanguageModel(nn.Module):
         logits = self.output(self.dropout(out))
         if cache is not None:
             cache.state, cache.length = state, cache.length + ids.shape[1]
-        return LMOutput(logits, cache)  # type: ignore[arg-type]
+        return LMOutput(logits, cache)
 
 
 class RNNClassifier(nn.Module):

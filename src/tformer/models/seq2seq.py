@@ -1,54 +1,26 @@
-"""The paper's encoder-decoder Transformer (section 3, figure 1).
+"""The paper's encoder-decoder Transformer (section 3, figure 1): `Encoder` + `Decoder` + output projection.
 
 Training is one teacher-forced parallel pass (`forward`); inference encodes once (`encode`), builds a
-`DecoderCache` holding every layer's cross-attention keys/values, and feeds one token at a time
-(`decode_step`), each step writing its self-attention keys/values into preallocated buffers (`KVCache`).
+`DecoderCache` holding every layer's cross-attention keys/values (`start_cache`), and feeds one token at a
+time (`decode_step`), each step writing its self-attention keys/values into preallocated buffers
+(`KVCache`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from tformer.attention.kv_cache import KV, KVCache
+from tformer.attention.kv_cache import DecodingCache
 from tformer.attention.masks import check_mask, padding_mask
 from tformer.config import Seq2SeqConfig
-from tformer.layers import DecoderLayer, Embedding, dropout_layer, init_linears_, layer_norm
-from tformer.models.builders import decoder_layer
+from tformer.layers import Embedding, init_linears_
+from tformer.models.decoder import Decoder, DecoderCache
 from tformer.models.encoder import Encoder, check_ids
-from tformer.positions import PositionalEncoding
-
-
-@dataclass
-class DecoderCache:
-    """Everything incremental decoding keeps between steps; passed in and returned, never stored on modules.
-    The self-attention part is static (preallocated, written in place), so a cache follows one decode."""
-
-    cross_kv: list[KV]  # per layer, (B, H_kv, S, D), computed once per source
-    memory_mask: Tensor | None  # (B, 1, 1, S)
-    self_kv: list[KVCache]  # per layer, buffers (B, H_kv, capacity, D); one position written per step
-
-    @property
-    def length(self) -> int:
-        """Target positions already decoded."""
-        return self.self_kv[0].length
-
-    def index_select(self, index: Tensor) -> DecoderCache:
-        """A new cache with batch rows `index` (B', any B'): e.g. one source repeated for its K beams."""
-        return DecoderCache(
-            cross_kv=[kv.index_select(index) for kv in self.cross_kv],
-            memory_mask=None if self.memory_mask is None else self.memory_mask.index_select(0, index),
-            self_kv=[kv.index_select(index) for kv in self.self_kv],
-        )
-
-    def reorder_(self, index: Tensor) -> None:
-        """Reorder the self-attention rows in place (beam search: beams move within their source, whose
-        K rows share the same cross-attention keys/values, so those stay as they are)."""
-        for kv in self.self_kv:
-            kv.reorder_(index)
+from tformer.models.legacy import Prefixes, upgrade_on_load
 
 
 @dataclass
@@ -57,44 +29,44 @@ class Seq2SeqOutput:
     encoder_attention: list[Tensor] | None = None  # per layer (B, H, S, S), when asked for
     self_attention: list[Tensor] | None = None  # per layer (B, H, T, T)
     cross_attention: list[Tensor] | None = None  # per layer (B, H, T, S)
-    cache: DecoderCache | None = None
+    cache: DecodingCache | None = None  # a DecoderCache (RNNSeq2Seq: an RNNDecoderCache)
 
 
 class Seq2Seq(nn.Module):
     """Encoder-decoder Transformer. Inputs are (B, S) source ids and (B, T) target ids, batch first."""
 
+    # tformer <= 0.2 kept the decoder's parts on the model itself (state-dict keys decoder_layers.N.*, ...)
+    LEGACY_PREFIXES: ClassVar[Prefixes] = (
+        ("decoder_layers.", "decoder.layers."),
+        ("decoder_norm.", "decoder.norm."),
+        ("tgt_embed.", "decoder.embed."),
+        ("positions.", "decoder.positions."),
+    )
+
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         self.config = c = config
         self.encoder = Encoder(c, c.src_vocab_size)
-        self.tgt_embed = (
-            self.encoder.embed
-            if c.share_embeddings
-            else Embedding(c.tgt_vocab_size, c.d_model, scale=c.scale_embeddings)
-        )
-        self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
-        self.dropout = dropout_layer(c.dropout)
-        self.decoder_layers = nn.ModuleList(
-            decoder_layer(c, self.encoder.rotary) for _ in range(c.decoder_layers)
-        )
-        self.decoder_norm = (
-            layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
+        self.decoder = Decoder(
+            c, embed=self.encoder.embed if c.share_embeddings else None, rotary=self.encoder.rotary
         )
         self.output = nn.Linear(c.d_model, c.tgt_vocab_size, bias=c.output_bias)
         if self.output.bias is not None:
             nn.init.zeros_(self.output.bias)
         if c.tie_output:
-            self.output.weight = self.tgt_embed.weight
-        for layer in [*self.encoder.layers, *self.decoder_layers]:
+            self.output.weight = self.decoder.embed.weight
+        for layer in [*self.encoder.layers, *self.decoder.layers]:
             init_linears_(layer, nn.init.xavier_uniform_)
+        upgrade_on_load(self)
 
     @property
     def src_embed(self) -> Embedding:
         return self.encoder.embed
 
     @property
-    def encoder_layers(self) -> nn.ModuleList:
-        return self.encoder.layers
+    def tgt_embed(self) -> Embedding:
+        """The target embedding (the decoder's; the source's too with share_embeddings)."""
+        return self.decoder.embed
 
     # --- encoder -----------------------------------------------------------------------------------
     def source_mask(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
@@ -143,18 +115,8 @@ class Seq2Seq(nn.Module):
         self._check_tgt(tgt, memory.shape[0])
         if tgt_mask is not None:
             check_mask(tgt_mask, b=tgt.shape[0], t=tgt.shape[1], s=tgt.shape[1], name="tgt_mask")
-        x = self.dropout(self.positions(self.tgt_embed(tgt)))
-        self_w: list[Tensor] | None = [] if need_weights else None
-        cross_w: list[Tensor] | None = [] if need_weights else None
-        for layer in self.decoder_layers:
-            o = layer(x, memory, self_mask=tgt_mask, memory_mask=memory_mask, need_weights=need_weights)
-            x = o.x
-            if self_w is not None and cross_w is not None:
-                assert o.self_weights is not None and o.cross_weights is not None
-                self_w.append(o.self_weights)
-                cross_w.append(o.cross_weights)
-        logits = self.output(self.decoder_norm(x))
-        return Seq2SeqOutput(logits, self_attention=self_w, cross_attention=cross_w)
+        o = self.decoder(tgt, memory, memory_mask, tgt_mask=tgt_mask, need_weights=need_weights)
+        return Seq2SeqOutput(self.output(o.x), self_attention=o.self_weights, cross_attention=o.cross_weights)
 
     def forward(
         self,
@@ -185,13 +147,7 @@ class Seq2Seq(nn.Module):
         capacity = limit if capacity is None else capacity
         if not 1 <= capacity <= limit:
             raise ValueError(f"cache capacity must be in [1, max_seq_len={limit}], got {capacity}")
-        return DecoderCache(
-            cross_kv=[
-                cast(DecoderLayer, layer).cross_attn.project_kv(memory) for layer in self.decoder_layers
-            ],
-            memory_mask=memory_mask,
-            self_kv=[KVCache(capacity) for _ in self.decoder_layers],
-        )
+        return self.decoder.start_cache(memory, memory_mask, capacity=capacity)
 
     def decode_step(
         self, tgt: Tensor, cache: DecoderCache, *, need_weights: bool = False, checked: bool = False
@@ -204,15 +160,5 @@ class Seq2Seq(nn.Module):
         offset = cache.length
         if not checked:
             self._check_tgt(tgt, cache.cross_kv[0].k.shape[0], offset=offset)
-        x = self.dropout(self.positions(self.tgt_embed(tgt), offset=offset))
-        cross_w: list[Tensor] | None = [] if need_weights else None
-        for layer, past, cross in zip(self.decoder_layers, cache.self_kv, cache.cross_kv, strict=True):
-            o = layer(
-                x, None, memory_mask=cache.memory_mask, past=past, cross_kv=cross, need_weights=need_weights
-            )
-            x = o.x
-            if cross_w is not None:
-                assert o.cross_weights is not None
-                cross_w.append(o.cross_weights)
-        logits = self.output(self.decoder_norm(x))
-        return Seq2SeqOutput(logits, cross_attention=cross_w, cache=cache)
+        o = self.decoder.step(tgt, cache, need_weights=need_weights)
+        return Seq2SeqOutput(self.output(o.x), cross_attention=o.cross_weights, cache=cache)

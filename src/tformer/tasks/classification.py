@@ -7,10 +7,10 @@ Each text becomes [BOS] + its tokens, cut to max_seq_len (the count of cut texts
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,7 @@ class ClassificationTask:
             "macro_f1": macro_f1(pred, self.valid_y, len(self.labels)),
         }
 
-    def checkpoint_config(self) -> dict[str, Any]:
+    def checkpoint_config(self) -> dict[str, object]:
         return {"task": self.name, "model": self.model_config.to_dict(), "labels": self.labels}
 
     def write_files(self, directory: Path) -> None:
@@ -136,7 +136,7 @@ class TextClassifier(CheckpointPredictor):
         self.model, self.tok, self.labels = model.eval(), tokenizer, list(labels)
 
     @classmethod
-    def from_checkpoint(cls, path: Path, raw: dict[str, Any], model: torch.nn.Module) -> TextClassifier:
+    def from_checkpoint(cls, path: Path, raw: Mapping[str, object], model: torch.nn.Module) -> TextClassifier:
         # a baseline (models/rnn.py, models/cnn.py) has the same interface
         classifier = cast(Classifier, model)
         labels, n_classes = raw.get("labels"), classifier.config.n_classes
@@ -200,7 +200,7 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[ClassificationT
     return task, model
 
 
-def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, Any]:
+def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, object]:
     """`tformer eval` of a classifier: accuracy and macro-F1 on one labelled file (columns as trained
     unless the request names others)."""
     predictor = TextClassifier.load(path, precision=request.precision, accel=request.accel)

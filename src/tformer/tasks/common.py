@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -17,6 +17,7 @@ from tformer.training.checkpoint import CheckpointError, read_config
 
 M = TypeVar("M", bound=torch.nn.Module)
 P = TypeVar("P", bound="CheckpointPredictor")
+T = TypeVar("T")
 
 
 class CheckpointPredictor(ABC):
@@ -52,7 +53,7 @@ class CheckpointPredictor(ABC):
 
     @classmethod
     @abstractmethod
-    def from_checkpoint(cls: type[P], path: Path, raw: dict[str, Any], model: torch.nn.Module) -> P:
+    def from_checkpoint(cls: type[P], path: Path, raw: Mapping[str, object], model: torch.nn.Module) -> P:
         """The predictor of a loaded `model` and the checkpoint's other files; `raw` is config.json. Each
         family's predictor defines it (an abstract method: a predictor without it cannot be made)."""
 
@@ -79,7 +80,7 @@ def tokenizer(saved: Path | None, name: str, texts: Iterable[str], config: RunCo
     return Tokenizer.train(texts, kind=config.data.tokenizer, vocab_size=config.data.vocab_size)
 
 
-def progress(iterable: Any, total: int, desc: str) -> Any:
+def progress(iterable: Iterable[T], total: int, desc: str) -> Iterable[T]:
     """A progress bar on a terminal (tqdm decides: none when stderr is not a TTY), gone when done."""
     from tqdm.auto import tqdm
 

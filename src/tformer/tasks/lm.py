@@ -8,10 +8,10 @@ resumed run draws the same ones. Validation reads the whole validation text once
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ class LanguageModelTask:
         nll = mean_nll(model, self.valid_ids)
         return {"valid_nll": nll, "valid_ppl": perplexity(nll)}
 
-    def checkpoint_config(self) -> dict[str, Any]:
+    def checkpoint_config(self) -> dict[str, object]:
         return {"task": self.name, "model": self.model_config.to_dict()}
 
     def write_files(self, directory: Path) -> None:
@@ -131,7 +131,7 @@ class TextGenerator(CheckpointPredictor):
         self.model, self.tok = model.eval(), tokenizer
 
     @classmethod
-    def from_checkpoint(cls, path: Path, raw: dict[str, Any], model: torch.nn.Module) -> TextGenerator:
+    def from_checkpoint(cls, path: Path, raw: Mapping[str, object], model: torch.nn.Module) -> TextGenerator:
         # a baseline (models/rnn.py) has the same interface
         return cls(cast(LanguageModel, model), Tokenizer.load(path / TOKENIZER))
 
@@ -210,7 +210,7 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTa
     return task, build_model(model_config)
 
 
-def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, Any]:
+def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, object]:
     """`tformer eval` of a language model: mean NLL and perplexity over one text file."""
     predictor = TextGenerator.load(path, precision=request.precision, accel=request.accel)
     if len(data) != 1:

@@ -5,9 +5,9 @@ beam-search prediction from a checkpoint. The family's entry in tformer.families
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 
@@ -138,7 +138,7 @@ class TranslationTask:
             "exact_match": exact_match(hyps, refs),
         }
 
-    def checkpoint_config(self) -> dict[str, Any]:
+    def checkpoint_config(self) -> dict[str, object]:
         return {"task": self.name, "model": self.model_config.to_dict()}
 
     def write_files(self, directory: Path) -> None:
@@ -155,7 +155,7 @@ class Translator(CheckpointPredictor):
         self.model, self.src_tok, self.tgt_tok = model.eval(), src_tokenizer, tgt_tokenizer
 
     @classmethod
-    def from_checkpoint(cls, path: Path, raw: dict[str, Any], model: torch.nn.Module) -> Translator:
+    def from_checkpoint(cls, path: Path, raw: Mapping[str, object], model: torch.nn.Module) -> Translator:
         # a baseline (models/rnn.py) has the same interface
         src_tok, tgt_tok = Tokenizer.load(path / SRC_TOKENIZER), Tokenizer.load(path / TGT_TOKENIZER)
         return cls(cast(Seq2Seq, model), src_tok, tgt_tok)
@@ -208,9 +208,23 @@ class Translator(CheckpointPredictor):
                 raise ValueError(f"input {n} is empty: nothing to translate")
         return ids
 
-    def translate(self, texts: Sequence[str], **kwargs: Any) -> list[str]:
-        """Translate sentences. Keyword arguments as for `translate_ids` (beam_size, length_penalty, ...)."""
-        return self.translate_ids(self.encode(texts), **kwargs)
+    def translate(
+        self,
+        texts: Sequence[str],
+        *,
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+        max_len: int | None = None,
+        batch_size: int = 128,
+    ) -> list[str]:
+        """Translate sentences (beam search; greedy with beam_size = 1), as `translate_ids` does."""
+        return self.translate_ids(
+            self.encode(texts),
+            beam_size=beam_size,
+            length_penalty=length_penalty,
+            max_len=max_len,
+            batch_size=batch_size,
+        )
 
 
 def build(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask, torch.nn.Module]:
@@ -249,7 +263,7 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask
     return task, build_model(model_config)
 
 
-def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, Any]:
+def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, object]:
     """`tformer eval` of a translation checkpoint: BLEU, chrF and exact match of its beam search on
     parallel `data` (sentences longer than max_seq_len are skipped, and counted)."""
     predictor = Translator.load(path, precision=request.precision, accel=request.accel)

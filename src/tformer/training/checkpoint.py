@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,9 @@ def write_checkpoint(
     directory: Path,
     *,
     model: torch.nn.Module,
-    config: dict[str, Any],
+    config: Mapping[str, object],
     write_extra: Callable[[Path], None] | None = None,
-    trainer_state: dict[str, Any] | None = None,
+    trainer_state: Mapping[str, object] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write every file of a checkpoint into the existing, empty `directory`, fsync them and it.
@@ -108,9 +108,9 @@ def save_checkpoint(
     path: str | Path,
     *,
     model: torch.nn.Module,
-    config: dict[str, Any],
+    config: Mapping[str, object],
     write_extra: Callable[[Path], None] | None = None,
-    trainer_state: dict[str, Any] | None = None,
+    trainer_state: Mapping[str, object] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A stand-alone checkpoint directory at `path` (import, tests): written beside it, then renamed in.
@@ -151,7 +151,7 @@ class _StateDict(torch.nn.Module):
         super().__init__()
         self._state = state
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def state_dict(self, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:  # type: ignore[override]
         return dict(self._state)
 
 
@@ -222,7 +222,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 _MARKERS = ("__tensor__", "__ndarray__", "__tuple__", "__items__")
 
 
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+def _encode(obj: object, tensors: dict[str, torch.Tensor], key: str) -> object:
     if isinstance(obj, torch.Tensor):
         tensors[key] = obj.detach().to("cpu").contiguous()
         return {"__tensor__": key}
@@ -248,7 +248,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
     raise TypeError(f"trainer state: cannot store a {type(obj).__name__} ({key})")
 
 
-def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+def _decode(obj: object, tensors: dict[str, torch.Tensor], where: str) -> object:
     if isinstance(obj, list):
         return [_decode(v, tensors, where) for v in obj]
     if not isinstance(obj, dict):
@@ -275,11 +275,11 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     return {_freeze(_decode(k, tensors, where)): _decode(v, tensors, where) for k, v in value}
 
 
-def _freeze(key: Any) -> Any:
+def _freeze(key: object) -> object:
     return tuple(_freeze(k) for k in key) if isinstance(key, (list, tuple)) else key
 
 
-def write_state(directory: Path, state: dict[str, Any]) -> None:
+def write_state(directory: Path, state: Mapping[str, object]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors, "state")
     seen: set[int] = set()
@@ -316,7 +316,7 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     return decoded
 
 
-def require(state: dict[str, Any], where: Path, *keys: str) -> None:
+def require(state: Mapping[str, object], where: Path, *keys: str) -> None:
     """Refuse a trainer state that lacks an entry resuming needs, naming it."""
     for key in keys:
         if key not in state:

@@ -233,9 +233,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     from tformer.attention.multihead import legacy_cross_names, split_legacy_rows
+    from tformer.models.legacy import upgrade_names
 
     inner = unwrap(model)
-    state = split_legacy_rows(state, legacy_cross_names(inner))
+    state = split_legacy_rows(upgrade_names(state, inner), legacy_cross_names(inner))
     first: dict[int, str] = {}
     for name, p in inner.named_parameters(remove_duplicate=False):  # a tied name stored once: fill it in
         if name not in state and id(p) in first and first[id(p)] in state:
@@ -266,7 +267,17 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         optimizer.load_state_dict(state)
         return
     from tformer.attention.multihead import legacy_cross_names, split_legacy_rows
+    from tformer.models.legacy import renamer
 
+    # names of an earlier module layout (decoder_layers.N.* -> decoder.layers.N.*; models/legacy.py)
+    rename = renamer(unwrap(model))
+    state = {
+        **state,
+        "state": {rename(k): v for k, v in state.get("state", {}).items()},
+        "param_groups": [
+            {**g, "params": [rename(p) for p in g["params"]]} for g in state.get("param_groups", [])
+        ],
+    }
     old = legacy_cross_names(unwrap(model))
     if any(name in old for name in state.get("state", {})):  # saved by tformer <= 0.2 (one cross in_proj)
         groups = [

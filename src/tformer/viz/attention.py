@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from tformer.config import TransformerConfig
 from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.inference.modes import evaluating
+from tformer.models import ClassifierOutput, LMOutput, Seq2SeqOutput
 from tformer.tasks import TextClassifier, TextGenerator, Translator, load_predictor
 from tformer.tasks.classification import encode_texts
 from tformer.tasks.common import model_device
@@ -29,6 +30,8 @@ from tformer.tasks.common import model_device
 # Backends whose attention is not the exact softmax(QK^T / sqrt(d)) over all allowed keys. For the
 # approximations the maps show the exact weights of the same queries and keys (the `math` backend), not the
 # approximation the model uses; `local` is exact within its window, and its maps are its own weights.
+O = TypeVar("O", Seq2SeqOutput, ClassifierOutput, LMOutput)
+
 APPROXIMATE = {
     "local": "attends within a window of {window} positions; the maps are its weights (zero outside the "
     "window)",
@@ -107,11 +110,17 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def _weights_from(model: torch.nn.Module, *args: torch.Tensor) -> Any:
-    """One forward pass in eval mode with `need_weights=True`; the backend's fallback warning is expected."""
+def _weights_from(output: type[O], model: torch.nn.Module, *args: torch.Tensor) -> O:
+    """One forward pass in eval mode with `need_weights=True` -> the model's `output` object; the backend's
+    fallback warning is expected."""
     with _evaluating(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="attention backend .* cannot return weights")
-        return model(*args, need_weights=True)
+        out = model(*args, need_weights=True)
+    if not isinstance(out, output):
+        raise TypeError(
+            f"a {type(model).__name__} returned a {type(out).__name__}; expected {output.__name__}"
+        )
+    return out
 
 
 def translation_maps(
@@ -163,7 +172,7 @@ def translation_maps(
         raise ValueError(
             f"the target has {len(tgt_ids)} tokens; with BOS that is more than the model's max_seq_len = {limit}"
         )
-    out = _weights_from(model, src, torch.tensor([inputs], device=device))  # tgt (1, T)
+    out = _weights_from(Seq2SeqOutput, model, src, torch.tensor([inputs], device=device))  # tgt (1, T)
     src_tokens = _tokens(src_tok, src_ids)
     special = {tgt_tok.bos_id: "<bos>", tgt_tok.eos_id: "<eos>"}
     inputs_shown = [special.get(i) or display_token(tgt_tok.id_to_token(i)) for i in inputs]
@@ -206,7 +215,7 @@ def classifier_maps(classifier: TextClassifier, text: str) -> AttentionMaps:
         raise ValueError("the input is empty: nothing to classify")
     model = classifier.model
     ids = encode_texts(classifier.tok, [text], model.config.max_seq_len, "input")[0]
-    out = _weights_from(model, torch.tensor([ids], device=model_device(model)))
+    out = _weights_from(ClassifierOutput, model, torch.tensor([ids], device=model_device(model)))
     probs = torch.softmax(out.logits[0].double(), dim=-1)
     best = int(probs.argmax())
     tokens = ["<bos>", *_tokens(classifier.tok, ids[1:])]
@@ -236,7 +245,7 @@ def lm_maps(generator: TextGenerator, text: str) -> AttentionMaps:
         raise ValueError(
             f"the input has {len(ids)} tokens, more than the model's max_seq_len = {model.config.max_seq_len}"
         )
-    out = _weights_from(model, torch.tensor([ids], device=model_device(model)))
+    out = _weights_from(LMOutput, model, torch.tensor([ids], device=model_device(model)))
     tokens = _tokens(tok, ids)
     nxt = display_token(tok.id_to_token(int(out.logits[0, -1].argmax())))
     kind = AttentionKind(

@@ -1,0 +1,132 @@
+"""The paper's decoder (section 3.1, figure 1's right half): target embedding (+ positions, dropout) -> N
+layers of masked self-attention, cross-attention over the encoder output and feed-forward -> optional final
+LayerNorm. `Seq2Seq` is `Encoder` + `Decoder` + the output projection.
+
+Two ways to run it: all T target positions in one causally masked pass (`forward`, teacher forcing), or a
+few positions at a time after the cached ones (`step`), with a `DecoderCache` made by `start_cache`: every
+layer's cross-attention keys/values computed once per source, and static self-attention buffers
+(`KVCache`) that each step writes in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from tformer.attention.kv_cache import KV, KVCache
+from tformer.config import Seq2SeqConfig
+from tformer.layers import DecoderLayer, Embedding, dropout_layer, layer_norm
+from tformer.models.builders import decoder_layer
+from tformer.positions import PositionalEncoding
+
+
+@dataclass
+class DecoderCache:
+    """Everything incremental decoding keeps between steps; passed in and returned, never stored on modules.
+    The self-attention part is static (preallocated, written in place), so a cache follows one decode
+    (`clone()` to branch). A `DecodingCache` (attention/kv_cache.py)."""
+
+    cross_kv: list[KV]  # per layer, (B, H_kv, S, D), computed once per source
+    memory_mask: Tensor | None  # (B, 1, 1, S)
+    self_kv: list[KVCache]  # per layer, buffers (B, H_kv, capacity, D); one position written per step
+
+    @property
+    def length(self) -> int:
+        """Target positions already decoded."""
+        return self.self_kv[0].length
+
+    def index_select(self, index: Tensor) -> DecoderCache:
+        """A new cache with batch rows `index` (B', any B'): e.g. one source repeated for its K beams."""
+        return DecoderCache(
+            cross_kv=[kv.index_select(index) for kv in self.cross_kv],
+            memory_mask=None if self.memory_mask is None else self.memory_mask.index_select(0, index),
+            self_kv=[kv.index_select(index) for kv in self.self_kv],
+        )
+
+    def reorder_(self, index: Tensor) -> None:
+        """Reorder the self-attention rows in place (beam search: beams move within their source, whose
+        K rows share the same cross-attention keys/values, so those stay as they are)."""
+        for kv in self.self_kv:
+            kv.reorder_(index)
+
+    def clone(self) -> DecoderCache:
+        """A copy that can be decoded on independently (the cross-attention part, never written, is shared)."""
+        return DecoderCache(list(self.cross_kv), self.memory_mask, [kv.clone() for kv in self.self_kv])
+
+
+class DecoderOutput(NamedTuple):
+    x: Tensor  # (B, T, C), after the final norm when there is one
+    self_weights: list[Tensor] | None  # per layer (B, H, T, T0 + T), when asked for
+    cross_weights: list[Tensor] | None  # per layer (B, H, T, S), when asked for
+
+
+def _cross_attending(layer: nn.Module) -> DecoderLayer:
+    if not isinstance(layer, DecoderLayer):
+        raise TypeError(f"a Decoder's layers are DecoderLayers; found a {type(layer).__name__}")
+    return layer
+
+
+class Decoder(nn.Module):
+    """Target embedding (shared with the encoder when `embed` is given) + positions + dropout -> N
+    `DecoderLayer`s -> optional final norm. Inputs are batch first: tgt (B, T), memory (B, S, C)."""
+
+    def __init__(
+        self, c: Seq2SeqConfig, *, embed: Embedding | None = None, rotary: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        # Made in the order Seq2Seq made them before it had a Decoder, so a seed gives the same weights.
+        self.embed = (
+            Embedding(c.tgt_vocab_size, c.d_model, scale=c.scale_embeddings) if embed is None else embed
+        )
+        self.positions = PositionalEncoding(c.max_seq_len, c.d_model, kind=c.positions)
+        self.dropout = dropout_layer(c.dropout)
+        self.layers = nn.ModuleList(decoder_layer(c, rotary) for _ in range(c.decoder_layers))
+        self.norm = layer_norm(c.d_model, c.layer_norm_eps, c.bias) if c.use_final_norm else nn.Identity()
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None,
+        *,
+        tgt_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> DecoderOutput:
+        """Teacher forcing: all T positions of tgt (B, T) in one parallel pass, causally masked."""
+        x = self.dropout(self.positions(self.embed(tgt)))
+        self_w: list[Tensor] | None = [] if need_weights else None
+        cross_w: list[Tensor] | None = [] if need_weights else None
+        for layer in self.layers:
+            o = layer(x, memory, self_mask=tgt_mask, memory_mask=memory_mask, need_weights=need_weights)
+            x = o.x
+            if self_w is not None and cross_w is not None:
+                assert o.self_weights is not None and o.cross_weights is not None
+                self_w.append(o.self_weights)
+                cross_w.append(o.cross_weights)
+        return DecoderOutput(self.norm(x), self_w, cross_w)
+
+    def start_cache(self, memory: Tensor, memory_mask: Tensor | None, *, capacity: int) -> DecoderCache:
+        """Every layer's cross-attention keys/values of memory (B, S, C), and empty static self-attention
+        caches of `capacity` target positions."""
+        return DecoderCache(
+            cross_kv=[_cross_attending(layer).cross_attn.project_kv(memory) for layer in self.layers],
+            memory_mask=memory_mask,
+            self_kv=[KVCache(capacity) for _ in self.layers],
+        )
+
+    def step(self, tgt: Tensor, cache: DecoderCache, *, need_weights: bool = False) -> DecoderOutput:
+        """The next (B, T) target positions after `cache.length` earlier ones; the cache is extended in
+        place. Equal to the matching rows of `forward`. Self-attention weights are not returned."""
+        x = self.dropout(self.positions(self.embed(tgt), offset=cache.length))
+        cross_w: list[Tensor] | None = [] if need_weights else None
+        for layer, past, cross in zip(self.layers, cache.self_kv, cache.cross_kv, strict=True):
+            o = layer(
+                x, None, memory_mask=cache.memory_mask, past=past, cross_kv=cross, need_weights=need_weights
+            )
+            x = o.x
+            if cross_w is not None:
+                assert o.cross_weights is not None
+                cross_w.append(o.cross_weights)
+        return DecoderOutput(self.norm(x), None, cross_w)
