@@ -1,21 +1,31 @@
 """Compiled one-row kernels for decoding, and the switch that turns them on: `compiled_decoding()`.
 
 Decoding one sequence multiplies every weight matrix by a single row: a matrix-vector product whose speed
-is how fast the weights stream from memory. Inside `compiled_decoding()` (what `generate(...,
-compile=True)` and `tformer generate --compile` turn on, context-local: one thread's block does not reach
-another thread) such a product is one reduction kernel that inductor (torch.compile's compiler, called
-directly: decision 56) generates per weight shape: float32 and bfloat16 weights (accel/linear.py) and
-torchao's int8 weights (accel/int8.py). Each shape compiles once per process (GPT-2 small's five shapes:
-about 3 s with inductor's disk cache warm, 9 s on a cold one, on 2 cores), so it is opt-in. Where
-compiling fails (no C++ compiler) a warning says so once and the layer's other path serves instead.
+is how fast the weights stream from memory. Such a product can be one reduction kernel that inductor
+(torch.compile's compiler, called directly: decision 56) generates per weight shape: float32 and bfloat16
+weights (accel/linear.py) and torchao's int8 weights (accel/int8.py). Each shape compiles once per process
+(GPT-2 small's five shapes: about 3 s with inductor's disk cache warm, 9 s on a cold one, on 2 cores).
 
-This module holds what those kernels share: the compiled-kernel cache, the failure switch and the checks
-on their operands.
+Three settings, context-local (one thread's block does not reach another thread):
+- `compiled_decoding(True)` (`generate(..., compile=True)`, `tformer generate --compile`): every such
+  product is compiled, and the first one of each weight shape also times the compiled kernel against the
+  eager path (accel/plan.py) and caches the verdict for this machine.
+- auto, the default (`compile=None`): a shape is compiled only where that cache says the compiled kernel
+  measured faster here; a shape never measured stays eager. So a short command never pays a cold compile
+  nobody asked for, and once `tformer bench tune`, `bench generate` or a `--compile` run has measured, the
+  default takes the faster kernel. Compiling that takes over a second is said once on stderr.
+- `compiled_decoding(False)` (`compile=False`, `--no-compile`): never.
+Where compiling fails (no C++ compiler) a warning says so once and the layer's other path serves instead.
+
+This module holds what those kernels share: the setting, the compiled-kernel cache, the failure switch
+and the checks on their operands.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,18 +38,23 @@ R = TypeVar("R")
 
 PLAIN = (Tensor, nn.Parameter)  # tensor types the kernels take (not a quantised or distributed subclass)
 
-on: ContextVar[bool] = ContextVar("tformer_compiled_decoding", default=False)  # context-local
+# True: compile every one-row product; None (auto): where the machine's measurement says so; False: never
+on: ContextVar[bool | None] = ContextVar("tformer_compiled_decoding", default=None)  # context-local
 # Process-wide: the compiled kernels (shared by every thread), and why compiling failed, once it has.
 _gemv_broken: str | None = None
+_compile_s = 0.0  # seconds spent compiling in this process
+_SAY_AFTER_S = 1.0  # compiling that takes longer is said once on stderr
+_said = False
 _gemv_fns: dict[tuple[object, ...], _Kernel[Any]] = {}  # kernels of several result types
 _compile_lock = threading.Lock()  # make_fx and inductor are not safe to run from two threads at once
 
 
 @contextmanager
-def compiled_decoding(enabled: bool = True) -> Iterator[None]:
-    """Within the block, and in this thread (or asyncio task) only, an `AccelLinear`'s single-row float32
-    or int8 CPU products in inference use a compiled reduction kernel (`enabled=False`: they do not,
-    whatever an enclosing block said)."""
+def compiled_decoding(enabled: bool | None = True) -> Iterator[None]:
+    """Within the block, and in this thread (or asyncio task) only, an `AccelLinear`'s single-row float32,
+    bfloat16 or int8 CPU products in inference use a compiled reduction kernel (`enabled=False`: they do
+    not; None: where this machine measured it faster, the default outside any block), whatever an
+    enclosing block said."""
     token = on.set(enabled)
     try:
         yield
@@ -70,10 +85,31 @@ class _Kernel(Generic[R]):
                     import torch._inductor
                     from torch.fx.experimental.proxy_tensor import make_fx
 
+                    start = time.perf_counter()
                     with torch.no_grad():
                         graph = make_fx(lambda *ts: self.eager(*ts, *self.consts))(*tensors)
                         self.fn = torch._inductor.compile(graph, list(tensors))
+                    _spent(time.perf_counter() - start)
         return self.fn(*tensors)
+
+
+def _spent(seconds: float) -> None:
+    """Count compile time (under `_compile_lock`); past `_SAY_AFTER_S` say once why the command waits."""
+    global _compile_s, _said
+    _compile_s += seconds
+    if _said or _compile_s <= _SAY_AFTER_S:
+        return
+    _said = True
+    why = (
+        "compile=True / --compile"
+        if on.get()
+        else "this machine measured them faster; compile=False / --no-compile skips them"
+    )
+    print(
+        f"tformer accel: compiling matrix-vector kernels for decoding, once per weight shape per process "
+        f"({why})",
+        file=sys.stderr,
+    )
 
 
 def compiled(

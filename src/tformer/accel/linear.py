@@ -17,10 +17,10 @@ autocast (which would have cast the product to bfloat16), plain tensors (a quant
 subclass keeps its own kernel), and not while torch.compile, TorchScript or ONNX export is tracing (they
 see `F.linear`). Results differ from MKL's only in summation order (about 1e-6 relative).
 
-Decoding (inside `compiled_decoding()`, accel/compiled.py): a one-row product in inference, float32 or
-bfloat16 (read as it is stored, 2 bytes a weight; summed in float32) on the CPU, is one reduction kernel
-that inductor generates per weight shape, `(W * x).sum(-1) + b` fused; torchao's int8 weights take
-accel/int8.py's kernel.
+Decoding (accel/compiled.py: inside `compiled_decoding()`, or by default where this machine measured it
+faster): a one-row product in inference, float32 or bfloat16 (read as it is stored, 2 bytes a weight;
+summed in float32) on the CPU, is one reduction kernel that inductor generates per weight shape,
+`(W * x).sum(-1) + b` fused; torchao's int8 weights take accel/int8.py's kernel.
 """
 
 from __future__ import annotations
@@ -98,6 +98,15 @@ def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raises
         compile_failed(exc)
         return None
+
+
+def compiled_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """A one-row inference product (`_one_row_inference`) by its compiled kernel: plain float32 or
+    bfloat16 weights by `_gemv`, torchao's int8 weights (float32 activations) by `int8_gemv`; None where
+    neither applies."""
+    if type(weight) in _PLAIN:
+        return _gemv(x, weight, bias)
+    return int8_gemv(x, weight, bias) if x.dtype == torch.float32 else None
 
 
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -181,20 +190,23 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 
 def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: Plan | None = None) -> Tensor:
-    """F.linear(x, weight, bias) by `AccelLinear`'s paths: inside `compiled_decoding()` one-row products in
-    inference through the compiled kernels; bfloat16 autocast products with padded rows where `plan` chose
+    """F.linear(x, weight, bias) by `AccelLinear`'s paths: one-row products in inference through the
+    compiled kernels inside `compiled_decoding()`, or by default where `plan` found them faster here; bfloat16 autocast products with padded rows where `plan` chose
     "bucket"; float32 products oneDNN can compute through oneDNN (forward and backward) where `plan` (an
     accel.plan.Plan) chose it for their shape class, or without a plan from `ONEDNN_MIN_MNK` multiply-adds
     on; everything else F.linear."""
     if torch.compiler.is_compiling():  # torch.compile and torch.export see F.linear (inductor cannot lower
         return F.linear(x, weight, bias)  # the oneDNN op on plain weights; dynamo cannot read a ContextVar)
-    if _compiled.on.get() and _one_row_inference(
-        x
-    ):  # decoding: checked first, it runs 49 times per GPT-2 token
-        if type(weight) in _PLAIN:
-            y = _gemv(x, weight, bias)
-        else:  # torchao's int8 weights take float32 activations
-            y = int8_gemv(x, weight, bias) if x.dtype == torch.float32 else None
+    setting = _compiled.on.get()  # decoding: checked first, it runs 49 times per GPT-2 token
+    if (setting or (setting is None and plan is not None)) and _one_row_inference(x):
+        if setting:  # compile=True: compiled, and measured against eager once per weight shape
+            y = compiled_row(x, weight, bias)
+            if y is not None and plan is not None:
+                plan.decode_path(x, weight, bias, measure=True)
+        elif plan is not None and plan.decode_path(x, weight, bias, measure=False) == "compiled":
+            y = compiled_row(x, weight, bias)  # auto: this machine measured it faster
+        else:
+            y = None
         if y is not None:
             return y
     if plan is not None and _bucket.bucket_eligible(x, weight, bias):

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tformer.accel import bucket as _bucket
+from tformer.accel import compiled as _compiled
 from tformer.accel import dropout as _dropout
 from tformer.accel import linear as _linear
+from tformer.accel.compiled import PLAIN as _PLAIN
 from tformer.accel.machine import rows_bucket
 from tformer.accel.tune import Tuner
 
@@ -113,6 +115,29 @@ class Plan:
             self._fast[fast] = got
         return got
 
+    def decode_path(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, measure: bool) -> str:
+        """ "compiled" or "eager" for a one-row inference product (the caller checked
+        `_one_row_inference`), or "unmeasured" where this machine has no verdict; `measure` (compile=True):
+        time the compiled kernel against the eager path now if it has none. Verdicts are the machine's
+        (the tuner's cache), not part of `choices`: decoding is not part of a training run's steps."""
+        plain = type(weight) in _PLAIN
+        n, k = weight.shape[0], weight.shape[-1]
+        fast = ("decode", x.dtype, plain, n, k)
+        got = self._fast.get(fast)
+        if got is None or (measure and got == "unmeasured"):
+            dtype = str(x.dtype).removeprefix("torch.") if plain else "int8"
+            key = ("decode", dtype, int(n), int(k))
+            if plain and n * k < _linear.ONEDNN_MIN_MNK:
+                got = "eager"  # below the compiled kernel's size (`_gemv`)
+            elif self.tuner is None:
+                got = "unmeasured"
+            elif measure:
+                got = self.tuner.choose(key, _decode_candidates(x, weight, bias, self), stock="eager")
+            else:
+                got = self.tuner.lookup(key) or "unmeasured"
+            self._fast[fast] = got
+        return got
+
     def dropout_path(self, x: Tensor, p: float) -> str:
         """The path for training-mode dropout of `x` (the caller checked "bits16" could compute it)."""
         fast = ("dropout", x.dtype)
@@ -186,6 +211,27 @@ def _candidates(
         return run
 
     return {"stock": step(F.linear), "onednn": step(_linear.onednn_linear)}
+
+
+def _decode_candidates(
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan
+) -> dict[str, Callable[[], object]]:
+    """This one-row product by the layer's eager path (stock or oneDNN, as `plan` chose) and by its
+    compiled kernel (excluded where it has none), in inference."""
+    xs = x.detach()
+
+    def eager() -> Tensor:
+        with torch.no_grad(), _compiled.compiled_decoding(False):
+            return _linear.accel_linear(xs, weight, bias, plan)
+
+    def compiled() -> Tensor:
+        with torch.no_grad():
+            y = _linear.compiled_row(xs, weight, bias)
+        if y is None:
+            raise RuntimeError("no compiled kernel for this product here")
+        return y
+
+    return {"eager": eager, "compiled": compiled}
 
 
 def _bucket_candidates(

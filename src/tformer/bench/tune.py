@@ -3,7 +3,8 @@ this machine (tformer.accel), instead of on first use; print the choices and whe
 
 It runs tformer's language model at each `bench train` shape through one float32 training step (forward
 and backward at the training batch) and a few greedy decoding steps at batch 1 and 8 (the inference
-classes of `bench generate`), and measures whether bfloat16 pays here (`precision = "auto"`). A later
+classes of `bench generate`; at batch 1 also whether the compiled decoding kernels beat the eager ones,
+which decides what a default `generate` takes), and measures whether bfloat16 pays here (`precision = "auto"`). A later
 `tformer train`, `tformer generate` or `tformer bench` on this machine reads the cache and times nothing.
 """
 
@@ -40,8 +41,8 @@ def run(shapes: tuple[str, ...] = tuple(SHAPES)) -> dict[str, Any]:
         ids = torch.randint(shape.vocab_size, (shape.batch, shape.block + 1))
         logits = lm(ids[:, :-1]).logits
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-        for batch in (1, 8):
-            generate(lm, ids[:batch, :8], max_new_tokens=2, greedy=True)
+        for batch in (1, 8):  # batch 1 also times the compiled one-row kernels against the eager ones
+            generate(lm, ids[:batch, :8], max_new_tokens=2, greedy=True, compile=batch == 1)
         choices.update(accel.recorded(lm) or {})
         print(f"  {name}: {len(accel.recorded(lm) or {})} shape classes", file=sys.stderr)
     return {

@@ -1,4 +1,5 @@
-"""The built-in families' own subcommands: `tformer translate | classify | generate`. Each family's
+"""The built-in families' own subcommands: `tformer translate | classify | generate` (classify: text and
+vision checkpoints). Each family's
 `commands` entry names its adder here (a new family's lives in its own files); imports no torch until a
 command runs, so `tformer --help` stays fast."""
 
@@ -61,20 +62,35 @@ def add_translate(sub: Subparsers) -> None:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from tformer.tasks import TextClassifier
+    """Text or images, by the checkpoint's family: a text classifier reads texts (arguments or stdin
+    lines), a vision one image files and folders."""
+    from tformer.tasks import TextClassifier, open_predictor
+    from tformer.tasks.vision import ImageClassifier
 
-    classifier = TextClassifier.load(args.checkpoint, precision=args.precision, accel=True)
-    for label, prob in classifier.predict(read_inputs(args.text)):
+    predictor = open_predictor(args.checkpoint, precision=args.precision, accel=True)
+    if isinstance(predictor, ImageClassifier):
+        if not args.text:
+            raise ValueError("classify: name image files or folders after the checkpoint")
+        for path, label, prob in predictor.predict_files(args.text):
+            print(f"{path}\t{label}\t{prob:.4f}")
+        return 0
+    if not isinstance(predictor, TextClassifier):
+        raise ValueError(f"{args.checkpoint}: not a classifier checkpoint (a {type(predictor).__name__})")
+    for label, prob in predictor.predict(read_inputs(args.text)):
         print(f"{label}\t{prob:.4f}")
     return 0
 
 
 def add_classify(sub: Subparsers) -> None:
+    """`classify`, once for both families that have it (classification's texts, vision's images)."""
+    if "classify" in sub.choices:
+        return
     cl = sub.add_parser(
-        "classify", help="label texts with a classifier checkpoint (arguments, or stdin lines)"
+        "classify",
+        help="label texts (arguments, or stdin lines) or images (files, folders) with a classifier checkpoint",
     )
     cl.add_argument("checkpoint")
-    cl.add_argument("text", nargs="*")
+    cl.add_argument("text", nargs="*", metavar="TEXT|IMAGE", help="texts, or image files / folders")
     precision_option(cl)
     cl.set_defaults(func=_classify, rest="text")
 
@@ -111,8 +127,11 @@ def add_generate(sub: Subparsers) -> None:
     ge.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     ge.add_argument(
         "--compile",
-        action="store_true",
-        help="compile the float32 CPU matrix-vector products of decoding (seconds once, then faster tokens)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the CPU matrix-vector products of decoding (seconds once, then faster tokens; "
+        "it also measures them against the eager kernels for this machine). Default: compiled where "
+        "this machine measured them faster (tformer bench tune), else not",
     )
     precision_option(ge)
     ge.set_defaults(func=_generate)

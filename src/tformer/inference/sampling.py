@@ -96,14 +96,16 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     stop: Callable[[Tensor], bool] | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> Tensor:
     """prompt (B, T0) ids -> (B, T0 + n) ids, n <= max_new_tokens. Stops early when every row has produced
-    `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared). `compile`: one-row float32,
-    bfloat16 and int8 CPU decoding steps use compiled matrix-vector kernels (tformer.accel.linear; a few seconds
-    of compiling per process, then faster steps), which needs a model given tformer's accelerated layers
-    (`tformer.accel.apply(model)`). The model runs in eval mode; one already in it is not written to, so
-    threads may share it (tformer.inference.modes)."""
+    `eos_id`, or when `stop(ids)` returns True (e.g. a stop string appeared). `compile=True`: one-row
+    float32, bfloat16 and int8 CPU decoding steps use compiled matrix-vector kernels (tformer.accel; a few
+    seconds of compiling per process, then faster steps; each weight shape's kernel is also timed against
+    the eager path once and the verdict cached for this machine), which needs a model given tformer's
+    accelerated layers (`tformer.accel.apply(model)`); None (the default): compiled where this machine's
+    cache says it measured faster, else eager; False: never. The model runs in eval mode; one already in it
+    is not written to, so threads may share it (tformer.inference.modes)."""
     if compile and not any(isinstance(m, AccelLinear) for m in model.modules()):
         raise ValueError(
             "compile=True compiles tformer.accel's decoding kernels, and this model has none: call "

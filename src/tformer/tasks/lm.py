@@ -146,10 +146,11 @@ class TextGenerator(CheckpointPredictor):
         greedy: bool = False,
         seed: int | None = None,
         stop: Sequence[str] = (),
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> str:
         """The continuation of `prompt` (without the prompt), cut before the first stop string. `compile`:
-        compiled matrix-vector kernels for the decoding steps (see tformer.inference.generate)."""
+        compiled matrix-vector kernels for the decoding steps (True), none (False), or where this machine
+        measured them faster (None; see tformer.inference.generate)."""
         ids = self.tok.encode(prompt)
         if not ids:
             ids = [self.tok.bos_id]  # an empty prompt: start from BOS

@@ -1,0 +1,163 @@
+"""Compiled decoding kernels by default where this machine measured them faster (tformer.accel.plan's
+`decode_path`): `compile=True` compiles and measures, the default (None) follows the cached verdict and
+never compiles a shape nobody measured, `compile=False` never compiles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tformer.accel.compiled as tc
+import tformer.accel.linear as tl
+from tformer import accel
+from tformer.config import LMConfig
+from tformer.inference.sampling import generate
+from tformer.models.lm import LanguageModel
+
+pytestmark = pytest.mark.skipif(tl._op is None, reason="this PyTorch build has no oneDNN (mkldnn)")
+
+SHAPES = {("decode", "float32", n, k) for n, k in ((96, 32), (32, 32), (64, 32), (32, 64), (61, 32))}
+
+
+class _ScriptedTuner:
+    """A tuner whose measurements give `winner`: `choose` runs each candidate once and caches the scripted
+    winner, `lookup` answers from that cache."""
+
+    def __init__(self, winner: str) -> None:
+        self.winner = winner
+        self.cache: dict[tuple[object, ...], str] = {}
+        self.asked: list[tuple[object, ...]] = []
+
+    def choose(self, key, candidates, *, stock):
+        if key[0] == "decode":
+            assert stock == "eager" and set(candidates) == {"eager", "compiled"}
+            for run in candidates.values():
+                run()
+            self.asked.append(key)
+            self.cache[key] = self.winner
+            return self.winner
+        return stock
+
+    def lookup(self, key):
+        return self.cache.get(key)
+
+
+def _lm() -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(
+        LMConfig(vocab_size=61, d_model=32, n_heads=4, d_ff=64, n_layers=2, max_seq_len=32)
+    ).eval()
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """Counts the one-row products the compiled float32 kernel served; every shape may take it (no size
+    floor)."""
+    seen: list[tuple[int, ...]] = []
+    real = tl._gemv
+
+    def counting(x, w, b):
+        y = real(x, w, b)
+        if y is not None:
+            seen.append(tuple(w.shape))
+        return y
+
+    monkeypatch.setattr(tl, "_gemv", counting)
+    monkeypatch.setattr(tl, "ONEDNN_MIN_MNK", 0)
+    return seen
+
+
+@pytest.mark.parametrize("winner", ["compiled", "eager"])
+def test_the_default_follows_what_compile_true_measured(winner, gemv_calls, monkeypatch):
+    tuner = _ScriptedTuner(winner)
+    monkeypatch.setattr(accel, "_tuner", tuner)
+    prompt = torch.randint(61, (1, 5), generator=torch.Generator().manual_seed(1))
+    first = accel.apply(_lm())
+    plain = generate(first, prompt, max_new_tokens=6, greedy=True)
+    assert gemv_calls == [] and tuner.asked == []  # no verdict yet: eager, nothing compiled or timed
+    compiled = generate(first, prompt, max_new_tokens=6, greedy=True, compile=True)
+    assert torch.equal(plain, compiled) and len(gemv_calls) > 0  # compile=True compiles whatever
+    assert set(tuner.asked) == SHAPES  # each weight shape measured once (qkv, out, ff1, ff2, head)
+    served = len(gemv_calls)
+
+    # a new model (a new process's, reading the machine's cache) by default takes the verdict
+    second = accel.apply(_lm())
+    again = generate(second, prompt, max_new_tokens=6, greedy=True)
+    assert torch.equal(again, plain) and len(set(tuner.asked)) == len(tuner.asked)  # none timed twice
+    took = len(gemv_calls) - served
+    assert (took > 0) if winner == "compiled" else (took == 0)
+    served = len(gemv_calls)
+    generate(second, prompt, max_new_tokens=6, greedy=True, compile=False)
+    assert len(gemv_calls) == served  # compile=False: never
+
+
+def test_without_accel_layers_the_default_is_eager_and_compile_true_still_refuses(gemv_calls):
+    lm = _lm()
+    prompt = torch.tensor([[1, 2, 3]])
+    generate(lm, prompt, max_new_tokens=3, greedy=True)
+    assert gemv_calls == []
+    with pytest.raises(ValueError, match=r"tformer\.accel\.apply\(model\) first"):
+        generate(lm, prompt, max_new_tokens=3, greedy=True, compile=True)
+
+
+def test_int8_weights_are_measured_as_their_own_class(monkeypatch):
+    from tformer.inference.precision import apply_precision
+
+    tuner = _ScriptedTuner("compiled")
+    monkeypatch.setattr(accel, "_tuner", tuner)
+    q = accel.apply(apply_precision(_lm(), "int8"))
+    prompt = torch.tensor([[4, 5, 6]])
+    plain = generate(q, prompt, max_new_tokens=4, greedy=True, compile=False)
+    assert torch.equal(generate(q, prompt, max_new_tokens=4, greedy=True, compile=True), plain)
+    assert {key[1] for key in tuner.asked} == {"int8"} and len(tuner.asked) == len(SHAPES)
+    assert torch.equal(generate(q, prompt, max_new_tokens=4, greedy=True), plain)  # torchao's bit for bit
+
+
+def test_the_real_tuner_caches_the_verdict_per_machine(tmp_path, monkeypatch):
+    """compile=True through the real Tuner writes a decode entry per weight shape, its winner one of the
+    two paths, with both timed; a fresh Tuner on that file answers the default from it."""
+    monkeypatch.setenv("TFORMER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(accel, "_tuner", None)
+    monkeypatch.setattr(tl, "ONEDNN_MIN_MNK", 0)
+    lm = accel.apply(_lm())
+    generate(lm, torch.tensor([[1, 2]]), max_new_tokens=2, greedy=True, compile=True)
+    (path,) = tmp_path.glob("accel-*.json")
+    entries = json.loads(path.read_text())["entries"]
+    decode = {k: v for k, v in entries.items() if json.loads(k)[0] == "decode"}
+    assert {tuple(json.loads(k)) for k in decode} == SHAPES
+    assert all(
+        v["winner"] in {"eager", "compiled"} and set(v["median_s"]) == {"eager", "compiled"}
+        for v in decode.values()
+    )
+    monkeypatch.setattr(accel, "_tuner", None)  # the next process's tuner
+    fresh = accel.apply(_lm())
+    with torch.no_grad():
+        x = torch.randn(1, 1, 32)
+        layer = fresh.blocks.layers[0].ff.linear1
+        assert (
+            layer._accel_plan.decode_path(x, layer.weight, layer.bias, measure=False)
+            == (decode[json.dumps(["decode", "float32", 64, 32], separators=(",", ":"))]["winner"])
+        )
+
+
+def test_a_long_compile_is_said_once(monkeypatch, capsys):
+    monkeypatch.setattr(tc, "_compile_s", 0.0)
+    monkeypatch.setattr(tc, "_said", False)
+    tc._spent(0.4)
+    assert capsys.readouterr().err == ""
+    tc._spent(0.8)  # past a second in all: the default's reason, and how to skip it
+    err = capsys.readouterr().err
+    assert "compiling matrix-vector kernels" in err and "--no-compile" in err
+    tc._spent(5.0)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cli_option_is_three_way():
+    from tformer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "ck"]).compile is None
+    assert parser.parse_args(["generate", "ck", "--compile"]).compile is True
+    assert parser.parse_args(["generate", "ck", "--no-compile"]).compile is False
