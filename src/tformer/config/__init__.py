@@ -7,6 +7,7 @@ valid key; values are checked on construction so a bad config fails before any t
     model.py    the [model] section: TransformerConfig and the families' Seq2SeqConfig (ModelConfig),
                 ClassifierConfig, LMConfig
     run.py      the [train] and [data] sections, RunConfig (a whole run), model_config_class
+    vision.py   the vision family's VisionConfig (ViT; architecture "cnn": the convolutional baseline)
     loading.py  load_toml, apply_overrides (`key=value` from the command line)
 
 Every name is imported from here (`from tformer.config import LMConfig`), as saved configs and users do.
@@ -36,6 +37,7 @@ from tformer.config.run import (
     TrainConfig,
     model_config_class,
 )
+from tformer.config.vision import VisionConfig
 
 __all__ = [
     "ACTIVATIONS",
@@ -58,6 +60,7 @@ __all__ = [
     "Seq2SeqConfig",
     "TrainConfig",
     "TransformerConfig",
+    "VisionConfig",
     "apply_overrides",
     "load_toml",
     "model_config_class",

@@ -5,6 +5,7 @@ LMConfig. What each attention backend can do comes from tformer/backends.py's ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from tformer import backends, families
 from tformer.config.base import (
@@ -54,6 +55,7 @@ class TransformerConfig(Section):
     # "transformer", or a baseline: "lstm" / "gru" (translation with additive attention, lm, classification),
     # "cnn" (classification). Baselines read d_model (hidden size), n_layers and dropout; the rest is unused.
     architecture: str = "transformer"
+    position_kinds: ClassVar[tuple[str, ...]] = POSITIONS  # what `positions` may be (vision: its own)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -86,7 +88,7 @@ class TransformerConfig(Section):
             raise ConfigError(f"{name}.positions = 'rotary' needs an even d_head, got {self.d_head}")
         check_probability(name, dropout=self.dropout, attention_dropout=self.attention_dropout)
         check_choice(name, "activation", self.activation, ACTIVATIONS)
-        check_choice(name, "positions", self.positions, POSITIONS)
+        check_choice(name, "positions", self.positions, self.position_kinds)
         check_choice(name, "attention_score", self.attention_score, ATTENTION_SCORES)
         self._check_backend("attention", self.attention)
         if self.token_types < 0:

@@ -127,7 +127,19 @@ class DataConfig(Section):
     shared_vocab: bool = True  # translation: one vocabulary for source and target
     text_column: str = "text"
     label_column: str = "label"
-    valid_fraction: float = 0.0  # lm without a valid file: hold out this final fraction of the text
+    # lm without a valid file: hold out this final fraction of the text; vision: this fraction of the training
+    # images, drawn by train.seed
+    valid_fraction: float = 0.0
+    # vision (tformer.data.images, tformer.data.transforms): class names of IDX / .npz labels 0..K-1 (empty:
+    # "0".."K-1"); an image folder's come from its subfolders
+    classes: tuple[str, ...] = ()
+    resize: bool = True  # image folder: resize to model.image_size (false: any other size is an error)
+    crop_padding: int = 0  # training augmentation: random crop of the image zero-padded by this many pixels
+    flip: bool = False  # training augmentation: horizontal flip with probability 1/2
+    mixup: float = 0.0  # training augmentation: mixup with this Beta(alpha, alpha) (0: off)
+    cutmix: float = (
+        0.0  # training augmentation: cutmix with this Beta(alpha, alpha) (0: off; both: one each batch)
+    )
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -139,6 +151,9 @@ class DataConfig(Section):
         check_choice(name, "tokenizer", self.tokenizer, TOKENIZERS)
         check_positive(name, vocab_size=self.vocab_size)
         check_probability(name, valid_fraction=self.valid_fraction)
+        check_nonnegative(name, crop_padding=self.crop_padding, mixup=self.mixup, cutmix=self.cutmix)
+        if len(set(self.classes)) != len(self.classes) or not all(c.strip() for c in self.classes):
+            raise ConfigError(f"{name}.classes must be distinct non-empty names, got {list(self.classes)}")
 
     def paths(self, key: str) -> list[str]:
         import os

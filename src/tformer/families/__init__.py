@@ -1,4 +1,4 @@
-"""The model families (translation, classification, lm): one `Family` entry each, the one place that says
+"""The model families (translation, classification, lm, vision): one `Family` entry each, the one place that says
 which config class, models, task builder, predictor, evaluation and command-line verbs a family has.
 
 `tformer.config` (task names, the [model] class, architectures), `tformer.models.build_model`,
@@ -180,5 +180,21 @@ register(
         commands="tformer.families.commands:add_generate",
         verbs=("generate",),
         train_data="a text file",
+    )
+)
+register(
+    Family(
+        name="vision",
+        config="tformer.config:VisionConfig",
+        models={
+            "transformer": "tformer.models.vit:VisionTransformer",
+            "cnn": "tformer.models.image_cnn:ImageCNN",
+        },
+        build="tformer.tasks.vision:build",
+        predictor="tformer.tasks.vision:ImageClassifier",
+        evaluate="tformer.tasks.vision:evaluate_files",
+        commands="tformer.families.commands:add_classify",  # the one `classify`, text or images
+        verbs=("classify",),
+        train_data="IDX images + labels files, an image folder (a subfolder per class) or a .npz",
     )
 )
