@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     im = sub.add_parser("import", help="convert another library's model into a tformer checkpoint")
     im_sub = im.add_subparsers(dest="format", required=True, metavar="FORMAT")
     im_hf = im_sub.add_parser(
-        "hf", help="a Hugging Face directory (GPT-2, BERT, Marian; config.json + safetensors)"
+        "hf", help="a Hugging Face directory (GPT-2, BERT, Marian, ViT; config.json + safetensors)"
     )
     im_hf.add_argument("dir", help="the Hugging Face model directory (no hub: a local path)")
     im_hf.add_argument("out", help="the tformer checkpoint directory to write")

@@ -1,12 +1,14 @@
 """ONNX export of a checkpoint, each graph checked with ONNX Runtime against PyTorch.
 
     classification   classifier.onnx   ids (B, T) int64                       -> logits (B, n_classes)
+    vision           vision.onnx       images (B, channels, H, W) float32     -> logits (B, n_classes)
     lm               lm.onnx           ids (B, T) int64                       -> logits (B, T, V)
     translation      encoder.onnx      src (B, S) int64                       -> memory (B, S, C),
                                                                                  memory_mask (B, S) bool
                      decoder.onnx      memory, memory_mask, tgt (B, T) int64  -> logits (B, T, V)
 
-B, T and S are dynamic (T, S up to the model's max_seq_len). The LM and the decoder have no KV cache: a
+B, T and S are dynamic (a vision graph's H and W are the model's image_size; its images are normalised
+with config.json's "normalisation", the training split's mean and std per channel) (T, S up to the model's max_seq_len). The LM and the decoder have no KV cache: a
 caller decodes by feeding the whole prefix again (BOS + the tokens so far) and reading the last position's
 logits; the decoder takes the encoder's memory, computed once per source. Ids must be in the vocabulary
 (PyTorch checks them on the host; a graph cannot). The output directory also gets the checkpoint's
@@ -68,6 +70,13 @@ class _Logits(nn.Module):
         return self.model(ids).logits
 
 
+class _Images(_Logits):
+    """A vision model as images -> logits (the argument's name is the graph input's)."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images).logits
+
+
 class _Encoder(nn.Module):
     def __init__(self, model: Seq2Seq) -> None:
         super().__init__()
@@ -99,6 +108,20 @@ def _graphs(task: str, model: nn.Module) -> list[_Graph]:
     from torch.export import Dim
 
     c: Any = model.config
+    if task == "vision":  # the ViT or the CNN: images -> logits, any batch size
+        g = torch.Generator().manual_seed(0)
+        shape = (c.channels, c.image_size, c.image_size)
+        ex, check = torch.randn(2, *shape, generator=g), torch.randn(3, *shape, generator=g)
+        return [
+            _Graph(
+                "vision",
+                _Images(model),
+                {"images": ex},
+                {"images": {0: Dim("batch")}},
+                ["logits"],
+                {"images": check},
+            )
+        ]
     n = c.max_seq_len
     if n < 3:
         raise ValueError(f"model.max_seq_len = {n}: ONNX export needs at least 3 positions")
@@ -179,14 +202,14 @@ def export_onnx(
     """Export the checkpoint's graphs to `out_dir` and run each in ONNX Runtime on inputs of other sizes
     than the traced ones; raise if any output differs from PyTorch's by more than `tolerance` x max(1,
     largest |output|)."""
-    from tformer.tasks import load_predictor
+    from tformer.tasks import open_predictor
 
     ort = _runtime()
     from tformer.training import run_dir
 
     checkpoint, out = run_dir.resolve(checkpoint), Path(out_dir)  # a live run's link: one save's files
     task = read_config(checkpoint).get("task")
-    model: nn.Module = load_predictor(checkpoint).model.eval()
+    model: nn.Module = open_predictor(checkpoint).model.eval()
     out.mkdir(parents=True, exist_ok=True)
     results: list[ExportedGraph] = []
     graphs: dict[str, dict[str, object]] = {}

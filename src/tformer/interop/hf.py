@@ -1,6 +1,7 @@
 """Hugging Face model directories in and out: `tformer import hf DIR OUT`, `tformer export hf CKPT OUT`.
 
-In: GPT2LMHeadModel -> a language-model checkpoint; MarianMTModel -> a translation checkpoint; BertModel
+In: GPT2LMHeadModel -> a language-model checkpoint; MarianMTModel -> a translation checkpoint;
+ViTForImageClassification -> a vision checkpoint (class names and normalisation, no tokenizer); BertModel
 -> an encoder checkpoint (task "encoder": a classifier starts from it with `train.init_from`). Out: a
 language model -> GPT2LMHeadModel. The directory's tokenizer.json becomes the checkpoint's tokenizer with
 its own ids; the roles tformer needs (pad, bos, eos, unk) are taken from config.json's token ids and the
@@ -18,9 +19,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from torch import nn
 
-from tformer.config import ClassifierConfig, LMConfig, Seq2SeqConfig
+from tformer.config import ClassifierConfig, LMConfig, Seq2SeqConfig, VisionConfig
 from tformer.data.tokenizers import Tokenizer
-from tformer.interop import bert, gpt2, marian
+from tformer.interop import bert, gpt2, marian, vit
 from tformer.interop.common import (
     HF_CONFIG,
     HF_TOKENIZER,
@@ -35,14 +36,21 @@ from tformer.interop.common import (
 from tformer.models.encoder import Encoder
 from tformer.models.lm import LanguageModel
 from tformer.models.seq2seq import Seq2Seq
+from tformer.models.vit import VisionTransformer
 
 # architecture name in config.json -> (family, tformer task of the checkpoint it becomes)
 ARCHITECTURES = {
     "GPT2LMHeadModel": ("gpt2", "lm"),
     "BertModel": ("bert", "encoder"),
     "MarianMTModel": ("marian", "translation"),
+    "ViTForImageClassification": ("vit", "vision"),
 }
-MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "marian": "MarianMTModel"}
+MODEL_TYPES = {
+    "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",
+    "marian": "MarianMTModel",
+    "vit": "ViTForImageClassification",
+}
 
 
 @dataclass
@@ -50,12 +58,13 @@ class Imported:
     """A Hugging Face model as a tformer module, with its tokenizer (None when the directory has none)."""
 
     family: str
-    task: str  # "lm", "translation" or "encoder"
-    config: LMConfig | Seq2SeqConfig | ClassifierConfig
-    model: nn.Module  # LanguageModel, Seq2Seq or Encoder
-    tokenizer: Tokenizer | None
+    task: str  # "lm", "translation", "vision" or "encoder"
+    config: LMConfig | Seq2SeqConfig | ClassifierConfig | VisionConfig
+    model: nn.Module  # LanguageModel, Seq2Seq, VisionTransformer or Encoder
+    tokenizer: Tokenizer | None  # (vision: None, none needed)
     source: Path
     ignored: dict[str, str] = field(default_factory=dict)  # HF tensor -> why it has no tformer counterpart
+    extra: dict[str, object] = field(default_factory=dict)  # config.json's other entries (vision: classes)
 
 
 def architecture(cfg: HFConfig) -> str:
@@ -90,12 +99,22 @@ def import_hf(directory: str | Path) -> Imported:
         config = bert.encoder_config(cfg)
         model = Encoder(config, config.vocab_size)
         state = bert.encoder_state(tensors, config)
+    elif family == "vit":
+        config = vit.vision_config(cfg)
+        model = VisionTransformer(config)
+        state = vit.vision_state(tensors, config)
+        extra: dict[str, object] = {
+            "classes": vit.class_names(cfg),
+            "normalisation": vit.normalisation(cfg, config.channels).to_dict(),
+        }
     else:
         config = marian.seq2seq_config(cfg)
         model = Seq2Seq(config)
         state = marian.seq2seq_state(tensors, config)
     tensors.finish()
     load_exact(model, state, tensors.source)
+    if family == "vit":  # images: no tokenizer
+        return Imported(family, task, config, model.eval(), None, cfg.directory, tensors.ignored, extra)
     tokenizer = import_tokenizer(cfg, family, config)
     return Imported(family, task, config, model.eval(), tokenizer, cfg.directory, tensors.ignored)
 
@@ -185,13 +204,15 @@ def save_imported(imported: Imported, out: str | Path) -> Path:
     from tformer.training.checkpoint import save_checkpoint
 
     tok = imported.tokenizer
-    if tok is None:
+    if tok is None and imported.task != "vision":
         raise InteropError(
             f"{imported.source}: {HF_TOKENIZER} is missing; a tformer checkpoint needs the tokenizer "
             "(a Hugging Face `tokenizers` file; sentencepiece .spm files are not read)"
         )
 
     def write_tokenizers(directory: Path) -> None:
+        if tok is None:  # vision: everything is in config.json
+            return
         names = (
             ["src_tokenizer.json", "tgt_tokenizer.json"]
             if imported.task == "translation"
@@ -203,6 +224,7 @@ def save_imported(imported: Imported, out: str | Path) -> Path:
     config = {
         "task": imported.task,
         "model": imported.config.to_dict(),
+        **imported.extra,
         "imported_from": {
             "format": "huggingface",
             "family": imported.family,
