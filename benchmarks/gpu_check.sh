@@ -91,12 +91,23 @@ import tformer; print('tformer', tformer.__version__, 'from', tformer.__file__)
 
 stage cuda-tests 200 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/cuda -rs --junitxml="$WORK/cuda-tests.xml"
 
-# Still to come (issue 19): `tformer bench train | generate --device cuda` against Hugging Face and the
-# parallelism experiment on the GPU; neither command takes a device yet.
 if [ "$MODE" = gpu ]; then
   stage demo 110 "$PY" -m tformer demo --out "$WORK/demo" --no-progress
+  # GPT-2 small at batch 12 x 1024 tokens against Hugging Face on the same GPU, fp32 and bf16, MFU against
+  # the measured bf16 product (no torch.compile row: its compile would take the stage's time)
+  stage bench-train 120 "$PY" -m tformer bench train --device cuda --repeats 3 --no-compile \
+    --out "$WORK/bench-train"
+  stage bench-generate 90 "$PY" -m tformer bench generate --device cuda --batches 1,8,64 --repeats 3 \
+    --out "$WORK/bench-generate"
+  stage parallelism 90 "$PY" -m tformer experiment parallelism --size medium --out "$WORK/parallelism"
 else
   stage demo 300 "$PY" -m tformer demo --quick --out "$WORK/demo" --no-progress
+  stage bench-train 200 "$PY" -m tformer bench train --device cpu --shapes baby --precisions fp32 \
+    --repeats 1 --steps 2 --loss-steps 2 --no-compile --out "$WORK/bench-train"
+  stage bench-generate 200 "$PY" -m tformer bench generate --device cpu --batches 1 --precisions fp32 \
+    --repeats 1 --new-tokens 4 --prompt-len 4 --out "$WORK/bench-generate"
+  stage parallelism 200 "$PY" -m tformer experiment parallelism --size quick --threads 1 \
+    --out "$WORK/parallelism"
 fi
 
 echo >>"$SUMMARY"

@@ -194,3 +194,50 @@ def test_int8_weight_bytes_by_hand():
     lm = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.LayerNorm(3))
     # embedding 40 floats, linear weight 12 int8 + 3 scales, bias 3 floats, norm 6 floats
     assert generate.int8_weight_bytes(lm) == 4 * 40 + 12 + 4 * 3 + 4 * 3 + 4 * 6
+
+
+def test_bench_device_names_what_is_here(monkeypatch):
+    assert common.bench_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="expected cpu, cuda or cuda:N"):
+        common.bench_device("gpu0")
+    with pytest.raises(ValueError, match="run on cpu or cuda"):
+        common.bench_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU here .*use --device cpu"):
+        common.bench_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        common.bench_device("cuda:3")
+    assert common.bench_device("cuda") == torch.device("cuda", 0)
+
+
+def test_int8_generation_is_refused_on_a_gpu_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="int8 is CPU-only"):
+        generate.run(shape=TINY, precisions=("int8",), out_dir=tmp_path, device=torch.device("cuda"))
+
+
+def test_the_cli_takes_a_device_and_refuses_a_missing_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for what in ("train", "generate"):
+        assert main(["bench", what, "--device", "cuda"]) != 0
+        assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_gpu_shapes_keep_the_names_at_gpu_sizes():
+    assert set(train.GPU_SHAPES) == set(train.SHAPES) and train.DEFAULT_SHAPES["cuda"] == ("gpt2-small",)
+    gpu, cpu = train.GPU_SHAPES["gpt2-small"], train.SHAPES["gpt2-small"]
+    assert (gpu.n_layers, gpu.d_model, gpu.vocab_size) == (cpu.n_layers, cpu.d_model, cpu.vocab_size)
+    assert gpu.batch * gpu.block > 20 * cpu.batch * cpu.block
+
+
+def test_the_timers_wait_for_the_device_around_each_timed_call(monkeypatch):
+    """A GPU kernel returns before it has run: every timed call starts and ends with `synchronize`."""
+    events: list[str] = []
+    monkeypatch.setattr(common, "synchronize", lambda device: events.append(f"sync {device}"))
+    common.median_seconds(lambda: events.append("call"), repeats=2, warmup=1, device=torch.device("cpu"))
+    assert events == ["call"] + ["sync cpu", "call", "sync cpu"] * 2
+    events.clear()
+    probe = common.CopyProbe(1, torch.device("cpu"))
+    probe.gbs(), probe.read_gbs()
+    assert events == ["sync cpu"] * 4

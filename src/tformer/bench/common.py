@@ -28,63 +28,116 @@ from tformer.models.lm import LanguageModel
 PlotFn = Callable[[dict[str, Any], Path], None]
 
 
+def bench_device(name: str) -> torch.device:
+    """`--device NAME` as a torch.device: "cpu", "cuda" or "cuda:N", present here; else a ValueError that
+    says what is."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r}: {exc}; expected cpu, cuda or cuda:N") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name!r}: the benchmarks run on cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name!r}: no CUDA GPU here (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}); use --device cpu"
+        )
+    index = 0 if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued work (a GPU's kernels run asynchronously): before and after a timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_ceiling(
-    n: int = 2048, repeats: int = 5, precisions: tuple[str, ...] = ("float32", "bfloat16")
+    n: int = 2048,
+    repeats: int = 5,
+    precisions: tuple[str, ...] = ("float32", "bfloat16"),
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """GFLOP/s of an (n, n) @ (n, n) product on this machine, per precision the faster of PyTorch's
     default kernel (`torch.matmul`: MKL for float32 on x86, oneDNN for bfloat16) and tformer's `linear`
     (oneDNN called directly for float32; F.linear, i.e. oneDNN again, for bfloat16): {"float32",
-    "bfloat16"} are the ceilings, "<precision>_matmul" and "<precision>_onednn" the two figures."""
+    "bfloat16"} are the ceilings, "<precision>_matmul" and "<precision>_onednn" the two figures. On a GPU
+    (`device`) the ceiling is `torch.matmul`'s measured rate (cuBLAS; float32 without TF32 unless the
+    process allowed it), not the datasheet's."""
     from tformer.accel.linear import onednn_linear
 
+    device = torch.device("cpu") if device is None else device
     out = {}
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for name, dtype in ((p, dtypes[p]) for p in precisions):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        out[f"{name}_matmul"] = 2 * n**3 / median_seconds(partial(torch.matmul, a, b), repeats) / 1e9
-        with torch.no_grad():
-            bt = b.t().contiguous()  # linear(a, w) = a @ w^T
-            out[f"{name}_onednn"] = 2 * n**3 / median_seconds(partial(onednn_linear, a, bt), repeats) / 1e9
-        out[name] = max(out[f"{name}_matmul"], out[f"{name}_onednn"])
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+        seconds = median_seconds(partial(torch.matmul, a, b), repeats, device=device)
+        out[f"{name}_matmul"] = 2 * n**3 / seconds / 1e9
+        if device.type == "cpu":
+            with torch.no_grad():
+                bt = b.t().contiguous()  # linear(a, w) = a @ w^T
+                onednn = median_seconds(partial(onednn_linear, a, bt), repeats)
+                out[f"{name}_onednn"] = 2 * n**3 / onednn / 1e9
+        out[name] = max(out[f"{name}_matmul"], out.get(f"{name}_onednn", 0.0))
     return out
 
 
 class CopyProbe:
     """Copies of a `mib` MiB float32 tensor, timed one at a time: GB/s with read + write counted (2 bytes
     moved per byte copied). A decoding step must read every weight once; this is the rate at which this
-    machine can stream them. Kept alive, so a benchmark can measure between its own timings. `read_gbs`
-    times a sum over the same tensor instead: reading only, which is all a decoding step does."""
+    machine (or `device`'s memory) can stream them. Kept alive, so a benchmark can measure between its own
+    timings. `read_gbs` times a sum over the same tensor instead: reading only, which is all a decoding
+    step does."""
 
-    def __init__(self, mib: int = 512):
-        self.src = torch.empty(mib * 2**20 // 4, dtype=torch.float32).uniform_()
+    def __init__(self, mib: int = 512, device: torch.device | None = None):
+        self.device = torch.device("cpu") if device is None else device
+        self.src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=self.device).uniform_()
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)  # every page touched before the first timing
 
-    def gbs(self) -> float:
+    def _seconds(self, fn: Callable[[], object]) -> float:
+        synchronize(self.device)
         t0 = time.perf_counter()
-        self.dst.copy_(self.src)
-        return 2 * self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9
+        fn()
+        synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def gbs(self) -> float:
+        return 2 * self.src.numel() * 4 / self._seconds(lambda: self.dst.copy_(self.src)) / 1e9
 
     def read_gbs(self) -> float:
-        t0 = time.perf_counter()
-        self.src.sum()
-        return self.src.numel() * 4 / (time.perf_counter() - t0) / 1e9
+        return self.src.numel() * 4 / self._seconds(self.src.sum) / 1e9
 
 
-def machine_facts(choices: dict[str, str] | None) -> dict[str, Any]:
+def machine_facts(choices: dict[str, str] | None, device: torch.device | None = None) -> dict[str, Any]:
     """What a benchmark report says about where it ran: the machine's fingerprint (CPU model, ISA flags,
-    threads, torch), tformer.accel's mode and the path each of tformer's shape classes took, and the
-    process's peak resident memory so far."""
+    threads, torch), the GPU where `device` is one, tformer.accel's mode and the path each of tformer's
+    shape classes took, and the process's peak resident memory so far (and the GPU's peak allocation)."""
     from tformer import accel
     from tformer.accel.tune import fingerprint
     from tformer.memory import peak_rss_bytes
 
-    return {
+    facts: dict[str, Any] = {
         "machine": fingerprint(),
+        "device": "cpu" if device is None else str(device),
         "accel_mode": accel.mode(),
         "accel_choices": choices or {},
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts["gpu"] = {
+            "name": props.name,
+            "memory_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        }
+    return facts
 
 
 def machine_line(report: dict[str, Any]) -> str:
@@ -97,11 +150,19 @@ def machine_line(report: dict[str, Any]) -> str:
     paths = Counter(report["accel_choices"].values())
     chosen = ", ".join(f"{n} on {p}" for p, n in sorted(paths.items())) or "none measured"
     peak = report.get("peak_rss_bytes")
+    gpu = report.get("gpu")
+    on_gpu = (
+        ""
+        if gpu is None
+        else f" Timed on the GPU: {gpu['name']} (compute capability {gpu['capability']}, "
+        f"{format_bytes(gpu['memory_bytes'])}, CUDA {gpu['cuda']}), peak allocated "
+        f"{format_bytes(gpu['peak_allocated_bytes'])}."
+    )
     return (
         f"Machine: {m['cpu']} ({' '.join(m['isa']) or 'no listed ISA extensions'}), {m['threads']} threads, "
         f"torch {m['torch']}. tformer.accel ({report['accel_mode']}): float32 shape classes {chosen} "
         f"(measured here, cached per machine). Peak resident memory of the benchmark process: "
-        f"{'n/a' if peak is None else format_bytes(peak)}."
+        f"{'n/a' if peak is None else format_bytes(peak)}." + on_gpu
     )
 
 
@@ -124,15 +185,21 @@ def pyplot() -> ModuleType:
     return plt
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_seconds(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, device: torch.device | None = None
+) -> float:
     """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` untimed ones: the timer the
-    benchmarks share (a median, so one call stalled by another process does not move it)."""
+    benchmarks share (a median, so one call stalled by another process does not move it). On a GPU
+    (`device`) each call is timed from an idle device to the end of its kernels."""
+    device = torch.device("cpu") if device is None else device
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

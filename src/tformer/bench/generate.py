@@ -41,12 +41,14 @@ from tformer import accel
 from tformer.bench.common import (
     CopyProbe,
     GPTShape,
+    bench_device,
     gpt2_into_lm,
     hf_gpt2,
     machine_facts,
     machine_line,
     pyplot,
     require_transformers,
+    synchronize,
     write_outputs,
 )
 from tformer.inference.sampling import generate
@@ -74,8 +76,11 @@ def int8_weight_bytes(model: nn.Module) -> int:
     return int8 + rest
 
 
-def _variants(lm: LanguageModel, hf: nn.Module | None) -> dict[str, Callable[[Tensor, int], Tensor]]:
-    """Each variant: (prompt, number of new tokens) -> the prompt and the tokens generated after it."""
+def _variants(
+    lm: LanguageModel, hf: nn.Module | None, *, compiled: bool = True
+) -> dict[str, Callable[[Tensor, int], Tensor]]:
+    """Each variant: (prompt, number of new tokens) -> the prompt and the tokens generated after it.
+    `compiled`: with the compiled-kernel row (CPU only: the kernels are CPU ones)."""
     out: dict[str, Callable[[Tensor, int], Tensor]] = {
         "tformer (KV cache)": lambda p, n: generate(lm, p, max_new_tokens=n, greedy=True),
         "tformer (no cache)": lambda p, n: generate(lm, p, max_new_tokens=n, greedy=True, use_cache=False),
@@ -87,6 +92,7 @@ def _variants(lm: LanguageModel, hf: nn.Module | None) -> dict[str, Callable[[Te
                 return generate(lm, p, max_new_tokens=n, greedy=True)
 
         out["tformer (KV cache, stock)"] = stock
+    if accel.mode() != "off" and compiled:
         out[COMPILED] = lambda p, n: generate(  # float32, bfloat16, int8 kernels
             lm, p, max_new_tokens=n, greedy=True, compile=True
         )
@@ -117,11 +123,17 @@ def run(
     repeats: int = 3,
     out_dir: str | Path = "runs/bench-generate",
     bandwidth_mib: int = 512,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Measure every (precision, batch, variant); write generate.json, .md and .png under `out_dir`."""
+    """Measure every (precision, batch, variant); write generate.json, .md and .png under `out_dir`.
+    `device`: cpu (the default) or a CUDA GPU (float32 and bfloat16; the floor from the GPU memory's own
+    copy bandwidth; every timing from an idle device to the end of its kernels)."""
+    device = torch.device("cpu") if device is None else device
     for p in precisions:
         if p not in PRECISIONS:
             raise ValueError(f"unknown precision {p!r}; expected one of {', '.join(PRECISIONS)}")
+        if p == "int8" and device.type != "cpu":
+            raise ValueError("precision int8 is CPU-only (torchao's CPU kernels); on a GPU: fp32, bf16")
     if new_tokens < 2:
         raise ValueError(
             f"new_tokens must be >= 2 (decoding steps are timed as the difference), got {new_tokens}"
@@ -136,15 +148,17 @@ def run(
         with_hf = False
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    probe = CopyProbe(bandwidth_mib)
+    probe = CopyProbe(bandwidth_mib, device)
     bandwidths: list[float] = []  # one copy per round of timings, between the variants' runs
     hf32 = hf_gpt2(shape, SEED).eval() if with_hf else None
     torch.manual_seed(SEED)
     lm32 = LanguageModel(shape.lm_config()).eval()
     if hf32 is not None:
         gpt2_into_lm(hf32, lm32)
+        hf32 = hf32.to(device)
+    lm32 = lm32.to(device)
     g = torch.Generator().manual_seed(SEED + 1)
-    prompts = {b: torch.randint(shape.vocab_size, (b, prompt_len), generator=g) for b in batches}
+    prompts = {b: torch.randint(shape.vocab_size, (b, prompt_len), generator=g).to(device) for b in batches}
     rows = []
     choices: dict[str, str] = {}  # the kernel tformer's models took per shape class (for the report)
     hf_fp32_tokens: dict[int, Tensor] = {}
@@ -159,7 +173,7 @@ def run(
             lm = lm32 if dtype == torch.float32 else copy.deepcopy(lm32).to(dtype)
             hf = None if hf32 is None else hf32 if dtype == torch.float32 else copy.deepcopy(hf32).to(dtype)
             wbytes = weight_bytes(lm)
-        variants = _variants(accel.apply(lm), hf)
+        variants = _variants(accel.apply(lm), hf, compiled=device.type == "cpu")
         for b in batches:
             prompt = prompts[b]
             # warm-up and tokens; the compiled row first: it measures the compiled kernels against the
@@ -172,10 +186,13 @@ def run(
             reads: list[float] = []
             for _ in range(repeats):
                 for name, fn in variants.items():
+                    synchronize(device)
                     t0 = time.perf_counter()
                     fn(prompt, new_tokens)
+                    synchronize(device)
                     t1 = time.perf_counter()
                     fn(prompt, 1)  # the prompt's pass and the first token only
+                    synchronize(device)
                     t2 = time.perf_counter()
                     times[name].append(t1 - t0)
                     # one decoding step (B new tokens): the rest of the generation, without the prompt's
@@ -250,7 +267,7 @@ def run(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rows": rows,
-        **machine_facts(choices),
+        **machine_facts(choices, device),
     }
     write_outputs(out, "generate", report, markdown, plot)
     return report
@@ -262,7 +279,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Greedy generation, {s['n_layers']} layers, {s['n_heads']} heads, d_model {s['d_model']}, "
         f"vocabulary {s['vocab_size']}; prompt {report['prompt_len']} tokens, {report['new_tokens']} new "
-        f"tokens; torch {report['torch']}, {report['threads']} threads. Copy bandwidth here, measured "
+        f"tokens; torch {report['torch']}, {report['threads']} threads. Copy bandwidth "
+        f"{'of the GPU memory' if 'gpu' in report else 'here'}, measured "
         f"after each timed generation: median {report['copy_bandwidth_gbs']:.1f} GB/s (from "
         f"{lo:.1f} to {hi:.1f}); weights {report['weight_bytes_fp32'] / 2**20:.0f} MiB in float32. Floor = "
         "batch x bandwidth / weight bytes (every weight read once per step), with the bandwidth measured "
@@ -348,14 +366,17 @@ def cli(args: argparse.Namespace) -> int:
     """`tformer bench generate` (options from tformer.bench.add_cli_options)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = bench_device(args.device)
     out = args.out or "runs/bench-generate"
+    default = PRECISIONS if device.type == "cpu" else ("fp32", "bf16")
     report = run(
         batches=tuple(int(b) for b in args.batches.split(",") if b),
-        precisions=tuple(p for p in (args.precisions or ",".join(PRECISIONS)).split(",") if p),
+        precisions=tuple(p for p in (args.precisions or ",".join(default)).split(",") if p),
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         out_dir=out,
+        device=device,
     )
     print(markdown(report))
     print(f"written: {out}/generate.json, generate.md, generate.png")

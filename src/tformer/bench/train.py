@@ -39,6 +39,7 @@ from tformer import accel
 from tformer.bench.common import (
     GPTShape,
     TorchEncoderLM,
+    bench_device,
     gpt2_into_lm,
     gpt2_into_torch_encoder,
     hf_gpt2,
@@ -48,6 +49,7 @@ from tformer.bench.common import (
     markov_tokens,
     matmul_ceiling,
     pyplot,
+    synchronize,
     write_outputs,
 )
 from tformer.models.lm import LanguageModel
@@ -56,14 +58,20 @@ SHAPES = {
     "baby": GPTShape(n_layers=4, n_heads=4, d_model=128, vocab_size=65, block=64, batch=12),
     "gpt2-small": GPTShape(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block=256, batch=2),
 }
+# On a GPU the same names are GPU-sized: nanoGPT's GPT-2 recipe per device (batch 12 of 1024 tokens)
+GPU_SHAPES = {
+    "baby": SHAPES["baby"],
+    "gpt2-small": GPTShape(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block=1024, batch=12),
+}
+DEFAULT_SHAPES = {"cpu": ("baby", "gpt2-small"), "cuda": ("gpt2-small",)}  # baby is launch-bound on a GPU
 PRECISIONS = ("fp32", "bf16")
 SEED = 0
 STOCK = "tformer (stock)"  # the row of tformer's model without tformer.accel's kernels
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager[object]:
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -91,7 +99,7 @@ class _Runner:
         self.position += 1
         x, y = batch[:, :-1], batch[:, 1:]
         paths = accel.reverted(self.model) if self.stock else contextlib.nullcontext()
-        with paths, _autocast(precision):
+        with paths, _autocast(precision, self.batches.device):
             logits = self.logits(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
@@ -100,12 +108,12 @@ class _Runner:
         return loss.detach()
 
 
-def _batches(shape: GPTShape, n: int, seed: int) -> Tensor:
-    """n batches (n, B, block + 1) of windows of a seeded Markov token stream."""
+def _batches(shape: GPTShape, n: int, seed: int, device: torch.device | None = None) -> Tensor:
+    """n batches (n, B, block + 1) of windows of a seeded Markov token stream (the same on any device)."""
     stream = markov_tokens(shape.vocab_size, max(20_000, 4 * shape.block * shape.batch), seed)
     g = torch.Generator().manual_seed(seed + 1)
     starts = torch.randint(len(stream) - shape.block - 1, (n, shape.batch), generator=g)
-    return stream[starts[..., None] + torch.arange(shape.block + 1)]
+    return stream[starts[..., None] + torch.arange(shape.block + 1)].to(device or "cpu")
 
 
 class _WithLogits(Protocol):
@@ -126,7 +134,7 @@ def _hf_logits(model: Callable[..., _WithLogits]) -> Callable[[Tensor], Tensor]:
 def _models(shape: GPTShape, batches: Tensor, *, with_hf: bool) -> list[_Runner]:
     """tformer, Hugging Face GPT-2 (if wanted and installed) and the torch encoder, all from one seeded
     Hugging Face initialisation (or, without transformers, from tformer's, copied into the torch stack).
-    Every copy is made before any model trains."""
+    Every copy is made before any model trains; then all move to the batches' device."""
     hf: nn.Module | None = hf_gpt2(shape, SEED) if with_hf else None
     torch.manual_seed(SEED)
     lm = LanguageModel(shape.lm_config())
@@ -136,6 +144,9 @@ def _models(shape: GPTShape, batches: Tensor, *, with_hf: bool) -> list[_Runner]
         gpt2_into_torch_encoder(hf, enc)
     else:
         lm_into_torch_encoder(lm, enc)
+    device = batches.device
+    lm, enc = lm.to(device), enc.to(device)
+    hf = None if hf is None else hf.to(device)
     accel.apply(lm)  # as the command line trains it (a no-op under TFORMER_ACCEL=off)
     runners = [_Runner("tformer", lm, _lm_logits(lm), batches)]
     if hf is not None:
@@ -153,10 +164,15 @@ def have_transformers() -> bool:
 
 
 def loss_curves(
-    shape: GPTShape, steps: int, *, precisions: tuple[str, ...], with_hf: bool
+    shape: GPTShape,
+    steps: int,
+    *,
+    precisions: tuple[str, ...],
+    with_hf: bool,
+    device: torch.device | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Per precision, per model: the first `steps` training losses from the same weights and batches."""
-    batches = _batches(shape, steps, SEED)
+    batches = _batches(shape, steps, SEED, device)
     curves: dict[str, dict[str, list[float]]] = {}
     for precision in precisions:
         curves[precision] = {}
@@ -177,11 +193,14 @@ def speed(
     ceiling: dict[str, float],
     ceiling_n: int = 2048,
     choices: dict[str, str] | None = None,
+    device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Interleaved timing of every model per precision; -> one row per (model, precision). MFU is against
-    the median of the matmul ceilings measured at the start of the run and after each round of timings."""
+    the median of the matmul ceilings measured at the start of the run and after each round of timings.
+    On a GPU every timing starts and ends with the device idle."""
+    device = torch.device("cpu") if device is None else device
     rows = []
-    batches = _batches(shape, 64, SEED + 7)
+    batches = _batches(shape, 64, SEED + 7, device)
     for precision in precisions:
         runners = _models(shape, batches, with_hf=with_hf)
         if compile:  # tformer compiled: the same module and optimiser, a compiled forward
@@ -199,17 +218,20 @@ def speed(
             t0 = time.perf_counter()
             for _ in range(2):
                 r.step(precision)
+            synchronize(device)
             print(f"  {r.name} {precision} warm-up {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         times: dict[str, list[float]] = {r.name: [] for r in runners}
         kind = "float32" if precision == "fp32" else "bfloat16"
         peaks: list[float] = []  # the ceiling again after every round: it moves during a run
         for _ in range(repeats):
             for r in runners:
+                synchronize(device)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     r.step(precision)
+                synchronize(device)
                 times[r.name].append((time.perf_counter() - t0) / steps)
-            peaks.append(matmul_ceiling(ceiling_n, repeats=3, precisions=(kind,))[kind])
+            peaks.append(matmul_ceiling(ceiling_n, repeats=3, precisions=(kind,), device=device)[kind])
         flops = shape.flops_per_token() * shape.batch * shape.block
         peak = statistics.median([ceiling[kind], *peaks])
         for r in runners:
@@ -247,11 +269,16 @@ def run(
     loss_steps: dict[str, int] | None = None,
     compile: bool = True,
     out_dir: str | Path = "runs/bench-train",
-    ceiling_n: int = 2048,
+    ceiling_n: int | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Measure every shape; write train.json, train.md and train.png under `out_dir`."""
-    shapes = SHAPES if shapes is None else shapes
-    steps = {"baby": 10, "gpt2-small": 1, **(steps or {})}
+    """Measure every shape; write train.json, train.md and train.png under `out_dir`. `device`: cpu (the
+    default) or a CUDA GPU, whose matmul ceiling is measured at n = 8192 (2048 on the CPU)."""
+    device = torch.device("cpu") if device is None else device
+    on_gpu = device.type == "cuda"
+    shapes = (GPU_SHAPES if on_gpu else SHAPES) if shapes is None else shapes
+    ceiling_n = (8192 if on_gpu else 2048) if ceiling_n is None else ceiling_n
+    steps = {"baby": 10, "gpt2-small": 10 if on_gpu else 1, **(steps or {})}
     loss_steps = {"baby": 20, "gpt2-small": 4, **(loss_steps or {})}
     for p in precisions:
         if p not in PRECISIONS:
@@ -263,7 +290,7 @@ def run(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ceiling = matmul_ceiling(ceiling_n)
+    ceiling = matmul_ceiling(ceiling_n, device=device)
     report: dict[str, Any] = {
         "matmul_gflops": ceiling,
         "torch": torch.__version__,
@@ -274,7 +301,9 @@ def run(
     choices: dict[str, str] = {}
     for name, shape in shapes.items():
         print(f"{name}: loss curves", file=sys.stderr)
-        curves = loss_curves(shape, loss_steps.get(name, 4), precisions=precisions, with_hf=with_hf)
+        curves = loss_curves(
+            shape, loss_steps.get(name, 4), precisions=precisions, with_hf=with_hf, device=device
+        )
         print(f"{name}: speed", file=sys.stderr)
         rows = speed(
             shape,
@@ -286,6 +315,7 @@ def run(
             ceiling=ceiling,
             ceiling_n=ceiling_n,
             choices=choices,
+            device=device,
         )
         report["shapes"][name] = {
             "shape": shape.__dict__,
@@ -298,18 +328,24 @@ def run(
                 if "hf-gpt2" in c
             },
         }
-    report.update(machine_facts(choices))
+    report.update(machine_facts(choices, device))
     write_outputs(out, "train", report, markdown, plot)
     return report
 
 
 def markdown(report: dict[str, Any]) -> str:
     c = report["matmul_gflops"]
+    where = (
+        f"on the GPU ({report['gpu']['name']}): {c['float32']:.0f} GFLOP/s float32, {c['bfloat16']:.0f} "
+        "GFLOP/s bfloat16 (torch.matmul, measured, not the datasheet's)"
+        if "gpu" in report
+        else f"here: {c['float32']:.0f} GFLOP/s float32, {c['bfloat16']:.0f} GFLOP/s bfloat16 (the faster "
+        f"of torch.matmul and oneDNN; torch.matmul gave {c.get('float32_matmul', c['float32']):.0f} / "
+        f"{c.get('bfloat16_matmul', c['bfloat16']):.0f})"
+    )
     lines = [
         f"Training step (forward, cross-entropy, backward, AdamW); torch {report['torch']}, "
-        f"{report['threads']} threads. Matmul ceiling here: {c['float32']:.0f} GFLOP/s float32, "
-        f"{c['bfloat16']:.0f} GFLOP/s bfloat16 (the faster of torch.matmul and oneDNN; torch.matmul gave "
-        f"{c.get('float32_matmul', c['float32']):.0f} / {c.get('bfloat16_matmul', c['bfloat16']):.0f}) at the start; "
+        f"{report['threads']} threads. Matmul ceiling {where} at the start; "
         "measured again after every round of timings, it moves, so MFU = model FLOPs (6N + 12LCT per token) "
         "/ time / the median ceiling of the same precision over the run (given per table). Medians of "
         "interleaved repeats.",
@@ -378,19 +414,22 @@ def cli(args: argparse.Namespace) -> int:
     """`tformer bench train` (options from tformer.bench.add_cli_options)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    names = [s for s in args.shapes.split(",") if s]
-    unknown = [s for s in names if s not in SHAPES]
+    device = bench_device(args.device)
+    table = GPU_SHAPES if device.type == "cuda" else SHAPES
+    names = [s for s in args.shapes.split(",") if s] if args.shapes else list(DEFAULT_SHAPES[device.type])
+    unknown = [s for s in names if s not in table]
     if unknown:
-        raise ValueError(f"unknown shape {unknown[0]!r}; expected one of {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {unknown[0]!r}; expected one of {', '.join(table)}")
     out = args.out or "runs/bench-train"
     report = run(
-        shapes={s: SHAPES[s] for s in names},
+        shapes={s: table[s] for s in names},
         precisions=tuple(p for p in (args.precisions or "fp32,bf16").split(",") if p),
         steps=None if args.steps is None else dict.fromkeys(names, args.steps),
         loss_steps=None if args.loss_steps is None else dict.fromkeys(names, args.loss_steps),
         repeats=args.repeats,
         compile=not args.no_compile,
         out_dir=out,
+        device=device,
     )
     print(markdown(report))
     print(f"written: {out}/train.json, train.md, train.png")
