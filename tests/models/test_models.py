@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from support.weights import copy_decoder_layer, copy_encoder_layer
-from tformer.attention import causal_mask
+from support.weights import copy_decoder_layer, copy_encoder_layer, torch_stack_logits, torch_transformer_like
 from tformer.config import ModelConfig
 from tformer.models import Seq2Seq
 
@@ -29,46 +28,13 @@ def _config(**kw):
     return ModelConfig(**base)
 
 
-def _reference_logits(model: Seq2Seq, ref_encoder, ref_decoder, src, tgt):
-    src_keep = src != 0
-    src_x = model.encoder.positions(model.src_embed(src))
-    tgt_x = model.decoder.positions(model.tgt_embed(tgt))
-    memory = ref_encoder(src_x, src_key_padding_mask=~src_keep)
-    t = tgt.shape[1]
-    out = ref_decoder(
-        tgt_x, memory, tgt_mask=~causal_mask(t), memory_key_padding_mask=~src_keep, tgt_is_causal=True
-    )
-    return model.output(out)
-
-
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_model_matches_torch_transformer(norm_first):
     """nn.Transformer always puts a LayerNorm after each stack: compare with final_norm=True."""
-    c = _config(norm_first=norm_first, final_norm=True)
-    model = Seq2Seq(c).double().eval()
-    ref = (
-        torch.nn.Transformer(
-            c.d_model,
-            c.n_heads,
-            c.n_layers,
-            c.decoder_layers,
-            c.d_ff,
-            dropout=0.0,
-            batch_first=True,
-            norm_first=norm_first,
-        )
-        .double()
-        .eval()
-    )
-    for ours, theirs in zip(model.encoder.layers, ref.encoder.layers, strict=True):
-        copy_encoder_layer(ours, theirs)
-    for ours, theirs in zip(model.decoder.layers, ref.decoder.layers, strict=True):
-        copy_decoder_layer(ours, theirs)
-    with torch.no_grad():
-        model.encoder.norm.load_state_dict(ref.encoder.norm.state_dict())
-        model.decoder.norm.load_state_dict(ref.decoder.norm.state_dict())
+    model = Seq2Seq(_config(norm_first=norm_first, final_norm=True)).double().eval()
+    ref = torch_transformer_like(model)
     ours = model(SRC, TGT).logits
-    want = _reference_logits(model, ref.encoder, ref.decoder, SRC, TGT)
+    want = torch_stack_logits(model, ref.encoder, ref.decoder, SRC, TGT)
     torch.testing.assert_close(ours, want, atol=1e-10, rtol=0)
     # Gradients through the whole model, embeddings included (shared parameters: compare via autograd).
     (e_ours, q_ours) = torch.autograd.grad(
@@ -96,7 +62,7 @@ def test_post_norm_without_final_norm_matches_torch_stacks():
         copy_decoder_layer(ours, theirs)
     with torch.no_grad():
         torch.testing.assert_close(
-            model(SRC, TGT).logits, _reference_logits(model, ref_enc, ref_dec, SRC, TGT), atol=1e-10, rtol=0
+            model(SRC, TGT).logits, torch_stack_logits(model, ref_enc, ref_dec, SRC, TGT), atol=1e-10, rtol=0
         )
 
 

@@ -48,3 +48,39 @@ def copy_decoder_layer(ours, ref):
     copy_mha(ours.self_attn, ref.self_attn)
     copy_mha(ours.cross_attn, ref.multihead_attn)
     copy_ff_norms(ours, ref, 3)
+
+
+def torch_transformer_like(model):
+    """torch.nn.Transformer of `model`'s (a Seq2Seq with final_norm=True) shape, with its weights: every
+    layer and both final norms copied (nn.Transformer always has the norms), dropout 0, eval mode."""
+    c = model.config
+    ref = torch.nn.Transformer(
+        c.d_model, c.n_heads, c.n_layers, c.decoder_layers, c.d_ff, dropout=0.0, batch_first=True,
+        norm_first=c.norm_first,
+    ).to(next(model.parameters()))  # fmt: skip
+    for ours, theirs in zip(model.encoder.layers, ref.encoder.layers, strict=True):
+        copy_encoder_layer(ours, theirs)
+    for ours, theirs in zip(model.decoder.layers, ref.decoder.layers, strict=True):
+        copy_decoder_layer(ours, theirs)
+    with torch.no_grad():
+        model.encoder.norm.load_state_dict(ref.encoder.norm.state_dict())
+        model.decoder.norm.load_state_dict(ref.decoder.norm.state_dict())
+    return ref.eval()
+
+
+def torch_stack_logits(model, ref_encoder, ref_decoder, src, tgt, pad_id=0):
+    """`model`'s logits computed by torch's encoder and decoder stacks in place of its own: its embeddings,
+    positions and output layer around them, the paper's masks in torch's convention (True = masked)."""
+    from tformer.attention import causal_mask
+
+    src_keep = src != pad_id
+    memory = ref_encoder(model.encoder.positions(model.src_embed(src)), src_key_padding_mask=~src_keep)
+    t = tgt.shape[1]
+    out = ref_decoder(
+        model.decoder.positions(model.tgt_embed(tgt)),
+        memory,
+        tgt_mask=~causal_mask(t, device=src.device),
+        memory_key_padding_mask=~src_keep,
+        tgt_is_causal=True,
+    )
+    return model.output(out)
