@@ -1,0 +1,100 @@
+"""The vision family's models: the two patch embeddings are one function, the config's errors, 2-D
+sinusoidal positions, any exact attention backend, and a tiny ViT and the CNN overfitting 64 images."""
+
+import pytest
+import torch
+
+from support.images import tiny_vision
+from tformer.config import ConfigError, RunConfig, VisionConfig
+from tformer.models import build_model
+from tformer.models.image_cnn import ImageCNN
+from tformer.models.vit import PatchEmbedding, VisionTransformer, sinusoidal_2d_table
+
+
+def test_patch_embeddings_conv_equals_unfold():
+    conv = PatchEmbedding(3, 4, 24, method="conv").double()
+    unfold = PatchEmbedding(3, 4, 24, method="unfold").double()
+    unfold.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 12, 16, dtype=torch.float64)
+    a, b = conv(x), unfold(x)
+    assert a.shape == (2, 12, 24)  # (12 / 4) * (16 / 4) patches, row-major
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # patch (row 1, column 2) is the linear map of exactly those pixels
+    patch = x[:, :, 4:8, 8:12].reshape(2, -1)
+    want = patch @ conv.proj.weight.flatten(1).T + conv.proj.bias
+    torch.testing.assert_close(a[:, 1 * 4 + 2], want, rtol=0, atol=1e-12)
+    # whole models with the two methods agree on the same weights
+    m1 = VisionTransformer(tiny_vision(patch_embedding="conv")).eval()
+    m2 = VisionTransformer(tiny_vision(patch_embedding="unfold")).eval()
+    m2.load_state_dict(m1.state_dict())
+    images = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(m1(images).logits, m2(images).logits, rtol=0, atol=1e-6)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match=r"image_size = 30 is not divisible by patch_size = 4; the patches"):
+        VisionConfig(image_size=30, patch_size=4)
+    with pytest.raises(ConfigError, match=r"max_seq_len = 10, but an image is 50 tokens"):
+        VisionConfig(max_seq_len=10)
+    with pytest.raises(ConfigError, match=r"positions = 'rotary' is not one of"):
+        VisionConfig(positions="rotary")
+    with pytest.raises(ConfigError, match=r"'sinusoidal_2d' needs d_model divisible by 4"):
+        VisionConfig(positions="sinusoidal_2d", d_model=18, n_heads=2)
+    with pytest.raises(
+        ConfigError, match=r"architecture = 'lstm' is not available for vision; choose one of"
+    ):
+        VisionConfig(architecture="lstm")
+    with pytest.raises(ConfigError, match=r"cnn_channels has 5 blocks, each halving the image"):
+        VisionConfig(architecture="cnn", image_size=16, cnn_channels=(1, 2, 3, 4, 5))
+    c = VisionConfig(pooling="mean")
+    assert c.max_seq_len == 49 and c.replace(image_size=32).max_seq_len == 64
+    assert RunConfig.from_dict(RunConfig(task="vision", model=c).to_dict()).model == c
+
+
+def test_sinusoidal_2d_positions():
+    table = sinusoidal_2d_table(3, 8)
+    assert table.shape == (9, 8)
+    # patches in one row share the first half (the row's sinusoid), one column the second
+    assert torch.equal(table[3, :4], table[5, :4]) and torch.equal(table[1, 4:], table[7, 4:])
+    model = VisionTransformer(tiny_vision(positions="sinusoidal_2d"))
+    assert "positions" not in model.state_dict()  # derived, not saved
+    assert torch.equal(model.positions[0, 0], torch.zeros(16))  # [CLS] gets none
+
+
+def test_backends_and_errors():
+    sdpa = VisionTransformer(tiny_vision(dropout=0.0)).eval()
+    math = VisionTransformer(tiny_vision(dropout=0.0, attention="math")).eval()
+    math.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(sdpa(x).logits, math(x).logits, rtol=1e-5, atol=1e-5)
+    out = math(x, need_weights=True)
+    assert len(out.attention) == 2 and out.attention[0].shape == (2, 2, 5, 5)
+    with pytest.raises(ValueError, match=r"images have shape \(2, 3, 8, 8\); expected \(B, 1, 8, 8\)"):
+        sdpa(torch.randn(2, 3, 8, 8))
+    with pytest.raises(TypeError, match=r"images must be floating point"):
+        sdpa(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_vision(n_classes=4, d_model=32, d_ff=64, dropout=0.0),
+        tiny_vision(n_classes=4, d_model=32, d_ff=64, dropout=0.0, pooling="mean", positions="sinusoidal_2d"),
+        tiny_vision(n_classes=4, architecture="cnn", cnn_channels=(8, 16), dropout=0.0),
+    ],
+    ids=["vit-cls", "vit-mean-sin2d", "cnn"],
+)
+def test_overfits_64_images(config):
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)
+    model = build_model(config)
+    assert isinstance(model, ImageCNN if config.architecture == "cnn" else VisionTransformer)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(images).logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    accuracy = (model(images).logits.argmax(-1) == labels).float().mean().item()
+    assert accuracy == 1.0, (accuracy, loss.item())
