@@ -10,6 +10,8 @@ from tformer.models import build_model
 from tformer.models.image_cnn import ImageCNN
 from tformer.models.vit import PatchEmbedding, VisionTransformer, sinusoidal_2d_table
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds waiting
+
 
 def test_patch_embeddings_conv_equals_unfold():
     conv = PatchEmbedding(3, 4, 24, method="conv").double()
