@@ -46,6 +46,10 @@ def test_folder_train_eval_classify(tmp_path, capsys):
     code, out, err = _run(["eval", str(ckpt), "--data", str(tmp_path / "valid")], capsys)
     assert code == 0 and "images: 6" in out and "accuracy: 1.0000" in out, err
     code, out, err = _run(
+        ["eval", str(ckpt), "--data", str(tmp_path / "valid"), "--precision", "bf16"], capsys
+    )
+    assert code == 0 and "images: 6" in out, err  # the images follow the model's bfloat16 weights
+    code, out, err = _run(
         ["classify", str(ckpt), str(tmp_path / "valid" / "dog" / "0.png"), str(tmp_path / "valid" / "eel")],
         capsys,
     )

@@ -50,11 +50,12 @@ class ImageBatch:
 def class_probabilities(model: VisionTransformer, images: torch.Tensor, norm: Normalisation) -> torch.Tensor:
     """(N, C, H, W) uint8 or [0, 1] images -> probabilities (N, n_classes), in eval mode, batched."""
     device, batch = model_device(model), 256
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # bf16 after --precision bf16
     out = torch.empty(len(images), model.config.n_classes)
     with evaluating(model), torch.no_grad():
         for start in progress(range(0, len(images), batch), -(-len(images) // batch), "classifying"):
             x = norm(to_unit(images[start : start + batch]).to(device))
-            out[start : start + batch] = model.probabilities(x).cpu()
+            out[start : start + batch] = model.probabilities(x.to(dtype)).cpu()
     return out
 
 
