@@ -83,10 +83,10 @@ class VisionTask:
     def train_batches(self, epoch: int) -> list[ImageBatch]:
         seed = self.train_config.seed
         order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(len(self.train_y)))
-        n = len(order) // self.batch_size or 1  # full batches only (one short batch if that is all there is)
+        size = self.batch_size  # every image once per epoch: the last batch holds the remainder
         return [
-            ImageBatch(order[i * self.batch_size : (i + 1) * self.batch_size], (seed, epoch, i))
-            for i in range(n)
+            ImageBatch(order[start : start + size], (seed, epoch, i))
+            for i, start in enumerate(range(0, len(order), size))
         ]
 
     def inputs(self, batch: ImageBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
