@@ -14,8 +14,10 @@ rows_bucket(rows), 768, 2304)` (`rows_bucket`: "1", "2-16", ">16"). `1`, `1.0` a
 Timing (`Tuner.choose`): each candidate callable runs the whole operation once. All are called `_WARMUP`
 times, then timed round-robin in a rotating order (a noisy neighbour hits all alike) for `_MIN_REPEATS` to
 `_MAX_REPEATS` rounds, until the slowest has taken `_TARGET_S`. Noise is the spread between the quartiles
-relative to the median. A non-stock candidate wins only if its median beats stock's by more than both
-noises together and at least `_NOISE_FLOOR`. A candidate that raises is excluded (the entry says why);
+relative to the median (recorded). A non-stock candidate wins only if, in the paired rounds, stock's time
+over its own exceeds 1 + `_NOISE_FLOOR` in three rounds of four: the two ran back to back, so a
+neighbour's load that slows both cancels, where comparing medians against the quartile spreads would
+need a loaded machine to show a 2x gain before trusting it. A candidate that raises is excluded (the entry says why);
 `stock` raising propagates. `Tuner.ratio` caches median(base) / median(fast) the same way. After `budget_s`
 seconds of timing, and always under `TFORMER_ACCEL=off`, nothing is timed: `choose` returns `stock` and
 `ratio` 1.0 (unless asked with `past_budget=True`), uncached, so that a later process can still tune.
@@ -85,12 +87,19 @@ def _stats(samples: list[float]) -> tuple[float, float]:
     return median, 0.0 if spread == 0 else 1.0  # a zero median (a coarse clock): no evidence either way
 
 
-def _winner(stock: str, median_s: dict[str, float], noise: dict[str, float]) -> str:
-    best, best_s = stock, median_s[stock]
-    for name, seconds in median_s.items():
-        margin = max(_NOISE_FLOOR, noise[stock] + noise[name])
-        if name != stock and seconds < median_s[stock] * (1 - margin) and seconds < best_s:
-            best, best_s = name, seconds
+def _winner(stock: str, samples: dict[str, list[float]]) -> str:
+    """The candidate that beat stock in the paired rounds: stock's time over its time, round by round (the
+    two ran back to back, so a load that slows both cancels), must exceed 1 + `_NOISE_FLOOR` in three
+    rounds of four (the lower quartile of those ratios); among several, the fastest by median ratio."""
+    best, best_ratio = stock, 1.0
+    for name, times in samples.items():
+        if name == stock or len(times) != len(samples[stock]) or not times:
+            continue
+        ratios = [s / t if t > 0 else math.inf for s, t in zip(samples[stock], times, strict=True)]
+        q1 = statistics.quantiles(ratios, n=4, method="inclusive")[0] if len(ratios) > 1 else ratios[0]
+        median = statistics.median(ratios)
+        if q1 > 1 + _NOISE_FLOOR and median > best_ratio:
+            best, best_ratio = name, median
     return best
 
 
@@ -172,8 +181,8 @@ class Tuner:
             entry = self._cached(skey, refresh=True)
             if entry is not None and self._reusable(entry, candidates, stock):
                 return str(entry["winner"])
-            median_s, noise, excluded = self._measure(candidates, must_run=stock)
-            winner = _winner(stock, median_s, noise)
+            median_s, noise, excluded, samples = self._measure(candidates, must_run=stock)
+            winner = _winner(stock, {n: t for n, t in samples.items() if n not in excluded})
             self._store(skey, {"winner": winner, "stock": stock, **self._facts(median_s, noise, excluded)})
             message = self._due_report()
         if message is not None and self._report is not None:
@@ -204,7 +213,7 @@ class Tuner:
             cached = self._cached_ratio(skey, refresh=True)
             if cached is not None:
                 return cached
-            median_s, noise, excluded = self._measure({"base": base, "fast": fast}, must_run="base")
+            median_s, noise, excluded, _ = self._measure({"base": base, "fast": fast}, must_run="base")
             if "fast" in excluded:
                 value = 0.0
             else:
@@ -244,8 +253,9 @@ class Tuner:
 
     def _measure(
         self, candidates: Mapping[str, Callable[[], object]], *, must_run: str
-    ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
-        """Warm up, then time the candidates in rotating round-robin. -> (median_s, noise, excluded)."""
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, str], dict[str, list[float]]]:
+        """Warm up, then time the candidates in rotating round-robin. -> (median_s, noise, excluded, the
+        timed samples by round)."""
         names = list(candidates)
         samples: dict[str, list[float]] = {name: [] for name in names}
         excluded: dict[str, str] = {}
@@ -281,7 +291,7 @@ class Tuner:
         for name in names:
             if name not in excluded:
                 median_s[name], noise[name] = _stats(samples[name])
-        return median_s, noise, excluded
+        return median_s, noise, excluded, samples
 
     @staticmethod
     def _facts(median_s: dict[str, float], noise: dict[str, float], excluded: dict[str, str]) -> JSONObject:
