@@ -77,6 +77,17 @@ def test_backends_and_errors():
         sdpa(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("architecture", ["transformer", "cnn"])
+def test_trains_under_bf16_autocast(architecture):
+    model = build_model(tiny_vision(architecture=architecture, cnn_channels=(4,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(4, 1, 8, 8)).logits
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 0])).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    bf16 = build_model(tiny_vision(architecture=architecture, cnn_channels=(4,))).to(torch.bfloat16)
+    assert bf16(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)).logits.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -34,7 +34,7 @@ def test_folder_train_eval_classify(tmp_path, capsys):
     args = ["train", "vision", "--train", str(tmp_path / "train"), "--valid", str(tmp_path / "valid")]
     args += ["--out", str(tmp_path / "run"), "--no-progress", *TINY, "train.max_steps=40", "train.epochs=40"]
     args += ["train.batch_size=8", "train.lr=0.003", "train.warmup_steps=2", "data.flip=true"]
-    args += ["data.crop_padding=1"]
+    args += ["data.crop_padding=1", "train.precision=bf16"]  # bfloat16 autocast steps
     code, out, err = _run(args, capsys)
     assert code == 0, err
     assert "24 training and 6 validation images, 3 classes ['cat', 'dog', 'eel']" in err

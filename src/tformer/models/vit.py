@@ -98,7 +98,9 @@ class VisionTransformer(nn.Module):
         c = self.config
         if not torch.compiler.is_exporting():
             check_images(images, channels=c.channels, size=c.image_size)
-        x = self.patches(images)  # (B, N, C)
+        # (B, N, C); the residual stream in the weights' dtype, as the text stacks' embeddings give it (a
+        # bfloat16 convolution under autocast would otherwise carry bfloat16 into every LayerNorm and sum)
+        x = self.patches(images).to(self.patches.proj.weight.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, T, C)
         if self.positions is not None:
