@@ -122,6 +122,28 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys):
     assert "class '2' (label 2) at index 2 has no training images" in unseen
     size = error([images, labels], [images, labels], "model.image_size=6")
     assert "image_size = 6 is not divisible by patch_size = 4" in size
+    named = error([tmp_path / "train"], [tmp_path / "train"], 'data.classes=["dog","cat"]')
+    assert "data.classes = ['dog', 'cat'], but the image folder" in named and "['cat', 'dog']" in named
+    code, _, err = _run(
+        [
+            "train",
+            "vision",
+            "--out",
+            str(tmp_path / "r2"),
+            "--no-progress",
+            *TINY,
+            "--train",
+            str(t_images),
+            str(t_labels),
+            "--valid",
+            str(t_images),
+            str(t_labels),
+            "train.max_steps=1",
+        ],
+        capsys,
+    )
+    assert code == 0 and "no training images of 8 class(es): ['2', '3', '4', '5', '6', '7', '8', '9']" in err
+    assert "image_size = 6 is not divisible by patch_size = 4" in size
 
 
 def test_resume_with_augmentation_is_exact(tmp_path, capsys):

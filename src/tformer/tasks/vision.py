@@ -257,6 +257,9 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[VisionTask, tor
     for part in (train, valid):
         check_labels(part, len(classes))
     check_seen(valid, train, classes)
+    empty = sorted(set(range(len(classes))) - set(np.unique(train.labels).tolist()))
+    if empty:  # allowed (IDX / .npz with data.classes or model.n_classes), but said
+        log(f"{train.source}: no training images of {len(empty)} class(es): {[classes[i] for i in empty]}")
     log(
         f"vision: {len(train):,} training and {len(valid):,} validation images, {len(classes)} classes {classes}"
     )
