@@ -267,13 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     vz = sub.add_parser(
         "viz",
-        help="pictures: `viz CHECKPOINT TEXT` attention maps (PNG + HTML); `viz positions|softmax OUT.png`",
+        help="pictures: `viz CHECKPOINT TEXT|IMAGE` attention maps (PNG + HTML); `viz positions|softmax OUT.png`",
         usage='tformer viz CHECKPOINT "text" [--out DIR] [--target TEXT] [--beam N]\n'
+        "       tformer viz VISION-CHECKPOINT IMAGE [--out DIR]   (per head over the patches, rollout)\n"
         "       tformer viz positions OUT.png [--positions N] [--d-model D]\n"
         "       tformer viz softmax OUT.png [--keys N] [--samples N] [--seed S]",
     )
     vz.add_argument("source", metavar="CHECKPOINT|positions|softmax")
-    vz.add_argument("arg", nargs="*", metavar="TEXT|OUT.png", help="the input text, or the picture's file")
+    vz.add_argument(
+        "arg", nargs="*", metavar="TEXT|IMAGE|OUT.png", help="the input text or image, or the picture's file"
+    )
     vz.add_argument("--out", default=None, help="checkpoint: output directory (default: runs/viz)")
     vz.add_argument(
         "--target", default=None, help="translation: teacher-force this target, not the model's own"

@@ -145,3 +145,52 @@ def test_lm_page_renders_without_errors(browser, tmp_path):
     np.testing.assert_allclose(above, np.tile([68, 1, 84], (len(above), 1)), atol=2)
     page.close()
     assert problems == []
+
+
+def test_vision_page_draws_the_chosen_head_and_the_rollout(browser, tmp_path):
+    """The vision page (tformer.viz.vision): at full opacity each patch of the canvas is the inferno colour
+    of its weight over the map's largest; the rollout view and the hover readout follow the data."""
+    from PIL import Image
+
+    from support.images import tiny_vision
+    from tformer.data.transforms import Normalisation
+    from tformer.models.vit import VisionTransformer
+    from tformer.tasks.vision import ImageClassifier
+    from tformer.viz.vision import page_data as vision_data
+    from tformer.viz.vision import vision_html, vision_maps
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_vision(image_size=8, patch_size=2, n_heads=2))
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(image)
+    maps = vision_maps(ImageClassifier(model, ["a", "b", "c"], Normalisation((0.5,), (0.25,))), image)
+    path = vision_html(maps, tmp_path / "attention.html")
+    data = vision_data(maps)
+    problems: list[str] = []
+    page = _open(browser, path.as_uri() + "#view=head&layer=2&head=1", problems)
+    page.wait_for_selector('body[data-view="2/1"]')
+    page.evaluate(
+        "() => { const a = document.getElementById('alpha'); a.value = 100; a.dispatchEvent(new Event('input')); }"
+    )
+
+    def patches() -> np.ndarray:
+        shot = matplotlib.image.imread(io.BytesIO(page.locator("#map").screenshot(type="png")), format="png")
+        v = page.evaluate("window.tformerView")
+        cell = v["size"] / v["grid"]
+        middle = [int((n + 0.5) * cell) for n in range(v["grid"])]
+        return (shot[middle][:, middle, :3] * 255).round().reshape(-1, 3)
+
+    def colours(w) -> np.ndarray:
+        w = np.array(w)
+        return np.array(data["colormap"])[np.round(255 * w / w.max()).astype(int)]
+
+    np.testing.assert_allclose(patches(), colours(data["layers"][1][0]), atol=2)
+    page.select_option("#view", "rollout")
+    page.wait_for_selector('body[data-view="rollout"]')
+    np.testing.assert_allclose(patches(), colours(data["rollout"]), atol=2)
+    box = page.locator("#map").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] * 0.1)  # row 1, column 4
+    assert f"row 1, column 4: [CLS] weight {data['rollout'][3]:.4f}" in page.text_content("#readout")
+    page.close()
+    assert problems == []

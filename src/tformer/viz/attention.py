@@ -23,6 +23,7 @@ from tformer.data.tokenizers import Tokenizer
 from tformer.inference.decoding import beam_search, greedy_decode
 from tformer.inference.modes import evaluating
 from tformer.models import ClassifierOutput, LMOutput, Seq2SeqOutput
+from tformer.models.vit import VisionOutput
 from tformer.tasks import TextClassifier, TextGenerator, Translator, load_predictor
 from tformer.tasks.classification import encode_texts
 from tformer.tasks.common import model_device
@@ -30,7 +31,7 @@ from tformer.tasks.common import model_device
 # Backends whose attention is not the exact softmax(QK^T / sqrt(d)) over all allowed keys. For the
 # approximations the maps show the exact weights of the same queries and keys (the `math` backend), not the
 # approximation the model uses; `local` is exact within its window, and its maps are its own weights.
-O = TypeVar("O", Seq2SeqOutput, ClassifierOutput, LMOutput)
+O = TypeVar("O", Seq2SeqOutput, ClassifierOutput, LMOutput, VisionOutput)
 
 APPROXIMATE = {
     "local": "attends within a window of {window} positions; the maps are its weights (zero outside the "
@@ -325,11 +326,17 @@ def render(
     *,
     target: str | None = None,
     beam_size: int = 4,
+    predictor: Translator | TextClassifier | TextGenerator | None = None,
 ) -> Rendered:
-    """`tformer viz CHECKPOINT TEXT`: load any checkpoint, draw every layer and head, write PNGs + HTML."""
+    """`tformer viz CHECKPOINT TEXT`: load any text checkpoint (or take its `predictor`, loaded), draw
+    every layer and head, write PNGs + HTML."""
     from tformer.viz.html import attention_html
 
-    predictor = load_predictor(checkpoint)
+    if predictor is None:
+        loaded = load_predictor(checkpoint)
+        if not isinstance(loaded, (Translator, TextClassifier, TextGenerator)):
+            raise TypeError(f"cannot draw text attention for a {type(loaded).__name__}")
+        predictor = loaded
     maps = attention_maps(predictor, text, target=target, beam_size=beam_size)
     maps.info = {"checkpoint": str(checkpoint), **maps.info}
     out = Path(out_dir)

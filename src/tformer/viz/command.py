@@ -1,6 +1,7 @@
 """`tformer viz`: which picture the arguments ask for, its options checked, the files it wrote.
 
     tformer viz CHECKPOINT "input" [--out DIR] [--target "..."] [--beam N]
+    tformer viz VISION-CHECKPOINT IMAGE [--out DIR]
     tformer viz positions OUT.png [--positions N] [--d-model D]
     tformer viz softmax OUT.png [--keys N] [--samples N] [--seed S]
 
@@ -60,13 +61,25 @@ def _png(path: Path) -> Path:
 
 
 def _checkpoint(
-    checkpoint: str, text: str, *, out: str = "runs/viz", target: str | None = None, beam: int = 4
+    checkpoint: str, text: str, *, out: str = "runs/viz", target: str | None = None, beam: int | None = None
 ) -> list[str]:
+    from tformer.tasks import TextClassifier, TextGenerator, Translator, open_predictor
+    from tformer.tasks.vision import ImageClassifier
     from tformer.viz.attention import render
 
-    if beam < 1:
+    if beam is not None and beam < 1:
         raise ValueError(f"--beam must be at least 1, got {beam}")
-    result = render(checkpoint, text, out, target=target, beam_size=beam)
+    predictor = open_predictor(checkpoint)
+    if isinstance(predictor, ImageClassifier):
+        if target is not None or beam is not None:
+            given = "--target" if target is not None else "--beam"
+            raise ValueError(f"{given} is for translation checkpoints; this one classifies images")
+        return _vision(predictor, checkpoint, text, out)
+    if not isinstance(predictor, (Translator, TextClassifier, TextGenerator)):
+        raise ValueError(f"{checkpoint}: cannot draw attention for a {type(predictor).__name__}")
+    result = render(
+        checkpoint, text, out, target=target, beam_size=4 if beam is None else beam, predictor=predictor
+    )
     lines = [f"{key}: {value}" for key, value in result.maps.info.items() if key != "checkpoint"]
     if result.maps.note:
         lines.append(f"note: {result.maps.note}")
@@ -75,6 +88,22 @@ def _checkpoint(
         for k in result.maps.kinds
     )
     lines += [f"attention: {kinds}", f"page:   {result.html}", f"PNGs:   {len(result.pngs)} in {Path(out)}/"]
+    return lines
+
+
+def _vision(predictor: Any, checkpoint: str, image: str, out: str) -> list[str]:
+    from tformer.viz.vision import render
+
+    result = render(predictor, image, out, checkpoint)
+    lines = [f"{key}: {value}" for key, value in result.maps.info.items() if key != "checkpoint"]
+    if result.maps.note:
+        lines.append(f"note: {result.maps.note}")
+    lines += [
+        f"attention: {_count(len(result.maps.layers), 'layer')} x {_count(result.maps.n_heads, 'head')}, "
+        "and the rollout",
+        f"page:   {result.html}",
+        f"PNGs:   {len(result.pngs)} in {Path(out)}/",
+    ]
     return lines
 
 

@@ -73,11 +73,25 @@ def _json_for_script(data: Any) -> str:
 
 def attention_html(maps: AttentionMaps, path: str | Path) -> Path:
     """Write the page to `path` and return it."""
+    return write_page(
+        path,
+        title=f"tformer attention: {maps.text}",
+        body=BODY,
+        style=STYLE,
+        script=SCRIPT,
+        data=page_data(maps),
+    )
+
+
+def write_page(path: str | Path, *, title: str, body: str, style: str, script: str, data: Any) -> Path:
+    """One self-contained page: `body` (HTML), `style` and `script` inline, `data` as JSON in the
+    `tformer-data` script element (read by `script`); written to `path`, returned."""
     parts = {
-        "TITLE": html.escape(f"tformer attention: {maps.text}"),
-        "STYLE": STYLE,
-        "SCRIPT": SCRIPT,
-        "DATA": _json_for_script(page_data(maps)),
+        "TITLE": html.escape(title),
+        "STYLE": style,
+        "BODY": body,
+        "SCRIPT": script,
+        "DATA": _json_for_script(data),
     }
     # one pass, so text from the input can never be taken for a placeholder
     page = re.sub(r"\{\{([A-Z]+)\}\}", lambda m: parts[m.group(1)], TEMPLATE)
@@ -96,7 +110,13 @@ TEMPLATE = """<!DOCTYPE html>
 <style>{{STYLE}}</style>
 </head>
 <body>
-<header>
+{{BODY}}<script id="tformer-data" type="application/json">{{DATA}}</script>
+<script>{{SCRIPT}}</script>
+</body>
+</html>
+"""
+
+BODY = """<header>
   <h1>Attention <span class="muted">tformer</span></h1>
   <dl id="info"></dl>
   <p id="note" hidden></p>
@@ -118,10 +138,6 @@ TEMPLATE = """<!DOCTYPE html>
 <div id="stage"><canvas id="map"></canvas><canvas id="overlay"></canvas></div>
 <p class="muted" id="help">Rows are queries, columns are keys; each row sums to 1. Keys: arrows change
 head and layer. The view is kept in the address (#kind=...&amp;layer=...&amp;head=...) so it can be linked.</p>
-<script id="tformer-data" type="application/json">{{DATA}}</script>
-<script>{{SCRIPT}}</script>
-</body>
-</html>
 """
 
 STYLE = """
