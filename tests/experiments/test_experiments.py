@@ -122,4 +122,5 @@ def test_cli_experiment_errors_and_listing(capsys):
         "positions",
         "efficient",
         "versus-rnn",
+        "vision",
     }

@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "positions": "tformer.experiments.positions",
     "efficient": "tformer.experiments.efficient",
     "versus-rnn": "tformer.experiments.versus_rnn",
+    "vision": "tformer.experiments.vision",
 }
 
 
