@@ -150,6 +150,28 @@ def _viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from tformer.training import run_dir
+    from tformer.viz.plots import run_curves
+
+    run = Path(args.run)
+    if not (run / run_dir.LOG).is_file():
+        raise ValueError(f"{run}: no {run_dir.LOG} here; give the run directory `tformer train --out` wrote")
+    records, bad = [], 0
+    for _, record, _ in run_dir.log_records(run):
+        if record is None:
+            bad += 1
+        else:
+            records.append(record)
+    if bad:
+        print(
+            f"warning: {run / run_dir.LOG}: {bad} incomplete or unreadable line(s) left out", file=sys.stderr
+        )
+    out = Path(args.out) if args.out else run / "curves.png"
+    print(f"written: {run_curves(records, out, title=str(run))}")
+    return 0
+
+
 def _export_onnx(args: argparse.Namespace) -> int:
     from tformer.export.onnx import export_onnx
 
@@ -290,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--samples", type=int, default=None, help="softmax: queries per d_k (default 2000)")
     vz.add_argument("--seed", type=int, default=None, help="softmax: random seed (default 0)")
     vz.set_defaults(func=_viz, rest="arg")
+    pl = sub.add_parser("plot", help="a run's curves from its log.jsonl as one PNG (no TensorBoard needed)")
+    pl.add_argument("run", metavar="RUN_DIR", help="the directory `tformer train --out` wrote")
+    pl.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
+    pl.set_defaults(func=_plot)
     im = sub.add_parser("import", help="convert another library's model into a tformer checkpoint")
     im_sub = im.add_subparsers(dest="format", required=True, metavar="FORMAT")
     im_hf = im_sub.add_parser(

@@ -92,7 +92,7 @@ REVIEWS = TEXTS * 3
 
 def build(family: str, *, dropout: float = 0.0, **train_kw):
     """A tiny task and model of `family`, the same in every process (fixed seeds, no dropout by default)."""
-    tc = TrainConfig(
+    defaults: dict[str, object] = dict(
         epochs=100,
         lr=1e-3,
         warmup_steps=0,
@@ -102,8 +102,8 @@ def build(family: str, *, dropout: float = 0.0, **train_kw):
         label_smoothing=0.1,
         seed=3,
         eps=1e-6,  # see the module docstring
-        **train_kw,
     )
+    tc = TrainConfig(**{**defaults, **train_kw})  # train_kw may override the defaults
     small = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=dropout)
     torch.manual_seed(11)
     if family == "lm":

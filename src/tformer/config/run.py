@@ -55,6 +55,8 @@ class TrainConfig(Section):
     eval_beam_size: int = 1  # translation: decoding used for the BLEU printed at each evaluation
     eval_max_sentences: int | None = 500  # translation: decode at most this many validation sentences
     log_every: int = 50
+    # where records go: log.jsonl always (the run's record); "tensorboard" adds event files (logsinks.py)
+    log: tuple[str, ...] = ("jsonl",)
     # "auto": bf16 where this machine's bfloat16 products are >= 2x float32's, else fp32 (accel/precision.py);
     # "bf16": bfloat16 autocast (CPU, GPU); "fp16": float16 autocast + grad scaler (GPU); "fp32"
     precision: str = "auto"
@@ -93,6 +95,14 @@ class TrainConfig(Section):
         if self.save_every_steps is not None:
             check_positive(name, save_every_steps=self.save_every_steps)
         check_positive(name, keep_checkpoints=self.keep_checkpoints)
+        unknown = [v for v in self.log if v not in ("jsonl", "tensorboard")]
+        if unknown or "jsonl" not in self.log:
+            raise ConfigError(
+                f"{name}.log = {list(self.log)}: "
+                + (f"unknown {unknown[0]!r}; " if unknown else "")
+                + "expected 'jsonl' (always: log.jsonl is the run's record) and optionally 'tensorboard', "
+                'e.g. train.log = ["jsonl", "tensorboard"]'
+            )
         if self.max_nonfinite_skips < 0:
             raise ConfigError(f"{name}.max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
         if self.lr is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from tformer.models.classifier import Classifier
 from tformer.tasks.common import CheckpointPredictor, log, model_device, one, progress, tokenizer
 from tformer.training.checkpoint import CheckpointError
 from tformer.training.trainer import LossValue
+
+if TYPE_CHECKING:
+    from tformer.viz.attention import AttentionMaps
 
 TOKENIZER = "tokenizer.json"
 
@@ -86,6 +89,7 @@ class ClassificationTask:
         self.train_y = [index[y] for _, y in train]
         self.valid_ids = encode_texts(tokenizer, [t for t, _ in valid], n, "valid")
         self.valid_y = [index[y] for _, y in valid]
+        self.example = valid[0][0] if valid else None  # the text whose attention the logs draw
 
     def _batch(self, idx: list[int], ids: list[list[int]], ys: list[int]) -> LabelBatch:
         return LabelBatch(pad([ids[i] for i in idx], self.tok.pad_id), torch.tensor([ys[i] for i in idx]))
@@ -118,6 +122,14 @@ class ClassificationTask:
             "accuracy": accuracy(pred, self.valid_y),
             "macro_f1": macro_f1(pred, self.valid_y, len(self.labels)),
         }
+
+    def attention_maps(self, model: Classifier) -> AttentionMaps | None:
+        """The first validation text's self-attention (for the logs)."""
+        from tformer.viz.attention import classifier_maps
+
+        if self.example is None or not self.example.strip():
+            return None
+        return classifier_maps(TextClassifier(model, self.tok, self.labels), self.example)
 
     def checkpoint_config(self) -> dict[str, object]:
         return {"task": self.name, "model": self.model_config.to_dict(), "labels": self.labels}

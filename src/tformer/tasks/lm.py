@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from tformer.models import build_model
 from tformer.models.lm import LanguageModel
 from tformer.tasks.common import CheckpointPredictor, log, model_device, one, progress, tokenizer
 from tformer.training.trainer import LossValue
+
+if TYPE_CHECKING:
+    from tformer.viz.attention import AttentionMaps
 
 TOKENIZER = "tokenizer.json"
 
@@ -94,6 +97,8 @@ class LanguageModelTask:
                     "file, a larger data.valid_fraction, or a smaller model.max_seq_len)"
                 )
         self.batch_size = train_config.batch_size or max(1, train_config.batch_tokens // t)
+        # the text whose attention the logs draw: the validation text's start, well inside max_seq_len
+        self.example = tokenizer.decode(self.valid_ids[: max(1, min(48, t // 2))].tolist())
 
     def train_batches(self, epoch: int) -> list[WindowBatch]:
         t, b = self.model_config.max_seq_len, self.batch_size
@@ -114,6 +119,14 @@ class LanguageModelTask:
     def evaluate(self, model: LanguageModel) -> dict[str, float]:
         nll = mean_nll(model, self.valid_ids)
         return {"valid_nll": nll, "valid_ppl": perplexity(nll)}
+
+    def attention_maps(self, model: LanguageModel) -> AttentionMaps | None:
+        """The validation text's first tokens, causal self-attention (for the logs)."""
+        from tformer.viz.attention import lm_maps
+
+        if not self.tok.encode(self.example):
+            return None
+        return lm_maps(TextGenerator(model, self.tok), self.example)
 
     def checkpoint_config(self) -> dict[str, object]:
         return {"task": self.name, "model": self.model_config.to_dict()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -24,6 +24,9 @@ from tformer.models.seq2seq import Seq2Seq
 from tformer.tasks.common import CheckpointPredictor, log, model_device, need, progress, tokenizer
 from tformer.training.losses import sequence_cross_entropy
 from tformer.training.trainer import LossValue
+
+if TYPE_CHECKING:
+    from tformer.viz.attention import AttentionMaps
 
 SRC_TOKENIZER = "src_tokenizer.json"
 TGT_TOKENIZER = "tgt_tokenizer.json"
@@ -75,6 +78,7 @@ class TranslationTask:
             valid, src_tokenizer, tgt_tokenizer, max_len, "valid"
         )
         self.valid_refs = [valid[i][1] for i in kept]
+        self.example = valid[kept[0]] if kept else None  # the pair whose attention the logs draw
         self.eval_beam_size = eval_beam_size
         self.eval_max_sentences = eval_max_sentences
         self._lengths = [len(s) + len(t) + 1 for s, t in zip(self.train_src, self.train_tgt, strict=True)]
@@ -137,6 +141,15 @@ class TranslationTask:
             "bleu": bleu(hyps, refs).score,
             "exact_match": exact_match(hyps, refs),
         }
+
+    def attention_maps(self, model: Seq2Seq) -> AttentionMaps | None:
+        """The first validation pair's attention, teacher-forced on its reference (for the logs)."""
+        from tformer.viz.attention import translation_maps
+
+        if self.example is None:
+            return None
+        source, target = self.example
+        return translation_maps(Translator(model, self.src_tok, self.tgt_tok), source, target=target)
 
     def checkpoint_config(self) -> dict[str, object]:
         return {"task": self.name, "model": self.model_config.to_dict()}

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from tformer.config import TrainConfig
 from tformer.training import distributed, run_dir
 from tformer.training.checkpoint import write_checkpoint
+from tformer.training.logsinks import TensorBoardLog, attention_picture
 from tformer.training.snapshot import check_finite, restore, trainer_state
 from tformer.training.state import BatchT, LogRecord, Task, TrainState, rng_state
 from tformer.training.step import NonfiniteFlag, SkippingAdamW
@@ -65,6 +66,8 @@ class TrainingRun(Generic[BatchT]):
         self._saved_at: tuple[int, int] | None = None  # (step, records) of the checkpoint on disk
         self._lock: int | None = None  # run_dir.lock on out_dir while this run trains (rank 0)
         self._stop_agreed = False  # every rank knows to stop after the current step
+        self._tensorboard: TensorBoardLog | None = None  # train.log "tensorboard" (rank 0), opened on use
+        self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm (read when logged)
 
     def save(self, *, collective: bool = True) -> Path:
         """Write the checkpoint from rank 0: full (unsharded) weights and optimiser state keyed by parameter
@@ -157,6 +160,19 @@ class TrainingRun(Generic[BatchT]):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")  # one write: a crash leaves at most a partial last line
+        board = self._board()
+        if board is not None:
+            board.record(record)
+
+    def _board(self) -> TensorBoardLog | None:
+        """The TensorBoard log where train.log asks for one (rank 0); a resumed run's drops the events
+        after its checkpoint, as log.jsonl drops those records."""
+        if "tensorboard" not in self.config.log or not self.world.is_main:
+            return None
+        if self._tensorboard is None:
+            purge = self._saved_at[0] + 1 if self._resumed and self._saved_at is not None else None
+            self._tensorboard = TensorBoardLog(self.out_dir / "tensorboard", purge_step=purge)
+        return self._tensorboard
 
     def _time_up(self) -> bool:
         c = self.config
@@ -237,6 +253,13 @@ class TrainingRun(Generic[BatchT]):
             "eval_seconds": time.perf_counter() - t0,
         }
         self._log(record)
+        board = self._board()
+        draw = getattr(self.task, "attention_maps", None)  # the task's fixed validation example
+        if board is not None and draw is not None:
+            with torch.no_grad():
+                maps = draw(self.module)
+            if maps is not None:
+                board.image("attention", attention_picture(maps), self.state.step)
         return record
 
     def _hold_out_dir(self) -> None:
@@ -244,6 +267,9 @@ class TrainingRun(Generic[BatchT]):
             self._lock = run_dir.lock(self.out_dir)
 
     def _release_out_dir(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         run_dir.unlock(self._lock)
         self._lock = None
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from types import FrameType
 
 import torch
-from tqdm.auto import tqdm
 
 from tformer import accel
 from tformer.accel.precision import confirm_by_step
@@ -33,6 +32,7 @@ from tformer.config import ConfigError, TrainConfig
 from tformer.memory import peak_rss_bytes
 from tformer.training import distributed, run_dir
 from tformer.training.autocast import autocast, check_precision, confirm_on_step
+from tformer.training.logsinks import training_bar
 from tformer.training.run import TrainingRun
 from tformer.training.schedules import make_scheduler, peak_lr
 from tformer.training.snapshot import checkpoint_bytes
@@ -220,13 +220,11 @@ class Trainer(TrainingRun[BatchT]):
                 )
             # Each step takes `per_step` batches; the last len % per_step are left out of the epoch, so
             # every rank runs the same number of steps (a rank with one batch less would hang the others).
-            bar = tqdm(
+            bar = training_bar(
                 total=len(batches) // per_step,
                 initial=s.batch_in_epoch // per_step,
                 desc=f"epoch {s.epoch + 1}/{c.epochs}",
-                disable=not self.progress,
-                leave=False,
-                dynamic_ncols=True,
+                enabled=self.progress,
             )
             if self._confirm and s.step == 0 and s.batch_in_epoch == 0 and not self._resumed:
                 self._confirm_auto(batches[w.rank * c.accumulate])
@@ -265,6 +263,8 @@ class Trainer(TrainingRun[BatchT]):
                         record["loss"] = total / count
                         bar.set_postfix(loss=f"{total / count:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                     record.update(lr=lr, tokens_per_s=tps, time=s.train_time, peak_rss_bytes=peak_rss_bytes())
+                    if self.grad_norm is not None:  # the window's last step (before clipping)
+                        record["grad_norm"] = float(self.grad_norm)
                     if s.nonfinite_skips:
                         record["nonfinite_skips"] = s.nonfinite_skips
                     self._log(record)
@@ -327,6 +327,7 @@ class Trainer(TrainingRun[BatchT]):
         self.scaler.unscale_(self.optimizer)  # float16: back to true gradients (and inf / NaN found)
         # clip_norm None or 0: no clipping, but the norm still tells whether the step is finite
         norm = scaled_clipped_norm(self.model, w.size * scale / max(1.0, n_global), c.clip_norm)
+        self.grad_norm = norm.detach()
         # Non-finite: the all-reduced gradient's norm (every rank agrees); under float16 the scaler owns
         # gradient overflow, and a non-finite loss is the sign of divergence.
         skip = ~torch.isfinite(loss_sum) if c.precision == "fp16" else ~torch.isfinite(norm)

@@ -113,3 +113,64 @@ def loss_curve(history: Sequence[dict[str, Any]], path: str | Path, *, title: st
     ax.legend()
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+# Panels of `run_curves`: (title, y label, log scale, the record fields drawn: (type, field, label))
+CURVE_PANELS: list[tuple[str, str, bool, list[tuple[str, str, str]]]] = [
+    ("loss", "nats", True, [("train", "loss", "train loss"), ("eval", "valid_nll", "validation NLL")]),
+    ("learning rate", "lr", False, [("train", "lr", "learning rate")]),
+    ("speed", "tokens / s", False, [("train", "tokens_per_s", "tokens / s")]),
+    ("gradient norm", "norm", True, [("train", "grad_norm", "before clipping")]),
+]
+EVAL_SKIP = ("type", "step", "epoch", "time", "valid_nll", "valid_ppl", "eval_seconds")
+
+
+def run_curves(history: Sequence[dict[str, Any]], path: str | Path, *, title: str = "training") -> Path:
+    """Every curve of a run's log records on one PNG against optimiser steps: loss and validation NLL,
+    learning rate, tokens/s, gradient norm, and one panel per other evaluation metric (BLEU, accuracy, ...);
+    panels without records are left out."""
+
+    def series(kind: str, key: str) -> list[tuple[float, float]]:
+        return [
+            (r["step"], float(r[key]))
+            for r in history
+            if r.get("type") == kind
+            and isinstance(r.get(key), (int, float))
+            and not isinstance(r.get(key), bool)
+        ]
+
+    panels = [
+        (name, ylabel, logy, [(label, pts) for kind, key, label in fields if (pts := series(kind, key))])
+        for name, ylabel, logy, fields in CURVE_PANELS
+    ]
+    metrics = sorted(
+        {k for r in history if r.get("type") == "eval" for k in r if k not in EVAL_SKIP and series("eval", k)}
+    )
+    panels += [(m, m, False, [(m, series("eval", m))]) for m in metrics]
+    panels = [p for p in panels if p[3]]
+    if not panels:
+        raise ValueError("no training or evaluation records to plot")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, ylabel, logy, curves) in zip(axes.flat, panels, strict=False):
+        for label, pts in curves:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(
+                xs,
+                ys,
+                "o-" if label.startswith("validation") or name in metrics else "-",
+                label=label,
+                lw=1.2,
+                ms=3,
+            )
+        if logy and all(y > 0 for _, pts in curves for _, y in pts):
+            ax.set_yscale("log")
+        ax.set(title=name, xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return save_figure(fig, path)
