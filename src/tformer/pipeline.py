@@ -107,7 +107,7 @@ def evaluate_checkpoint(
     from tformer.tasks import checkpoint_family
     from tformer.training.checkpoint import read_config
 
-    path = run_dir.resolve(path)  # a live run's `checkpoint` link: every file from the same save
+    path = run_dir.resolve(path, say=True)  # a link, once: every file from the same save
     raw = read_config(path)
     trained = DataConfig.from_dict(raw.get("data", {}), source=str(path)) if "data" in raw else DataConfig()
     request = EvalRequest(trained, beam_size, text_column, label_column, precision, accel)

@@ -30,6 +30,18 @@ TOKENIZERS = ("word", "bpe", "char")
 TASKS = families.names()
 
 
+# train.keep_best's metrics: -> True where lower is better
+BEST_METRICS = {
+    "bleu": False,
+    "chrf": False,
+    "exact_match": False,
+    "accuracy": False,
+    "macro_f1": False,
+    "valid_nll": True,
+    "valid_ppl": True,
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig(Section):
     """Optimisation. Adam with the paper's betas and epsilon (section 5.3), label smoothing 0.1."""
@@ -68,6 +80,10 @@ class TrainConfig(Section):
     save_every_steps: int | None = 1000  # also checkpoint every this many steps (None: at evaluations only)
     keep_checkpoints: int = 2  # checkpoint-<step>/ directories kept in the run directory (newest first)
     max_nonfinite_skips: int = 10  # steps skipped for a non-finite gradient before training stops
+    # keep the checkpoint of the best evaluation by this metric (run_dir `best`; lower is better for
+    # valid_nll / valid_ppl, higher for the rest); predictors then load it from the run directory
+    keep_best: str | None = None
+    patience: int | None = None  # with keep_best: stop after this many evaluations without a new best
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -95,6 +111,18 @@ class TrainConfig(Section):
         if self.save_every_steps is not None:
             check_positive(name, save_every_steps=self.save_every_steps)
         check_positive(name, keep_checkpoints=self.keep_checkpoints)
+        if self.keep_best is not None and self.keep_best not in BEST_METRICS:
+            raise ConfigError(
+                f"{name}.keep_best = {self.keep_best!r}: expected one of {', '.join(BEST_METRICS)} "
+                "(what the family's evaluation records)"
+            )
+        if self.patience is not None:
+            check_positive(name, patience=self.patience)
+            if self.keep_best is None:
+                raise ConfigError(
+                    f"{name}.patience = {self.patience} needs train.keep_best, the metric whose "
+                    'improvement it waits for (e.g. train.keep_best = "bleu")'
+                )
         unknown = [v for v in self.log if v not in ("jsonl", "tensorboard")]
         if unknown or "jsonl" not in self.log:
             raise ConfigError(

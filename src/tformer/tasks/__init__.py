@@ -34,7 +34,7 @@ def open_predictor(
 ) -> Predictor:
     """Any family's checkpoint -> its predictor, the model in `precision` ("fp32", "bf16", "int8"), with
     tformer.accel's kernels when `accel`."""
-    path = run_dir.resolve(path)  # a run's `checkpoint` link (or the run directory): its latest save
+    path = run_dir.resolve(path, say=True)  # a run directory: its best checkpoint if kept, else its latest
     cls = checkpoint_family(path).predictor_class()
     return cls.load(path, device=device, precision=precision, accel=accel)
 

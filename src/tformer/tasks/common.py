@@ -45,7 +45,7 @@ class CheckpointPredictor(ABC):
         from tformer.training.checkpoint import load_weights
 
         check_precision(precision)
-        path = run_dir.resolve(path)  # a live run's link, once: every file from the same save
+        path = run_dir.resolve(path, say=True)  # a link, once: every file from the same save
         raw, model_config = read_task_config(path, cls.family)
         model = build_model(model_config)  # the Transformer or a baseline with its interface
         load_weights(path, model)

@@ -139,6 +139,7 @@ class TranslationTask:
             "valid_nll": nll / max(1, tokens),
             "valid_ppl": perplexity(nll / max(1, tokens)),
             "bleu": bleu(hyps, refs).score,
+            "chrf": chrf(hyps, refs),
             "exact_match": exact_match(hyps, refs),
         }
 

@@ -17,7 +17,8 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from tformer.config import TrainConfig
+from tformer.config import ConfigError, TrainConfig
+from tformer.config.run import BEST_METRICS
 from tformer.training import distributed, run_dir
 from tformer.training.checkpoint import write_checkpoint
 from tformer.training.logsinks import TensorBoardLog, attention_picture
@@ -68,6 +69,7 @@ class TrainingRun(Generic[BatchT]):
         self._stop_agreed = False  # every rank knows to stop after the current step
         self._tensorboard: TensorBoardLog | None = None  # train.log "tensorboard" (rank 0), opened on use
         self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm (read when logged)
+        self.best_due = False  # the last evaluation is a new best (train.keep_best): the next save marks it
 
     def save(self, *, collective: bool = True) -> Path:
         """Write the checkpoint from rank 0: full (unsharded) weights and optimiser state keyed by parameter
@@ -106,7 +108,12 @@ class TrainingRun(Generic[BatchT]):
                 write_extra=self.task.write_files,
                 trainer_state=state,
             )
-            run_dir.save(self.out_dir, step=s.step, keep=self.config.keep_checkpoints, write=write)
+            saved = run_dir.save(self.out_dir, step=s.step, keep=self.config.keep_checkpoints, write=write)
+            if self.best_due and self.config.keep_best is not None and s.best_value is not None:
+                run_dir.mark_best(
+                    self.out_dir, saved, metric=self.config.keep_best, value=s.best_value, step=s.step
+                )
+        self.best_due = False
         if collective:
             distributed.barrier(w)  # nobody reads a checkpoint rank 0 is still writing
         self._saved_at = (s.step, len(s.history))
@@ -186,6 +193,8 @@ class TrainingRun(Generic[BatchT]):
             self._settle()  # the last step may have been skipped
             if s.step >= c.max_steps:
                 return True
+        if c.patience is not None and s.evals_since_best >= c.patience:
+            return True
         return self._stop_agreed if self.world.distributed else self._time_up()
 
     def _due(self, every: int | None) -> bool:
@@ -253,6 +262,7 @@ class TrainingRun(Generic[BatchT]):
             "eval_seconds": time.perf_counter() - t0,
         }
         self._log(record)
+        self._track_best(record)
         board = self._board()
         draw = getattr(self.task, "attention_maps", None)  # the task's fixed validation example
         if board is not None and draw is not None:
@@ -261,6 +271,38 @@ class TrainingRun(Generic[BatchT]):
             if maps is not None:
                 board.image("attention", attention_picture(maps), self.state.step)
         return record
+
+    def _track_best(self, record: LogRecord) -> None:
+        """train.keep_best: is this evaluation a new best (rank 0 decides, every rank learns it)? Then the
+        next save marks its checkpoint `best`; else one more evaluation without one (train.patience)."""
+        c, s, w = self.config, self.state, self.world
+        if c.keep_best is None:
+            return
+        value = record.get(c.keep_best)
+        if w.is_main and not isinstance(value, (int, float)):
+            recorded = ", ".join(k for k, v in record.items() if k in BEST_METRICS)
+            raise ConfigError(
+                f"train.keep_best = {c.keep_best!r}, but this family's evaluation records "
+                f"{recorded or 'none of the metrics keep_best takes'}"
+            )
+        improved = False
+        if w.is_main and isinstance(value, (int, float)):
+            lower = BEST_METRICS[c.keep_best]
+            best = s.best_value
+            improved = best is None or (value < best if lower else value > best)
+        improved = bool(distributed.from_rank0(w, improved)) if w.distributed else improved
+        if improved:
+            s.best_value = float(value) if isinstance(value, (int, float)) else s.best_value
+            s.best_step, s.evals_since_best, self.best_due = s.step, 0, True
+            return
+        s.evals_since_best += 1
+        if c.patience is not None and s.evals_since_best >= c.patience and w.is_main:
+            tqdm.write(
+                f"stopping: {c.keep_best} has not improved for {s.evals_since_best} evaluations "
+                f"(train.patience = {c.patience}); the best, {s.best_value:.4g} at step {s.best_step}, is "
+                f"kept as {self.out_dir / run_dir.BEST}",
+                file=sys.stderr,
+            )
 
     def _hold_out_dir(self) -> None:
         if self._lock is None:

@@ -6,14 +6,17 @@
       log.jsonl                         one JSON record per training log and evaluation
       checkpoint-<step>/                complete checkpoints; the newest `train.keep_checkpoints` are kept
       checkpoint -> checkpoint-<step>   a link to the latest, switched by one rename
-      best -> checkpoint-<step>         (for keeping the best model) never deleted by retention
+      best -> checkpoint-<step>         train.keep_best: the best evaluation's checkpoint, never deleted
+                                        by retention; best.json says its metric, value and step
 
 A save writes `.checkpoint-<step>.tmp-*/`, fsyncs its files and itself, renames it to
 `checkpoint-<step>/` and fsyncs OUT; then it makes a new link and renames it over `checkpoint`, the one
 atomic switch, and fsyncs OUT again; only then are old checkpoints deleted. A `checkpoint-<step>/` name is
 therefore always a complete checkpoint, and `checkpoint` always points at one: a crash at any point of a
 save leaves the previous checkpoint in force, or the new one. Readers (predict, eval, resume) resolve the
-link once and read every file from the directory it names; they never rename or delete anything.
+link once and read every file from the directory it names; they never rename or delete anything. A run
+directory given to a predictor means its `best` checkpoint where one is kept, else the latest (and says
+which); resume always takes the latest.
 
 Only a run that owns OUT writes into it: the marker says which command did. A fresh run into a directory
 another run wrote needs `--resume` or `--overwrite`; the demo may rerun into its own.
@@ -48,12 +51,13 @@ MARKER = ".tformer-run.json"
 LOCK = ".tformer-run.lock"  # held by the training process (never deleted: a lock lives on its file)
 LATEST = "checkpoint"
 BEST = "best"
+BEST_INFO = "best.json"
 LOG = "log.jsonl"
 _STEP = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
 # what a save, a log rewrite or the room check leaves behind when killed half-way
 _TEMP = re.compile(
     r"\.checkpoint-\d+(?:-\d+)?\.(?:tmp|deleting)-.*|\.checkpoint\.link-tmp|\.tformer-write-test-.*"
-    r"|\.log\.jsonl\.tmp|\.tformer-run\.json\.tmp"
+    r"|\.log\.jsonl\.tmp|\.tformer-run\.json\.tmp|\.best\.link-tmp|\.best\.json\.tmp"
 )
 
 
@@ -74,7 +78,7 @@ def _entries(out_dir: Path) -> list[Path]:
     """What runs write into OUT (and only that: other files there are left alone)."""
     if not out_dir.is_dir():
         return []
-    names = (LATEST, BEST, LOG, MARKER)
+    names = (LATEST, BEST, BEST_INFO, LOG, MARKER)
     return sorted(
         p for p in out_dir.iterdir() if p.name in names or _STEP.fullmatch(p.name) or _TEMP.fullmatch(p.name)
     )
@@ -218,14 +222,51 @@ def latest(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint path as readers use it: a link resolved once; a run directory -> its latest checkpoint."""
+def best(out_dir: str | Path) -> Path | None:
+    """The checkpoint the run's `best` link names (resolved), or None where the run keeps none."""
+    link = Path(out_dir) / BEST
+    if link.is_symlink() and link.resolve().is_dir() and (link.resolve() / CONFIG).exists():
+        return link.resolve()
+    return None
+
+
+def best_info(out_dir: str | Path) -> dict[str, object] | None:
+    """best.json: {"metric", "value", "step", "checkpoint"} of the kept best, or None."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads((Path(out_dir) / BEST_INFO).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def mark_best(out_dir: str | Path, checkpoint: Path, *, metric: str, value: float, step: int) -> None:
+    """Point `best` at `checkpoint` (one rename, as for `checkpoint`) and record why in best.json."""
+    out = Path(out_dir)
+    info = {"metric": metric, "value": value, "step": step, "checkpoint": checkpoint.name}
+    tmp_info = out / ".best.json.tmp"
+    tmp_info.write_text(json.dumps(info) + "\n", encoding="utf-8")
+    new_link = out / ".best.link-tmp"
+    new_link.unlink(missing_ok=True)
+    os.symlink(checkpoint.name, new_link)
+    os.replace(new_link, out / BEST)
+    os.replace(tmp_info, out / BEST_INFO)
+    fsync_dir(out)
+
+
+def resolve(path: str | Path, *, say: bool = False) -> Path:
+    """A checkpoint path as readers use it: a link resolved once; a run directory -> its best checkpoint
+    where the run keeps one (train.keep_best), else its latest; `say`: tell stderr which it took."""
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()
     if path.is_dir() and not (path / CONFIG).exists() and (path / MARKER).exists():
-        found = latest(path)
+        found, which = best(path), "best"
+        if found is None:
+            found, which = latest(path), "latest"
         if found is not None:
+            if say:
+                info = best_info(path) if which == "best" else None
+                why = f" ({info['metric']} {info['value']:.4g} at step {info['step']})" if info else ""
+                print(f"{path}: the {which} checkpoint{why}, {found.name}", file=sys.stderr)
             return found
     return path
 

@@ -272,6 +272,8 @@ class Trainer(TrainingRun[BatchT]):
                 epoch_ends = s.batch_in_epoch + per_step > len(batches)
                 if self._due(c.eval_every_steps) and not epoch_ends:
                     self._report(self.evaluate())
+                    if self.best_due:  # a new best (train.keep_best) is saved at once
+                        self.save()
                 epoch_saves = epoch_ends and (
                     (s.epoch + 1) % c.eval_every_epochs == 0 or s.epoch + 1 == c.epochs
                 )
