@@ -84,6 +84,9 @@ class TrainConfig(Section):
     # valid_nll / valid_ppl, higher for the rest); predictors then load it from the run directory
     keep_best: str | None = None
     patience: int | None = None  # with keep_best: stop after this many evaluations without a new best
+    # an exponential moving average of the weights, e.g. 0.999 (None: none): evaluated and saved beside them
+    ema: float | None = None
+    checkpoint_activations: bool = False  # recompute each layer's activations in backward (less memory)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -123,6 +126,8 @@ class TrainConfig(Section):
                     f"{name}.patience = {self.patience} needs train.keep_best, the metric whose "
                     'improvement it waits for (e.g. train.keep_best = "bleu")'
                 )
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigError(f"{name}.ema = {self.ema}: expected a decay in (0, 1), e.g. 0.999, or none")
         unknown = [v for v in self.log if v not in ("jsonl", "tensorboard")]
         if unknown or "jsonl" not in self.log:
             raise ConfigError(
