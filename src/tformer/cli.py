@@ -117,6 +117,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average(args: argparse.Namespace) -> int:
+    from tformer.training.average import average_checkpoints, last_checkpoints
+
+    *sources, out = args.paths
+    if not sources:
+        raise ValueError("give the checkpoints (or a run directory with --last K) and then OUT")
+    if args.last is not None:
+        if len(sources) != 1:
+            raise ValueError(f"--last {args.last} takes one run directory, got {len(sources)}: {sources}")
+        sources = last_checkpoints(sources[0], args.last)
+    path = average_checkpoints(sources, out, ema=args.ema, overwrite=args.overwrite)
+    what = "moving average" if args.ema else "weights"
+    print(f"averaged the {what} of {', '.join(str(p) for p in sources)}\ncheckpoint: {path}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what != "attention":  # train / generate / tune: options and output in tformer.bench.<what>
         import importlib
@@ -268,6 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
     for family in families.FAMILIES.values():  # each family's own verbs: translate, classify, generate
         family.command_adder()(sub)
+
+    av = sub.add_parser(
+        "average",
+        help="average checkpoints' weights into one checkpoint (a run's last K, or the ones named)",
+        usage="tformer average RUN_DIR --last K OUT [--ema] [--overwrite]\n"
+        "       tformer average CHECKPOINT [CHECKPOINT ...] OUT [--ema] [--overwrite]",
+    )
+    av.add_argument("paths", nargs="+", metavar="CHECKPOINT|RUN_DIR ... OUT")
+    av.add_argument(
+        "--last", type=int, default=None, metavar="K", help="the run directory's newest K checkpoints"
+    )
+    av.add_argument(
+        "--ema", action="store_true", help="average their moving averages (train.ema): with one, it alone"
+    )
+    av.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at OUT")
+    av.set_defaults(func=_average, rest="paths")
 
     be = sub.add_parser(
         "bench",

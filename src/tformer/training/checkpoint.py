@@ -144,6 +144,11 @@ def save_checkpoint(
     return path
 
 
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as a weights file like model.safetensors (names sharing one tensor stored once)."""
+    save_model(_StateDict(weights), str(path))
+
+
 class _StateDict(torch.nn.Module):
     """Presents a ready state dict to safetensors' `save_model` (which drops duplicate tied names)."""
 

@@ -21,6 +21,7 @@ from tformer.config import ConfigError, TrainConfig
 from tformer.config.run import BEST_METRICS
 from tformer.training import distributed, run_dir
 from tformer.training.checkpoint import write_checkpoint
+from tformer.training.ema import EMA, EMA_WEIGHTS
 from tformer.training.logsinks import TensorBoardLog, attention_picture
 from tformer.training.snapshot import check_finite, restore, trainer_state
 from tformer.training.state import BatchT, LogRecord, Task, TrainState, rng_state
@@ -70,6 +71,13 @@ class TrainingRun(Generic[BatchT]):
         self._tensorboard: TensorBoardLog | None = None  # train.log "tensorboard" (rank 0), opened on use
         self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm (read when logged)
         self.best_due = False  # the last evaluation is a new best (train.keep_best): the next save marks it
+        if config.ema is not None and distributed.is_sharded(model):
+            raise ConfigError(
+                f"train.ema = {config.ema} with train.parallel = 'fsdp': the moving average of sharded "
+                "parameters is not kept; use train.parallel = 'ddp' (or no train.ema)"
+            )
+        # train.ema: the weights' moving average (ema.py), kept on rank 0 (the one that evaluates and saves)
+        self.ema = EMA(module, config.ema) if config.ema is not None and world.is_main else None
 
     def save(self, *, collective: bool = True) -> Path:
         """Write the checkpoint from rank 0: full (unsharded) weights and optimiser state keyed by parameter
@@ -100,12 +108,14 @@ class TrainingRun(Generic[BatchT]):
                 module=self.module,
             )
             config = {**self.task.checkpoint_config(), "train": self.config.to_dict(), **self.extra_config}
+            if self.ema is not None:
+                state["ema"] = {"decay": self.ema.decay, "weights": EMA_WEIGHTS}  # resume reads that file
             write = partial(
                 write_checkpoint,
                 model=self.module,
                 weights=weights,
                 config=config,
-                write_extra=self.task.write_files,
+                write_extra=self._write_files,
                 trainer_state=state,
             )
             saved = run_dir.save(self.out_dir, step=s.step, keep=self.config.keep_checkpoints, write=write)
@@ -118,6 +128,12 @@ class TrainingRun(Generic[BatchT]):
             distributed.barrier(w)  # nobody reads a checkpoint rank 0 is still writing
         self._saved_at = (s.step, len(s.history))
         return self.checkpoint_dir
+
+    def _write_files(self, directory: Path) -> None:
+        """The task's files (tokenizers, labels) and, with train.ema, ema.safetensors."""
+        self.task.write_files(directory)
+        if self.ema is not None:
+            self.ema.write(directory, self.module)
 
     def resume(self) -> bool:
         """Restore weights, optimizer, scheduler, position and RNG from the run's latest checkpoint
@@ -154,6 +170,10 @@ class TrainingRun(Generic[BatchT]):
             asked_precision=self.asked_precision,
             progress=self.progress,
         )
+        if self.ema is not None and not self.ema.load(found, self.module):
+            self.ema = EMA(self.module, self.ema.decay)  # the average starts from the resumed weights
+            if self.progress:
+                tqdm.write(f"note: {found} has no moving average of the weights; train.ema starts here")
         # Records logged after this checkpoint (a run killed before its next save) will be logged again.
         if w.is_main:  # the checkpoint's history is the log up to it; later records are logged again
             run_dir.rewrite_log(self.out_dir, self.state.history)
@@ -222,6 +242,8 @@ class TrainingRun(Generic[BatchT]):
                 s.nonfinite_skips += 1
             else:
                 self.scheduler.step()
+                if self.ema is not None:  # the parameters are still this step's result (ema.py)
+                    self.ema.update()
             self._pending = None
         finally:
             self._critical = False
@@ -253,6 +275,9 @@ class TrainingRun(Generic[BatchT]):
             self.module.eval()
             with torch.no_grad():
                 metrics = self.task.evaluate(self.module)
+                if self.ema is not None:  # the averaged weights, then the raw ones again, exactly
+                    with self.ema.swapped_in(self.module):
+                        metrics |= {f"ema_{k}": v for k, v in self.task.evaluate(self.module).items()}
         record: LogRecord = {
             "type": "eval",
             "step": self.state.step,
