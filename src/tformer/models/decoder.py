@@ -19,6 +19,7 @@ from tformer.attention.kv_cache import KV, KVCache
 from tformer.config import Seq2SeqConfig
 from tformer.layers import DecoderLayer, Embedding, dropout_layer, layer_norm
 from tformer.models.builders import decoder_layer
+from tformer.models.checkpointing import LayerCheckpointing
 from tformer.positions import PositionalEncoding
 
 
@@ -68,9 +69,11 @@ def _cross_attending(layer: nn.Module) -> DecoderLayer:
     return layer
 
 
-class Decoder(nn.Module):
+class Decoder(LayerCheckpointing, nn.Module):
     """Target embedding (shared with the encoder when `embed` is given) + positions + dropout -> N
-    `DecoderLayer`s -> optional final norm. Inputs are batch first: tgt (B, T), memory (B, S, C)."""
+    `DecoderLayer`s -> optional final norm. Inputs are batch first: tgt (B, T), memory (B, S, C). With
+    `checkpoint_activations` set, teacher-forced training recomputes each layer in backward
+    (models/checkpointing.py); `step` never does."""
 
     def __init__(
         self, c: Seq2SeqConfig, *, embed: Embedding | None = None, rotary: nn.Module | None = None
@@ -99,7 +102,9 @@ class Decoder(nn.Module):
         self_w: list[Tensor] | None = [] if need_weights else None
         cross_w: list[Tensor] | None = [] if need_weights else None
         for layer in self.layers:
-            o = layer(x, memory, self_mask=tgt_mask, memory_mask=memory_mask, need_weights=need_weights)
+            o = self.run_layer(
+                layer, x, memory, self_mask=tgt_mask, memory_mask=memory_mask, need_weights=need_weights
+            )
             x = o.x
             if self_w is not None and cross_w is not None:
                 assert o.self_weights is not None and o.cross_weights is not None

@@ -14,6 +14,7 @@ from tformer.attention.kv_cache import KV, KVCache
 from tformer.config import TransformerConfig
 from tformer.layers import Embedding, dropout_layer, layer_norm
 from tformer.models.builders import self_attention_layer
+from tformer.models.checkpointing import LayerCheckpointing
 from tformer.positions import PositionalEncoding, RotaryEmbedding
 
 
@@ -42,11 +43,13 @@ def check_ids(ids: Tensor, *, vocab_size: int, max_len: int, name: str) -> None:
             raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
-class TransformerStack(nn.Module):
+class TransformerStack(LayerCheckpointing, nn.Module):
     """Embedding (+ positions, dropout) -> N self-attention layers -> optional final LayerNorm.
 
     Bidirectional it is an encoder (`Encoder`, the same stack under the name of that use); causal with
-    `past` caches it is a decoder-only language model's blocks. Caches are written in place (KVCache)."""
+    `past` caches it is a decoder-only language model's blocks. Caches are written in place (KVCache).
+    With `checkpoint_activations` set, training recomputes each layer in backward (models/checkpointing.py);
+    a pass with `past` (cached decoding) never does."""
 
     def __init__(self, c: TransformerConfig, vocab_size: int, *, n_layers: int | None = None) -> None:
         super().__init__()
@@ -100,9 +103,10 @@ class TransformerStack(nn.Module):
         x = self.dropout(self.embed_norm(x))
         weights: list[Tensor] | None = [] if need_weights else None
         for i, layer in enumerate(self.layers):
-            o = layer(
-                x, mask=mask, causal=causal, past=None if past is None else past[i], need_weights=need_weights
-            )
+            if past is None:
+                o = self.run_layer(layer, x, mask=mask, causal=causal, need_weights=need_weights)
+            else:
+                o = layer(x, mask=mask, causal=causal, past=past[i], need_weights=need_weights)
             x = o.x
             if weights is not None and o.weights is not None:
                 weights.append(o.weights)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tformer.config import VisionConfig
 from tformer.layers import dropout_layer, init_linears_, layer_norm
 from tformer.models.builders import self_attention_layer
+from tformer.models.checkpointing import LayerCheckpointing
 from tformer.positions import sinusoidal_table
 
 
@@ -69,7 +70,10 @@ def sinusoidal_2d_table(grid: int, d_model: int) -> Tensor:
     return torch.cat([rows, cols], dim=-1).reshape(grid * grid, d_model)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(LayerCheckpointing, nn.Module):
+    """Patches (+ [CLS], positions, dropout) -> N pre-norm self-attention layers (recomputed in backward
+    when `checkpoint_activations` is set: models/checkpointing.py) -> norm, pooling, head."""
+
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -108,7 +112,7 @@ class VisionTransformer(nn.Module):
         x = self.dropout(x)
         weights: list[Tensor] | None = [] if need_weights else None
         for layer in self.layers:
-            o = layer(x, need_weights=need_weights)
+            o = self.run_layer(layer, x, need_weights=need_weights)
             x = o.x
             if weights is not None and o.weights is not None:
                 weights.append(o.weights)

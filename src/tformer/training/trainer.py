@@ -30,6 +30,7 @@ from tformer.accel.precision import confirm_by_step
 from tformer.accel.precision import resolve as resolve_precision
 from tformer.config import ConfigError, TrainConfig
 from tformer.memory import peak_rss_bytes
+from tformer.models.checkpointing import set_activation_checkpointing
 from tformer.training import distributed, run_dir
 from tformer.training.autocast import autocast, check_precision, confirm_on_step
 from tformer.training.logsinks import training_bar
@@ -82,6 +83,12 @@ class Trainer(TrainingRun[BatchT]):
         c = config.replace(precision=resolved)
         check_precision(c, world)
         module = model.to(world.device)  # the tformer model: evaluation, config, checkpoints
+        # recompute each Transformer layer in backward (models/checkpointing.py); set before compile / DDP
+        if not set_activation_checkpointing(model, c.checkpoint_activations) and c.checkpoint_activations:
+            raise ConfigError(
+                f"train.checkpoint_activations = true, but a {type(model).__name__} has no Transformer "
+                "layers to recompute (the RNN and CNN baselines keep theirs); set it to false"
+            )
         d_model: int = getattr(model, "config").d_model  # noqa: B009  (every tformer model has a config)
         peak = peak_lr(c.lr, d_model, c.warmup_steps)
         if c.compile:
