@@ -209,6 +209,34 @@ def test_trainer_with_checkpoint_activations_trains_as_without(tmp_path, family)
 def test_the_baselines_are_refused_at_startup(tmp_path, make):
     task, _ = build("classification", checkpoint_activations=True)
     with pytest.raises(
-        ConfigError, match=r"train.checkpoint_activations = true, but a \w+ has no Transformer"
+        ConfigError, match=r"checkpoint_activations = true, but the model \(\w+\) has no Transformer"
     ):
         Trainer(make(), task, task.train_config, out_dir=tmp_path, progress=False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="accel's tuner times a layer's first training product (forward and backward) inside that "
+    "layer's forward, so under a checkpoint its autograd.grad meets the checkpoint's saved-tensor hooks "
+    "(torch: 'target_frame.early_stop is set'); the fix belongs in accel/tune.py: Tuner._measure under "
+    "torch.autograd.graph.saved_tensors_hooks(identity, identity)",
+)
+def test_checkpointing_an_accel_model_whose_shapes_are_not_tuned_yet():
+    from tformer import accel
+
+    if accel.mode() == "off":
+        pytest.skip("TFORMER_ACCEL=off")
+    torch.manual_seed(0)  # shapes no other test tunes (d_model 24, d_ff 40), so the tuner measures here
+    plain = LanguageModel(LMConfig(vocab_size=V, d_model=24, n_heads=2, n_layers=2, d_ff=40, max_seq_len=40))
+    checkpointed = copy.deepcopy(plain)
+    accel.apply(plain), accel.apply(checkpointed)
+    set_activation_checkpointing(checkpointed)
+    ids = torch.randint(1, V, (4, 33), generator=torch.Generator().manual_seed(0))
+    for model in (checkpointed, plain):  # checkpointed first: its forward is where the tuner measures
+        model.train()
+        torch.manual_seed(1)
+        F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    grads = dict(plain.named_parameters())
+    for name, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-9, msg=name)

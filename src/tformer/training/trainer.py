@@ -86,8 +86,8 @@ class Trainer(TrainingRun[BatchT]):
         # recompute each Transformer layer in backward (models/checkpointing.py); set before compile / DDP
         if not set_activation_checkpointing(model, c.checkpoint_activations) and c.checkpoint_activations:
             raise ConfigError(
-                f"train.checkpoint_activations = true, but a {type(model).__name__} has no Transformer "
-                "layers to recompute (the RNN and CNN baselines keep theirs); set it to false"
+                f"train.checkpoint_activations = true, but the model ({type(model).__name__}) has no "
+                "Transformer layers to recompute (the RNN and CNN baselines keep theirs); set it to false"
             )
         d_model: int = getattr(model, "config").d_model  # noqa: B009  (every tformer model has a config)
         peak = peak_lr(c.lr, d_model, c.warmup_steps)
