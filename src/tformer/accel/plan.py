@@ -132,7 +132,8 @@ class Plan:
             elif self.tuner is None:
                 got = "unmeasured"
             elif measure:
-                got = self.tuner.choose(key, _decode_candidates(x, weight, bias, self), stock="eager")
+                with _own_autograd():
+                    got = self.tuner.choose(key, _decode_candidates(x, weight, bias, self), stock="eager")
             else:
                 got = self.tuner.lookup(key) or "unmeasured"
             self._fast[fast] = got
@@ -172,11 +173,23 @@ class Plan:
             return recorded
         winner = fixed
         if self.tuner is not None:
-            winner = self.tuner.choose(tuple(name.split("/")), candidates(), stock="stock")
+            with _own_autograd():
+                winner = self.tuner.choose(tuple(name.split("/")), candidates(), stock="stock")
         if collective and self.agree is not None:
             winner = self.agree(name, winner)
         with self._lock:
             return self.choices.setdefault(name, winner)
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
+def _own_autograd() -> torch.autograd.graph.saved_tensors_hooks:
+    """The timing's autograd graphs keep their own tensors: a first product met inside a checkpointed
+    layer's forward (train.checkpoint_activations) would otherwise run its timed forward + backward under
+    the checkpoint's saved-tensor hooks, which torch refuses ("target_frame.early_stop is set")."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def _candidates(
