@@ -13,7 +13,7 @@ import json
 from torch import Tensor
 
 from tformer.config import ClassifierConfig, ConfigError
-from tformer.interop.common import HFConfig, Tensors, fused_qkv, linear, prefixed
+from tformer.interop.common import HFConfig, Tensors, bert_style_layer
 
 POOLING_FILE = "1_Pooling/config.json"  # sentence-transformers' pooling module, when the model is one
 
@@ -78,15 +78,12 @@ def encoder_state(t: Tensors, c: ClassifierConfig) -> dict[str, Tensor]:
     t.ignore(f"{e}.position_ids", "buffer of 0..max_position_embeddings-1")
     t.ignore(f"{e}.token_type_ids", "buffer of zeros")
     for i in range(c.n_layers):
-        h, o = f"encoder.layer.{i}", f"layers.{i}"
-        qkv = [linear(t, f"{h}.attention.self.{n}", d, d) for n in ("query", "key", "value")]
-        state.update(prefixed(f"{o}.self_attn.in_proj", fused_qkv(*qkv)))
-        state.update(prefixed(f"{o}.self_attn.out_proj", linear(t, f"{h}.attention.output.dense", d, d)))
-        state.update(prefixed(f"{o}.ff.linear1", linear(t, f"{h}.intermediate.dense", f, d)))
-        state.update(prefixed(f"{o}.ff.linear2", linear(t, f"{h}.output.dense", d, f)))
-        for ours, theirs in (("norm1", "attention.output.LayerNorm"), ("norm2", "output.LayerNorm")):
-            state[f"{o}.{ours}.weight"] = t.take(f"{h}.{theirs}.weight", (d,))
-            state[f"{o}.{ours}.bias"] = t.take(f"{h}.{theirs}.bias", (d,))
+        norms = ("attention.output.LayerNorm", "output.LayerNorm")
+        state.update(
+            bert_style_layer(
+                t, f"encoder.layer.{i}", f"layers.{i}", d, f, attention="attention.self", norms=norms
+            )
+        )
     for part in ("weight", "bias"):
         t.ignore(f"pooler.dense.{part}", "BERT's next-sentence pooler; tformer's classifier head is new")
     return state

@@ -242,6 +242,24 @@ def prefixed(prefix: str, parts: dict[str, Tensor]) -> dict[str, Tensor]:
     return {f"{prefix}.{k}": v for k, v in parts.items()}
 
 
+def bert_style_layer(
+    t: Tensors, hf: str, ours: str, d: int, f: int, *, attention: str, norms: tuple[str, str]
+) -> dict[str, Tensor]:
+    """One Hugging Face BERT-layout encoder layer (`hf`: its prefix; BERT and ViT share the layout and
+    differ in two names) as the state of tformer's SelfAttentionLayer `ours`: query, key and value fused
+    into `in_proj`, `{attention}.output.dense` the output projection, `intermediate.dense` / `output.dense`
+    the FFN, `norms` (the LayerNorms of norm1 and norm2)."""
+    qkv = [linear(t, f"{hf}.{attention}.{n}", d, d) for n in ("query", "key", "value")]
+    state = prefixed(f"{ours}.self_attn.in_proj", fused_qkv(*qkv))
+    state.update(prefixed(f"{ours}.self_attn.out_proj", linear(t, f"{hf}.attention.output.dense", d, d)))
+    state.update(prefixed(f"{ours}.ff.linear1", linear(t, f"{hf}.intermediate.dense", f, d)))
+    state.update(prefixed(f"{ours}.ff.linear2", linear(t, f"{hf}.output.dense", d, f)))
+    for mine, theirs in zip(("norm1", "norm2"), norms, strict=True):
+        state[f"{ours}.{mine}.weight"] = t.take(f"{hf}.{theirs}.weight", (d,))
+        state[f"{ours}.{mine}.bias"] = t.take(f"{hf}.{theirs}.bias", (d,))
+    return state
+
+
 def load_exact(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Fill every parameter and persistent buffer of `model` from `state`, nothing more or less.
 

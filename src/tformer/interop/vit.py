@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tformer.config import ConfigError, VisionConfig
 from tformer.data.transforms import Normalisation
-from tformer.interop.common import HFConfig, Tensors, fused_qkv, linear, prefixed
+from tformer.interop.common import HFConfig, Tensors, bert_style_layer, linear, prefixed
 
 PREPROCESSOR = "preprocessor_config.json"
 HF_DEFAULT_MEAN_STD = 0.5  # ViTImageProcessor's IMAGENET_STANDARD_MEAN / _STD
@@ -99,13 +99,10 @@ def vision_state(t: Tensors, c: VisionConfig) -> dict[str, Tensor]:
     }
     state.update(prefixed("head", linear(t, "classifier", c.n_classes, d)))
     for i in range(c.n_layers):
-        h, o = f"vit.encoder.layer.{i}", f"layers.{i}"
-        qkv = [linear(t, f"{h}.attention.attention.{n}", d, d) for n in ("query", "key", "value")]
-        state.update(prefixed(f"{o}.self_attn.in_proj", fused_qkv(*qkv)))
-        state.update(prefixed(f"{o}.self_attn.out_proj", linear(t, f"{h}.attention.output.dense", d, d)))
-        state.update(prefixed(f"{o}.ff.linear1", linear(t, f"{h}.intermediate.dense", f, d)))
-        state.update(prefixed(f"{o}.ff.linear2", linear(t, f"{h}.output.dense", d, f)))
-        for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-            state[f"{o}.{ours}.weight"] = t.take(f"{h}.{theirs}.weight", (d,))
-            state[f"{o}.{ours}.bias"] = t.take(f"{h}.{theirs}.bias", (d,))
+        norms = ("layernorm_before", "layernorm_after")
+        state.update(
+            bert_style_layer(
+                t, f"vit.encoder.layer.{i}", f"layers.{i}", d, f, attention="attention.attention", norms=norms
+            )
+        )
     return state
