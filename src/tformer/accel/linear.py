@@ -109,6 +109,31 @@ def compiled_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
     return int8_gemv(x, weight, bias) if x.dtype == torch.float32 else None
 
 
+def addmv_eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """`addmv_row` computes this one-row inference product (the caller checked `_one_row_inference`): a
+    plain 2-D CPU weight of x's dtype and width, a bias the kernels take, no autograd, no tracing."""
+    return (
+        type(weight) in _PLAIN
+        and weight.dim() == 2
+        and weight.dtype == x.dtype
+        and weight.device.type == "cpu"
+        and weight.shape[1] == x.shape[-1]
+        and kernel_bias(bias, weight.shape[0], x.dtype)
+        and not grad_wanted(weight, bias)
+        and not torch.jit.is_tracing()
+    )
+
+
+def addmv_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A one-row product as a matrix-vector product, `torch.addmv(bias, W, x)` (`torch.mv` without a
+    bias): the same function as F.linear in the same dtype (only the summation order differs), through
+    ATen's matrix-vector kernel instead of the matrix-matrix one, which for one bfloat16 row on an Intel
+    Xeon with AMX took 1.3-2x as long (decision 90). Chosen per shape class by measurement (`Plan.row_path`)."""
+    v = row(x)
+    y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     assert _op is not None  # the callers checked onednn_available()
     return _op(x, weight, bias, "none", [], "")
@@ -190,25 +215,37 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 
 def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: Plan | None = None) -> Tensor:
-    """F.linear(x, weight, bias) by `AccelLinear`'s paths: one-row products in inference through the
-    compiled kernels inside `compiled_decoding()`, or by default where `plan` found them faster here; bfloat16 autocast products with padded rows where `plan` chose
-    "bucket"; float32 products oneDNN can compute through oneDNN (forward and backward) where `plan` (an
-    accel.plan.Plan) chose it for their shape class, or without a plan from `ONEDNN_MIN_MNK` multiply-adds
-    on; everything else F.linear."""
+    """F.linear(x, weight, bias) by `AccelLinear`'s paths: a one-row product in inference through the
+    compiled kernels inside `compiled_decoding()` or by default where `plan` found them faster here, else
+    as a matrix-vector product where `plan` found that faster (`Plan.row_path`); everything else by
+    `eager_linear`."""
     if torch.compiler.is_compiling():  # torch.compile and torch.export see F.linear (inductor cannot lower
         return F.linear(x, weight, bias)  # the oneDNN op on plain weights; dynamo cannot read a ContextVar)
     setting = _compiled.on.get()  # decoding: checked first, it runs 49 times per GPT-2 token
-    if (setting or (setting is None and plan is not None)) and _one_row_inference(x):
+    if (setting or plan is not None) and _one_row_inference(x):
+        y = None
         if setting:  # compile=True: compiled, and measured against eager once per weight shape
             y = compiled_row(x, weight, bias)
             if y is not None and plan is not None:
                 plan.decode_path(x, weight, bias, measure=True)
-        elif plan is not None and plan.decode_path(x, weight, bias, measure=False) == "compiled":
-            y = compiled_row(x, weight, bias)  # auto: this machine measured it faster
-        else:
-            y = None
+        elif (  # auto: compiled where this machine measured it faster
+            setting is None
+            and plan is not None
+            and plan.decode_path(x, weight, bias, measure=False) == "compiled"
+        ):
+            y = compiled_row(x, weight, bias)
+        if y is None and plan is not None and plan.row_path(x, weight, bias) == "addmv":
+            y = addmv_row(x, weight, bias)
         if y is not None:
             return y
+    return eager_linear(x, weight, bias, plan)
+
+
+def eager_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan | None) -> Tensor:
+    """`accel_linear` without the one-row paths: bfloat16 autocast products with padded rows where `plan`
+    chose "bucket"; float32 products oneDNN can compute through oneDNN (forward and backward) where `plan`
+    (an accel.plan.Plan) chose it for their shape class, or without a plan from `ONEDNN_MIN_MNK`
+    multiply-adds on; everything else F.linear."""
     if plan is not None and _bucket.bucket_eligible(x, weight, bias):
         training = (torch.is_grad_enabled() and x.requires_grad) or grad_wanted(weight, bias)
         if plan.bf16_path(x, weight, bias, training) == "bucket":
@@ -242,6 +279,7 @@ __all__ = [
     "ONEDNN_MIN_MNK",
     "AccelLinear",
     "accel_linear",
+    "addmv_row",
     "compiled_decoding",
     "onednn_available",
     "onednn_linear",

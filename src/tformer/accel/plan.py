@@ -116,10 +116,12 @@ class Plan:
         return got
 
     def decode_path(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, measure: bool) -> str:
-        """ "compiled" or "eager" for a one-row inference product (the caller checked
-        `_one_row_inference`), or "unmeasured" where this machine has no verdict; `measure` (compile=True):
-        time the compiled kernel against the eager path now if it has none. Verdicts are the machine's
-        (the tuner's cache), not part of `choices`: decoding is not part of a training run's steps."""
+        """ "compiled" where this machine measured the compiled kernel faster than the layer's eager path
+        for this one-row inference product (the caller checked `_one_row_inference`), else that eager
+        path's name ("eager" or "addmv", `row_path`), or "unmeasured" where there is no verdict against
+        it; `measure` (compile=True): time the compiled kernel against the eager path now if there is
+        none. Verdicts are the machine's (the tuner's cache, keyed by the eager path they were timed
+        against), not part of `choices`: decoding is not part of a training run's steps."""
         plain = type(weight) in _PLAIN
         n, k = weight.shape[0], weight.shape[-1]
         fast = ("decode", x.dtype, plain, n, k)
@@ -131,11 +133,32 @@ class Plan:
                 got = "eager"  # below the compiled kernel's size (`_gemv`)
             elif self.tuner is None:
                 got = "unmeasured"
-            elif measure:
-                with _own_autograd():
-                    got = self.tuner.choose(key, _decode_candidates(x, weight, bias, self), stock="eager")
             else:
-                got = self.tuner.lookup(key) or "unmeasured"
+                eager = self.row_path(x, weight, bias)  # the eager candidate's own path, decided first
+                if measure:
+                    with _own_autograd():
+                        candidates = _decode_candidates(x, weight, bias, self, eager)
+                        got = self.tuner.choose(key, candidates, stock=eager)
+                else:
+                    got = self.tuner.lookup(key, stock=eager) or "unmeasured"
+            self._fast[fast] = got
+        return got
+
+    def row_path(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+        """ "addmv" or "eager" for a one-row inference product not served by a compiled kernel (the caller
+        checked `_one_row_inference`): the matrix-vector product against the layer's eager path, timed at
+        first use (no compiling, microseconds a call) as class ("decode-eager", dtype, n, k) and cached
+        per machine; "eager" without a tuner or where `addmv_row` does not apply."""
+        fast = ("row", x.dtype, type(weight) in _PLAIN, weight.shape[0], weight.shape[-1])
+        got = self._fast.get(fast)
+        if got is None:
+            if self.tuner is None or not _linear.addmv_eligible(x, weight, bias):
+                got = "eager"
+            else:
+                n, k = int(weight.shape[0]), int(weight.shape[-1])
+                key = ("decode-eager", str(x.dtype).removeprefix("torch."), n, k)
+                with _own_autograd():
+                    got = self.tuner.choose(key, _row_candidates(x, weight, bias, self), stock="eager")
             self._fast[fast] = got
         return got
 
@@ -227,13 +250,13 @@ def _candidates(
 
 
 def _decode_candidates(
-    x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan, eager: str
 ) -> dict[str, Callable[[], object]]:
-    """This one-row product by the layer's eager path (stock or oneDNN, as `plan` chose) and by its
-    compiled kernel (excluded where it has none), in inference."""
+    """This one-row product by the layer's eager path (stock, oneDNN or addmv, as `plan` chose; named
+    `eager`) and by its compiled kernel (excluded where it has none), in inference."""
     xs = x.detach()
 
-    def eager() -> Tensor:
+    def by_eager() -> Tensor:
         with torch.no_grad(), _compiled.compiled_decoding(False):
             return _linear.accel_linear(xs, weight, bias, plan)
 
@@ -244,7 +267,24 @@ def _decode_candidates(
             raise RuntimeError("no compiled kernel for this product here")
         return y
 
-    return {"eager": eager, "compiled": compiled}
+    return {eager: by_eager, "compiled": compiled}
+
+
+def _row_candidates(
+    x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan
+) -> dict[str, Callable[[], object]]:
+    """This one-row product by the layer's eager path and as a matrix-vector product, in inference."""
+    xs = x.detach()
+
+    def eager() -> Tensor:
+        with torch.no_grad():
+            return _linear.eager_linear(xs, weight, bias, plan)
+
+    def addmv() -> Tensor:
+        with torch.no_grad():
+            return _linear.addmv_row(xs, weight, bias)
+
+    return {"eager": eager, "addmv": addmv}
 
 
 def _bucket_candidates(

@@ -150,12 +150,15 @@ class Tuner:
 
     # -- answers -----------------------------------------------------------------------------------
 
-    def lookup(self, key: Key) -> str | None:
-        """The cached winner for this shape class (made by this tformer version), or None."""
+    def lookup(self, key: Key, *, stock: str | None = None) -> str | None:
+        """The cached winner for this shape class (made by this tformer version; against `stock` where
+        given, as `choose` would take it), or None."""
         skey = _canonical(key)
         with self._lock:
             entry = self._cached(skey)
-        winner = entry.get("winner") if entry is not None and entry.get("tformer") == __version__ else None
+        if entry is None or entry.get("tformer") != __version__ or stock not in (None, entry.get("stock")):
+            return None
+        winner = entry.get("winner")
         return winner if isinstance(winner, str) else None
 
     def record(self, key: Key) -> JSONObject | None:
