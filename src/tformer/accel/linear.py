@@ -110,10 +110,12 @@ def compiled_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | Non
 
 
 def addmv_eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """`addmv_row` computes this one-row inference product (the caller checked `_one_row_inference`): a
-    plain 2-D CPU weight of x's dtype and width, a bias the kernels take, no autograd, no tracing."""
+    """`addmv_row` may compute this one-row inference product (the caller checked `_one_row_inference`):
+    bfloat16 (decision 90: float32's `F.linear` is already MKL's matrix-vector kernel), a plain 2-D CPU
+    weight of x's dtype and width, a bias the kernels take, no autograd, no tracing."""
     return (
-        type(weight) in _PLAIN
+        x.dtype == torch.bfloat16
+        and type(weight) in _PLAIN
         and weight.dim() == 2
         and weight.dtype == x.dtype
         and weight.device.type == "cpu"
@@ -128,7 +130,8 @@ def addmv_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """A one-row product as a matrix-vector product, `torch.addmv(bias, W, x)` (`torch.mv` without a
     bias): the same function as F.linear in the same dtype (only the summation order differs), through
     ATen's matrix-vector kernel instead of the matrix-matrix one, which for one bfloat16 row on an Intel
-    Xeon with AMX took 1.3-2x as long (decision 90). Chosen per shape class by measurement (`Plan.row_path`)."""
+    Xeon with AMX took 1.3-2x as long (decision 90). Chosen per shape class by measurement
+    (`Plan.row_path`), for bfloat16 (`addmv_eligible`)."""
     v = row(x)
     y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -169,7 +172,8 @@ def _float32_cpu_eager(x: Tensor) -> bool:
     )
 
 
-def _eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+def onednn_eligible(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """oneDNN's kernel computes exactly this F.linear (see the module's doc)."""
     return (
         _op is not None
         and _float32_cpu_eager(x)
@@ -207,7 +211,7 @@ def _one_row_inference(x: Tensor) -> bool:
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) with oneDNN's kernels (forward and backward) where that is the same
     function (see the module's doc), else F.linear."""
-    if not _eligible(x, weight, bias):
+    if not onednn_eligible(x, weight, bias):
         return F.linear(x, weight, bias)
     if (torch.is_grad_enabled() and x.requires_grad) or grad_wanted(weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
@@ -223,21 +227,20 @@ def accel_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, plan: Pl
         return F.linear(x, weight, bias)  # the oneDNN op on plain weights; dynamo cannot read a ContextVar)
     setting = _compiled.on.get()  # decoding: checked first, it runs 49 times per GPT-2 token
     if (setting or plan is not None) and _one_row_inference(x):
-        y = None
         if setting:  # compile=True: compiled, and measured against eager once per weight shape
             y = compiled_row(x, weight, bias)
-            if y is not None and plan is not None:
-                plan.decode_path(x, weight, bias, measure=True)
-        elif (  # auto: compiled where this machine measured it faster
-            setting is None
-            and plan is not None
-            and plan.decode_path(x, weight, bias, measure=False) == "compiled"
-        ):
-            y = compiled_row(x, weight, bias)
-        if y is None and plan is not None and plan.row_path(x, weight, bias) == "addmv":
-            y = addmv_row(x, weight, bias)
-        if y is not None:
-            return y
+            if y is not None:
+                if plan is not None:
+                    plan.decode_path(x, weight, bias, measure=True)
+                return y
+        if plan is not None and not torch.jit.is_tracing():  # (ONNX export traces: it sees F.linear)
+            kernel = plan.one_row(x, weight, bias, compiled=setting is None)
+            if kernel == "stock":  # decided once per class: none of eager_linear's checks per call
+                return F.linear(x, weight, bias)
+            if kernel == "addmv":
+                return addmv_row(x, weight, bias)
+            if kernel == "compiled" and (y := compiled_row(x, weight, bias)) is not None:
+                return y
     return eager_linear(x, weight, bias, plan)
 
 
@@ -251,7 +254,7 @@ def eager_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan | No
         if plan.bf16_path(x, weight, bias, training) == "bucket":
             return _bucket.bucketed_linear(x, weight, bias)
         return F.linear(x, weight, bias)
-    if not _eligible(x, weight, bias):
+    if not onednn_eligible(x, weight, bias):
         return F.linear(x, weight, bias)
     grad = (torch.is_grad_enabled() and x.requires_grad) or grad_wanted(weight, bias)
     if plan is None:

@@ -144,6 +144,26 @@ class Plan:
             self._fast[fast] = got
         return got
 
+    def one_row(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, compiled: bool) -> str:
+        """The kernel of a one-row inference product (the caller checked `_one_row_inference`), decided
+        once per (dtype, weight kind, shape, bias or not, `compiled` allowed) and then a dict lookup, as
+        it runs 49 times per GPT-2 token: "compiled" (`compiled` and `decode_path` says so), "addmv"
+        (`row_path`), "stock" (`F.linear`: what `eager_linear` would take), or "eager" (`eager_linear`:
+        oneDNN where this class chose it)."""
+        fast = ("one", x.dtype, weight.dtype, type(weight), weight.shape, bias is None, compiled)
+        got = self._fast.get(fast)
+        if got is None:
+            if compiled and self.decode_path(x, weight, bias, measure=False) == "compiled":
+                got = "compiled"
+            elif self.row_path(x, weight, bias) == "addmv":
+                got = "addmv"
+            elif not _linear.onednn_eligible(x, weight, bias) or self.path(x, weight, bias, False) == "stock":
+                got = "stock"
+            else:
+                got = "eager"
+            self._fast[fast] = got
+        return got
+
     def row_path(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
         """ "addmv" or "eager" for a one-row inference product not served by a compiled kernel (the caller
         checked `_one_row_inference`): the matrix-vector product against the layer's eager path, timed at
