@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tformer import families
 from tformer.families.commands import precision_option
+from tformer.merge import add_parser as add_merge_parser
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -377,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--out", default=None, help="output directory (default: runs/experiments[/NAME])")
     xp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
     xp.set_defaults(func=_experiment)
+    add_merge_parser(sub)  # `tformer merge` (LoRA adapters; tformer/merge.py)
     return parser
 
 

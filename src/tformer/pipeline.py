@@ -18,7 +18,7 @@ import torch
 
 from tformer import families
 from tformer.config import RunConfig
-from tformer.training import distributed, run_dir
+from tformer.training import distributed, lora, run_dir
 from tformer.training.trainer import Task, Trainer
 
 
@@ -49,18 +49,23 @@ def train(
     `resume`: continue the run in `out_dir` from its latest checkpoint (from scratch, saying so, when it
     has none yet). A fresh run into a directory another run wrote needs `overwrite` (which deletes that
     run's checkpoints and log). `accel`: train with tformer.accel's machine-specific kernels (the
-    command line's choice; the weights and checkpoints are the same either way)."""
+    command line's choice; the weights and checkpoints are the same either way). train.lora_rank: LoRA
+    adapters on train.init_from's weights (training/lora.py), adapter-only checkpoints."""
     world = distributed.setup(config.train.device)
     torch.manual_seed(config.train.seed)
     saved = run_dir.latest(out_dir) if resume else None
     with contextlib.nullcontext() if world.is_main else contextlib.redirect_stderr(io.StringIO()):
         task, model = families.get(config.task).task_builder()(config, saved)
+        if config.train.lora:  # adapters on the weights train.init_from loaded; the rest frozen
+            lora.adapt(model, config.train, family=config.task)
         if accel:
             from tformer import accel as _accel
 
             _accel.apply(model)
         n_params = sum(p.numel() for p in model.parameters())
         _log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters")
+        if config.train.lora:
+            _log(lora.describe(model))
     if world.distributed:
         distributed.check_same(world, _files_digest(task), "the tokenizers built from the training data")
     trainer = Trainer(

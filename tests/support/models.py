@@ -86,6 +86,13 @@ def save_classifier(c: TextClassifier, path: Path) -> Path:
     )
 
 
+def save_generator(g: TextGenerator, path: Path) -> Path:
+    config = {"task": "lm", "model": g.model.config.to_dict()}
+    return save_checkpoint(
+        path, model=g.model, config=config, write_extra=lambda d: g.tok.save(d / "tokenizer.json")
+    )
+
+
 TEXT = "to be or not to be, that is the question: whether tis nobler in the mind to suffer. " * 12
 REVIEWS = TEXTS * 3
 

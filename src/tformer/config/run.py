@@ -76,7 +76,9 @@ class TrainConfig(Section):
     accumulate: int = 1  # batches per rank summed into one optimiser step (gradient accumulation)
     parallel: str = "ddp"  # with several processes (torchrun): "ddp" replicas or "fsdp" sharded (FSDP2)
     device: str = "auto"  # "auto": the process's CUDA GPU when there is one, else CPU; or "cpu", "cuda"
-    init_from: str | None = None  # classification: start from "hf:DIR" (BERT) or a tformer checkpoint
+    # start from pretrained weights: a tformer checkpoint of the family (a run directory: its best or latest),
+    # or "hf:DIR" (classification: BERT; lm: GPT-2; translation: Marian; vision: ViT); interop/init_from.py
+    init_from: str | None = None
     save_every_steps: int | None = 1000  # also checkpoint every this many steps (None: at evaluations only)
     keep_checkpoints: int = 2  # checkpoint-<step>/ directories kept in the run directory (newest first)
     max_nonfinite_skips: int = 10  # steps skipped for a non-finite gradient before training stops
@@ -87,6 +89,15 @@ class TrainConfig(Section):
     # an exponential moving average of the weights, e.g. 0.999 (None: none): evaluated and saved beside them
     ema: float | None = None
     checkpoint_activations: bool = False  # recompute each layer's activations in backward (less memory)
+    # LoRA (training/lora.py, through Hugging Face peft): low-rank adapters of this rank on the weights of
+    # train.init_from, which stay frozen; only the adapters (and a classifier's head) train, and checkpoints
+    # hold only them. 0 or None: off (every weight trains)
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # the adapters' output is scaled by alpha / rank; None: alpha = rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    # module-name patterns (fnmatch; a pattern also matches a name's last parts, "in_proj" = "*.in_proj") of
+    # the linear layers to adapt; empty: the family's attention and feed-forward projections
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -149,10 +160,25 @@ class TrainConfig(Section):
         if self.init_from is not None and not self.init_from.strip():
             raise ConfigError(f"{name}.init_from is empty; give hf:DIR or a checkpoint directory")
         check_probability(name, label_smoothing=self.label_smoothing)
+        self._check_lora(name)
         if self.schedule == "cosine" and self.max_steps is None:
             raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")
         if not all(0.0 <= b < 1.0 for b in self.betas):  # two floats: check_types
             raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    @property
+    def lora(self) -> bool:
+        """LoRA is on (train.lora_rank > 0)."""
+        return bool(self.lora_rank)
+
+    def _check_lora(self, name: str) -> None:
+        if self.lora_rank is not None:
+            check_nonnegative(name, lora_rank=self.lora_rank)
+        if self.lora_alpha is not None:
+            check_positive(name, lora_alpha=self.lora_alpha)
+        check_probability(name, lora_dropout=self.lora_dropout)
+        if not all(t.strip() for t in self.lora_targets):
+            raise ConfigError(f"{name}.lora_targets = {list(self.lora_targets)}: a pattern is empty")
 
 
 @dataclass(frozen=True)
@@ -233,9 +259,15 @@ class RunConfig(Section):
                 raise ConfigError(
                     f"RunConfig.{key} = {show(value)} ({type(value).__name__}); expected a {cls.__name__}"
                 )
-        if self.train.init_from and self.task != "classification":
+        if self.train.lora and not self.train.init_from:
             raise ConfigError(
-                f"train.init_from starts a classifier from pretrained weights; the task is {self.task!r}"
+                f"train.lora_rank = {self.train.lora_rank} adapts pretrained weights: it needs train.init_from "
+                "(a checkpoint of the family, or hf:DIR), the base the adapters are trained on"
+            )
+        if self.train.lora and self.model.architecture != "transformer":
+            raise ConfigError(
+                f"train.lora_rank = {self.train.lora_rank}: LoRA adapts a Transformer's projections; "
+                f"model.architecture = {self.model.architecture!r} is a baseline (use 'transformer')"
             )
 
     @classmethod

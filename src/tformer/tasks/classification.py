@@ -187,11 +187,10 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[ClassificationT
     log(
         f"classification: {len(train_rows):,} training and {len(valid_rows):,} validation texts, labels {labels}"
     )
-    start = None
-    if config.train.init_from:  # pretrained: its tokenizer, architecture and encoder weights
-        from tformer.interop.init_from import classifier_start
+    from tformer.interop.init_from import run_start
 
-        start = classifier_start(config.train.init_from)
+    start = run_start(config)  # train.init_from: its tokenizer, architecture and encoder weights
+    if start is not None:
         tok, model_config = start.tokenizer, start.model_config(config.model, n_classes=len(labels))
         log(f"init_from {config.train.init_from}: vocabulary {tok.vocab_size:,}")
     else:
@@ -201,15 +200,7 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[ClassificationT
             vocab_size=tok.vocab_size, n_classes=len(labels), pad_id=tok.pad_id
         )
     task = ClassificationTask(model_config, config.train, tok, labels, train_rows, valid_rows)
-    model = build_model(model_config)
-    if start is not None:
-        if not isinstance(model, Classifier):
-            raise ConfigError(
-                f"train.init_from starts a Transformer classifier; model.architecture is "
-                f"{model_config.architecture!r} (use 'transformer' or drop init_from)"
-            )
-        start.load_into(model)
-    return task, model
+    return task, start.build(model_config) if start is not None else build_model(model_config)
 
 
 def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, object]:

@@ -214,14 +214,19 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTa
         train_text, valid_text = text[:cut], text[cut:]
     else:
         raise ConfigError("no validation text: give --valid FILE or data.valid_fraction (e.g. 0.1)")
-    tok = tokenizer(saved, TOKENIZER, train_text.splitlines(keepends=True), config)
+    from tformer.interop.init_from import run_start
+
+    start = run_start(config)  # train.init_from: the source's tokenizer, architecture and weights
+    lines = train_text.splitlines(keepends=True)
+    tok = start.tokenizer if start else tokenizer(saved, TOKENIZER, lines, config)
     log(
         f"lm: {len(train_text):,} training and {len(valid_text):,} validation characters; "
         f"tokenizer {d.tokenizer}, vocabulary {tok.vocab_size:,}"
     )
     model_config = config.model.replace(vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+    model_config = start.model_config(config.model) if start else model_config
     task = LanguageModelTask(model_config, config.train, tok, train_text, valid_text)
-    return task, build_model(model_config)
+    return task, start.build(model_config) if start else build_model(model_config)
 
 
 def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, object]:

@@ -250,7 +250,12 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask
     valid_pairs, vstats = read_parallel(need(config, "valid"))
     report_skipped(vstats)
     log(f"translation: {len(train_pairs):,} training pairs, {len(valid_pairs):,} validation pairs")
-    if d.shared_vocab:
+    from tformer.interop.init_from import run_start
+
+    start = run_start(config)  # train.init_from: the source's tokenizers, architecture and weights
+    if start is not None:
+        src_tok, tgt_tok = start.tokenizers[SRC_TOKENIZER], start.tokenizers[TGT_TOKENIZER]
+    elif d.shared_vocab:
         src_tok = tgt_tok = tokenizer(saved, SRC_TOKENIZER, (x for pair in train_pairs for x in pair), config)
     else:
         src_tok = tokenizer(saved, SRC_TOKENIZER, (s for s, _ in train_pairs), config)
@@ -258,6 +263,7 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask
     model_config = config.model.replace(
         src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size, pad_id=tgt_tok.pad_id
     )
+    model_config = start.model_config(config.model) if start else model_config
     if model_config.share_embeddings and not d.shared_vocab:
         raise ConfigError("model.share_embeddings needs data.shared_vocab = true (one vocabulary)")
     log(
@@ -274,7 +280,7 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask
         eval_beam_size=config.train.eval_beam_size,
         eval_max_sentences=config.train.eval_max_sentences,
     )
-    return task, build_model(model_config)
+    return task, start.build(model_config) if start else build_model(model_config)
 
 
 def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, object]:

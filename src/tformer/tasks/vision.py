@@ -70,11 +70,17 @@ class VisionTask:
         classes: Sequence[str],
         train: ImageSet,
         valid: ImageSet,
+        *,
+        norm: object = None,
     ) -> None:
+        """`norm`: the normalisation of pretrained weights (train.init_from; Normalisation.to_dict's form),
+        which its images were scaled by; None: the training split's statistics."""
         self.model_config, self.train_config, self.classes = model_config, train_config, list(classes)
         self.train_x, self.train_y = torch.from_numpy(train.images), torch.from_numpy(train.labels)
         self.valid_x, self.valid_y = torch.from_numpy(valid.images), torch.from_numpy(valid.labels)
-        self.norm = Normalisation.of(self.train_x)
+        self.norm = (
+            Normalisation.of(self.train_x) if norm is None else Normalisation.from_dict(norm, "init_from")
+        )
         self.augment = Augmentation(
             data_config.crop_padding, data_config.flip, data_config.mixup, data_config.cutmix
         )
@@ -242,6 +248,12 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[VisionTask, tor
     m, d = config.model, config.data
     if not isinstance(m, VisionConfig):
         raise ConfigError(f"task 'vision' needs a VisionConfig, got {type(m).__name__}")
+    from tformer.interop.init_from import run_start
+
+    start = run_start(config)  # train.init_from: the source's architecture, normalisation and weights
+    if start is not None:  # the images are read at the source's size and channels
+        m = start.model_config(m, n_classes=m.n_classes)
+        config = config.replace(model=m)
     train = read_split(config, need(config, "train"), None)
     classes = class_names(config, train)
     if config.data.paths("valid"):
@@ -264,8 +276,9 @@ def build(config: RunConfig, saved: Path | None = None) -> tuple[VisionTask, tor
         f"vision: {len(train):,} training and {len(valid):,} validation images, {len(classes)} classes {classes}"
     )
     model_config = m.replace(n_classes=len(classes))
-    task = VisionTask(model_config, config.train, d, classes, train, valid)
-    return task, build_model(model_config)
+    norm = start.extra.get("normalisation") if start is not None else None
+    task = VisionTask(model_config, config.train, d, classes, train, valid, norm=norm)
+    return task, start.build(model_config) if start is not None else build_model(model_config)
 
 
 def evaluate_files(path: Path, data: list[str], request: EvalRequest) -> dict[str, object]:

@@ -148,10 +148,16 @@ def average_checkpoints(
     config = {k: v for k, v in configs[-1].items() if k != "tformer_version"}
 
     def files(directory: Path) -> None:
-        for f in sorted(newest.iterdir()):
-            if f.name not in _NOT_COPIED:
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, directory / f.name)
+        copy_files(newest, directory)
         record = {"weights": "ema" if ema else "raw", "checkpoints": [str(p) for p in sources]}
         (directory / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     return save_checkpoint(out, model=torch.nn.Module(), weights=averaged, config=config, write_extra=files)
+
+
+def copy_files(source: Path, directory: Path) -> None:
+    """A checkpoint's files besides its config, weights and trainer state (tokenizers, labels) into
+    `directory`: what a checkpoint made from it (an average, a merge) predicts with."""
+    for f in sorted(source.iterdir()):
+        if f.name not in _NOT_COPIED:
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, directory / f.name)

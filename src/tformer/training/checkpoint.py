@@ -192,8 +192,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load model.safetensors into `model`, strictly: every tensor present and of the right shape."""
-    weights = _directory(path) / WEIGHTS
+    """Load model.safetensors into `model`, strictly: every tensor present and of the right shape.
+
+    An adapter checkpoint (a LoRA run's: config.json has "lora") loads through training/lora.py: into a plain
+    model its base with the adapters merged, into a resumed run's adapted model the adapters."""
+    directory = _directory(path)
+    if (directory / CONFIG).exists() and "lora" in (raw := read_config(directory)):
+        from tformer.training.lora import load_adapter_checkpoint
+
+        load_adapter_checkpoint(directory, model, raw["lora"])
+        return
+    weights = directory / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{Path(path)}: {WEIGHTS} is missing")
     try:

@@ -4,6 +4,7 @@ ema = decay * ema + (1 - decay) * param, for every floating-point parameter, sta
 parameters training starts with. Buffers (batch-norm statistics) are not averaged: the EMA's state dict
 takes them from the raw model.
 
+Only trained parameters are averaged (with LoRA: the adapters and the head, not the frozen base).
 The average is kept in float32 (float64 for a float64 parameter) on the parameters' device, rank 0 only
 (DDP replicas are equal; FSDP is refused: decision 88). When the update happens: the trainer learns
 whether a step was skipped as non-finite one step later (run.py `_settle`), and the parameters are still
@@ -34,7 +35,10 @@ class EMA:
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self._params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point()]
+        # the trained parameters: with LoRA (training/lora.py) the adapters and head, not the frozen base
+        self._params = [
+            (n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.requires_grad
+        ]
         self.shadow = {
             n: p.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32, copy=True)
             for n, p in self._params
@@ -55,7 +59,13 @@ class EMA:
         return {k: by_id.get(id(v), v.detach()) for k, v in module.state_dict(keep_vars=True).items()}
 
     def write(self, directory: Path, module: torch.nn.Module) -> None:
-        save_weights(self.state_dict(module), directory / EMA_WEIGHTS)
+        """ema.safetensors; beside an adapter checkpoint (LoRA: frozen parameters) only the averaged tensors,
+        as model.safetensors holds only the trained ones."""
+        state = self.state_dict(module)
+        if any(not p.requires_grad for p in module.parameters()):
+            names = {n for n, _ in self._params}
+            state = {k: v for k, v in state.items() if k in names}
+        save_weights(state, directory / EMA_WEIGHTS)
 
     def load(self, directory: Path, module: torch.nn.Module) -> bool:
         """The average saved in a checkpoint directory (False: it has none, e.g. trained without EMA)."""

@@ -66,7 +66,7 @@ class TensorBoardLog:
                 value = record.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(tag, value, step)
-        else:
+        elif record.get("type") == "eval":  # not the run's other records (LoRA's parameter counts)
             for key, value in record.items():
                 if key not in NOT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(f"eval/{key}", value, step)

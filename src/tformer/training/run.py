@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tformer.config import ConfigError, TrainConfig
 from tformer.config.run import BEST_METRICS
-from tformer.training import distributed, run_dir
+from tformer.training import distributed, lora, run_dir
 from tformer.training.checkpoint import write_checkpoint
 from tformer.training.ema import EMA, EMA_WEIGHTS
 from tformer.training.logsinks import TensorBoardLog, attention_picture
@@ -76,6 +76,13 @@ class TrainingRun(Generic[BatchT]):
                 f"train.ema = {config.ema} with train.parallel = 'fsdp': the moving average of sharded "
                 "parameters is not kept; use train.parallel = 'ddp' (or no train.ema)"
             )
+        # LoRA adapters (lora.py): the checkpoints hold only the trainable tensors
+        self.adapter_only = lora.adapted(module) is not None
+        if self.adapter_only and distributed.is_sharded(model):
+            raise ConfigError(
+                "train.lora_rank with train.parallel = 'fsdp': adapter checkpoints of sharded models are not "
+                "written; use train.parallel = 'ddp' (the frozen base needs no sharded optimiser state)"
+            )
         # train.ema: the weights' moving average (ema.py), kept on rank 0 (the one that evaluates and saves)
         self.ema = EMA(module, config.ema) if config.ema is not None and world.is_main else None
 
@@ -92,6 +99,8 @@ class TrainingRun(Generic[BatchT]):
             return self.checkpoint_dir  # this very state is on disk already
         check_finite(self.module, w, collective=collective, step=s.step, out_dir=self.out_dir)
         weights = distributed.full_model_state(self.model) if sharded else None
+        if self.adapter_only:  # an adapter checkpoint: the trainable tensors only (lora.py)
+            weights = lora.adapter_state(self.module)
         optimizer = distributed.full_optimizer_state(self.model, self.optimizer)
         # Stopped inside a step, before its update: the state is the step's start, RNG included.
         rng = self._step_rng or rng_state()
@@ -108,6 +117,8 @@ class TrainingRun(Generic[BatchT]):
                 module=self.module,
             )
             config = {**self.task.checkpoint_config(), "train": self.config.to_dict(), **self.extra_config}
+            if self.adapter_only:  # the adapters' settings and their base (path, sha256)
+                config["lora"] = lora.section(self.module)
             if self.ema is not None:
                 state["ema"] = {"decay": self.ema.decay, "weights": EMA_WEIGHTS}  # resume reads that file
             write = partial(

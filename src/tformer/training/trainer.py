@@ -31,7 +31,7 @@ from tformer.accel.precision import resolve as resolve_precision
 from tformer.config import ConfigError, TrainConfig
 from tformer.memory import peak_rss_bytes
 from tformer.models.checkpointing import set_activation_checkpointing
-from tformer.training import distributed, run_dir
+from tformer.training import distributed, lora, run_dir
 from tformer.training.autocast import autocast, check_precision, confirm_on_step
 from tformer.training.logsinks import training_bar
 from tformer.training.run import TrainingRun
@@ -148,6 +148,17 @@ class Trainer(TrainingRun[BatchT]):
                 self._release_out_dir()
                 raise
         distributed.barrier(w)
+        if self.adapter_only and not s.history:  # LoRA: the trainable share is a fresh run's first record
+            trainable, total = lora.counts(self.module)
+            self._log(
+                {
+                    "type": "lora",
+                    "step": 0,
+                    "trainable_parameters": trainable,
+                    "parameters": total,
+                    "trainable_share": trainable / total,
+                }
+            )
         if s.step == 0 and s.batch_in_epoch == 0 and s.epoch == 0:
             seed_all(c.seed + w.rank)  # rank 0 (and a single process) draws from `seed`
         # Ctrl-C / SIGTERM only set a flag; the loop stops between steps, so the checkpoint never holds
