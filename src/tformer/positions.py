@@ -56,8 +56,12 @@ class PositionalEncoding(nn.Module):
                 f"unknown positions {kind!r}; expected sinusoidal, sinusoidal_concat, learned, rotary or none"
             )
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """`offset`: the first position (int), or each token's own position (B, T), for a batch whose
+        rows continue from different lengths (continuous batching)."""
         t = x.shape[1]
+        if isinstance(offset, Tensor):
+            return x if self.kind in ("none", "rotary") else x + self._rows(offset, x)
         _check_length(offset + t, self.max_seq_len)
         if self.kind in ("none", "rotary"):
             return x
@@ -65,6 +69,13 @@ class PositionalEncoding(nn.Module):
             table = sinusoidal_table(offset + t, x.shape[-1], dtype=torch.float64, layout=self.layout)
             return x + table[offset:].to(x.device)
         return x + self.table[offset : offset + t].to(x.dtype)
+
+    def _rows(self, positions: Tensor, x: Tensor) -> Tensor:
+        """The encodings (B, T, C) of per-token positions (B, T), in x's dtype (float64 exactly)."""
+        if self.kind.startswith("sinusoidal") and x.dtype == torch.float64:
+            table = sinusoidal_table(self.max_seq_len, x.shape[-1], dtype=torch.float64, layout=self.layout)
+            return table.to(x.device)[positions]
+        return self.table[positions].to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -92,13 +103,24 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (T, D)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x (B, H, T, D) at positions [offset, offset + T) -> rotated x."""
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """x (B, H, T, D) at positions [offset, offset + T) -> rotated x; `offset` may also give each
+        row's own positions (B, T) (continuous batching)."""
         t = x.shape[-2]
-        _check_length(offset + t, self.max_seq_len)
-        if x.dtype == torch.float64:
-            cos, sin = (m.to(x.device) for m in self._tables(offset, offset + t, torch.float64))
+        if isinstance(offset, Tensor):
+            if x.dtype == torch.float64:
+                cos, sin = (m.to(x.device)[offset] for m in self._tables(0, self.max_seq_len, torch.float64))
+            else:
+                cos, sin = self.cos[offset].to(x.dtype), self.sin[offset].to(x.dtype)
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same angles for every head
         else:
-            cos, sin = self.cos[offset : offset + t].to(x.dtype), self.sin[offset : offset + t].to(x.dtype)
+            _check_length(offset + t, self.max_seq_len)
+            if x.dtype == torch.float64:
+                cos, sin = (m.to(x.device) for m in self._tables(offset, offset + t, torch.float64))
+            else:
+                cos, sin = (
+                    self.cos[offset : offset + t].to(x.dtype),
+                    self.sin[offset : offset + t].to(x.dtype),
+                )
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin

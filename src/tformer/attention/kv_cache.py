@@ -6,17 +6,22 @@
 (models/rnn.py). `LayerKV` is what an attention layer reads back: `KV` (keys and values as tensors, grown
 by concatenation) and `KVCache` (preallocated buffers written in place).
 
-Every row of a batch has the same `length` today: all rows start together. Continuous batching (rows
-joining and leaving a running batch) extends the protocol by a `lengths` (B,) tensor, the filled positions
-of each row, with `length` its maximum; a layer then builds its key mask from `lengths`
-(attention/masks.py makes masks from lengths) and writes each row at its own offset. Nothing in the
-decoding loops below the protocol needs to change for that.
+Rows of one batch may hold different numbers of positions (continuous batching: requests join and
+leave a running batch between steps). A `KVCache` whose rows differ carries `lengths` (B,), each row's
+filled slots, with `length` their maximum (the width its keys are read at); a step writes row b's T new
+positions at slots lengths[b] .. lengths[b] + T - 1, so a position is its slot, and attention masks
+each query to the slots at or before its own position (`positions_mask`, attention/masks.py). Slots past
+a row's length hold what the row wrote before it was cut back (padding of a prompt) or zeros, never
+uninitialised memory, so a masked key times its weight 0 stays 0. While every row has the same length the
+cache is exactly the uniform one: `lengths` is None and a step is one slice write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
+import torch
 from torch import Tensor
 
 C = TypeVar("C", bound="DecodingCache")
@@ -81,7 +86,8 @@ class KV(NamedTuple):
 
 class KVCache:
     """A static (preallocated) self-attention cache of one layer: key and value buffers
-    (B, H_kv, capacity, D), of which the first `length` positions are filled.
+    (B, H_kv, capacity, D), of which the first `length` positions are filled (`lengths[b]` of row b when
+    rows differ).
 
     Decoding writes each step's keys/values into the buffers in place (`append`) instead of concatenating
     a new tensor per token, so a step costs no allocation or copy of the past. The buffers are allocated on
@@ -96,8 +102,11 @@ class KVCache:
             raise ValueError(f"KV cache capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.length = 0
+        self.lengths: Tensor | None = None  # (B,) per-row filled slots when rows differ, else None
         self.k_buf: Tensor | None = None  # (B, H_kv, capacity, D)
         self.v_buf: Tensor | None = None
+        # every slot holds a written value or zero (no uninitialised memory): needed once rows differ
+        self.initialised = False
 
     @property
     def k(self) -> Tensor:
@@ -112,8 +121,16 @@ class KVCache:
             raise ValueError("the KV cache is empty (nothing was written to it yet)")
         return self.v_buf[:, :, : self.length]
 
+    def positions(self, t: int) -> Tensor | None:
+        """The positions (B, T) of the next T tokens of each row when rows differ, else None (every row's
+        next positions are length .. length + T - 1)."""
+        if self.lengths is None:
+            return None
+        return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+
     def append(self, k: Tensor, v: Tensor) -> KV:
-        """Write T new positions (B, H_kv, T, D) after the filled ones; -> views of all filled positions."""
+        """Write T new positions (B, H_kv, T, D) after the filled ones (each row after its own when rows
+        differ); -> views of the first `length` slots."""
         t = k.shape[2]
         end = self.length + t
         if end > self.capacity:
@@ -129,10 +146,32 @@ class KVCache:
             raise ValueError(
                 f"keys of shape {tuple(k.shape)} do not fit a KV cache of shape {tuple(self.k_buf.shape)}"
             )
-        self.k_buf[:, :, self.length : end] = k
-        self.v_buf[:, :, self.length : end] = v
+        if self.lengths is None:
+            self.k_buf[:, :, self.length : end] = k
+            self.v_buf[:, :, self.length : end] = v
+        else:  # row b's T positions at its own slots: advanced indices (B, T) around the head slice
+            slots = self.lengths[:, None] + torch.arange(t, device=k.device)  # (B, T)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k_buf[rows, :, slots] = k.transpose(1, 2)  # (B, T, H_kv, D)
+            self.v_buf[rows, :, slots] = v.transpose(1, 2)
+            self.lengths = self.lengths + t
         self.length = end
         return KV(self.k_buf[:, :, :end], self.v_buf[:, :, :end])
+
+    def _initialise(self) -> None:
+        """Zero the slots never written (past `length`: the buffers were allocated empty), once."""
+        if not self.initialised and self.k_buf is not None and self.v_buf is not None:
+            self.k_buf[:, :, self.length :].zero_()
+            self.v_buf[:, :, self.length :].zero_()
+        self.initialised = True
+
+    def set_lengths(self, lengths: Tensor | None, length: int) -> None:
+        """Set the rows' filled slots: `lengths` (B,) per row (None: every row `length`), `length` their
+        maximum. Used by the model-level caches (LMCache, DecoderCache) after a step, e.g. to cut a padded
+        prompt back to each row's real length."""
+        if lengths is not None:
+            self._initialise()
+        self.lengths, self.length = lengths, length
 
     def reorder_(self, index: Tensor) -> None:
         """Reorder batch rows in place (beam search moves beams): index (B,) of rows of this cache."""
@@ -146,26 +185,83 @@ class KVCache:
         n = self.length
         self.k_buf[:, :, :n] = self.k_buf[:, :, :n].index_select(0, index)
         self.v_buf[:, :, :n] = self.v_buf[:, :, :n].index_select(0, index)
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, index)
+
+    def _copy(self, k_buf: Tensor | None, v_buf: Tensor | None, lengths: Tensor | None) -> KVCache:
+        new = KVCache(self.capacity)
+        new.length, new.lengths, new.initialised = self.length, lengths, self.initialised
+        new.k_buf, new.v_buf = k_buf, v_buf
+        return new
 
     def index_select(self, index: Tensor) -> KVCache:
         """A new cache holding batch rows `index` (B',) of this one (any B'), same capacity."""
-        new = KVCache(self.capacity)
-        new.length = self.length
-        if self.k_buf is not None and self.v_buf is not None:
-            new.k_buf = self.k_buf.index_select(0, index)
-            new.v_buf = self.v_buf.index_select(0, index)
-        return new
+        if self.k_buf is None or self.v_buf is None:
+            return self._copy(None, None, None)
+        lengths = None if self.lengths is None else self.lengths.index_select(0, index)
+        return self._copy(self.k_buf.index_select(0, index), self.v_buf.index_select(0, index), lengths)
 
     def clone(self) -> KVCache:
-        new = KVCache(self.capacity)
-        new.length = self.length
-        if self.k_buf is not None and self.v_buf is not None:
-            new.k_buf, new.v_buf = self.k_buf.clone(), self.v_buf.clone()
+        if self.k_buf is None or self.v_buf is None:
+            return self._copy(None, None, None)
+        lengths = None if self.lengths is None else self.lengths.clone()
+        return self._copy(self.k_buf.clone(), self.v_buf.clone(), lengths)
+
+    @staticmethod
+    def cat(caches: Sequence[KVCache]) -> KVCache:
+        """One cache holding the rows of `caches` in order (each written to, same capacity, heads and
+        dtype): a running batch and the requests that join it. Rows keep their own lengths."""
+        if not caches:
+            raise ValueError("KVCache.cat needs at least one cache")
+        capacity = caches[0].capacity
+        for c in caches:
+            if c.capacity != capacity:
+                raise ValueError(f"KVCache.cat: capacities differ ({capacity} and {c.capacity})")
+            if c.k_buf is None or c.v_buf is None:
+                raise ValueError("KVCache.cat: a cache is empty (nothing was written to it yet)")
+            c._initialise()
+        k_bufs = [c.k_buf for c in caches if c.k_buf is not None]
+        v_bufs = [c.v_buf for c in caches if c.v_buf is not None]
+        lengths = [
+            c.lengths if c.lengths is not None else torch.full((b.shape[0],), c.length, device=b.device)
+            for c, b in zip(caches, k_bufs, strict=True)
+        ]
+        new = KVCache(capacity)
+        new.k_buf, new.v_buf = torch.cat(k_bufs), torch.cat(v_bufs)
+        new.lengths, new.length = torch.cat(lengths), max(c.length for c in caches)
+        new.initialised = True
         return new
 
     def clear(self) -> None:
         """Forget the cached positions (the buffers stay allocated)."""
-        self.length = 0
+        self.length, self.lengths = 0, None
 
 
-__all__ = ["KV", "DecodingCache", "KVCache", "LayerKV"]
+class RowLengths:
+    """Each batch row's filled positions, kept on the host, for a model-level cache over several layers'
+    `KVCache`s (LMCache; DecoderCache's self-attention): set once after a step and pushed to every layer
+    (None while all rows agree, so the uniform cache's slice writes and causal kernels stay in use)."""
+
+    @staticmethod
+    def of(kvs: Sequence[KVCache], batch: int) -> list[int]:
+        """The per-row lengths of a stack of layer caches with `batch` rows."""
+        first = kvs[0]
+        if first.lengths is None:
+            return [first.length] * batch
+        lengths: list[int] = first.lengths.tolist()
+        return lengths
+
+    @staticmethod
+    def set(kvs: Sequence[KVCache], lengths: Sequence[int]) -> None:
+        """Every layer's rows now hold `lengths` positions (host ints)."""
+        lengths = list(lengths)
+        width = max(lengths, default=0)
+        per_row = None
+        if len(set(lengths)) > 1:
+            device = next((kv.k_buf.device for kv in kvs if kv.k_buf is not None), None)
+            per_row = torch.tensor(lengths, dtype=torch.long, device=device)
+        for kv in kvs:
+            kv.set_lengths(per_row, width)
+
+
+__all__ = ["KV", "DecodingCache", "KVCache", "LayerKV", "RowLengths"]

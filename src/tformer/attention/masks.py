@@ -33,6 +33,13 @@ def causal_mask(t: int, s: int | None = None, *, device: torch.device | None = N
     return k <= q
 
 
+def positions_mask(positions: Tensor, s: int) -> Tensor:
+    """(B, T) each query's position -> (B, 1, T, S) bool, True where key slot j <= the query's position:
+    causality for a batch whose rows sit at different positions of one KV cache (slot = position)."""
+    keys = torch.arange(s, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
 def combine(*masks: Tensor | None) -> Tensor | None:
     """Logical AND of the given masks (None = attend everywhere), broadcast together."""
     out: Tensor | None = None

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from tformer.attention.backends import get_backend, load
 from tformer.attention.kv_cache import KV, KVCache
-from tformer.attention.masks import check_mask, combine
+from tformer.attention.masks import check_mask, combine, positions_mask
 from tformer.attention.scores import AttentionScore
 from tformer.backends import SCORES, unsupported
 
@@ -159,12 +159,14 @@ class MultiHeadAttention(nn.Module):
                 else "this is a self-attention layer: build MultiHeadAttention(..., cross=True) to attend to "
                 "a `memory`"
             )
+        # rows of a KVCache at different lengths (continuous batching): each row's own positions (B, T)
+        rows = past.positions(t) if isinstance(past, KVCache) else None
         if not self.cross:
             # self-attention: one product for q, k and v
             q, k, v = self.in_proj(x).split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
             q, k, v = self._split(q), self._split(k), self._split(v)  # (B, H, T, D)
             if self.rotary is not None:
-                offset = 0 if past is None else past.length
+                offset = (0 if past is None else past.length) if rows is None else rows
                 q, k = self.rotary(q, offset), self.rotary(k, offset)
             kv = KV(self.score.keys(k), v)
         else:
@@ -191,6 +193,8 @@ class MultiHeadAttention(nn.Module):
         s = kv.k.shape[2]
         if mask is not None:
             check_mask(mask, b=b, t=t, s=s)
+        if rows is not None:  # causal within each row: a query sees the slots up to its own position
+            mask, causal = combine(mask, positions_mask(rows, s)), False
         backend = self.backend
         if need_weights and not backend.supports_weights:
             warnings.warn(

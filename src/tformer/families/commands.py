@@ -25,6 +25,18 @@ def precision_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def compile_option(parser: argparse.ArgumentParser) -> None:
+    """`--compile / --no-compile` for language-model decoding (`tformer generate`, `tformer serve`)."""
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the CPU matrix-vector products of decoding (seconds once, then faster tokens; "
+        "it also measures them against the eager kernels for this machine). Default: compiled where "
+        "this machine measured them faster (tformer bench tune), else not",
+    )
+
+
 def read_inputs(texts: list[str]) -> list[str]:
     """The texts given as arguments, or one per line from stdin."""
     if texts:
@@ -42,6 +54,15 @@ def _translate(args: argparse.Namespace) -> int:
 
     translator = Translator.load(args.checkpoint, precision=args.precision, accel=True)
     texts = read_inputs(args.text)
+    if args.stream:  # each sentence's text as decided (greedy: as it grows; beam: what its beams agree on)
+        translator.encode(texts)  # every input checked before the first is printed
+        for text in texts:
+            for delta in translator.translate_stream(
+                text, beam_size=args.beam, length_penalty=args.length_penalty, max_len=args.max_len
+            ):
+                print(delta, end="", flush=True)
+            print(flush=True)
+        return 0
     outputs = translator.translate(
         texts, beam_size=args.beam, length_penalty=args.length_penalty, max_len=args.max_len
     )
@@ -57,6 +78,12 @@ def add_translate(sub: Subparsers) -> None:
     tr.add_argument("--beam", type=int, default=4, help="beam size (1 = greedy)")
     tr.add_argument("--length-penalty", type=float, default=0.6)
     tr.add_argument("--max-len", type=int, default=None, help="maximum output tokens")
+    tr.add_argument(
+        "--stream",
+        action="store_true",
+        help="print each translation as it is decoded (beam search: the words all beams agree on); "
+        "the same text as without --stream",
+    )
     precision_option(tr)
     tr.set_defaults(func=_translate, rest="text")
 
@@ -99,6 +126,16 @@ def _generate(args: argparse.Namespace) -> int:
     from tformer.tasks import TextGenerator
 
     generator = TextGenerator.load(args.checkpoint, precision=args.precision, accel=True)
+    if args.stream:  # each delta as soon as it is decided, flushed: the same text as without --stream
+        print(args.prompt, end="", flush=True)
+        for delta in generator.generate(
+            args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop or (), compile=args.compile,
+            stream=True,
+        ):  # fmt: skip
+            print(delta, end="", flush=True)
+        print()
+        return 0
     text = generator.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -126,12 +163,8 @@ def add_generate(sub: Subparsers) -> None:
     ge.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     ge.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     ge.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="compile the CPU matrix-vector products of decoding (seconds once, then faster tokens; "
-        "it also measures them against the eager kernels for this machine). Default: compiled where "
-        "this machine measured them faster (tformer bench tune), else not",
+        "--stream", action="store_true", help="print the text as it is generated (the same text, sooner)"
     )
+    compile_option(ge)
     precision_option(ge)
     ge.set_defaults(func=_generate)

@@ -11,9 +11,9 @@ Both run the model in eval mode; a model already in it is not written to, so thr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -66,16 +66,35 @@ def _check_inputs(model: IncrementalSeq2Seq[C], src: Tensor, bos_id: int, eos_id
             raise ValueError(f"{name} = {value} is outside the target vocabulary [0, {v})")
 
 
-def _max_steps(model: IncrementalSeq2Seq[C], max_len: int | None, src_len: int) -> int:
+MaxLen = int | Sequence[int | None] | None
+
+
+def source_lengths(model: IncrementalSeq2Seq[C], src: Tensor, src_mask: Tensor | None) -> list[int]:
+    """Each row's real source length: its True entries of `src_mask`, or its non-padding ids."""
+    real = (src != model.config.pad_id) if src_mask is None else src_mask
+    lengths: list[int] = real.sum(dim=1).tolist()
+    return lengths
+
+
+def max_steps(model: IncrementalSeq2Seq[C], max_len: MaxLen, lengths: Sequence[int]) -> list[int]:
+    """Each row's step limit: `max_len` (one int, or one per row), where None (for all, or a row's entry)
+    is 2 S + 10 of the row's own unpadded source length S, so a sentence decodes as far batched as alone;
+    capped at max_seq_len."""
     limit = model.config.max_seq_len
-    if max_len is None:
-        max_len = min(limit, 2 * src_len + 10)
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    return min(max_len, limit)
+    per_row = [max_len] * len(lengths) if max_len is None or isinstance(max_len, int) else list(max_len)
+    if len(per_row) != len(lengths):
+        raise ValueError(f"max_len has {len(per_row)} entries; expected one per source ({len(lengths)})")
+    steps = []
+    for value, n in zip(per_row, lengths, strict=True):
+        if value is None:  # this row's own default
+            value = 2 * n + 10
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"max_len must be an int >= 1 or None (or one per source), got {value!r}")
+        steps.append(min(value, limit))
+    return steps
 
 
-def _next_logp(model: IncrementalSeq2Seq[C], logits: Tensor, bos_id: int) -> Tensor:
+def next_logp(model: IncrementalSeq2Seq[C], logits: Tensor, bos_id: int) -> Tensor:
     """(N, V) last-position logits -> float64 log-probabilities; PAD and BOS are never generated."""
     logp = torch.log_softmax(logits.double(), dim=-1)
     logp[:, [model.config.pad_id, bos_id]] = float("-inf")
@@ -92,10 +111,11 @@ def greedy_decode(
     *,
     bos_id: int,
     eos_id: int,
-    max_len: int | None = None,
+    max_len: MaxLen = None,
     src_mask: Tensor | None = None,
 ) -> list[Hypothesis]:
-    """Pick the most probable token at each step. src (B, S) -> one hypothesis per row."""
+    """Pick the most probable token at each step. src (B, S) -> one hypothesis per row. `max_len`: one
+    limit for every row, one per row, or None (each row's own default, `max_steps`)."""
     with evaluating(model), torch.no_grad():
         return _greedy(model, src, bos_id, eos_id, max_len, src_mask)
 
@@ -105,11 +125,13 @@ def _greedy(
     src: Tensor,
     bos_id: int,
     eos_id: int,
-    max_len: int | None,
+    max_len: MaxLen,
     src_mask: Tensor | None,
 ) -> list[Hypothesis]:
     _check_inputs(model, src, bos_id, eos_id)
-    steps = _max_steps(model, max_len, src.shape[1])
+    row_steps = max_steps(model, max_len, source_lengths(model, src, src_mask))
+    steps = max(row_steps)
+    limits = torch.tensor(row_steps, device=src.device)  # (B,)
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
     cache = model.start_cache(memory, memory_mask, capacity=steps)  # static: written in place per step
     b = src.shape[0]
@@ -120,17 +142,18 @@ def _greedy(
     for t in range(steps):
         # the tokens fed back are argmaxes over the vocabulary: no need to validate them again
         logits = model.decode_step(token, cache, checked=True).logits
-        logp = _next_logp(model, logits[:, -1], bos_id)  # (B, V)
+        logp = next_logp(model, logits[:, -1], bos_id)  # (B, V)
         best = logp.argmax(dim=-1)  # (B,)
         scores += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
         out[:, t] = best
-        done |= best == eos_id
+        done |= (best == eos_id) | (limits <= t + 1)  # EOS, or the row's own step limit reached
         token = best[:, None]
         if bool(done.all()):  # the one host read per step, which stopping needs
             out = out[:, : t + 1]
             break
     hyps = []
-    for row, score in zip(out.tolist(), scores.tolist(), strict=True):
+    for row, score, n in zip(out.tolist(), scores.tolist(), row_steps, strict=True):
+        row = row[:n]
         finished = eos_id in row
         hyps.append(Hypothesis(row[: row.index(eos_id)] if finished else row, score, finished))
     return hyps
@@ -144,38 +167,74 @@ def beam_search(
     eos_id: int,
     beam_size: int = 4,
     length_penalty_alpha: float = 0.6,
-    max_len: int | None = None,
+    max_len: MaxLen = None,
     src_mask: Tensor | None = None,
     n_best: int = 1,
 ) -> list[list[Hypothesis]]:
-    """Batched beam search. src (B, S) -> for each row, its `n_best` hypotheses, best first.
+    """Batched beam search. src (B, S) -> for each row, its `n_best` hypotheses, best first. `max_len` as
+    for `greedy_decode`: each row stops at its own limit, so a source decodes as it would alone.
 
     Each step expands every live beam, keeps the 2K best continuations, moves those ending in EOS (ranked
     within the best K) to the finished list, and keeps the K best others. A source stops once it has K
     finished hypotheses and no live beam could still beat the worst of them.
     """
     with evaluating(model), torch.no_grad():
-        return _beam(model, src, bos_id, eos_id, beam_size, length_penalty_alpha, max_len, src_mask, n_best)
+        search = beam_steps(
+            model, src, bos_id=bos_id, eos_id=eos_id, beam_size=beam_size,
+            length_penalty_alpha=length_penalty_alpha, max_len=max_len, src_mask=src_mask, n_best=n_best,
+        )  # fmt: skip
+        while True:
+            try:
+                next(search)
+            except StopIteration as end:
+                results: list[list[Hypothesis]] = end.value
+                return results
 
 
-def _beam(
+class BeamProgress(NamedTuple):
+    """One source after a beam-search step: the tokens every live beam and every finished hypothesis
+    share (so the final best starts with them), or, once the source is done, its best hypothesis."""
+
+    tokens: list[int]
+    best: Hypothesis | None  # set once the source is done (its tokens are then `tokens`)
+
+
+def _common_prefix(seqs: list[list[int]]) -> list[int]:
+    first = seqs[0]
+    n = len(first)
+    for seq in seqs[1:]:
+        n = min(n, len(seq))
+        for j in range(n):
+            if seq[j] != first[j]:
+                n = j
+                break
+    return first[:n]
+
+
+def beam_steps(
     model: IncrementalSeq2Seq[C],
     src: Tensor,
+    *,
     bos_id: int,
     eos_id: int,
-    beam_size: int,
-    length_penalty_alpha: float,
-    max_len: int | None,
-    src_mask: Tensor | None,
-    n_best: int,
-) -> list[list[Hypothesis]]:
+    beam_size: int = 4,
+    length_penalty_alpha: float = 0.6,
+    max_len: MaxLen = None,
+    src_mask: Tensor | None = None,
+    n_best: int = 1,
+    progress: bool = False,
+) -> Generator[list[BeamProgress], None, list[list[Hypothesis]]]:
+    """`beam_search` one step at a time (streaming): yields after each step, with `progress`, one
+    `BeamProgress` per source (else an empty list), and returns beam_search's result. The caller runs
+    each step under torch.no_grad() (grad mode is not held across a yield) with the model in eval mode."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be in [1, beam_size={beam_size}], got {n_best}")
     k = beam_size
     _check_inputs(model, src, bos_id, eos_id)
-    steps = _max_steps(model, max_len, src.shape[1])
+    row_steps = max_steps(model, max_len, source_lengths(model, src, src_mask))
+    steps = max(row_steps)
     b, device = src.shape[0], src.device
     memory, memory_mask, _ = model.encode(src, src_mask=src_mask)
     # Cross-attention keys/values once per source, then repeated for its K beams.
@@ -188,14 +247,18 @@ def _beam(
     history = torch.full((b * k, steps + 1), bos_id, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     done = [False] * b
-    lp_max = length_penalty(steps, length_penalty_alpha)
+    lp_max = [length_penalty(n, length_penalty_alpha) for n in row_steps]  # each row's largest penalty
 
     def norm(score: float, length: int) -> float:
         return score / length_penalty(length, length_penalty_alpha)
 
+    def ranked(hyps: list[Hypothesis]) -> list[Hypothesis]:
+        """Best first by length-normalised score (EOS counted in the length)."""
+        return sorted(hyps, key=lambda h: norm(h.score, len(h.tokens) + int(h.finished)), reverse=True)
+
     for t in range(steps):
         logits = model.decode_step(history[:, t : t + 1], cache, checked=True).logits
-        logp = _next_logp(model, logits[:, -1], bos_id)  # (B*K, V)
+        logp = next_logp(model, logits[:, -1], bos_id)  # (B*K, V)
         v = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(b, k, v)).view(b, k * v)
         top_scores, top_idx = cand.topk(2 * k, dim=1)  # (B, 2K)
@@ -227,31 +290,42 @@ def _beam(
                 # the K-th best finished score: what a live beam must beat to still matter
                 worst = sorted((norm(h.score, len(h.tokens) + 1) for h in finished[i]), reverse=True)[k - 1]
                 best_live = float(new_scores[i, 0])
-                bound = best_live / lp_max if length_penalty_alpha > 0 else norm(best_live, t + 1)
+                bound = best_live / lp_max[i] if length_penalty_alpha > 0 else norm(best_live, t + 1)
                 if bound <= worst:
                     done[i] = True
-        if all(done):
+        rows: Tensor | None = None
+        if not all(done):
+            scores = new_scores
+            rows = (torch.arange(b, device=device)[:, None] * k + new_src).view(-1)  # (B*K,)
+            history[:, : t + 1] = history[:, : t + 1].index_select(0, rows)
+            history[:, t + 1] = new_tok.view(-1)
+            out_of_steps = [i for i in range(b) if not done[i] and row_steps[i] == t + 1]
+            if out_of_steps:  # these rows' live beams count as (unfinished) hypotheses
+                hist, sc = history[:, 1 : t + 2].tolist(), scores.tolist()
+                for i in out_of_steps:
+                    finished[i].extend(
+                        Hypothesis(hist[i * k + j], sc[i][j], False)
+                        for j in range(k)
+                        if sc[i][j] != float("-inf")
+                    )
+                    done[i] = True
+        if progress:
+            hist, sc = history[:, 1 : t + 2].tolist(), scores.tolist()
+            report = []
+            for i in range(b):
+                if done[i]:
+                    best = ranked(finished[i])[0] if finished[i] else Hypothesis([], float("-inf"), False)
+                    report.append(BeamProgress(best.tokens, best))
+                else:
+                    live = [hist[i * k + j] for j in range(k) if sc[i][j] != float("-inf")]
+                    report.append(BeamProgress(_common_prefix(live + [h.tokens for h in finished[i]]), None))
+            yield report
+        else:
+            yield []
+        if all(done) or rows is None:
             break
-        scores = new_scores
-        rows = (torch.arange(b, device=device)[:, None] * k + new_src).view(-1)  # (B*K,)
-        history[:, : t + 1] = history[:, : t + 1].index_select(0, rows)
-        history[:, t + 1] = new_tok.view(-1)
         # Beams move only within their source, whose K rows share one cross-attention cache: reorder only
         # the self-attention part, in place.
         cache.reorder_(rows)
-    else:
-        # Out of steps: live beams count as (unfinished) hypotheses.
-        hist = history[:, 1:].tolist()
-        sc = scores.tolist()
-        for i in range(b):
-            if done[i]:
-                continue
-            for j in range(k):
-                if sc[i][j] != float("-inf"):
-                    finished[i].append(Hypothesis(hist[i * k + j], sc[i][j], False))
 
-    results = []
-    for hyps in finished:
-        hyps.sort(key=lambda h: norm(h.score, len(h.tokens) + int(h.finished)), reverse=True)
-        results.append(hyps[:n_best])
-    return results
+    return [ranked(hyps)[:n_best] for hyps in finished]

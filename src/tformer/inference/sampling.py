@@ -83,6 +83,14 @@ def filter_logits(
     return logits
 
 
+def check_compile(model: IncrementalLM[G], compile: bool | None) -> None:
+    if compile and not any(isinstance(m, AccelLinear) for m in model.modules()):
+        raise ValueError(
+            "compile=True compiles tformer.accel's decoding kernels, and this model has none: call "
+            "tformer.accel.apply(model) first (TFORMER_ACCEL=off in the environment turns them off)"
+        )
+
+
 def generate(
     model: IncrementalLM[G],
     prompt: Tensor,
@@ -106,20 +114,50 @@ def generate(
     accelerated layers (`tformer.accel.apply(model)`); None (the default): compiled where this machine's
     cache says it measured faster, else eager; False: never. The model runs in eval mode; one already in it
     is not written to, so threads may share it (tformer.inference.modes)."""
-    if compile and not any(isinstance(m, AccelLinear) for m in model.modules()):
-        raise ValueError(
-            "compile=True compiles tformer.accel's decoding kernels, and this model has none: call "
-            "tformer.accel.apply(model) first (TFORMER_ACCEL=off in the environment turns them off)"
-        )
-    with compiled_decoding(compile), evaluating(model):
-        return _generate(
-            model, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
-            top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, use_cache=use_cache, stop=stop,
-        )  # fmt: skip
+    ids = prompt
+    for ids in generate_steps(
+        model, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, use_cache=use_cache, compile=compile,
+    ):  # fmt: skip
+        # Host reads only for what stopping needs: none without a stop callback.
+        if stop is not None and stop(ids):
+            break
+    return ids
 
 
-@torch.no_grad()
-def _generate(
+def generate_steps(
+    model: IncrementalLM[G],
+    prompt: Tensor,
+    *,
+    max_new_tokens: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    compile: bool | None = None,
+) -> Iterator[Tensor]:
+    """`generate` one token at a time: yields the ids so far (B, T0 + n) after each new token (a view
+    that the next step extends, so copy what you keep), ending after max_new_tokens or once every row
+    has produced `eos_id`; the consumer stops it early by not asking for more (streaming). The same
+    kernels and tokens as `generate`. Grad mode and `compiled_decoding(compile)` (thread- and
+    context-local) are set around each model call only, never across a yield, so the consumer's code
+    between tokens runs in its own modes."""
+    check_compile(model, compile)
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt has shape {tuple(prompt.shape)}; expected (B, T) with at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return _steps(
+        model, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+        top_k=top_k, top_p=top_p, generator=new_generator(seed, prompt.device), eos_id=eos_id,
+        use_cache=use_cache, compile=compile,
+    )  # fmt: skip
+
+
+def _steps(
     model: IncrementalLM[G],
     prompt: Tensor,
     *,
@@ -128,54 +166,67 @@ def _generate(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    seed: int | None,
+    generator: torch.Generator,
     eos_id: int | None,
     use_cache: bool,
-    stop: Callable[[Tensor], bool] | None,
-) -> Tensor:
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt has shape {tuple(prompt.shape)}; expected (B, T) with at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    compile: bool | None,
+) -> Iterator[Tensor]:
     limit = model.config.max_seq_len
-    generator = torch.Generator(device=prompt.device)
-    if seed is None:
-        generator.seed()  # a fresh seed for this generator only; the global RNG is left alone
-    else:
-        generator.manual_seed(seed)
-    b, t0 = prompt.shape
+    b, n = prompt.shape  # n: filled columns
     # The output ids, allocated once: the prompt, then one column written per step.
-    ids = torch.empty(b, t0 + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
-    ids[:, :t0] = prompt
-    n = t0  # filled columns
+    ids = torch.empty(b, n + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
+    ids[:, :n] = prompt
     cache: G | None = None
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-    for _ in range(max_new_tokens):
-        if use_cache:
-            if cache is None:  # the prompt (its last max_seq_len tokens), once, into a static cache
-                cache = model.new_cache(min(limit, n + max_new_tokens))
-                out = model(ids[:, max(0, n - limit) : n], cache=cache, last_only=True)
-            elif cache.length >= cache.capacity:  # full: re-read the last half window, once, same buffers
-                cache.clear()
-                out = model(ids[:, n - limit // 2 : n], cache=cache, last_only=True, checked=True)
-            else:  # the token chosen last step: valid by construction, not checked again
-                out = model(ids[:, n - 1 : n], cache=cache, last_only=True, checked=True)
-        else:
-            out = model(ids[:, max(0, n - limit) : n], last_only=True)
-        logits = out.logits[:, -1].float()  # (B, V)
-        if greedy:
-            token = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(
-                filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1
-            )
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        if eos_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_id), token)
-            done |= token == eos_id
-        ids[:, n] = token
-        n += 1
-        # Host reads only for what stopping needs: none without eos_id or a stop callback.
-        if (eos_id is not None and bool(done.all())) or (stop is not None and stop(ids[:, :n])):
-            break
-    return ids[:, :n]
+    with evaluating(model):
+        for _ in range(max_new_tokens):
+            with compiled_decoding(compile), torch.no_grad():
+                if use_cache:
+                    if cache is None:  # the prompt (its last max_seq_len tokens), once, into a static cache
+                        cache = model.new_cache(min(limit, n + max_new_tokens))
+                        out = model(ids[:, max(0, n - limit) : n], cache=cache, last_only=True)
+                    elif cache.length >= cache.capacity:  # full: re-read the last half window, once
+                        cache.clear()
+                        out = model(ids[:, n - limit // 2 : n], cache=cache, last_only=True, checked=True)
+                    else:  # the token chosen last step: valid by construction, not checked again
+                        out = model(ids[:, n - 1 : n], cache=cache, last_only=True, checked=True)
+                else:
+                    out = model(ids[:, max(0, n - limit) : n], last_only=True)
+                logits = out.logits[:, -1].float()  # (B, V)
+                if greedy:
+                    token = logits.argmax(dim=-1)
+                else:
+                    token = sample(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
+                if eos_id is not None:
+                    token = torch.where(done, torch.full_like(token, eos_id), token)
+                    done |= token == eos_id
+                ids[:, n] = token
+            n += 1
+            yield ids[:, :n]
+            # Host reads only for what stopping needs: none without eos_id.
+            if eos_id is not None and bool(done.all()):
+                return
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator of its own for one generation: seeded, or (None) freshly seeded; the global RNG is left
+    alone, so concurrent generations do not disturb each other's draws."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample(
+    logits: Tensor,
+    generator: torch.Generator,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """(N, V) float logits -> (N,) tokens drawn from the filtered distribution with `generator`."""
+    probs = torch.softmax(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

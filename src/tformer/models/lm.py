@@ -9,12 +9,14 @@ values live in buffers of `capacity` positions allocated once (`new_cache`), wri
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
-from tformer.attention.kv_cache import DecodingCache, KVCache
+from tformer.attention.kv_cache import DecodingCache, KVCache, RowLengths
 from tformer.config import LMConfig
 from tformer.models.legacy import Prefixes, upgrade_on_load
 from tformer.models.stack import TransformerStack
@@ -32,7 +34,12 @@ def cache_capacity(capacity: int | None, max_seq_len: int) -> int:
 class LMCache:
     """Per-layer self-attention keys/values of the positions seen so far (static buffers, `KVCache`).
     Passed in and returned; written in place, so it follows one sequence (`clone` to branch). A
-    `DecodingCache` (attention/kv_cache.py)."""
+    `DecodingCache` (attention/kv_cache.py).
+
+    Rows may hold different numbers of positions (continuous batching): a forward pass with `lengths`
+    (right-padded prompts) leaves each row at its own length, `cat` joins caches of requests that started
+    apart, `index_select` drops finished rows; every later step writes and attends each row at its own
+    positions. `length` is then the longest row's."""
 
     kv: list[KVCache]
 
@@ -44,9 +51,32 @@ class LMCache:
     def capacity(self) -> int:
         return self.kv[0].capacity
 
+    @property
+    def batch_size(self) -> int:
+        """Rows held (0 before the first write)."""
+        buf = self.kv[0].k_buf
+        return 0 if buf is None else buf.shape[0]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Each row's filled positions."""
+        return RowLengths.of(self.kv, self.batch_size)
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Cut rows back to `lengths` positions (a padded step's padding is forgotten)."""
+        if len(lengths) != self.batch_size or any(not 0 <= n <= self.capacity for n in lengths):
+            raise ValueError(
+                f"lengths {list(lengths)} do not fit a cache of {self.batch_size} rows and capacity "
+                f"{self.capacity}"
+            )
+        RowLengths.set(self.kv, lengths)
+
     def index_select(self, index: Tensor) -> LMCache:
-        """A new cache with batch rows `index` (B',)."""
-        return LMCache([kv.index_select(index) for kv in self.kv])
+        """A new cache with batch rows `index` (B',), each keeping its length."""
+        lengths = self.lengths
+        new = LMCache([kv.index_select(index) for kv in self.kv])
+        RowLengths.set(new.kv, [lengths[i] for i in index.tolist()])
+        return new
 
     def reorder_(self, index: Tensor) -> None:
         """Reorder batch rows in place (same batch size)."""
@@ -60,6 +90,27 @@ class LMCache:
         """Forget every cached position; the buffers stay allocated for reuse."""
         for kv in self.kv:
             kv.clear()
+
+    @staticmethod
+    def cat(caches: Sequence[LMCache]) -> LMCache:
+        """The rows of `caches`, in order, as one cache (same model and capacity): requests that were
+        prefilled apart joining a running batch. Each row keeps its length."""
+        if not caches or len({len(c.kv) for c in caches}) != 1:
+            raise ValueError("LMCache.cat needs caches of one model (the same number of layers)")
+        lengths = [n for c in caches for n in c.lengths]
+        new = LMCache([KVCache.cat(layer) for layer in zip(*(c.kv for c in caches), strict=True)])
+        RowLengths.set(new.kv, lengths)
+        return new
+
+
+def real_lengths(lengths: Sequence[int] | Tensor, b: int, t: int) -> list[int]:
+    """Check per-row real lengths of right-padded ids (B, T): B ints in [1, T]."""
+    values = lengths.tolist() if isinstance(lengths, Tensor) else list(lengths)
+    if len(values) != b or any(
+        isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= t for n in values
+    ):
+        raise ValueError(f"lengths must be {b} ints in [1, T={t}] (real tokens per row of ids), got {values}")
+    return values
 
 
 @dataclass
@@ -115,13 +166,24 @@ class LanguageModel(nn.Module):
         need_weights: bool = False,
         last_only: bool = False,
         checked: bool = False,
+        lengths: Sequence[int] | Tensor | None = None,
     ) -> LMOutput:
         """ids (B, T) -> next-token logits (B, T, V). With `cache` (or `use_cache`, which starts a cache of
-        max_seq_len positions) the T positions follow the cached ones, and the cache, extended in place,
-        is returned. `last_only` computes the logits of the last position only (B, 1, V): generation needs
-        no others. `checked` skips validating the ids (a caller feeding back tokens it chose)."""
+        max_seq_len positions) the T positions follow the cached ones (each row's own, when the cache's
+        rows differ), and the cache, extended in place, is returned. `last_only` computes the logits of the
+        last position only (B, 1, V): generation needs no others. `checked` skips validating the ids (a
+        caller feeding back tokens it chose).
+
+        `lengths` (B,): the real tokens of each row of right-padded ids (prompts of different lengths in
+        one batch). Padding follows a row's real tokens, so causality already hides it from them and their
+        logits are the row's alone; positions need no shift either. The cache then keeps each row at its own
+        length (the padding written past it is overwritten by the row's next tokens and masked until
+        then), and `last_only` takes each row's last real position."""
+        b, t = ids.shape if ids.dim() == 2 else (0, 0)
+        n_real = None if lengths is None else real_lengths(lengths, b, t)
         if cache is None and use_cache:
             cache = self.new_cache()
+        before = None if cache is None or n_real is None else cache.lengths or [0] * b
         out = self.blocks(
             ids,
             causal=True,
@@ -130,5 +192,13 @@ class LanguageModel(nn.Module):
             name="ids",
             checked=checked,
         )
-        x = out.x[:, -1:] if last_only else out.x
+        if cache is not None and before is not None and n_real is not None:
+            cache.set_lengths([m + n for m, n in zip(before, n_real, strict=True)])
+        x = out.x
+        if last_only:
+            if n_real is None:
+                x = x[:, -1:]
+            else:  # (B, 1, C): each row's last real position
+                last = torch.tensor(n_real, device=x.device) - 1
+                x = x[torch.arange(b, device=x.device), last][:, None]
         return LMOutput(self.output(x), cache, out.weights)

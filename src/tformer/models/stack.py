@@ -43,6 +43,16 @@ def check_ids(ids: Tensor, *, vocab_size: int, max_len: int, name: str) -> None:
             raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
+def row_offsets(past: Sequence[KV | KVCache] | None, t: int) -> int | Tensor:
+    """Where T new tokens after the cached ones sit: the first position (int), or each row's own (B, T)
+    when the rows of a KV cache hold different lengths (continuous batching)."""
+    if past is None:
+        return 0
+    first = past[0]
+    rows = first.positions(t) if isinstance(first, KVCache) else None
+    return first.length if rows is None else rows
+
+
 class TransformerStack(LayerCheckpointing, nn.Module):
     """Embedding (+ positions, dropout) -> N self-attention layers -> optional final LayerNorm.
 
@@ -82,10 +92,10 @@ class TransformerStack(LayerCheckpointing, nn.Module):
         """ids (B, T); `past` holds each layer's keys/values of T0 earlier positions (causal decoding);
         `token_types` (B, T) segment ids when the config has token_types (None: all segment 0)."""
         c = self.config
-        offset = 0 if past is None else past[0].length
+        offset = 0 if past is None else past[0].length  # the longest row's, when rows differ
         if not checked:  # a caller that already validated the ids (Seq2Seq.encode) skips the second pass
             check_ids(ids, vocab_size=self.vocab_size, max_len=c.max_seq_len - offset, name=name)
-        x = self.positions(self.embed(ids), offset)
+        x = self.positions(self.embed(ids), row_offsets(past, ids.shape[1]))
         if self.type_embed is not None:
             if token_types is None:
                 x = x + self.type_embed.weight[0]

@@ -8,10 +8,10 @@ resumed run draws the same ones. Validation reads the whole validation text once
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,10 @@ from tformer.config import ConfigError, LMConfig, RunConfig, TrainConfig
 from tformer.data.readers import read_text
 from tformer.data.tokenizers import Tokenizer
 from tformer.families.roles import EvalRequest
+from tformer.inference.batching import BatchDecoder, GenerationRequest
 from tformer.inference.modes import evaluating
-from tformer.inference.sampling import generate
+from tformer.inference.sampling import generate, generate_steps
+from tformer.inference.streaming import Continuation, TextStream, cut_at_stop
 from tformer.metrics import perplexity
 from tformer.models import build_model
 from tformer.models.lm import LanguageModel
@@ -148,6 +150,25 @@ class TextGenerator(CheckpointPredictor):
         # a baseline (models/rnn.py) has the same interface
         return cls(cast(LanguageModel, model), Tokenizer.load(path / TOKENIZER))
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids generation starts from: the prompt's, or BOS for an empty prompt (a longer prompt than
+        max_seq_len is read from its last max_seq_len tokens)."""
+        return self.tok.encode(prompt) or [self.tok.bos_id]
+
+    @overload
+    def generate(
+        self, prompt: str, *, max_new_tokens: int = ..., temperature: float = ..., top_k: int | None = ...,
+        top_p: float | None = ..., greedy: bool = ..., seed: int | None = ..., stop: Sequence[str] = ...,
+        compile: bool | None = ..., stream: Literal[False] = ...,
+    ) -> str: ...  # fmt: skip
+
+    @overload
+    def generate(
+        self, prompt: str, *, max_new_tokens: int = ..., temperature: float = ..., top_k: int | None = ...,
+        top_p: float | None = ..., greedy: bool = ..., seed: int | None = ..., stop: Sequence[str] = ...,
+        compile: bool | None = ..., stream: Literal[True],
+    ) -> Iterator[str]: ...  # fmt: skip
+
     def generate(
         self,
         prompt: str,
@@ -160,44 +181,71 @@ class TextGenerator(CheckpointPredictor):
         seed: int | None = None,
         stop: Sequence[str] = (),
         compile: bool | None = None,
-    ) -> str:
+        stream: bool = False,
+    ) -> str | Iterator[str]:
         """The continuation of `prompt` (without the prompt), cut before the first stop string. `compile`:
         compiled matrix-vector kernels for the decoding steps (True), none (False), or where this machine
-        measured them faster (None; see tformer.inference.generate)."""
-        ids = self.tok.encode(prompt)
-        if not ids:
-            ids = [self.tok.bos_id]  # an empty prompt: start from BOS
+        measured them faster (None; see tformer.inference.generate). `stream=True`: an iterator of text
+        deltas as tokens are produced, which join to exactly the text returned otherwise (text that could
+        start a stop string, or an incomplete character, is held back until decided:
+        tformer.inference.streaming)."""
+        if isinstance(stop, str):
+            raise TypeError(f"stop must be a sequence of strings, got the string {stop!r}")
+        ids = self.prompt_ids(prompt)
         prompt_ids = torch.tensor([ids], device=model_device(self.model))
-
-        prompt_text = self.tok.decode(ids)
-
-        def continuation(seq: list[int]) -> str:
-            # Decode prompt and continuation together, so a space at the boundary survives (word and BPE
-            # decoders drop the leading space of a lone first token).
-            full = self.tok.decode(seq)
-            return (
-                full[len(prompt_text) :] if full.startswith(prompt_text) else self.tok.decode(seq[len(ids) :])
-            )
+        continuation = Continuation(self.tok, ids)
+        if stream:
+            steps = generate_steps(
+                self.model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=top_p, greedy=greedy, seed=seed, eos_id=self.tok.eos_id, compile=compile,
+            )  # fmt: skip
+            return self._stream(steps, continuation, stop, ids)
 
         def stopped(seq: torch.Tensor) -> bool:
             return bool(stop) and any(s in continuation(seq[0].tolist()) for s in stop)
 
         out = generate(
-            self.model,
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            greedy=greedy,
-            seed=seed,
-            eos_id=self.tok.eos_id,
-            stop=stopped,
-            compile=compile,
-        )
+            self.model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, greedy=greedy, seed=seed, eos_id=self.tok.eos_id, stop=stopped, compile=compile,
+        )  # fmt: skip
         text = continuation(out[0].tolist())
-        cuts = [text.index(s) for s in stop if s in text]
-        return text[: min(cuts)] if cuts else text
+        cut = cut_at_stop(text, stop)
+        return text if cut is None else cut
+
+    @staticmethod
+    def _stream(
+        steps: Iterator[torch.Tensor], continuation: Continuation, stop: Sequence[str], prompt: list[int]
+    ) -> Iterator[str]:
+        text_stream = TextStream(stop)
+        seq = prompt  # the ids so far
+        for ids in steps:
+            seq = ids[0].tolist()
+            delta, stopped = text_stream.update(continuation(seq))
+            if delta:
+                yield delta
+            if stopped:
+                return
+        tail = text_stream.finish(continuation(seq))
+        if tail:
+            yield tail
+
+    def batch_decoder(self, *, max_batch: int = 16, compile: bool | None = None) -> BatchDecoder:
+        """A continuous-batching decoder over this model (tformer.inference.batching): add requests, step,
+        cancel; each request's text equals `generate`'s for the same arguments. One thread drives it."""
+        return BatchDecoder(self.model, self.tok, max_batch=max_batch, compile=compile)
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], *, max_batch: int = 16, compile: bool | None = None
+    ) -> list[str]:
+        """Many prompts decoded together (`batch_decoder`), each with its own parameters -> their texts,
+        in order, each equal to `generate` of that request alone."""
+        decoder = self.batch_decoder(max_batch=max_batch, compile=compile)
+        handles = [decoder.add(r) for r in requests]
+        texts = {h: "" for h in handles}
+        while len(decoder):
+            for event in decoder.step():
+                texts[event.handle] += event.text
+        return [texts[h] for h in handles]
 
 
 def build(config: RunConfig, saved: Path | None = None) -> tuple[LanguageModelTask, torch.nn.Module]:

@@ -5,7 +5,7 @@ beam-search prediction from a checkpoint. The family's entry in tformer.families
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -16,8 +16,11 @@ from tformer.data.batching import PairBatch, bucket_batches, make_pair_batch, pa
 from tformer.data.readers import read_parallel, report_skipped
 from tformer.data.tokenizers import Tokenizer
 from tformer.families.roles import EvalRequest
-from tformer.inference.decoding import beam_search, greedy_decode
+from tformer.inference.batching import Reason, StepEvent
+from tformer.inference.decoding import MaxLen, beam_search, beam_steps, greedy_decode
 from tformer.inference.modes import evaluating
+from tformer.inference.seq2seq_batching import TranslationDecoder, TranslationRequest
+from tformer.inference.streaming import TextStream
 from tformer.metrics import bleu, chrf, exact_match, perplexity
 from tformer.models import build_model
 from tformer.models.seq2seq import Seq2Seq
@@ -180,19 +183,28 @@ class Translator(CheckpointPredictor):
         *,
         beam_size: int = 4,
         length_penalty: float = 0.6,
-        max_len: int | None = None,
+        max_len: MaxLen = None,
         batch_size: int = 128,
+        show_progress: bool = True,
     ) -> list[str]:
-        """Decode pre-tokenised sources, in length-sorted batches, returning texts in input order."""
+        """Decode pre-tokenised sources, in length-sorted batches, returning texts in input order. `max_len`:
+        output tokens, one limit or one per source (None, for all or a source: its default, 2 S + 10); a
+        source's translation does not depend on its batch-mates (each row stops at its own limit).
+        `show_progress=False`: no progress bar even on a terminal (a server calls this per batch)."""
         model, t = self.model, self.tgt_tok
         device = model_device(model)
+        limits = None if max_len is None or isinstance(max_len, int) else list(max_len)
+        if limits is not None and len(limits) != len(sources):
+            raise ValueError(f"max_len has {len(limits)} entries; expected one per source ({len(sources)})")
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[str] = [""] * len(sources)
-        for start in progress(range(0, len(order), batch_size), -(-len(order) // batch_size), "decoding"):
+        starts = range(0, len(order), batch_size)
+        for start in progress(starts, len(starts), "decoding") if show_progress else starts:
             idx = order[start : start + batch_size]
             src = pad([sources[i] for i in idx], self.src_tok.pad_id).to(device)  # (B, S)
+            row_max: MaxLen = max_len if limits is None else [limits[i] for i in idx]
             if beam_size == 1:
-                hyps = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=max_len)
+                hyps = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=row_max)
             else:
                 hyps = [
                     h[0]
@@ -203,7 +215,7 @@ class Translator(CheckpointPredictor):
                         eos_id=t.eos_id,
                         beam_size=beam_size,
                         length_penalty_alpha=length_penalty,
-                        max_len=max_len,
+                        max_len=row_max,
                     )
                 ]
             for i, h in zip(idx, hyps, strict=True):
@@ -228,7 +240,7 @@ class Translator(CheckpointPredictor):
         *,
         beam_size: int = 4,
         length_penalty: float = 0.6,
-        max_len: int | None = None,
+        max_len: MaxLen = None,
         batch_size: int = 128,
     ) -> list[str]:
         """Translate sentences (beam search; greedy with beam_size = 1), as `translate_ids` does."""
@@ -239,6 +251,72 @@ class Translator(CheckpointPredictor):
             max_len=max_len,
             batch_size=batch_size,
         )
+
+    def batch_decoder(self, *, max_batch: int = 16) -> TranslationDecoder:
+        """Greedy translation with continuous batching (tformer.inference.seq2seq_batching): add sources,
+        step, cancel; each result equals `translate([text], beam_size=1)`. One thread drives it."""
+        return TranslationDecoder(cast(Seq2Seq, self.model), self.src_tok, self.tgt_tok, max_batch=max_batch)
+
+    def beam_stream(
+        self,
+        texts: Sequence[str],
+        *,
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
+        max_len: MaxLen = None,
+    ) -> Generator[list[StepEvent], None, None]:
+        """Beam search over `texts` together (one padded batch; equal beam parameters), one list of events
+        per decoding step (handle = index into texts): each source's text grows by the prefix that all its
+        live beams and finished hypotheses share, so it never takes a word back, and its finished event
+        completes the text to exactly `translate`'s (with the hypothesis's score)."""
+        ids = self.encode(texts)
+        device = model_device(self.model)
+        src = pad(ids, self.src_tok.pad_id).to(device)
+        t = self.tgt_tok
+        search = beam_steps(
+            self.model, src, bos_id=t.bos_id, eos_id=t.eos_id, beam_size=beam_size,
+            length_penalty_alpha=length_penalty, max_len=max_len, progress=True,
+        )  # fmt: skip
+        streams = [TextStream() for _ in ids]
+        open_rows = set(range(len(ids)))
+        with evaluating(self.model):
+            while open_rows:
+                with torch.no_grad():
+                    report = next(search)  # the last step reports every source done
+                events = []
+                for i in sorted(open_rows):
+                    tokens, best = report[i]
+                    text = t.decode(tokens)
+                    if best is None:
+                        events.append(StepEvent(i, streams[i].update(text)[0], False, None, len(tokens)))
+                        continue
+                    reason: Reason = "eos" if best.finished else "length"
+                    events.append(
+                        StepEvent(i, streams[i].finish(text), True, reason, len(tokens), best.score)
+                    )
+                    open_rows.discard(i)
+                yield events
+
+    def translate_stream(
+        self, text: str, *, beam_size: int = 4, length_penalty: float = 0.6, max_len: int | None = None
+    ) -> Iterator[str]:
+        """The translation of one sentence as text deltas that join to exactly `translate([text], ...)[0]`:
+        greedy (beam_size = 1) streams its hypothesis as it grows, beam search the prefix all its beams
+        agree on."""
+        if beam_size == 1:
+            decoder = self.batch_decoder(max_batch=1)
+            decoder.add(TranslationRequest(text, max_len))
+            while len(decoder):
+                for event in decoder.step():
+                    if event.text:
+                        yield event.text
+            return
+        for events in self.beam_stream(
+            [text], beam_size=beam_size, length_penalty=length_penalty, max_len=max_len
+        ):
+            for event in events:
+                if event.text:
+                    yield event.text
 
 
 def build(config: RunConfig, saved: Path | None = None) -> tuple[TranslationTask, torch.nn.Module]:

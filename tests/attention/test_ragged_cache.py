@@ -1,0 +1,64 @@
+"""Rows of one KV cache at different lengths (continuous batching), at the layer level: each row's new keys
+land at its own slots, index_select / reorder_ / cat keep every row's length, slots never written are
+zeros once rows differ (so a masked key cannot carry NaN into 0 * value), and the per-row causal mask is
+the ordinary causal mask when all rows agree."""
+
+import torch
+
+from tformer.attention.kv_cache import KVCache, RowLengths
+from tformer.attention.masks import causal_mask, positions_mask
+
+
+def _kv(b, t, h=2, d=3, start=0.0):
+    k = torch.arange(b * h * t * d, dtype=torch.float32).view(b, h, t, d) + start
+    return k, -k
+
+
+def test_rows_write_at_their_own_slots():
+    cache = KVCache(8)
+    cache.append(*_kv(3, 4))  # three right-padded prompts of width 4
+    RowLengths.set([cache], [4, 1, 2])
+    assert cache.length == 4 and cache.lengths.tolist() == [4, 1, 2]
+    k, v = _kv(3, 1, start=1000.0)
+    out = cache.append(k, v)
+    assert cache.lengths.tolist() == [5, 2, 3] and cache.length == 5 and out.k.shape[2] == 5
+    for row, slot in enumerate([4, 1, 2]):
+        torch.testing.assert_close(cache.k_buf[row, :, slot], k[row, :, 0])
+        torch.testing.assert_close(cache.v_buf[row, :, slot], v[row, :, 0])
+    assert cache.positions(2).tolist() == [[5, 6], [2, 3], [3, 4]]
+
+
+def test_never_written_slots_are_zero_once_rows_differ():
+    cache = KVCache(6)
+    cache.append(*_kv(2, 3))
+    cache.k_buf[:, :, 3:] = float("nan")  # what an empty allocation may hold
+    RowLengths.set([cache], [3, 2])
+    assert torch.count_nonzero(cache.k_buf[:, :, 3:]) == 0 and not cache.k_buf.isnan().any()
+
+
+def test_select_reorder_and_cat_keep_each_rows_length():
+    a, b = KVCache(8), KVCache(8)
+    a.append(*_kv(2, 3))
+    RowLengths.set([a], [3, 1])
+    b.append(*_kv(1, 5, start=50.0))
+    joined = KVCache.cat([a, b])
+    assert joined.lengths.tolist() == [3, 1, 5] and joined.length == 5
+    torch.testing.assert_close(joined.k_buf[2, :, :5], b.k_buf[0, :, :5])
+    picked = joined.index_select(torch.tensor([2, 0]))
+    assert picked.lengths.tolist() == [5, 3]
+    before = joined.k_buf.clone()
+    joined.reorder_(torch.tensor([1, 2, 0]))
+    assert joined.lengths.tolist() == [1, 5, 3]
+    torch.testing.assert_close(joined.k_buf[0, :, :5], before[1, :, :5])
+    RowLengths.set([picked], [4, 4])  # equal again: the uniform cache
+    assert picked.lengths is None and picked.length == 4
+
+
+def test_positions_mask_is_causal_per_row():
+    positions = torch.tensor([[4, 5], [1, 2]])  # two queries per row, rows at different positions
+    mask = positions_mask(positions, 6)
+    assert mask.shape == (2, 1, 2, 6)
+    assert mask[0, 0].tolist() == [[True] * 5 + [False], [True] * 6]
+    assert mask[1, 0].tolist() == [[True, True, False, False, False, False], [True] * 3 + [False] * 3]
+    uniform = positions_mask(torch.tensor([[3, 4, 5]]), 6)[0, 0]
+    assert torch.equal(uniform, causal_mask(3, 6))
