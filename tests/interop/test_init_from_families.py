@@ -67,6 +67,25 @@ def test_an_lm_starts_from_a_tformer_lm_checkpoint(tmp_path):
         lm.build(_lm_config(tmp_path, str(ckpt), " ".join(ENGLISH) * 3, max_seq_len=40))
 
 
+def test_lora_on_an_lm_generates_as_the_trained_model_from_the_command_line(tmp_path, capsys):
+    from tformer.pipeline import train
+    from tformer.tasks import open_predictor
+    from tformer.tasks.lm import TextGenerator
+
+    ckpt = save_generator(generator(seed=2), tmp_path / "lm")
+    config = _lm_config(tmp_path, str(ckpt), " ".join(ENGLISH) * 3)
+    kw = dict(lora_rank=2, max_steps=3, warmup_steps=0, lr=3e-2, precision="fp32", batch_size=4)
+    result = train(config.replace(train=config.train.replace(**kw)), tmp_path / "run", progress=False)
+    trained = TextGenerator(result.model, result.task.tok).generate("the ", max_new_tokens=12, greedy=True)
+    assert open_predictor(tmp_path / "run").generate("the ", max_new_tokens=12, greedy=True) == trained
+    capsys.readouterr()
+    assert (
+        main(["generate", str(tmp_path / "run"), "--prompt", "the ", "--max-new-tokens", "12", "--greedy"])
+        == 0
+    )
+    assert trained in capsys.readouterr().out
+
+
 def test_an_lm_starts_from_hugging_face_gpt2(tmp_path):
     directory = save_gpt2(tmp_path / "gpt2")
     imported = import_hf(directory)

@@ -221,7 +221,7 @@ def _records(run: Path) -> list[dict[str, object]]:
     return [{k: v for k, v in json.loads(line).items() if k not in noisy} for line in lines]
 
 
-def test_resume_equals_an_uninterrupted_run_bit_for_bit_and_refuses_another_base(tmp_path):
+def test_resume_equals_an_uninterrupted_run_bit_for_bit_and_refuses_another_base(tmp_path, capsys):
     base, data = _files(tmp_path)
     other, _ = _files(tmp_path, seed=1)
     kw = dict(lora_dropout=0.1, eval_every_epochs=2)
@@ -230,10 +230,28 @@ def test_resume_equals_an_uninterrupted_run_bit_for_bit_and_refuses_another_base
     names = rf"trained on {re.escape(str(base.resolve()))} \(sha256 {_sha(base)}\); this run's base is {re.escape(str(other.resolve()))} \(sha256 {_sha(other)}\)"
     with pytest.raises(CheckpointError, match=names):
         train(_config(other, data, max_steps=8, **kw), tmp_path / "halves", resume=True, progress=False)
+    capsys.readouterr()
     train(_config(base, data, max_steps=8, **kw), tmp_path / "halves", resume=True, progress=False)
+    assert "resumed at step 4" in capsys.readouterr().err
     a, b = _adapters(tmp_path / "straight"), _adapters(tmp_path / "halves")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert _records(tmp_path / "straight") == _records(tmp_path / "halves")
+
+
+def test_an_adapter_checkpoint_as_init_from_gives_its_merged_model(tmp_path):
+    from tformer.interop.init_from import start
+
+    base, data = _files(tmp_path)
+    train(_config(base, data), tmp_path / "run", progress=False)
+    merged = open_predictor(tmp_path / "run").model.state_dict()
+    begun = start(str(tmp_path / "run"), "classification")  # the next run starts from the adapted model
+    assert set(begun.state) == {k for k in merged if k.startswith("encoder.")}
+    assert all(torch.equal(begun.state[k], merged[k]) for k in begun.state)
+    assert any(
+        not torch.equal(begun.state[k], v)
+        for k, v in load_file(str(base / "model.safetensors")).items()
+        if k in begun.state
+    )
 
 
 def test_activation_checkpointing_gives_the_same_adapters(tmp_path):
