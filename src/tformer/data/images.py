@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -54,14 +55,18 @@ def report_skipped_files(data: ImageSet) -> None:
         )
 
 
-def load_image(path: Path, *, channels: int, size: int, resize: bool) -> np.ndarray:
-    """One image file -> (channels, size, size) uint8, with Pillow's failures as DataErrors naming it."""
+def load_image(
+    source: Path | BinaryIO, *, channels: int, size: int, resize: bool, name: str | None = None
+) -> np.ndarray:
+    """One image file, or an image's bytes as a binary file (the server's requests), -> (channels, size,
+    size) uint8, with Pillow's failures as DataErrors naming it (`name`, default the path)."""
     from PIL import Image, UnidentifiedImageError
 
+    path = str(source) if name is None else name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()  # decodes now: a truncated file fails here, not later
                 pixels = im.convert(MODES[channels])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,0 +1,64 @@
+"""POST /v1/translate against the offline Translator on the same checkpoint: concurrent requests of mixed
+lengths decoded together give what each sentence gets alone (greedy: one continuous batch; beam 4: one
+search); streamed deltas join to the non-streamed translation."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from support.serving import events, largest_batch, serving
+from tformer.data.synthetic import number_translation
+from tformer.tasks import Translator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SOURCES = [p.src for p in number_translation(40, 8, 0, seed=5, max_digits=3)["valid"]]
+
+
+@pytest.fixture(scope="module")
+def translator(checkpoint):
+    return Translator.load(checkpoint("translation"))
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_a_batch_of_mixed_lengths_equals_each_sentence_alone(translator, beam):
+    assert len({len(translator.src_tok.encode(s)) for s in SOURCES}) > 2  # lengths differ: padding is met
+    alone = [translator.translate([s], beam_size=beam)[0] for s in SOURCES]
+    # max_wait far above the test's time: the batch is formed by its size (all 8 requests), not by a clock
+    with serving(translator, max_batch=len(SOURCES), max_wait_ms=10_000) as client:
+        with ThreadPoolExecutor(len(SOURCES)) as pool:
+            replies = list(
+                pool.map(lambda s: client.post("/v1/translate", json={"text": s, "beam_size": beam}), SOURCES)
+            )
+        assert [r.status_code for r in replies] == [200] * len(SOURCES)
+        assert [r.json()["translation"] for r in replies] == alone
+        assert largest_batch(client) == len(SOURCES)  # all eight decoded together
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_streamed_deltas_join_to_the_translation(translator, beam):
+    with serving(translator, max_wait_ms=0) as client:
+        for source in SOURCES[:3]:
+            whole = client.post("/v1/translate", json={"text": source, "beam_size": beam}).json()[
+                "translation"
+            ]
+            with client.stream(
+                "POST", "/v1/translate", json={"text": source, "beam_size": beam, "stream": True}
+            ) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                got = events(r.iter_lines())
+            assert got[-1] == "[DONE]" and got[-2] == {"translation": whole}
+            assert "".join(e["delta"] for e in got[:-2]) == whole  # type: ignore[index]
+
+
+def test_max_tokens_and_length_penalty_are_the_requests_own(translator):
+    source = SOURCES[0]
+    with serving(translator, max_wait_ms=0) as client:
+        r = client.post(
+            "/v1/translate", json={"text": source, "beam_size": 2, "length_penalty": 1.5, "max_tokens": 2}
+        )
+        assert (
+            r.json()["translation"]
+            == translator.translate([source], beam_size=2, length_penalty=1.5, max_len=2)[0]
+        )
