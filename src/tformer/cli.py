@@ -16,6 +16,7 @@ from pathlib import Path
 from tformer import families
 from tformer.families.commands import precision_option
 from tformer.merge import add_parser as add_merge_parser
+from tformer.serve.command import add_serve_parser
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
     for family in families.FAMILIES.values():  # each family's own verbs: translate, classify, generate
         family.command_adder()(sub)
+    add_serve_parser(sub)
 
     av = sub.add_parser(
         "average",
