@@ -9,6 +9,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from support.serving import batches, events, server_of, serving, until
 from tformer.tasks import TextGenerator
@@ -183,3 +185,43 @@ def test_the_lm_endpoints_refuse_what_does_not_fit(generator):
             ]
             == ""
         )
+
+
+def test_a_baseline_lm_is_refused_with_the_reason(generator):
+    from tformer.config import LMConfig
+    from tformer.models.rnn import RNNLanguageModel
+    from tformer.serve import ServeOptions
+    from tformer.serve.app import create_app
+
+    config = LMConfig(vocab_size=generator.tok.vocab_size, d_model=16, n_layers=1, architecture="lstm")
+    baseline = TextGenerator(RNNLanguageModel(config), generator.tok)
+    with pytest.raises(ValueError, match="the lstm baseline has no per-row cache"):
+        create_app(baseline, ServeOptions(), name="rnn")
+
+
+@pytest.fixture(scope="module")
+def client(generator):
+    with serving(generator, max_wait_ms=0) as c:
+        yield c
+
+
+VALUES = (
+    st.none() | st.booleans() | st.integers(-3, 30) | st.sampled_from([4097, 2**70]) | st.text(max_size=12)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.lists(st.text(max_size=3), max_size=5)
+)  # fmt: skip
+FIELDS = ["model", "prompt", "max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "greedy"]
+FIELDS += ["stop", "seed", "stream", "n"]
+
+
+@pytest.mark.fuzz
+@given(
+    path=st.sampled_from(["/v1/generate", "/v1/completions"]),
+    body=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6),
+)
+def test_no_request_body_gives_a_5xx(client, path, body):
+    r = client.post(path, json=body)
+    assert r.status_code in (200, 400), r.text
+    if r.headers["content-type"].startswith("text/event-stream"):
+        assert r.text.endswith("data: [DONE]\n\n")
+    elif r.status_code == 400:
+        assert r.json()["error"]["field"] in FIELDS, r.text

@@ -49,6 +49,13 @@ def service_for(predictor: object, name: str, options: ServeOptions, metrics: Me
     from tformer.tasks import TextClassifier, TextGenerator, Translator
     from tformer.tasks.vision import ImageClassifier
 
+    if isinstance(predictor, (Translator, TextGenerator)):
+        architecture = predictor.model.config.architecture
+        if architecture != "transformer":  # continuous batching rides the Transformer's per-row KV cache
+            raise ValueError(
+                f"tformer serve decodes {type(predictor).__name__} checkpoints with continuous batching, which "
+                f"the {architecture} baseline has no per-row cache for; serve a Transformer checkpoint"
+            )
     if isinstance(predictor, Translator):
         return translation.service(predictor, name, max_batch=options.max_batch, generated=metrics.generated)
     if isinstance(predictor, TextClassifier):
