@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,17 +12,12 @@ import torch
 from PIL import Image
 
 from support.models import REVIEWS
-from support.serving import batches, serving
+from support.serving import batches, posted_together, serving
 from tformer.tasks import TextClassifier
 from tformer.tasks.vision import ImageClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = sorted({t for t, _ in REVIEWS})
-
-
-def concurrently(client, bodies):
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(lambda b: client.post("/v1/classify", json=b), bodies))
 
 
 def png(pixels: np.ndarray) -> str:
@@ -37,9 +31,11 @@ def test_texts_equal_the_offline_classifier(checkpoint, precision):
     classifier = TextClassifier.load(checkpoint("classification"), precision=precision)
     alone = [classifier.predict([t])[0] for t in TEXTS]
     probs = classifier.probabilities(TEXTS)
-    with serving(classifier, max_batch=len(TEXTS), max_wait_ms=10_000) as client:
-        replies = concurrently(client, [{"text": t} for t in TEXTS])
-        assert batches(client) == (1, len(TEXTS))
+    bodies = [{"text": t} for t in TEXTS]
+    replies, server = posted_together(
+        classifier, "/v1/classify", bodies, max_batch=len(TEXTS), max_wait_ms=10_000
+    )
+    assert batches(server) == (1, len(TEXTS))  # one batch
     for r, (label, p), row in zip(replies, alone, probs, strict=True):
         got = r.json()
         assert r.status_code == 200 and got["label"] == label
@@ -58,9 +54,11 @@ def test_images_equal_the_offline_classifier(checkpoint, tmp_path):
         Image.fromarray(pixels, "L").save(files[-1])
     offline = classifier.predict_files(files)
     probs = classifier.probabilities(torch.from_numpy(np.stack(images)[:, None]))
-    with serving(classifier, max_batch=len(images), max_wait_ms=10_000) as client:
-        replies = concurrently(client, [{"image": png(p)} for p in images])
-        assert batches(client) == (1, len(images))
+    bodies = [{"image": png(p)} for p in images]
+    replies, server = posted_together(
+        classifier, "/v1/classify", bodies, max_batch=len(images), max_wait_ms=10_000
+    )
+    assert batches(server) == (1, len(images))
     for r, (_, label, p), row in zip(replies, offline, probs, strict=True):
         got = r.json()
         assert (

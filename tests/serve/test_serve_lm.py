@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from support.serving import batches, events, server_of, serving, until
+from support.serving import batches, events, posted_together, server_of, serving, until
 from tformer.tasks import TextGenerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,20 +24,16 @@ def generator(checkpoint):
     return TextGenerator.load(checkpoint("lm"))
 
 
-def concurrently(client, path, bodies):
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(lambda b: client.post(path, json=b), bodies))
-
-
 def test_greedy_and_seeded_sampling_equal_one_request_at_a_time(generator):
     sampled = dict(temperature=0.9, top_k=20, top_p=0.9)
     greedy = [generator.generate(p, max_new_tokens=12, greedy=True) for p in PROMPTS]
     seeded = [generator.generate(p, max_new_tokens=12, seed=i, **sampled) for i, p in enumerate(PROMPTS)]
     bodies = [{"prompt": p, "max_new_tokens": 12, "greedy": True} for p in PROMPTS]
     bodies += [{"prompt": p, "max_new_tokens": 12, "seed": i, **sampled} for i, p in enumerate(PROMPTS)]
-    with serving(generator, max_batch=len(bodies), max_wait_ms=10_000) as client:
-        replies = concurrently(client, "/v1/generate", bodies)
-        steps, rows = batches(client)
+    replies, server = posted_together(
+        generator, "/v1/generate", bodies, max_batch=len(bodies), max_wait_ms=10_000
+    )
+    steps, rows = batches(server)
     assert [r.status_code for r in replies] == [200] * len(bodies)
     assert [r.json()["text"] for r in replies] == greedy + seeded
     assert rows / steps > 1  # the steps decoded several rows at once

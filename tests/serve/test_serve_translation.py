@@ -4,11 +4,9 @@ search); streamed deltas join to the non-streamed translation."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from support.serving import events, largest_batch, serving
+from support.serving import events, largest_batch, posted_together, serving
 from tformer.data.synthetic import number_translation
 from tformer.tasks import Translator
 
@@ -26,14 +24,13 @@ def test_a_batch_of_mixed_lengths_equals_each_sentence_alone(translator, beam):
     assert len({len(translator.src_tok.encode(s)) for s in SOURCES}) > 2  # lengths differ: padding is met
     alone = [translator.translate([s], beam_size=beam)[0] for s in SOURCES]
     # max_wait far above the test's time: the batch is formed by its size (all 8 requests), not by a clock
-    with serving(translator, max_batch=len(SOURCES), max_wait_ms=10_000) as client:
-        with ThreadPoolExecutor(len(SOURCES)) as pool:
-            replies = list(
-                pool.map(lambda s: client.post("/v1/translate", json={"text": s, "beam_size": beam}), SOURCES)
-            )
-        assert [r.status_code for r in replies] == [200] * len(SOURCES)
-        assert [r.json()["translation"] for r in replies] == alone
-        assert largest_batch(client) == len(SOURCES)  # all eight decoded together
+    bodies = [{"text": s, "beam_size": beam} for s in SOURCES]
+    replies, server = posted_together(
+        translator, "/v1/translate", bodies, max_batch=len(SOURCES), max_wait_ms=10_000
+    )
+    assert [r.status_code for r in replies] == [200] * len(SOURCES)
+    assert [r.json()["translation"] for r in replies] == alone
+    assert largest_batch(server) == len(SOURCES)  # all eight decoded together
 
 
 @pytest.mark.parametrize("beam", [1, 4])

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 from starlette.testclient import TestClient
 
 from support.images import image_folder
@@ -59,19 +61,34 @@ def serving(predictor: object, **options: object) -> Iterator[TestClient]:
         yield client
 
 
+def posted_together(predictor: object, path: str, bodies: list[dict], **options: object):
+    """POST every body at once to a fresh app, from one event loop in this thread (httpx's ASGI transport,
+    the app's lifespan around it): the requests reach the batcher in the order given, every run, so the
+    rows of a batch are the same each time. -> (the responses, the app's Server)."""
+    app = create_app(predictor, ServeOptions(**options), name="tiny")  # type: ignore[arg-type]
+
+    async def main() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://tiny", timeout=60) as client:
+                return list(await asyncio.gather(*(client.post(path, json=b) for b in bodies)))
+
+    return asyncio.run(main()), app.state.server
+
+
 def server_of(client: TestClient):
     return client.app.state.server  # type: ignore[attr-defined]
 
 
-def batches(client: TestClient) -> tuple[float, float]:
+def batches(server) -> tuple[float, float]:
     """How many batches (or continuous-batching steps) the worker ran, and the requests they held."""
-    samples = {s.name: s.value for s in server_of(client).metrics.batch.collect()[0].samples}
+    samples = {s.name: s.value for s in server.metrics.batch.collect()[0].samples}
     return samples["tformer_batch_size_count"], samples["tformer_batch_size_sum"]
 
 
-def largest_batch(client: TestClient) -> float:
+def largest_batch(server) -> float:
     """The bucket bound of the most requests one batch (or step) held: 8 for 5..8 (buckets 1, 2, 4, 8, ...)."""
-    samples = server_of(client).metrics.batch.collect()[0].samples
+    samples = server.metrics.batch.collect()[0].samples
     total = next(s.value for s in samples if s.name == "tformer_batch_size_count")
     return min(
         float(s.labels["le"]) for s in samples if s.name == "tformer_batch_size_bucket" and s.value == total
