@@ -88,3 +88,24 @@ def test_images_that_are_not_base64_or_not_images_are_refused(checkpoint):
             "did you mean 'image'" in r.json()["error"]["message"]
             or "valid keys: image" in r.json()["error"]["message"]
         )
+
+
+def test_the_server_draws_no_progress_bars(checkpoint, monkeypatch):
+    """A bar per batch would fill the terminal that runs `tformer serve`."""
+    import tformer.tasks.classification as text_task
+    import tformer.tasks.vision as vision_task
+
+    drawn = []
+    for module in (text_task, vision_task):
+        monkeypatch.setattr(module, "progress", lambda it, total, desc: drawn.append(desc) or it)
+    classifiers = {
+        "text": TextClassifier.load(checkpoint("classification")),
+        "image": ImageClassifier.load(checkpoint("vision")),
+    }
+    bodies = {"text": {"text": TEXTS[0]}, "image": {"image": png(np.zeros((8, 8), dtype=np.uint8))}}
+    for kind, classifier in classifiers.items():
+        with serving(classifier, max_wait_ms=0) as client:
+            assert client.post("/v1/classify", json=bodies[kind]).status_code == 200
+    assert drawn == []
+    classifiers["text"].predict(TEXTS[:1])  # the command line's path still draws its bar
+    assert drawn == ["classifying"]

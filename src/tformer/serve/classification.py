@@ -42,14 +42,14 @@ class TextEngine(BatchAtATime):
         self.classifier = classifier
 
     def run(self, key: Hashable, jobs: list[Job]) -> list[dict[str, object]]:
-        probs = class_probabilities(self.classifier.model, [j.request for j in jobs])
+        probs = class_probabilities(self.classifier.model, [j.request for j in jobs], show_progress=False)
         return labelled(probs, self.classifier.labels)
 
     def warm_up(self, max_batch: int) -> None:
         c, tok = self.classifier.model.config, self.classifier.tok
         row = [tok.bos_id, *(4 + i % max(1, tok.vocab_size - 4) for i in range(min(8, c.max_seq_len) - 1))]
         for n in sorted({1, 2, max_batch}):
-            class_probabilities(self.classifier.model, [row] * n)
+            class_probabilities(self.classifier.model, [row] * n, show_progress=False)
 
 
 class ImageEngine(BatchAtATime):
@@ -59,13 +59,13 @@ class ImageEngine(BatchAtATime):
 
     def run(self, key: Hashable, jobs: list[Job]) -> list[dict[str, object]]:
         images = torch.from_numpy(np.stack([j.request for j in jobs]))
-        return labelled(self.classifier.probabilities(images), self.classifier.classes)
+        return labelled(self.classifier.probabilities(images, show_progress=False), self.classifier.classes)
 
     def warm_up(self, max_batch: int) -> None:
         c = self.classifier.model.config
         for n in sorted({1, 2, max_batch}):
             self.classifier.probabilities(
-                torch.zeros(n, c.channels, c.image_size, c.image_size, dtype=torch.uint8)
+                torch.zeros(n, c.channels, c.image_size, c.image_size, dtype=torch.uint8), show_progress=False
             )
 
 

@@ -51,18 +51,24 @@ def encode_texts(tok: Tokenizer, texts: Sequence[str], max_len: int, what: str) 
     return [r[:max_len] for r in rows]
 
 
-def class_probabilities(model: Classifier, rows: list[list[int]], batch_size: int = 256) -> torch.Tensor:
+def class_probabilities(
+    model: Classifier, rows: list[list[int]], batch_size: int = 256, *, show_progress: bool = True
+) -> torch.Tensor:
     """Encoded texts -> probabilities (N, n_classes), in input order (batched by length); in eval mode,
-    without writing to a model already in it (tformer.inference.modes)."""
+    without writing to a model already in it (tformer.inference.modes). `show_progress=False`: no
+    progress bar even on a terminal (a server calls this per batch)."""
     with evaluating(model), torch.no_grad():
-        return _class_probabilities(model, rows, batch_size)
+        return _class_probabilities(model, rows, batch_size, show_progress)
 
 
-def _class_probabilities(model: Classifier, rows: list[list[int]], batch_size: int) -> torch.Tensor:
+def _class_probabilities(
+    model: Classifier, rows: list[list[int]], batch_size: int, show_progress: bool
+) -> torch.Tensor:
     device = model_device(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = torch.empty(len(rows), model.config.n_classes)
-    for start in progress(range(0, len(order), batch_size), -(-len(order) // batch_size), "classifying"):
+    starts = range(0, len(order), batch_size)
+    for start in progress(starts, len(starts), "classifying") if show_progress else starts:
         idx = order[start : start + batch_size]
         ids = pad([rows[i] for i in idx], model.config.pad_id).to(device)
         out[idx] = model.probabilities(ids).cpu()

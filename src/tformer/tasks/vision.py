@@ -47,13 +47,17 @@ class ImageBatch:
     seed: tuple[int, int, int]  # (train.seed, epoch, batch): the augmentation's random stream
 
 
-def class_probabilities(model: VisionTransformer, images: torch.Tensor, norm: Normalisation) -> torch.Tensor:
-    """(N, C, H, W) uint8 or [0, 1] images -> probabilities (N, n_classes), in eval mode, batched."""
+def class_probabilities(
+    model: VisionTransformer, images: torch.Tensor, norm: Normalisation, *, show_progress: bool = True
+) -> torch.Tensor:
+    """(N, C, H, W) uint8 or [0, 1] images -> probabilities (N, n_classes), in eval mode, batched.
+    `show_progress=False`: no progress bar even on a terminal (a server calls this per batch)."""
     device, batch = model_device(model), 256
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # bf16 after --precision bf16
     out = torch.empty(len(images), model.config.n_classes)
+    starts = range(0, len(images), batch)
     with evaluating(model), torch.no_grad():
-        for start in progress(range(0, len(images), batch), -(-len(images) // batch), "classifying"):
+        for start in progress(starts, len(starts), "classifying") if show_progress else starts:
             x = norm(to_unit(images[start : start + batch]).to(device))
             out[start : start + batch] = model.probabilities(x.to(dtype)).cpu()
     return out
@@ -170,9 +174,9 @@ class ImageClassifier(CheckpointPredictor):
         resize = data.get("resize", True) if isinstance(data, dict) else True
         return cls(vit, classes, norm, resize=bool(resize))
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor, *, show_progress: bool = True) -> torch.Tensor:
         """(N, channels, image_size, image_size) uint8 or [0, 1] images -> (N, n_classes)."""
-        return class_probabilities(self.model, images, self.norm)
+        return class_probabilities(self.model, images, self.norm, show_progress=show_progress)
 
     def load_files(self, paths: Sequence[str | Path]) -> tuple[list[Path], torch.Tensor]:
         """Image files and folders (every image under a folder, sorted) -> (the files, their pixels)."""
