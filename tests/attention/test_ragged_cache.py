@@ -1,6 +1,6 @@
 """Rows of one KV cache at different lengths (continuous batching), at the layer level: each row's new keys
-land at its own slots, index_select / reorder_ / cat keep every row's length, slots never written are
-zeros once rows differ (so a masked key cannot carry NaN into 0 * value), and the per-row causal mask is
+land at its own slots, index_select / reorder_ / cat keep every row's length, the slots read never hold
+uninitialised memory (so a masked key cannot carry NaN into 0 * value), and the per-row causal mask is
 the ordinary causal mask when all rows agree."""
 
 import torch
@@ -28,12 +28,26 @@ def test_rows_write_at_their_own_slots():
     assert cache.positions(2).tolist() == [[5, 6], [2, 3], [3, 4]]
 
 
-def test_never_written_slots_are_zero_once_rows_differ():
+def test_slots_read_never_hold_uninitialised_memory():
+    """Buffers are allocated empty (NaN here, as an empty allocation may hold): a step that widens the
+    view zeroes its new columns for the rows that do not reach them, and cat zero-fills up to the longest,
+    so every key and value read is finite."""
+    nan = float("nan")
     cache = KVCache(6)
     cache.append(*_kv(2, 3))
-    cache.k_buf[:, :, 3:] = float("nan")  # what an empty allocation may hold
     RowLengths.set([cache], [3, 2])
-    assert torch.count_nonzero(cache.k_buf[:, :, 3:]) == 0 and not cache.k_buf.isnan().any()
+    cache.k_buf[:, :, 3:], cache.v_buf[:, :, 3:] = nan, nan
+    out = cache.append(*_kv(2, 1, start=100.0))  # row 0 writes slot 3, row 1 slot 2
+    assert not out.k.isnan().any() and not out.v.isnan().any()
+    assert torch.count_nonzero(cache.k_buf[1, :, 3]) == 0
+    short = KVCache(6)
+    short.append(*_kv(1, 1))
+    short.k_buf[:, :, 1:], short.v_buf[:, :, 1:] = nan, nan
+    joined = KVCache.cat([cache, short])
+    assert joined.lengths.tolist() == [4, 3, 1] and joined.length == 4
+    assert not joined.k.isnan().any() and not joined.v.isnan().any()
+    picked = joined.index_select(torch.tensor([2, 0]))
+    assert not picked.k.isnan().any() and torch.equal(picked.k[1], joined.k[0])
 
 
 def test_select_reorder_and_cat_keep_each_rows_length():

@@ -10,10 +10,13 @@ Rows of one batch may hold different numbers of positions (continuous batching: 
 leave a running batch between steps). A `KVCache` whose rows differ carries `lengths` (B,), each row's
 filled slots, with `length` their maximum (the width its keys are read at); a step writes row b's T new
 positions at slots lengths[b] .. lengths[b] + T - 1, so a position is its slot, and attention masks
-each query to the slots at or before its own position (`positions_mask`, attention/masks.py). Slots past
-a row's length hold what the row wrote before it was cut back (padding of a prompt) or zeros, never
-uninitialised memory, so a masked key times its weight 0 stays 0. While every row has the same length the
-cache is exactly the uniform one: `lengths` is None and a step is one slice write.
+each query to the slots at or before its own position (`positions_mask`, attention/masks.py). Every slot
+below `length` holds a written value (a row's own, or what it wrote before it was cut back: the padding of
+a prompt) or zero, never uninitialised memory, so a masked key times its weight 0 stays 0; slots from
+`length` on are not read before they are written (a step that widens the view zeroes its new columns
+first), so buffers are allocated empty and rows joining or leaving copy only the `length` slots read. While
+every row has the same length the cache is exactly the uniform one: `lengths` is None and a step is one
+slice write.
 """
 
 from __future__ import annotations
@@ -105,8 +108,6 @@ class KVCache:
         self.lengths: Tensor | None = None  # (B,) per-row filled slots when rows differ, else None
         self.k_buf: Tensor | None = None  # (B, H_kv, capacity, D)
         self.v_buf: Tensor | None = None
-        # every slot holds a written value or zero (no uninitialised memory): needed once rows differ
-        self.initialised = False
 
     @property
     def k(self) -> Tensor:
@@ -150,6 +151,8 @@ class KVCache:
             self.k_buf[:, :, self.length : end] = k
             self.v_buf[:, :, self.length : end] = v
         else:  # row b's T positions at its own slots: advanced indices (B, T) around the head slice
+            self.k_buf[:, :, self.length : end].zero_()  # the new columns, for rows that do not reach them
+            self.v_buf[:, :, self.length : end].zero_()
             slots = self.lengths[:, None] + torch.arange(t, device=k.device)  # (B, T)
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k_buf[rows, :, slots] = k.transpose(1, 2)  # (B, T, H_kv, D)
@@ -158,19 +161,10 @@ class KVCache:
         self.length = end
         return KV(self.k_buf[:, :, :end], self.v_buf[:, :, :end])
 
-    def _initialise(self) -> None:
-        """Zero the slots never written (past `length`: the buffers were allocated empty), once."""
-        if not self.initialised and self.k_buf is not None and self.v_buf is not None:
-            self.k_buf[:, :, self.length :].zero_()
-            self.v_buf[:, :, self.length :].zero_()
-        self.initialised = True
-
     def set_lengths(self, lengths: Tensor | None, length: int) -> None:
         """Set the rows' filled slots: `lengths` (B,) per row (None: every row `length`), `length` their
         maximum. Used by the model-level caches (LMCache, DecoderCache) after a step, e.g. to cut a padded
         prompt back to each row's real length."""
-        if lengths is not None:
-            self._initialise()
         self.lengths, self.length = lengths, length
 
     def reorder_(self, index: Tensor) -> None:
@@ -188,48 +182,64 @@ class KVCache:
         if self.lengths is not None:
             self.lengths = self.lengths.index_select(0, index)
 
-    def _copy(self, k_buf: Tensor | None, v_buf: Tensor | None, lengths: Tensor | None) -> KVCache:
+    def _with(self, k_buf: Tensor | None, v_buf: Tensor | None, lengths: Tensor | None) -> KVCache:
         new = KVCache(self.capacity)
-        new.length, new.lengths, new.initialised = self.length, lengths, self.initialised
-        new.k_buf, new.v_buf = k_buf, v_buf
+        new.length, new.lengths, new.k_buf, new.v_buf = self.length, lengths, k_buf, v_buf
         return new
+
+    def _filled(self, buf: Tensor, index: Tensor | None) -> Tensor:
+        """A buffer of this capacity holding the first `length` slots of rows `index` (None: all) of `buf`:
+        only the slots read are copied."""
+        src = buf[:, :, : self.length] if index is None else buf[:, :, : self.length].index_select(0, index)
+        out = buf.new_empty(src.shape[0], buf.shape[1], self.capacity, buf.shape[3])
+        out[:, :, : self.length] = src
+        return out
 
     def index_select(self, index: Tensor) -> KVCache:
         """A new cache holding batch rows `index` (B',) of this one (any B'), same capacity."""
         if self.k_buf is None or self.v_buf is None:
-            return self._copy(None, None, None)
+            return self._with(None, None, None)
         lengths = None if self.lengths is None else self.lengths.index_select(0, index)
-        return self._copy(self.k_buf.index_select(0, index), self.v_buf.index_select(0, index), lengths)
+        return self._with(self._filled(self.k_buf, index), self._filled(self.v_buf, index), lengths)
 
     def clone(self) -> KVCache:
         if self.k_buf is None or self.v_buf is None:
-            return self._copy(None, None, None)
+            return self._with(None, None, None)
         lengths = None if self.lengths is None else self.lengths.clone()
-        return self._copy(self.k_buf.clone(), self.v_buf.clone(), lengths)
+        return self._with(self._filled(self.k_buf, None), self._filled(self.v_buf, None), lengths)
 
     @staticmethod
     def cat(caches: Sequence[KVCache]) -> KVCache:
         """One cache holding the rows of `caches` in order (each written to, same capacity, heads and
-        dtype): a running batch and the requests that join it. Rows keep their own lengths."""
+        dtype): a running batch and the requests that join it. Rows keep their own lengths; each cache's
+        filled slots are copied, and zeros fill the slots up to the longest."""
         if not caches:
             raise ValueError("KVCache.cat needs at least one cache")
         capacity = caches[0].capacity
+        bufs = []
         for c in caches:
             if c.capacity != capacity:
                 raise ValueError(f"KVCache.cat: capacities differ ({capacity} and {c.capacity})")
             if c.k_buf is None or c.v_buf is None:
                 raise ValueError("KVCache.cat: a cache is empty (nothing was written to it yet)")
-            c._initialise()
-        k_bufs = [c.k_buf for c in caches if c.k_buf is not None]
-        v_bufs = [c.v_buf for c in caches if c.v_buf is not None]
-        lengths = [
-            c.lengths if c.lengths is not None else torch.full((b.shape[0],), c.length, device=b.device)
-            for c, b in zip(caches, k_bufs, strict=True)
-        ]
+            bufs.append((c, c.k_buf, c.v_buf))
+        width = max(c.length for c in caches)
+        k0, v0 = bufs[0][1], bufs[0][2]
+        b = sum(k.shape[0] for _, k, _ in bufs)
         new = KVCache(capacity)
-        new.k_buf, new.v_buf = torch.cat(k_bufs), torch.cat(v_bufs)
-        new.lengths, new.length = torch.cat(lengths), max(c.length for c in caches)
-        new.initialised = True
+        new.k_buf = k_buf = k0.new_empty(b, k0.shape[1], capacity, k0.shape[3])
+        new.v_buf = v_buf = v0.new_empty(b, v0.shape[1], capacity, v0.shape[3])
+        lengths, row = [], 0
+        for c, k, v in bufs:
+            rows = slice(row, row + k.shape[0])
+            k_buf[rows, :, : c.length], v_buf[rows, :, : c.length] = k[:, :, : c.length], v[:, :, : c.length]
+            k_buf[rows, :, c.length : width].zero_()
+            v_buf[rows, :, c.length : width].zero_()
+            lengths.append(
+                c.lengths if c.lengths is not None else torch.full((k.shape[0],), c.length, device=k.device)
+            )
+            row += k.shape[0]
+        new.lengths, new.length = torch.cat(lengths), width
         return new
 
     def clear(self) -> None:
