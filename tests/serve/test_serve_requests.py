@@ -215,3 +215,26 @@ def test_no_request_body_gives_a_5xx(client, body):
 def test_no_raw_body_gives_a_5xx(client, raw):
     r = client.post("/v1/translate", content=raw)
     assert r.status_code in (200, 400), r.text
+
+
+def test_a_failed_warm_up_is_reported_by_health_and_requests_still_answered(translator, capsys):
+    from starlette.testclient import TestClient
+
+    from tformer.serve.app import create_app
+    from tformer.serve.options import ServeOptions
+
+    app = create_app(translator, ServeOptions(max_wait_ms=0), name="tiny")
+
+    def broken(max_batch):
+        raise RuntimeError("no kernels today")
+
+    app.state.server.service.engine.warm_up = broken
+    with TestClient(app) as client:
+        until(lambda: client.get("/health").json()["status"] != "warming up", "past the warm-up")
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert r.json()["error"]["message"] == "the warm-up failed: RuntimeError: no kernels today"
+        assert client.post("/v1/translate", json={"text": "deux"}).json() == {
+            "translation": translator.translate(["deux"])[0]
+        }
+    assert "RuntimeError: no kernels today" in capsys.readouterr().err  # with its traceback
