@@ -151,3 +151,17 @@ def test_cli_generate_stream_prints_the_same_text(tmp_path, capsys):
         plain = capsys.readouterr().out
         assert main([*argv, "--stream"]) == 0
         assert capsys.readouterr().out == plain
+
+
+def test_rnn_baseline_streams_too():
+    """The recurrent LM baseline has no per-row KV cache (no batch decoder) but streams like the Transformer."""
+    from tformer.models.rnn import RNNLanguageModel
+
+    base = generator(0)
+    torch.manual_seed(0)
+    config = LMConfig(
+        vocab_size=base.tok.vocab_size, d_model=16, n_layers=1, architecture="lstm", max_seq_len=24
+    )
+    gen = TextGenerator(RNNLanguageModel(config).eval(), base.tok)
+    for kw in ({"greedy": True, "max_new_tokens": 30}, {"seed": 2, "max_new_tokens": 30, "stop": ["e"]}):
+        assert "".join(gen.generate("the", stream=True, **kw)) == gen.generate("the", **kw)
