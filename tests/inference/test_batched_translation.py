@@ -177,3 +177,42 @@ def test_cli_translate_stream_prints_the_same(tmp_path, capsys):
         plain = capsys.readouterr().out
         assert main([*argv, "--stream"]) == 0
         assert capsys.readouterr().out == plain
+
+
+def test_sampled_translation_batched_equals_alone():
+    """Sampling (temperature, top-k / top-p, a seed per source) gives each source the tokens it samples
+    alone: in one padded greedy_decode, and joining the continuous TranslationDecoder mid-way."""
+    from support.models import FRENCH, translator
+    from tformer.inference import Sampling
+    from tformer.inference.seq2seq_batching import TranslationRequest
+
+    model, (src, lengths) = _model(2), _sources(2)
+    draws = [Sampling(seed=1), None, Sampling(temperature=0.7, top_k=5, seed=2), Sampling(top_p=0.9, seed=3)]
+    batched = greedy_decode(model, src, bos_id=BOS, eos_id=EOS, sampling=draws)
+    for i, n in enumerate(lengths):
+        alone = greedy_decode(model, src[i : i + 1, :n], bos_id=BOS, eos_id=EOS, sampling=draws[i])[0]
+        assert (batched[i].tokens, batched[i].finished) == (alone.tokens, alone.finished)
+        assert batched[i].score == pytest.approx(alone.score, abs=1e-5)
+    assert batched[0].tokens != greedy_decode(model, src[:1, :3], bos_id=BOS, eos_id=EOS)[0].tokens
+
+    t = translator(9)
+    texts = [FRENCH[0], "le chat", FRENCH[2], FRENCH[1]]
+    dec = t.batch_decoder(max_batch=4)
+    got: dict[int, str] = {}
+    handles = {dec.add(TranslationRequest(texts[0], sampling=draws[0])): 0}
+    for e in dec.step():
+        got[e.handle] = got.get(e.handle, "") + e.text
+    for i in (1, 2, 3):
+        handles[dec.add(TranslationRequest(texts[i], sampling=draws[i]))] = i
+    while len(dec):
+        for e in dec.step():
+            got[e.handle] = got.get(e.handle, "") + e.text
+    for h, i in handles.items():
+        assert got[h] == t.translate([texts[i]], beam_size=1, sampling=draws[i])[0]
+    assert t.translate(texts, beam_size=1, sampling=draws) == [got[h] for h in handles]
+    with pytest.raises(ValueError, match="sampling decodes one hypothesis: it needs beam_size = 1"):
+        t.translate(texts, beam_size=2, sampling=draws[0])
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        Sampling(temperature=0)
+    with pytest.raises(ValueError, match="sampling has 1 entries; expected one per source"):
+        greedy_decode(model, src, bos_id=BOS, eos_id=EOS, sampling=[draws[0]])

@@ -4,7 +4,7 @@ batching of many requests (batching, seq2seq_batching); streaming text deltas; r
 from tformer.inference.batching import BatchDecoder, GenerationRequest, StepEvent
 from tformer.inference.decoding import Hypothesis, beam_search, beam_steps, greedy_decode, length_penalty
 from tformer.inference.precision import PRECISIONS, apply_precision
-from tformer.inference.sampling import filter_logits, generate, generate_steps
+from tformer.inference.sampling import Sampling, filter_logits, generate, generate_steps
 from tformer.inference.seq2seq_batching import TranslationDecoder, TranslationRequest
 from tformer.inference.streaming import TextStream
 
@@ -13,6 +13,7 @@ __all__ = [
     "BatchDecoder",
     "GenerationRequest",
     "Hypothesis",
+    "Sampling",
     "StepEvent",
     "TextStream",
     "TranslationDecoder",

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tformer.accel import compiled_decoding
 from tformer.inference.modes import evaluating
-from tformer.inference.sampling import check_compile, new_generator, sample
+from tformer.inference.sampling import check_compile, check_sampling, new_generator, sample
 from tformer.inference.streaming import Continuation, TextStream
 from tformer.models.lm import LanguageModel, LMCache
 
@@ -38,11 +38,6 @@ if TYPE_CHECKING:
     from tformer.data.tokenizers import Tokenizer
 
 Reason = Literal["stop", "eos", "length"]
-SEEDS = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -67,20 +62,13 @@ class GenerationRequest:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {n!r}")
         if not isinstance(self.greedy, bool):
             raise TypeError(f"greedy must be a bool, got {self.greedy!r}")
-        t = self.temperature  # greedy decoding never divides by it (0 is a usual way to ask for greedy)
-        if not _number(t) or not (t > 0 or (self.greedy and t == 0)):
-            raise ValueError(f"temperature must be a number > 0 (or 0 with greedy=True), got {t!r}")
-        k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {k!r}")
-        p = self.top_p
-        if p is not None and (not _number(p) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1] or None, got {p!r}")
-        seed = self.seed
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int) or not SEEDS[0] <= seed < SEEDS[1]
-        ):
-            raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {seed!r}")
+        check_sampling(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            greedy=self.greedy,
+        )
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
             raise TypeError(f"stop must be a sequence of strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -21,9 +21,11 @@ from torch import Tensor, nn
 from tformer.attention.kv_cache import DecodingCache
 from tformer.config import Seq2SeqConfig
 from tformer.inference.modes import evaluating
+from tformer.inference.sampling import Sampling, new_generator
 from tformer.models.seq2seq import Seq2SeqOutput
 
 C = TypeVar("C", bound=DecodingCache)
+Sampler = tuple[Sampling, torch.Generator] | None  # a row's sampling and its own generator (None: greedy)
 
 
 class IncrementalSeq2Seq(Protocol[C]):
@@ -113,11 +115,37 @@ def greedy_decode(
     eos_id: int,
     max_len: MaxLen = None,
     src_mask: Tensor | None = None,
+    sampling: Sampling | Sequence[Sampling | None] | None = None,
 ) -> list[Hypothesis]:
     """Pick the most probable token at each step. src (B, S) -> one hypothesis per row. `max_len`: one
-    limit for every row, one per row, or None (each row's own default, `max_steps`)."""
+    limit for every row, one per row, or None (each row's own default, `max_steps`). `sampling` (for all
+    rows, or one per row, None: greedy): draw each token instead, from the row's own generator, so a row
+    samples the same tokens batched as alone; scores stay the untempered log-probabilities."""
     with evaluating(model), torch.no_grad():
-        return _greedy(model, src, bos_id, eos_id, max_len, src_mask)
+        return _greedy(model, src, bos_id, eos_id, max_len, src_mask, sampling)
+
+
+def samplers(
+    sampling: Sampling | Sequence[Sampling | None] | None, b: int, device: torch.device
+) -> list[Sampler]:
+    """One (Sampling, its own generator) per row that samples, None for a greedy row."""
+    per_row = [sampling] * b if sampling is None or isinstance(sampling, Sampling) else list(sampling)
+    if len(per_row) != b:
+        raise ValueError(f"sampling has {len(per_row)} entries; expected one per source ({b})")
+    for s in per_row:
+        if s is not None and not isinstance(s, Sampling):
+            raise TypeError(f"sampling must be a Sampling or None (or one per source), got {s!r}")
+    return [None if s is None else (s, new_generator(s.seed, device)) for s in per_row]
+
+
+def choose(logp: Tensor, rows: Sequence[Sampler], skip: Sequence[bool] | None = None) -> Tensor:
+    """(B, V) log-probabilities -> (B,) next tokens: the argmax, or a draw for each sampling row (rows in
+    `skip`, already finished, draw nothing)."""
+    best = logp.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        if row is not None and not (skip is not None and skip[i]):
+            best[i] = row[0].draw(logp[i : i + 1], row[1])[0]
+    return best
 
 
 def _greedy(
@@ -127,8 +155,11 @@ def _greedy(
     eos_id: int,
     max_len: MaxLen,
     src_mask: Tensor | None,
+    sampling: Sampling | Sequence[Sampling | None] | None,
 ) -> list[Hypothesis]:
     _check_inputs(model, src, bos_id, eos_id)
+    rows = samplers(sampling, src.shape[0], src.device)
+    sampled = any(r is not None for r in rows)
     row_steps = max_steps(model, max_len, source_lengths(model, src, src_mask))
     steps = max(row_steps)
     limits = torch.tensor(row_steps, device=src.device)  # (B,)
@@ -143,7 +174,7 @@ def _greedy(
         # the tokens fed back are argmaxes over the vocabulary: no need to validate them again
         logits = model.decode_step(token, cache, checked=True).logits
         logp = next_logp(model, logits[:, -1], bos_id)  # (B, V)
-        best = logp.argmax(dim=-1)  # (B,)
+        best = choose(logp, rows, done.tolist()) if sampled else logp.argmax(dim=-1)  # (B,)
         scores += torch.where(done, 0.0, logp.gather(1, best[:, None])[:, 0])
         out[:, t] = best
         done |= (best == eos_id) | (limits <= t + 1)  # EOS, or the row's own step limit reached

@@ -11,6 +11,7 @@ which keeps each step cheap.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
@@ -52,6 +53,48 @@ class IncrementalLM(Protocol[G]):
     def __call__(
         self, ids: Tensor, *, cache: G | None = None, last_only: bool = False, checked: bool = False
     ) -> LMOutput: ...
+
+
+SEEDS = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
+
+def check_sampling(
+    *, temperature: object, top_k: object, top_p: object, seed: object, greedy: bool = False
+) -> None:
+    """Raise a ValueError naming the field for sampling parameters that `filter_logits` / a generator
+    would refuse (or overflow on): untrusted values (a server's request) fail here, before decoding."""
+    t = temperature  # greedy decoding never divides by it (0 is a usual way to ask for greedy)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 or (greedy and t == 0)):
+        raise ValueError(f"temperature must be a number > 0 (or 0 with greedy=True), got {t!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+    ):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not SEEDS[0] <= seed < SEEDS[1]
+    ):
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {seed!r}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Draw each token from the filtered distribution instead of taking the most probable one (a
+    translator's sampling; the language model's requests carry the same fields). `seed`: this row's own
+    generator (None: freshly seeded)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+
+    def draw(self, logits: Tensor, generator: torch.Generator) -> Tensor:
+        """(1, V) logits (or log-probabilities) -> (1,) token."""
+        return sample(logits, generator, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 def filter_logits(

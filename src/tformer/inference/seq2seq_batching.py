@@ -1,5 +1,5 @@
-"""Continuous batching of greedy translation: sources join and leave a running batch between decoding
-steps, each decoded exactly as `greedy_decode` decodes it alone.
+"""Continuous batching of greedy (or sampled) translation: sources join and leave a running batch between
+decoding steps, each decoded exactly as `greedy_decode` decodes it alone.
 
 Each `step()` encodes the sources that joined (one padded encoder pass; their cross-attention keys/values
 and source masks become rows of their own, `Seq2Seq.start_cache`), feeds their BOS, and feeds every running
@@ -22,8 +22,9 @@ from torch import Tensor
 
 from tformer.data.batching import pad
 from tformer.inference.batching import Reason, RowBatch, StepEvent
-from tformer.inference.decoding import max_steps, next_logp
+from tformer.inference.decoding import Sampler, choose, max_steps, next_logp, samplers
 from tformer.inference.modes import evaluating
+from tformer.inference.sampling import Sampling
 from tformer.inference.streaming import TextStream
 from tformer.models.decoder import DecoderCache
 from tformer.models.seq2seq import Seq2Seq
@@ -34,14 +35,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TranslationRequest:
-    """One source sentence; `max_len`: its output token limit (None: 2 S + 10, capped at max_seq_len)."""
+    """One source sentence; `max_len`: its output token limit (None: 2 S + 10, capped at max_seq_len);
+    `sampling`: draw its tokens (None: greedy), as `Translator.translate(..., sampling=)` does alone."""
 
     text: str
     max_len: int | None = None
+    sampling: Sampling | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise TypeError(f"text must be a str, got {type(self.text).__name__}")
+        if self.sampling is not None and not isinstance(self.sampling, Sampling):
+            raise TypeError(f"sampling must be a Sampling or None, got {self.sampling!r}")
         n = self.max_len
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"max_len must be an int >= 1 or None, got {n!r}")
@@ -54,6 +59,7 @@ class _Row:
     steps: int  # this row's step limit
     stream: TextStream
     tokens: list[int]
+    sampler: Sampler
     score: float = 0.0
 
 
@@ -89,7 +95,8 @@ class TranslationDecoder(RowBatch[_Row, DecoderCache]):
             raise TypeError(f"add takes a TranslationRequest, got {type(request).__name__}")
         ids = self.source_ids(request.text)
         (steps,) = max_steps(self.model, request.max_len, [len(ids)])
-        row = _Row(self._handle(), ids, steps, TextStream(), [])
+        (sampler,) = samplers(request.sampling, 1, self.device)
+        row = _Row(self._handle(), ids, steps, TextStream(), [], sampler)
         self._waiting.append(row)
         return row.handle
 
@@ -101,7 +108,7 @@ class TranslationDecoder(RowBatch[_Row, DecoderCache]):
             return []
         with evaluating(self.model), torch.no_grad():
             logp = self._forward(joining)  # (B, V) float64
-        best = logp.argmax(dim=-1)
+        best = choose(logp, [row.sampler for row in self._running])
         picked = logp.gather(1, best[:, None])[:, 0]
         events: list[StepEvent] = []
         finished: set[int] = set()

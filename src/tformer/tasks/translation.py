@@ -19,6 +19,7 @@ from tformer.families.roles import EvalRequest
 from tformer.inference.batching import Reason, StepEvent
 from tformer.inference.decoding import MaxLen, beam_search, beam_steps, greedy_decode
 from tformer.inference.modes import evaluating
+from tformer.inference.sampling import Sampling
 from tformer.inference.seq2seq_batching import TranslationDecoder, TranslationRequest
 from tformer.inference.streaming import TextStream
 from tformer.metrics import bleu, chrf, exact_match, perplexity
@@ -186,16 +187,24 @@ class Translator(CheckpointPredictor):
         max_len: MaxLen = None,
         batch_size: int = 128,
         show_progress: bool = True,
+        sampling: Sampling | Sequence[Sampling | None] | None = None,
     ) -> list[str]:
         """Decode pre-tokenised sources, in length-sorted batches, returning texts in input order. `max_len`:
         output tokens, one limit or one per source (None, for all or a source: its default, 2 S + 10); a
         source's translation does not depend on its batch-mates (each row stops at its own limit).
-        `show_progress=False`: no progress bar even on a terminal (a server calls this per batch)."""
+        `show_progress=False`: no progress bar even on a terminal (a server calls this per batch).
+        `sampling` (beam_size 1 only; for all sources or one per source): draw tokens instead of the argmax
+        (tformer.inference.Sampling: temperature, top_k, top_p, seed), each source with its own generator."""
         model, t = self.model, self.tgt_tok
         device = model_device(model)
         limits = None if max_len is None or isinstance(max_len, int) else list(max_len)
         if limits is not None and len(limits) != len(sources):
             raise ValueError(f"max_len has {len(limits)} entries; expected one per source ({len(sources)})")
+        draws = None if sampling is None or isinstance(sampling, Sampling) else list(sampling)
+        if sampling is not None and beam_size != 1:
+            raise ValueError(f"sampling decodes one hypothesis: it needs beam_size = 1, got {beam_size}")
+        if draws is not None and len(draws) != len(sources):
+            raise ValueError(f"sampling has {len(draws)} entries; expected one per source ({len(sources)})")
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[str] = [""] * len(sources)
         starts = range(0, len(order), batch_size)
@@ -204,7 +213,10 @@ class Translator(CheckpointPredictor):
             src = pad([sources[i] for i in idx], self.src_tok.pad_id).to(device)  # (B, S)
             row_max: MaxLen = max_len if limits is None else [limits[i] for i in idx]
             if beam_size == 1:
-                hyps = greedy_decode(model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=row_max)
+                row_sampling = sampling if draws is None else [draws[i] for i in idx]
+                hyps = greedy_decode(
+                    model, src, bos_id=t.bos_id, eos_id=t.eos_id, max_len=row_max, sampling=row_sampling
+                )
             else:
                 hyps = [
                     h[0]
@@ -242,6 +254,7 @@ class Translator(CheckpointPredictor):
         length_penalty: float = 0.6,
         max_len: MaxLen = None,
         batch_size: int = 128,
+        sampling: Sampling | Sequence[Sampling | None] | None = None,
     ) -> list[str]:
         """Translate sentences (beam search; greedy with beam_size = 1), as `translate_ids` does."""
         return self.translate_ids(
@@ -250,6 +263,7 @@ class Translator(CheckpointPredictor):
             length_penalty=length_penalty,
             max_len=max_len,
             batch_size=batch_size,
+            sampling=sampling,
         )
 
     def batch_decoder(self, *, max_batch: int = 16) -> TranslationDecoder:
