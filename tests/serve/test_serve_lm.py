@@ -5,14 +5,13 @@ decoding; a client that disconnects mid-stream frees its row; the LM's own bad r
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from support.serving import batches, events, posted_together, server_of, serving, until
+from support.serving import Gate, batches, events, posted_together, server_of, serving, until
 from tformer.tasks import TextGenerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,19 +85,6 @@ def test_streaming_equals_the_non_streamed_text(generator, path):
                 assert [c["finish_reason"] for c in choices[:-1]] == [None] * (len(choices) - 1)
                 assert choices[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
                 assert len({e["id"] for e in got[:-1]}) == 1  # type: ignore[index]
-
-
-class Gate:
-    """Holds the worker before each decoding step until the test lets it go: steps become countable."""
-
-    def __init__(self, engine) -> None:
-        self.permits = threading.Semaphore(0)
-        step = engine.step
-        engine.step = lambda: (self.permits.acquire(timeout=30), step())[1]
-
-    def let(self, n: int = 1) -> None:
-        for _ in range(n):
-            self.permits.release()
 
 
 def test_a_request_joins_a_batch_that_is_decoding(generator):

@@ -4,9 +4,11 @@ search); streamed deltas join to the non-streamed translation."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from support.serving import events, largest_batch, posted_together, serving
+from support.serving import Gate, events, largest_batch, posted_together, server_of, serving, until
 from tformer.data.synthetic import number_translation
 from tformer.tasks import Translator
 
@@ -59,3 +61,28 @@ def test_max_tokens_and_length_penalty_are_the_requests_own(translator):
             r.json()["translation"]
             == translator.translate([source], beam_size=2, length_penalty=1.5, max_len=2)[0]
         )
+
+
+def test_beam_requests_arriving_during_a_search_start_the_next_one_together(translator):
+    longest = max(SOURCES, key=lambda s: len(translator.translate([s], beam_size=4)[0].split()))
+    others = [s for s in SOURCES if s != longest][:2]
+    body = lambda text: {"text": text, "beam_size": 4}  # noqa: E731
+    with serving(translator, max_batch=4, max_wait_ms=0) as client:
+        server = server_of(client)
+        engine = server.service.engine
+        gate = Gate(engine)
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(client.post, "/v1/translate", json=body(longest))
+            until(lambda: len(server.worker.jobs) == 1, "the first request in the worker")
+            gate.let(1)  # its search starts and takes a step
+            later = [pool.submit(client.post, "/v1/translate", json=body(s)) for s in others]
+            until(lambda: server.batcher.free == 1, "the other two handed to the worker")
+            gate.let(1)  # the step the worker was held before; then it admits them: they wait
+            until(lambda: len(server.worker.jobs) == 3, "all three in the worker")
+            assert len(engine._searches) == 1 and len(engine._joining) == 2  # the first search still runs
+            gate.let(1000)
+            replies = [first.result(), *(f.result() for f in later)]
+    assert [r.json()["translation"] for r in replies] == [
+        translator.translate([s], beam_size=4)[0] for s in [longest, *others]
+    ]
+    assert engine._next == 2  # two searches: the first, then the other two together

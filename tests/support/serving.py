@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -93,6 +94,19 @@ def largest_batch(server) -> float:
     return min(
         float(s.labels["le"]) for s in samples if s.name == "tformer_batch_size_bucket" and s.value == total
     )
+
+
+class Gate:
+    """Holds the worker before each step of `engine` until the test lets it go: steps become countable."""
+
+    def __init__(self, engine) -> None:
+        self.permits = threading.Semaphore(0)
+        step = engine.step
+        engine.step = lambda: (self.permits.acquire(timeout=30), step())[1]
+
+    def let(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.permits.release()
 
 
 def until(condition, what: str, limit: float = 30.0) -> None:
