@@ -90,8 +90,9 @@ def test_translation_decoder_joins_and_leaves_like_greedy_alone():
     from tformer.inference.seq2seq_batching import TranslationRequest
 
     t = translator(5)
-    texts = [FRENCH[0], "le chat", FRENCH[2], FRENCH[1], "un chien blanc", "la maison"]
-    limits = [None, 3, None, 6, None, None]
+    # the first two are short: the longer sources that join widen the running rows' cross-attention keys
+    texts = ["le chat", FRENCH[2], FRENCH[0], FRENCH[1], "un chien blanc", "la maison"]
+    limits = [3, None, None, 6, None, None]
     dec = t.batch_decoder(max_batch=3)
     got: dict[int, str] = {}
     scores: dict[int, float] = {}
