@@ -77,9 +77,11 @@ def test_beam_requests_arriving_during_a_search_start_the_next_one_together(tran
             gate.let(1)  # its search starts and takes a step
             later = [pool.submit(client.post, "/v1/translate", json=body(s)) for s in others]
             until(lambda: server.batcher.free == 1, "the other two handed to the worker")
-            gate.let(1)  # the step the worker was held before; then it admits them: they wait
+            gate.let(1)  # the step the worker was held before; then it admits them
             until(lambda: len(server.worker.jobs) == 3, "all three in the worker")
-            assert len(engine._searches) == 1 and len(engine._joining) == 2  # the first search still runs
+            gate.let(1)  # a step with them admitted: the first search still runs, so they wait
+            until(lambda: gate.taken == 3, "the third step done")
+            assert len(engine._searches) == 1 and len(engine._joining) == 2
             gate.let(1000)
             replies = [first.result(), *(f.result() for f in later)]
     assert [r.json()["translation"] for r in replies] == [

@@ -101,8 +101,16 @@ class Gate:
 
     def __init__(self, engine) -> None:
         self.permits = threading.Semaphore(0)
+        self.taken = 0  # steps done
         step = engine.step
-        engine.step = lambda: (self.permits.acquire(timeout=30), step())[1]
+
+        def gated():
+            self.permits.acquire(timeout=30)
+            left = step()
+            self.taken += 1
+            return left
+
+        engine.step = gated
 
     def let(self, n: int = 1) -> None:
         for _ in range(n):
