@@ -223,7 +223,7 @@ def beam_search(
 
 
 class BeamProgress(NamedTuple):
-    """One source after a beam-search step: the tokens every live beam and every finished hypothesis
+    """One source after a beam-search step: the tokens every live beam and the best finished hypothesis
     share (so the final best starts with them), or, once the source is done, its best hypothesis."""
 
     tokens: list[int]
@@ -348,8 +348,12 @@ def beam_steps(
                     best = ranked(finished[i])[0] if finished[i] else Hypothesis([], float("-inf"), False)
                     report.append(BeamProgress(best.tokens, best))
                 else:
-                    live = [hist[i * k + j] for j in range(k) if sc[i][j] != float("-inf")]
-                    report.append(BeamProgress(_common_prefix(live + [h.tokens for h in finished[i]]), None))
+                    # the final best extends a live beam, or is the best finished hypothesis so far (a
+                    # finished one ranked below it never becomes the best: that one stays in the list)
+                    seqs = [hist[i * k + j] for j in range(k) if sc[i][j] != float("-inf")]
+                    if finished[i]:
+                        seqs.append(ranked(finished[i])[0].tokens)
+                    report.append(BeamProgress(_common_prefix(seqs), None))
             yield report
         else:
             yield []

@@ -281,7 +281,7 @@ class Translator(CheckpointPredictor):
     ) -> Generator[list[StepEvent], None, None]:
         """Beam search over `texts` together (one padded batch; equal beam parameters), one list of events
         per decoding step (handle = index into texts): each source's text grows by the prefix that all its
-        live beams and finished hypotheses share, so it never takes a word back, and its finished event
+        live beams and its best finished hypothesis share, so it never takes a word back, and its finished event
         completes the text to exactly `translate`'s (with the hypothesis's score)."""
         ids = self.encode(texts)
         device = model_device(self.model)
