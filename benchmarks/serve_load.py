@@ -43,14 +43,14 @@ TFORMER = [sys.executable, "-m", "tformer"]
 
 
 def cpu_model() -> str:
+    """lscpu's model name, family and model (what BENCHMARKS.md names machines by)."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return platform.processor() or "unknown"
-    return next(
-        (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-        "unknown",
-    )
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    get = lambda key: fields.get(key, "?").strip()  # noqa: E731
+    return f"{get('Model name')} (family {get('CPU family')} model {get('Model')})"
 
 
 def free_port() -> int:
