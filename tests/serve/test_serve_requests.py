@@ -193,6 +193,7 @@ JSON = st.recursive(
     max_leaves=12,
 )
 FIELDS = ["text", "beam_size", "length_penalty", "max_tokens", "stream", "beam"]
+FIELDS += ["sample", "temperature", "seed"]
 
 
 @pytest.mark.fuzz

@@ -88,3 +88,35 @@ def test_beam_requests_arriving_during_a_search_start_the_next_one_together(tran
         translator.translate([s], beam_size=4)[0] for s in [longest, *others]
     ]
     assert engine._next == 2  # two searches: the first, then the other two together
+
+
+def test_sampled_requests_in_one_batch_equal_each_alone(translator):
+    from tformer.inference.sampling import Sampling
+
+    draws = [Sampling(temperature=0.8, top_k=5, seed=i) for i in range(len(SOURCES))]
+    alone = [
+        translator.translate([s], beam_size=1, sampling=d)[0] for s, d in zip(SOURCES, draws, strict=True)
+    ]
+    bodies = [
+        {"text": s, "sample": True, "temperature": 0.8, "top_k": 5, "seed": i} for i, s in enumerate(SOURCES)
+    ]
+    replies, server = posted_together(
+        translator, "/v1/translate", bodies, max_batch=len(SOURCES), max_wait_ms=10_000
+    )
+    assert [r.json()["translation"] for r in replies] == alone
+    assert largest_batch(server) == len(SOURCES)
+    greedy = [translator.translate([s], beam_size=1)[0] for s in SOURCES]
+    assert alone != greedy  # the draws are not the argmax
+
+
+def test_sampling_fields_need_sample_and_one_hypothesis(translator):
+    with serving(translator, max_wait_ms=0) as client:
+        for body, field, phrase in [
+            ({"text": "un", "temperature": 0.5}, "temperature", 'expected it with "sample": true'),
+            ({"text": "un", "seed": 1}, "seed", 'expected it with "sample": true'),
+            ({"text": "un", "sample": True, "beam_size": 4}, "beam_size", "expected beam_size 1 (or none)"),
+            ({"text": "un", "sample": True, "temperature": 0}, "temperature", "> 0.0"),
+        ]:
+            r = client.post("/v1/translate", json=body)
+            assert r.status_code == 400 and r.json()["error"]["field"] == field, r.text
+            assert phrase in r.json()["error"]["message"], r.text

@@ -118,9 +118,7 @@ def service(
         return text, n
 
     def budget(body: Body, field: str, default: int) -> int:
-        value = body.integer(field, default, low=0, high=MAX_TOKENS)
-        assert value is not None
-        return value
+        return body.integer(field, default, low=0, high=MAX_TOKENS)
 
     def parse_generate(body: Body) -> Parsed:
         text, n = prompt(body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import overload
 
 from tformer.config.base import closest, show
 from tformer.serve.errors import RequestError
@@ -99,6 +100,12 @@ class Body:
         if not isinstance(value, str):
             raise RequestError(f"{name} is {_got(value)}; expected a string: {what}", field=name)
         return _valid_text(name, value)
+
+    @overload
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int: ...
+
+    @overload
+    def integer(self, name: str, default: None, *, low: int, high: int) -> int | None: ...
 
     def integer(self, name: str, default: int | None, *, low: int, high: int) -> int | None:
         """An integer in [low, high]; absent or null: `default`. true / false and 4.0 are not integers."""

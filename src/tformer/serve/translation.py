@@ -1,7 +1,8 @@
 """POST /v1/translate: one sentence per request, `{"text": ..., "beam_size": 4, "length_penalty": 0.6,
-"max_tokens": null, "stream": false}` -> `{"translation": ...}`.
+"max_tokens": null, "stream": false}` -> `{"translation": ...}`; `"sample": true` (with "temperature",
+"top_k", "top_p", "seed") draws its tokens instead, one hypothesis.
 
-Greedy requests (beam_size 1) join one continuous batch (`Translator.batch_decoder`: sources join and
+Greedy and sampled requests (beam_size 1) join one continuous batch (`Translator.batch_decoder`: sources join and
 leave between decoding steps). Beam requests with equal beam parameters are searched as one batch
 (`Translator.beam_stream`), stepped alongside the greedy batch, so neither kind holds the other up; those
 that arrive while a search of their parameters runs wait for it to end and start the next together. Either way each row keeps its own length limit, so a sentence gets what
@@ -12,9 +13,11 @@ prefix every live beam agrees on, as server-sent events; not streamed, the same 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
 from tformer.inference.batching import StepEvent
+from tformer.inference.sampling import Sampling
 from tformer.inference.seq2seq_batching import TranslationDecoder, TranslationRequest
 from tformer.serve.batching import EventRows, Job
 from tformer.serve.errors import RequestError
@@ -23,7 +26,20 @@ from tformer.serve.service import Endpoint, Parsed, Service, Stream
 from tformer.tasks.translation import Translator
 
 MAX_BEAM = 16
-ACCEPTED = ("text", "beam_size", "length_penalty", "max_tokens", "stream")
+SAMPLING = ("temperature", "top_k", "top_p", "seed")  # with "sample": true only
+ACCEPTED = ("text", "beam_size", "length_penalty", "max_tokens", "stream", "sample", *SAMPLING)
+SEEDS = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Translate:
+    """A checked request: greedy (beam_size 1), sampled (`sampling`; beam_size 1) or beam search."""
+
+    text: str
+    max_len: int | None
+    beam_size: int
+    length_penalty: float
+    sampling: Sampling | None = None
 
 
 def _row_key(search: int, event: StepEvent) -> tuple[int, int]:
@@ -53,9 +69,10 @@ class TranslationEngine:
         return len(self._rows) + len(self._joining)
 
     def admit(self, job: Job) -> list[Job]:
-        text, max_len, beam_size, _ = job.request
-        if beam_size == 1:
-            self._rows.add(("greedy", self.greedy().add(TranslationRequest(text, max_len))), job)
+        r: Translate = job.request
+        if r.beam_size == 1:
+            request = TranslationRequest(r.text, r.max_len, r.sampling)
+            self._rows.add(("greedy", self.greedy().add(request)), job)
         else:
             self._joining.append(job)
         return []
@@ -75,19 +92,19 @@ class TranslationEngine:
         groups: dict[tuple[int, float], list[Job]] = {}
         waiting = []
         for job in self._joining:
-            _, _, beam_size, length_penalty = job.request
-            if (beam_size, length_penalty) in self._running.values():
+            params = job.request.beam_size, job.request.length_penalty
+            if params in self._running.values():
                 waiting.append(job)
             else:
-                groups.setdefault((beam_size, length_penalty), []).append(job)
+                groups.setdefault(params, []).append(job)
         self._joining = waiting
         for (beam_size, length_penalty), jobs in groups.items():
             search, self._next = self._next, self._next + 1
             steps = self.translator.beam_stream(
-                [j.request[0] for j in jobs],
+                [j.request.text for j in jobs],
                 beam_size=beam_size,
                 length_penalty=length_penalty,
-                max_len=[j.request[1] for j in jobs],  # None: each row's own default
+                max_len=[j.request.max_len for j in jobs],  # None: each row's own default
             )
             self._searches[search] = steps, [(search, i) for i in range(len(jobs))]
             self._running[search] = (beam_size, length_penalty)
@@ -138,11 +155,31 @@ def service(
                 f"text has {n} tokens, more than the model's max_seq_len = {limit}; expected a shorter sentence",
                 field="text",
             )
-        beam = body.integer("beam_size", 4, low=1, high=MAX_BEAM)
+        sampled = body.boolean("sample", False)
+        beam = body.integer("beam_size", 1 if sampled else 4, low=1, high=MAX_BEAM)
         length_penalty = body.number("length_penalty", 0.6, low=0.0, high=10.0)
         max_len = body.integer("max_tokens", None, low=1, high=limit)
         stream = body.boolean("stream", False)
-        return Parsed(beam, (text, max_len, beam, length_penalty), stream)
+        return Parsed(beam, Translate(text, max_len, beam, length_penalty, sampling(body)), stream)
+
+    def sampling(body: Body) -> Sampling | None:
+        """`"sample": true` draws the tokens (temperature, top_k, top_p, seed), one hypothesis."""
+        if not body.boolean("sample", False):
+            for name in SAMPLING:
+                if body.present(name):
+                    raise RequestError(f'{name} is for sampling; expected it with "sample": true', field=name)
+            return None
+        if body.integer("beam_size", 1, low=1, high=MAX_BEAM) != 1:
+            raise RequestError(
+                'sampling draws one hypothesis; expected beam_size 1 (or none) with "sample": true',
+                field="beam_size",
+            )
+        return Sampling(
+            temperature=body.number("temperature", 1.0, low=0.0, high=100.0, above=True),
+            top_k=body.integer("top_k", None, low=1, high=translator.tgt_tok.vocab_size),
+            top_p=body.number("top_p", 1.0, low=0.0, high=1.0, above=True) if body.present("top_p") else None,
+            seed=body.integer("seed", None, low=0, high=SEEDS),
+        )
 
     endpoint = Endpoint(
         ACCEPTED,
