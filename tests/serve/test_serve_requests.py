@@ -239,3 +239,25 @@ def test_a_failed_warm_up_is_reported_by_health_and_requests_still_answered(tran
             "translation": translator.translate(["deux"])[0]
         }
     assert "RuntimeError: no kernels today" in capsys.readouterr().err  # with its traceback
+
+
+def test_a_value_the_library_refuses_after_the_schema_is_a_400(translator):
+    from starlette.testclient import TestClient
+
+    from tformer.serve.app import create_app
+    from tformer.serve.options import ServeOptions
+
+    app = create_app(translator, ServeOptions(max_wait_ms=0), name="tiny")
+    endpoint = app.state.server.service.endpoints["/v1/translate"]
+
+    def refuses(body):
+        raise ValueError("top_p must be in (0, 1], got 7")
+
+    object.__setattr__(endpoint, "parse", refuses)  # as if the schema had let a bad value through
+    with TestClient(app) as client:
+        error(
+            client.post("/v1/translate", json={"text": "un"}),
+            400,
+            None,
+            "cannot be decoded: top_p must be in (0, 1]",
+        )

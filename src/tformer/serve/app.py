@@ -121,7 +121,12 @@ class Server:
         """A request checked and queued: auth, size, JSON, the endpoint's schema and the model's limits."""
         self.authorize(request)
         body = Body(parse_json(await self.read_body(request)), endpoint.accepted)
-        parsed = await run_in_threadpool(endpoint.parse, body) if endpoint.offload else endpoint.parse(body)
+        try:
+            parsed = (
+                await run_in_threadpool(endpoint.parse, body) if endpoint.offload else endpoint.parse(body)
+            )
+        except (ValueError, TypeError) as exc:  # the library's own checks of a value the schema let through
+            raise RequestError(f"the request cannot be decoded: {exc}") from None
         if parsed.stream and endpoint.stream is None:
             raise RequestError("stream: this endpoint does not stream; expected false", field="stream")
         if self.batcher is None:
