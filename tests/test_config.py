@@ -100,7 +100,10 @@ def test_run_config_parts_match_the_task():
         ("[train]\nlr = 'abc'\n", r"run.toml: TrainConfig.lr = 'abc' \(str\); expected float \| None"),
         ("[train]\nlr = inf\n", r"run.toml: TrainConfig.lr = inf is not a finite number"),
         ("[model]\nd_model = 100\n", r"run.toml: Seq2SeqConfig.d_model = 100 must be divisible"),
-        ('task = "lm"\n[train]\nlora_rank = 4\n', r"run.toml: train.lora_rank = 4 adapts pretrained weights"),
+        (
+            'task = "lm"\n[model]\narchitecture = "lstm"\n[train]\nlora_rank = 4\n',
+            r"run.toml: train.lora_rank = 4: LoRA adapts a Transformer's projections",
+        ),
         ("[train]\nseed = " + "9" * 5000 + "\n", r"run.toml: not valid TOML"),
     ],
 )
@@ -187,8 +190,10 @@ def test_override_errors_name_only_the_arguments_involved():
         match=r"^overrides 'd_model=33', 'n_heads=2': Seq2SeqConfig.d_model = 33 must be divisible",
     ):
         apply_overrides(RunConfig(), ["d_model=33", "dropout=0.2", "n_heads=2"])
-    with pytest.raises(ConfigError, match=r"^override 'train.lora_rank=4': train.lora_rank = 4 adapts"):
-        apply_overrides(RunConfig(task="lm"), ["epochs=2", "train.lora_rank=4"])
+    with pytest.raises(ConfigError, match=r"^override 'train.lora_rank=4': train.lora_rank = 4: LoRA adapts"):
+        apply_overrides(
+            RunConfig(task="lm", model=LMConfig(architecture="lstm")), ["epochs=2", "train.lora_rank=4"]
+        )
     with pytest.raises(
         ConfigError, match=r"^override 'schedule=cosine': TrainConfig.schedule = 'cosine' needs"
     ):

@@ -322,10 +322,6 @@ def test_a_target_matching_nothing_names_the_pattern_and_the_layers():
     ("config", "message"),
     [
         (
-            lambda: RunConfig(task="lm", train=TrainConfig(lora_rank=8)),
-            r"lora_rank = 8 adapts pretrained .* needs train.init_from",
-        ),
-        (
             lambda: RunConfig(
                 task="classification",
                 model=ClassifierConfig(architecture="cnn"),
@@ -342,6 +338,20 @@ def test_a_target_matching_nothing_names_the_pattern_and_the_layers():
 def test_lora_settings_are_checked(config, message):
     with pytest.raises(ConfigError, match=message):
         config()
+
+
+def test_lora_without_init_from_is_refused_when_the_run_starts(tmp_path):
+    _, data = _files(tmp_path)
+    config = RunConfig(
+        task="classification",
+        model=ClassifierConfig(max_seq_len=16),
+        train=TrainConfig(lora_rank=8, max_steps=1),  # valid as a file that leaves init_from to an override
+        data=DataConfig(train=(str(data),), valid=(str(data),)),
+    )
+    with pytest.raises(
+        ConfigError, match=r"lora_rank = 8 adapts pretrained weights: it needs train.init_from"
+    ):
+        train(config, tmp_path / "run", progress=False)
 
 
 def test_lora_off_is_a_plain_run():

@@ -259,11 +259,6 @@ class RunConfig(Section):
                 raise ConfigError(
                     f"RunConfig.{key} = {show(value)} ({type(value).__name__}); expected a {cls.__name__}"
                 )
-        if self.train.lora and not self.train.init_from:
-            raise ConfigError(
-                f"train.lora_rank = {self.train.lora_rank} adapts pretrained weights: it needs train.init_from "
-                "(a checkpoint of the family, or hf:DIR), the base the adapters are trained on"
-            )
         if self.train.lora and self.model.architecture != "transformer":
             raise ConfigError(
                 f"train.lora_rank = {self.train.lora_rank}: LoRA adapts a Transformer's projections; "

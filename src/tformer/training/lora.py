@@ -127,8 +127,11 @@ def adapt(model: nn.Module, config: TrainConfig, *, family: str) -> Adaptation:
     into it; everything else is frozen but the family's new head."""
     from tformer.interop.init_from import base_of
 
-    if not config.lora or not config.init_from:
-        raise ConfigError("LoRA needs train.lora_rank > 0 and train.init_from (the base it adapts)")
+    if not config.init_from:  # checked here, not in the config: a TOML file may leave it to an override
+        raise ConfigError(
+            f"train.lora_rank = {config.lora_rank} adapts pretrained weights: it needs train.init_from "
+            "(a checkpoint of the family, or hf:DIR), the base the adapters are trained on"
+        )
     rank = int(config.lora_rank or 0)
     patterns = config.lora_targets or DEFAULT_TARGETS.get(family, ATTENTION_FFN)
     targets = match_targets(model, patterns)
