@@ -12,7 +12,8 @@ response that differs is "wrong", one that equals another input's answer "swappe
 
 Translation: the demo's checkpoint (`tformer demo --out runs/demo`, made here if missing; `--quick`: the
 quick demo's) on its held-out numbers. LM: `--lm-checkpoint`, or a small character model trained here on
-the demo's English number words (about a minute). Greedy decoding throughout, so the answers are exact.
+the demo's English number words (600 steps: about 6 minutes on 2 cores). Greedy decoding throughout, so
+the answers are exact.
 
     .venv/bin/python benchmarks/serve_load.py [--checkpoint runs/demo/checkpoint] [--quick]
         [--clients 32,64] [--requests 512] [--seconds 60] [--json results/serve_load.json]
@@ -230,7 +231,7 @@ def translation_settings(
 
 
 def lm_checkpoint(out: Path) -> Path:
-    """A small character LM on the demo's English number words, trained here (about a minute)."""
+    """A small character LM on the demo's English number words, trained here (600 steps: about 6 minutes on 2 cores)."""
     text = "\n".join(p.tgt for p in number_translation(20000, 10, 10, seed=3)["train"])
     (out / "numbers.txt").write_text(text)
     subprocess.run(
