@@ -126,18 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tformer.tasks import TextGenerator
 
     generator = TextGenerator.load(args.checkpoint, precision=args.precision, accel=True)
-    if args.stream:  # each delta as soon as it is decided, flushed: the same text as without --stream
-        print(args.prompt, end="", flush=True)
-        for delta in generator.generate(
-            args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, greedy=args.greedy, seed=args.seed, stop=args.stop or (), compile=args.compile,
-            stream=True,
-        ):  # fmt: skip
-            print(delta, end="", flush=True)
-        print()
-        return 0
-    text = generator.generate(
-        args.prompt,
+    options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -147,7 +136,13 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop or (),
         compile=args.compile,
     )
-    print(args.prompt + text)
+    if args.stream:  # each delta as soon as it is decided, flushed: the same text as without --stream
+        print(args.prompt, end="", flush=True)
+        for delta in generator.generate(args.prompt, **options, stream=True):
+            print(delta, end="", flush=True)
+        print()
+        return 0
+    print(args.prompt + generator.generate(args.prompt, **options))
     return 0
 
 
