@@ -103,6 +103,63 @@ def test_cosine_schedule_ends_at_floor():
     assert f(109) == pytest.approx(0.1)
 
 
+class _Clock:
+    """time.perf_counter for the trainer: each call half a second later, so every step takes 0.5 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.5
+        return self.now
+
+
+def test_cosine_over_max_time_is_sized_by_the_warmup_rate_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    from tformer.training import trainer as trainer_module
+
+    kw = {"schedule": "cosine", "max_time": 50.0, "warmup_steps": 5}
+    monkeypatch.setattr(trainer_module, "time", _Clock())
+    run_job(str(tmp_path / "straight"), None, **kw)
+    # 0.5 s per step: 50 steps (the earliest sizing) in 25 s of a 50 s budget -> the decay ends at step 100,
+    # where the time runs out
+    records = [json.loads(x) for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert train[-1]["step"] == 99 and records[-1]["step"] == 100
+
+    def want(k: int) -> float:  # the rate of step k + 1, as logged after step k
+        s = k + 1
+        if s < 5:
+            return 1e-3 * s / 5
+        if k < 50:  # not sized yet: the peak
+            return 1e-3
+        return 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 50) / 50))
+
+    assert [r["lr"] for r in train] == pytest.approx([want(r["step"]) for r in train], rel=1e-12, abs=1e-15)
+    # interrupted after the sizing, resumed: the same decay (the schedule's state keeps it), the same weights
+    monkeypatch.setattr(trainer_module, "time", _Clock())
+    with pytest.raises(KeyboardInterrupt):
+        run_job(str(tmp_path / "cut"), None, interrupt_at=70, **kw)
+    state = load_trainer_state(tmp_path / "cut" / "checkpoint")
+    assert state["scheduler"]["lr_lambdas"][0]["total"] == 100
+    clock = _Clock()
+    clock.now = 2 * 0.5 * 70  # the trainer's own time is its saved train_time; the clock only ticks on
+    monkeypatch.setattr(trainer_module, "time", clock)
+    run_job(str(tmp_path / "cut"), None, resume=True, **kw)
+    a, b = weights_of(tmp_path / "straight"), weights_of(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cosine_needs_a_length_or_a_budget():
+    from tformer.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="needs max_steps .* or max_time"):
+        TrainConfig(schedule="cosine")
+    assert TrainConfig(schedule="cosine", max_time=60.0).max_steps is None
+
+
 def test_label_smoothed_loss_ignores_padding_and_matches_formula():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, dtype=torch.float64)

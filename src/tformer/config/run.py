@@ -53,6 +53,9 @@ class TrainConfig(Section):
     max_batch_sentences: int = 512
     batch_size: int | None = None  # lm: sequences per batch (None: batch_tokens // max_seq_len)
     lr: float | None = None  # peak learning rate; None: the paper's d_model**-0.5 * warmup**-0.5
+    # "inverse_sqrt" (the paper's), "constant" after warm-up, or "cosine" down to min_lr at max_steps; with
+    # max_time and no max_steps the cosine ends where the time runs out, at the step the warm-up's measured
+    # step rate predicts (sized once, then fixed: a resumed run keeps it)
     schedule: str = "inverse_sqrt"
     warmup_steps: int = 4000
     min_lr: float = 0.0  # floor of the cosine schedule
@@ -161,8 +164,11 @@ class TrainConfig(Section):
             raise ConfigError(f"{name}.init_from is empty; give hf:DIR or a checkpoint directory")
         check_probability(name, label_smoothing=self.label_smoothing)
         self._check_lora(name)
-        if self.schedule == "cosine" and self.max_steps is None:
-            raise ConfigError(f"{name}.schedule = 'cosine' needs max_steps (the length of the decay)")
+        if self.schedule == "cosine" and self.max_steps is None and self.max_time is None:
+            raise ConfigError(
+                f"{name}.schedule = 'cosine' needs max_steps (the length of the decay) or max_time (a time "
+                "budget: the decay is sized from the step rate measured in the warm-up)"
+            )
         if not all(0.0 <= b < 1.0 for b in self.betas):  # two floats: check_types
             raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {self.betas!r}")
 

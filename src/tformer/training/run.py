@@ -23,6 +23,7 @@ from tformer.training import distributed, lora, run_dir
 from tformer.training.checkpoint import write_checkpoint
 from tformer.training.ema import EMA, EMA_WEIGHTS
 from tformer.training.logsinks import TensorBoardLog, attention_picture
+from tformer.training.schedules import unsized_cosine
 from tformer.training.snapshot import check_finite, restore, trainer_state
 from tformer.training.state import BatchT, LogRecord, Task, TrainState, rng_state
 from tformer.training.step import NonfiniteFlag, SkippingAdamW
@@ -252,6 +253,8 @@ class TrainingRun(Generic[BatchT]):
                 s.step -= 1
                 s.nonfinite_skips += 1
             else:
+                if collective:
+                    self._size_schedule()
                 self.scheduler.step()
                 if self.ema is not None:  # the parameters are still this step's result (ema.py)
                     self.ema.update()
@@ -274,6 +277,26 @@ class TrainingRun(Generic[BatchT]):
                 f"step {s.step + 1}: the gradient is not finite (NaN or inf); step skipped "
                 f"({s.nonfinite_skips} of at most train.max_nonfinite_skips = {c.max_nonfinite_skips})",
                 file=sys.stderr,
+            )
+
+    def _size_schedule(self) -> None:
+        """A cosine over train.max_time (no max_steps): once the warm-up is over (and 50 steps at least,
+        so the first steps' start-up costs weigh little), its length is the steps taken so far times the
+        budget over the training time they took; rank 0's estimate, for every rank. Sized once: the
+        schedule's state (in the checkpoint) keeps it."""
+        fn = unsized_cosine(self.scheduler)
+        c, s, w = self.config, self.state, self.world
+        done = self.scheduler.last_epoch + 1  # the steps settled, the one being settled included
+        if fn is None or c.max_time is None or done < max(fn.warmup, 50):
+            return
+        total = round(done * c.max_time / max(s.train_time, 1e-9))
+        if w.distributed:
+            total = int(distributed.from_rank0(w, total))
+        fn.size(done, total)
+        if self.progress:
+            tqdm.write(
+                f"schedule: the cosine decay ends at step {fn.total} ({done} steps in {s.train_time:.0f} s "
+                f"of training; train.max_time = {c.max_time:g} s)"
             )
 
     def evaluate(self) -> LogRecord:
