@@ -14,6 +14,7 @@ from support.models import build
 from tformer.config import ConfigError
 from tformer.training import distributed, run_dir
 from tformer.training.ema import EMA
+from tformer.training.schedules import inverse_sqrt
 from tformer.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +76,60 @@ def test_a_skipped_step_does_not_update_the_average(tmp_path):
     for name, value in trainer.ema.shadow.items():
         torch.testing.assert_close(value.double(), want[name], rtol=0, atol=1e-6)
     assert any(not torch.allclose(trainer.ema.shadow[n].double(), wrong[n], atol=1e-6) for n in want)
+
+
+def test_a_float16_overflow_skip_moves_neither_the_average_nor_the_schedule(tmp_path, monkeypatch):
+    """float16 is for CUDA (check_precision), but torch's float16 autocast and GradScaler also run on the
+    CPU, with the same bookkeeping: allowed here, one gradient made infinite at the third step (its loss
+    finite), which the scaler skips and the trainer must not count as a step."""
+    from tformer.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "check_precision", lambda config, world: None)
+    task, model = build(
+        "lm",
+        precision="fp16",
+        ema=DECAY,
+        save_every_steps=None,
+        max_steps=5,
+        schedule="inverse_sqrt",
+        warmup_steps=3,
+    )
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    calls = []
+    real_loss = task.loss
+
+    def loss(m, batch):
+        calls.append(len(calls))
+        return real_loss(m, batch)
+
+    task.loss = loss
+    weight = next(p for p in model.parameters() if p.dim() == 2)
+    weight.register_hook(lambda g: g * float("inf") if calls[-1] == 2 else g)
+    trainer = Trainer(model, task, task.train_config, out_dir=tmp_path, progress=False)
+    trajectory: list[tuple[bool, dict[str, torch.Tensor]]] = []
+    lrs: list[float] = []
+    trainer.optimizer.register_step_post_hook(
+        lambda *_: (
+            trajectory.append(
+                (calls[-1] == 2, {n: p.detach().double().clone() for n, p in model.named_parameters()})
+            ),
+            lrs.append(trainer.optimizer.param_groups[0]["lr"]),
+        )
+    )
+    trainer.fit()
+    s = trainer.state
+    assert len(calls) == 6 and s.step == 5 and s.overflow_skips == 1 and s.nonfinite_skips == 0
+    # the fused optimiser is called with the scaler's found_inf and leaves everything as it was
+    assert len(trajectory) == 6 and all(
+        torch.equal(v, trajectory[1][1][k]) for k, v in trajectory[2][1].items()
+    )
+    # the schedule did not advance over the skipped step: step 3's rate again, then steps 4 and 5
+    f = inverse_sqrt(3)
+    assert lrs == pytest.approx([1e-3 * f(k) for k in (0, 1, 2, 2, 3, 4)], rel=1e-12)
+    want = _by_hand(start, trajectory)
+    for name, value in trainer.ema.shadow.items():
+        torch.testing.assert_close(value.double(), want[name], rtol=0, atol=1e-6)
+    assert trainer.scaler.get_scale() < 2.0**16  # the overflow lowered the scale
 
 
 def test_evaluation_scores_the_average_and_restores_the_raw_weights_exactly(tmp_path):

@@ -126,3 +126,51 @@ def test_a_metric_the_family_does_not_record_is_one_error(tmp_path):
         ConfigError, match="keep_best = 'bleu', but this family's evaluation records valid_nll, valid_ppl"
     ):
         Trainer(model, task, task.train_config, out_dir=tmp_path, progress=False).fit()
+
+
+def test_keep_best_on_the_moving_average_keeps_its_weights(tmp_path, capsys):
+    """keep_best = "ema_valid_nll": `best` is the best evaluation's moving average as a checkpoint of its
+    own (best-ema-<step>, what `tformer average CKPT --ema` writes), one at a time; predictors load it."""
+    task, model = build(
+        "translation",
+        batch_tokens=64,  # 14-batch epochs: the evaluations every 2 steps fall inside them
+        max_steps=12,
+        eval_every_steps=2,
+        ema=0.5,
+        keep_best="ema_valid_nll",
+        keep_checkpoints=20,
+        save_every_steps=1,
+        lr=3e-3,
+    )
+    history = Trainer(model, task, task.train_config, out_dir=tmp_path, progress=False).fit()
+    evals = [r for r in history if r["type"] == "eval"]
+    scores = [r["ema_valid_nll"] for r in evals]
+    step = evals[scores.index(min(scores))]["step"]
+    assert len(set(scores)) > 1 and [r["ema_valid_nll"] for r in evals] != [r["valid_nll"] for r in evals]
+    best = run_dir.best(tmp_path)
+    assert best is not None and best.name == f"best-ema-{step}"
+    assert sorted(p.name for p in tmp_path.glob("best-ema-*")) == [best.name]  # older bests are gone
+    info = json.loads((tmp_path / "best.json").read_text())
+    assert info == {"metric": "ema_valid_nll", "value": min(scores), "step": step, "checkpoint": best.name}
+    ema = load_file(str(tmp_path / f"checkpoint-{step}" / "ema.safetensors"))
+    raw = load_file(str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    kept = load_file(str(best / "model.safetensors"))
+    assert kept.keys() == raw.keys() and all(torch.equal(kept[k], ema[k]) for k in kept)
+    assert any(not torch.equal(kept[k], raw[k]) for k in kept)
+    capsys.readouterr()
+    predictor = open_predictor(tmp_path)
+    assert f"the best checkpoint (ema_valid_nll {min(scores):.4g} at step {step}), {best.name}" in (
+        capsys.readouterr().err
+    )
+    got = predictor.model.state_dict()
+    assert all(torch.equal(got[k], kept[k]) for k in kept)  # the moving average is what predicts
+
+
+def test_keep_best_on_the_moving_average_needs_one():
+    with pytest.raises(
+        ConfigError, match="keep_best = 'ema_bleu' scores the moving average .* needs train.ema"
+    ):
+        TrainConfig(keep_best="ema_bleu")
+    with pytest.raises(ConfigError, match="keep_best = 'ema_blue': expected one of"):
+        TrainConfig(keep_best="ema_blue", ema=0.9)
+    assert TrainConfig(keep_best="ema_bleu", ema=0.9).keep_best == "ema_bleu"

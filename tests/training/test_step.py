@@ -60,7 +60,9 @@ def test_optimizer_is_torchs_adamw_and_skips_a_nonfinite_step_on_the_device():
     for p, b, m in zip(model.parameters(), before, moments, strict=True):
         assert torch.equal(p, b) and torch.equal(opt.state[p]["exp_avg"], m)  # nothing moved
     assert float(opt.state[next(model.parameters())]["step"]) == 1.0
-    assert NonfiniteFlag(skip).read() is True and NonfiniteFlag(~skip).read() is False
+    assert NonfiniteFlag(skip).read() == (True, False) and NonfiniteFlag(~skip).read() == (False, False)
+    assert NonfiniteFlag(~skip, skip).read() == (False, True)  # float16: the scaler's overflow
+    assert NonfiniteFlag(skip, skip).read() == (True, False)  # not finite wins: it is counted as such
 
 
 def test_host_decided_skip_for_an_unfused_optimizer():

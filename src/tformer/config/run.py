@@ -42,6 +42,11 @@ BEST_METRICS = {
 }
 
 
+def best_metric_lower(metric: str) -> bool:
+    """Whether lower is better for train.keep_best's `metric` (an "ema_" one: as its raw metric's)."""
+    return BEST_METRICS[metric.removeprefix("ema_")]
+
+
 @dataclass(frozen=True)
 class TrainConfig(Section):
     """Optimisation. Adam with the paper's betas and epsilon (section 5.3), label smoothing 0.1."""
@@ -86,7 +91,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = 2  # checkpoint-<step>/ directories kept in the run directory (newest first)
     max_nonfinite_skips: int = 10  # steps skipped for a non-finite gradient before training stops
     # keep the checkpoint of the best evaluation by this metric (run_dir `best`; lower is better for
-    # valid_nll / valid_ppl, higher for the rest); predictors then load it from the run directory
+    # valid_nll / valid_ppl, higher for the rest); predictors then load it from the run directory. An
+    # "ema_" metric (with train.ema) keeps the moving average's weights of the best evaluation instead
     keep_best: str | None = None
     patience: int | None = None  # with keep_best: stop after this many evaluations without a new best
     # an exponential moving average of the weights, e.g. 0.999 (None: none): evaluated and saved beside them
@@ -128,10 +134,16 @@ class TrainConfig(Section):
         if self.save_every_steps is not None:
             check_positive(name, save_every_steps=self.save_every_steps)
         check_positive(name, keep_checkpoints=self.keep_checkpoints)
-        if self.keep_best is not None and self.keep_best not in BEST_METRICS:
+        if self.keep_best is not None and self.keep_best.removeprefix("ema_") not in BEST_METRICS:
             raise ConfigError(
                 f"{name}.keep_best = {self.keep_best!r}: expected one of {', '.join(BEST_METRICS)} "
-                "(what the family's evaluation records)"
+                "(what the family's evaluation records), or one of them with ema_ (the moving average's "
+                "score, with train.ema)"
+            )
+        if self.keep_best is not None and self.keep_best.startswith("ema_") and self.ema is None:
+            raise ConfigError(
+                f"{name}.keep_best = {self.keep_best!r} scores the moving average of the weights, which "
+                "needs train.ema (e.g. train.ema = 0.999)"
             )
         if self.patience is not None:
             check_positive(name, patience=self.patience)

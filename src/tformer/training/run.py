@@ -18,8 +18,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from tformer.config import ConfigError, TrainConfig
-from tformer.config.run import BEST_METRICS
+from tformer.config.run import BEST_METRICS, best_metric_lower
 from tformer.training import distributed, lora, run_dir
+from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint import write_checkpoint
 from tformer.training.ema import EMA, EMA_WEIGHTS
 from tformer.training.logsinks import TensorBoardLog, attention_picture
@@ -131,10 +132,13 @@ class TrainingRun(Generic[BatchT]):
                 trainer_state=state,
             )
             saved = run_dir.save(self.out_dir, step=s.step, keep=self.config.keep_checkpoints, write=write)
-            if self.best_due and self.config.keep_best is not None and s.best_value is not None:
-                run_dir.mark_best(
-                    self.out_dir, saved, metric=self.config.keep_best, value=s.best_value, step=s.step
-                )
+            metric = self.config.keep_best
+            if self.best_due and metric is not None and s.best_value is not None:
+                if metric.startswith("ema_"):  # the moving average scored best: its own checkpoint
+                    target = run_dir.best_ema_path(self.out_dir, s.step)
+                    saved = average_checkpoints([saved], target, ema=True, overwrite=True)
+                run_dir.mark_best(self.out_dir, saved, metric=metric, value=s.best_value, step=s.step)
+                run_dir.prune_best_ema(self.out_dir)
         self.best_due = False
         if collective:
             distributed.barrier(w)  # nobody reads a checkpoint rank 0 is still writing
@@ -245,13 +249,16 @@ class TrainingRun(Generic[BatchT]):
         c, s, w = self.config, self.state, self.world
         self._critical = True  # the flag is consumed and the counters change together, or not at all
         try:
-            skipped = self._pending.read()
+            skipped, overflowed = self._pending.read()
             if c.precision == "fp16" and collective:  # the loss flag of this rank; every rank must agree
-                (skipped_any,) = distributed.sum_on_host(w, [float(skipped)])
-                skipped = skipped_any > 0
+                skipped_any, overflowed_any = distributed.sum_on_host(w, [float(skipped), float(overflowed)])
+                skipped, overflowed = skipped_any > 0, overflowed_any > 0 and not skipped_any > 0
             if skipped:
                 s.step -= 1
                 s.nonfinite_skips += 1
+            elif overflowed:  # the scaler left the weights as they were: no step, no schedule, no EMA update
+                s.step -= 1
+                s.overflow_skips += 1
             else:
                 if collective:
                     self._size_schedule()
@@ -339,14 +346,14 @@ class TrainingRun(Generic[BatchT]):
             return
         value = record.get(c.keep_best)
         if w.is_main and not isinstance(value, (int, float)):
-            recorded = ", ".join(k for k, v in record.items() if k in BEST_METRICS)
+            recorded = ", ".join(k for k, v in record.items() if k.removeprefix("ema_") in BEST_METRICS)
             raise ConfigError(
                 f"train.keep_best = {c.keep_best!r}, but this family's evaluation records "
                 f"{recorded or 'none of the metrics keep_best takes'}"
             )
         improved = False
         if w.is_main and isinstance(value, (int, float)):
-            lower = BEST_METRICS[c.keep_best]
+            lower = best_metric_lower(c.keep_best)
             best = s.best_value
             improved = best is None or (value < best if lower else value > best)
         improved = bool(distributed.from_rank0(w, improved)) if w.distributed else improved

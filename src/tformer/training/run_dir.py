@@ -54,10 +54,13 @@ BEST = "best"
 BEST_INFO = "best.json"
 LOG = "log.jsonl"
 _STEP = re.compile(r"checkpoint-(\d+)(?:-(\d+))?")
+# train.keep_best = "ema_...": the best evaluation's moving average, a checkpoint of its own
+_BEST_EMA = re.compile(r"best-ema-(\d+)")
 # what a save, a log rewrite or the room check leaves behind when killed half-way
 _TEMP = re.compile(
     r"\.checkpoint-\d+(?:-\d+)?\.(?:tmp|deleting)-.*|\.checkpoint\.link-tmp|\.tformer-write-test-.*"
     r"|\.log\.jsonl\.tmp|\.tformer-run\.json\.tmp|\.best\.link-tmp|\.best\.json\.tmp"
+    r"|\.best-ema-\d+\.(?:tmp-.*|replaced)"
 )
 
 
@@ -80,7 +83,12 @@ def _entries(out_dir: Path) -> list[Path]:
         return []
     names = (LATEST, BEST, BEST_INFO, LOG, MARKER)
     return sorted(
-        p for p in out_dir.iterdir() if p.name in names or _STEP.fullmatch(p.name) or _TEMP.fullmatch(p.name)
+        p
+        for p in out_dir.iterdir()
+        if p.name in names
+        or _STEP.fullmatch(p.name)
+        or _BEST_EMA.fullmatch(p.name)
+        or _TEMP.fullmatch(p.name)
     )
 
 
@@ -250,6 +258,21 @@ def mark_best(out_dir: str | Path, checkpoint: Path, *, metric: str, value: floa
     os.replace(new_link, out / BEST)
     os.replace(tmp_info, out / BEST_INFO)
     fsync_dir(out)
+
+
+def best_ema_path(out_dir: str | Path, step: int) -> Path:
+    """Where train.keep_best = "ema_..." writes the moving average of the best evaluation at `step`."""
+    return Path(out_dir) / f"best-ema-{step}"
+
+
+def prune_best_ema(out_dir: str | Path) -> None:
+    """Delete the best-ema-<step> directories that `best` no longer names (an older best)."""
+    out = Path(out_dir)
+    link = out / BEST
+    keep = link.resolve() if link.is_symlink() else None
+    for p in out.iterdir():
+        if _BEST_EMA.fullmatch(p.name) and p.is_dir() and p.resolve() != keep:
+            _remove(p)
 
 
 def resolve(path: str | Path, *, say: bool = False) -> Path:

@@ -53,6 +53,7 @@ class TrainState:
     train_time: float = 0.0  # seconds spent in training steps, summed over resumes
     history: list[LogRecord] = field(default_factory=list)  # every train log and eval record
     nonfinite_skips: int = 0  # steps skipped because their gradient was not finite
+    overflow_skips: int = 0  # float16: updates the gradient scaler skipped (overflow; its scale then drops)
     best_value: float | None = None  # train.keep_best: the best evaluation's metric so far (rank 0's)
     best_step: int | None = None  # and its step
     evals_since_best: int = 0  # evaluations since then (train.patience counts them)

@@ -81,20 +81,26 @@ def update(
 
 
 class NonfiniteFlag:
-    """A step's non-finite flag, read later without waiting for work queued after it: on CUDA it is copied
-    to pinned host memory behind an event, so reading waits for that step only, not for the stream."""
+    """A step's flags, read later without waiting for work queued after it: `skip` (not finite: the step is
+    skipped and counted against train.max_nonfinite_skips) and `overflow` (float16: the gradient scaler
+    found inf / NaN in the scaled gradients, skipped the update itself and lowered its scale). On CUDA they
+    are copied to pinned host memory behind an event, so reading waits for that step only, not for the
+    stream."""
 
-    def __init__(self, flag: torch.Tensor) -> None:
+    def __init__(self, skip: torch.Tensor, overflow: torch.Tensor | None = None) -> None:
+        flags = torch.stack([skip, overflow if overflow is not None else torch.zeros_like(skip)])
         self.event: torch.cuda.Event | None = None
-        if flag.device.type == "cuda":
-            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self.host.copy_(flag, non_blocking=True)
+        if flags.device.type == "cuda":
+            self.host = torch.empty((2,), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flags, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
-            self.host = flag
+            self.host = flags
 
-    def read(self) -> bool:
+    def read(self) -> tuple[bool, bool]:
+        """(skipped as not finite, skipped by the float16 scaler's overflow check)."""
         if self.event is not None:
             self.event.synchronize()
-        return bool(self.host.item())
+        skip, overflow = self.host.tolist()
+        return bool(skip), bool(overflow) and not skip

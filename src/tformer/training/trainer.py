@@ -285,6 +285,8 @@ class Trainer(TrainingRun[BatchT]):
                         record["grad_norm"] = float(self.grad_norm)
                     if s.nonfinite_skips:
                         record["nonfinite_skips"] = s.nonfinite_skips
+                    if s.overflow_skips:
+                        record["overflow_skips"] = s.overflow_skips
                     self._log(record)
                     window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
                 epoch_ends = s.batch_in_epoch + per_step > len(batches)
@@ -350,12 +352,13 @@ class Trainer(TrainingRun[BatchT]):
         self.grad_norm = norm.detach()
         # Non-finite: the all-reduced gradient's norm (every rank agrees); under float16 the scaler owns
         # gradient overflow, and a non-finite loss is the sign of divergence.
-        skip = ~torch.isfinite(loss_sum) if c.precision == "fp16" else ~torch.isfinite(norm)
+        fp16 = c.precision == "fp16"
+        skip = ~torch.isfinite(loss_sum) if fp16 else ~torch.isfinite(norm)
+        # float16: unscaled gradients that are not finite are the scaler's overflow; it skips that update
+        overflow = ~torch.isfinite(norm) if fp16 else None
         self._settle()  # the previous step's flag: its work is done or queued ahead of this one's
         self._updating = True
-        update(
-            self.optimizer, self.scaler, skip, fp16=c.precision == "fp16", mask_on_device=self._mask_on_device
-        )
-        self._pending = NonfiniteFlag(skip)  # the scheduler steps once the flag is read (_settle)
+        update(self.optimizer, self.scaler, skip, fp16=fp16, mask_on_device=self._mask_on_device)
+        self._pending = NonfiniteFlag(skip, overflow)  # the scheduler steps once the flag is read (_settle)
         zero = torch.zeros((), device=loss_sum.device)
         return torch.where(skip, zero, loss_sum), torch.where(skip, zero, float(items)), tokens
