@@ -9,8 +9,11 @@ warm-up step (the optimiser's state now exists), resets the kernel's resident hi
 steps (weights, gradients, Adam state and the step's activations); "step memory" subtracts the resident
 memory before the first step (interpreter, torch, weights) and the Adam state's bytes, leaving what a step
 adds: activations, gradients, temporaries, and what the heap keeps of them. Step time: the median step.
+`--malloc cli`: each process first sets the allocator as `tformer train` does (tformer.allocator,
+TFORMER_MALLOC's policy); the default leaves glibc's malloc as a library user has it.
 
     .venv/bin/python benchmarks/activation_checkpointing.py [--batch 24] [--length 64] [--repeats 2]
+        [--malloc library|cli]
 """
 
 from __future__ import annotations
@@ -43,8 +46,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def child(on: bool, batch: int, length: int, steps: int) -> dict[str, Any]:
+def child(on: bool, batch: int, length: int, steps: int, malloc: str) -> dict[str, Any]:
     """One process's measurement (`--child on|off`)."""
+    if malloc == "cli":
+        from tformer.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
     torch.manual_seed(0)
     model = Seq2Seq(Seq2SeqConfig()).train()
     set_activation_checkpointing(model, on)
@@ -84,17 +91,19 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=64, help="source and target tokens per sentence (S = T)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
     ap.add_argument("--repeats", type=int, default=2, help="rounds of (on, off) processes")
+    ap.add_argument("--malloc", choices=("library", "cli"), default="library", help="the allocator setting")
     ap.add_argument("--json", help="also write the raw measurements here")
     ap.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child == "on", a.batch, a.length, a.steps)))
+        print(json.dumps(child(a.child == "on", a.batch, a.length, a.steps, a.malloc)))
         return
     runs: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     for _ in range(a.repeats):
         for mode in ("on", "off"):
             cmd = [sys.executable, __file__, "--child", mode]
             cmd += ["--batch", str(a.batch), "--length", str(a.length), "--steps", str(a.steps)]
+            cmd += ["--malloc", a.malloc]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             runs[r["on"]].append(r)
@@ -102,7 +111,8 @@ def main() -> None:
     cpu = fingerprint()["cpu"]  # /proc/cpuinfo's model name, as lscpu's Model name
     print(
         f"Paper-base Seq2Seq (6 + 6 layers, d_model 512, vocab 32,000), batch {a.batch} x {a.length} "
-        f"tokens, fp32, {torch.get_num_threads()} threads, {cpu}, torch {torch.__version__}; "
+        f"tokens, fp32, {torch.get_num_threads()} threads, {cpu}, torch {torch.__version__}, malloc "
+        f"{a.malloc}; "
         f"{a.repeats} process(es) per setting, median of {a.steps} steps each\n"
     )
     print("| checkpoint_activations | peak RSS | step memory | step time |")
