@@ -104,13 +104,16 @@ def test_cosine_schedule_ends_at_floor():
 
 
 class _Clock:
-    """time.perf_counter for the trainer: each call half a second later, so every step takes 0.5 s."""
+    """time.perf_counter for the trainer (two calls a step): every step takes 0.5 s, or `after` seconds
+    from step `faster_from` on."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, faster_from: int | None = None, after: float = 0.25) -> None:
+        self.now, self.calls, self.faster_from, self.after = 0.0, 0, faster_from, after
 
     def perf_counter(self) -> float:
-        self.now += 0.5
+        self.calls += 1
+        fast = self.faster_from is not None and self.calls > 2 * self.faster_from
+        self.now += self.after if fast else 0.5
         return self.now
 
 
@@ -150,6 +153,26 @@ def test_cosine_over_max_time_is_sized_by_the_warmup_rate_and_resumes(tmp_path, 
     a, b = weights_of(tmp_path / "straight"), weights_of(tmp_path / "cut")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_cosine_over_max_time_follows_a_machine_that_speeds_up(tmp_path, monkeypatch):
+    import json
+
+    from tformer.training import trainer as trainer_module
+
+    # 0.5 s per step, then 0.25 s from step 60: sized at step 50 for 100 steps, the run takes 140; measured
+    # again at half, three quarters and nine tenths of the decay, the rate ends near its floor where the
+    # time runs out instead of sitting at it for the last 40 steps
+    monkeypatch.setattr(trainer_module, "time", _Clock(faster_from=60))
+    run_job(str(tmp_path / "run"), None, schedule="cosine", max_time=50.0, warmup_steps=5, log_every=1)
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if r["type"] == "train"}
+    assert max(lrs) == 140
+    decay = [lrs[k] for k in range(50, 141)]
+    assert all(b <= a for a, b in zip(decay, decay[1:], strict=False))  # down all the way, never back up
+    assert max(a - b for a, b in zip(decay, decay[1:], strict=False)) < 0.05 * 1e-3  # and no jump
+    # the floor (0) is reached at the last step only; sized once (for 100 steps) it would be 0 from step 100
+    assert lrs[120] > 0.02 * 1e-3 and all(lrs[k] > 0 for k in range(50, 139)) and lrs[139] < 1e-12
 
 
 def test_cosine_needs_a_length_or_a_budget():

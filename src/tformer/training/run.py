@@ -24,7 +24,7 @@ from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint import write_checkpoint
 from tformer.training.ema import EMA, EMA_WEIGHTS
 from tformer.training.logsinks import TensorBoardLog, attention_picture
-from tformer.training.schedules import unsized_cosine
+from tformer.training.schedules import budget_cosine
 from tformer.training.snapshot import check_finite, restore, trainer_state
 from tformer.training.state import BatchT, LogRecord, Task, TrainState, rng_state
 from tformer.training.step import NonfiniteFlag, SkippingAdamW
@@ -287,23 +287,23 @@ class TrainingRun(Generic[BatchT]):
             )
 
     def _size_schedule(self) -> None:
-        """A cosine over train.max_time (no max_steps): once the warm-up is over (and 50 steps at least,
-        so the first steps' start-up costs weigh little), its length is the steps taken so far times the
-        budget over the training time they took; rank 0's estimate, for every rank. Sized once: the
-        schedule's state (in the checkpoint) keeps it."""
-        fn = unsized_cosine(self.scheduler)
+        """A cosine over train.max_time (no max_steps): its length in steps is predicted from the step
+        rate once the warm-up is over (and 50 steps at least, so the first steps' start-up costs weigh
+        little), and again at a few points of the decay (schedules.Cosine.size); rank 0's prediction, for
+        every rank. The schedule's state (in the checkpoint) keeps it."""
+        fn = budget_cosine(self.scheduler)
         c, s, w = self.config, self.state, self.world
         done = self.scheduler.last_epoch + 1  # the steps settled, the one being settled included
-        if fn is None or c.max_time is None or done < max(fn.warmup, 50):
+        if fn is None or c.max_time is None or done < 50:
             return
-        total = round(done * c.max_time / max(s.train_time, 1e-9))
-        if w.distributed:
-            total = int(distributed.from_rank0(w, total))
-        fn.size(done, total)
-        if self.progress:
+        before = fn.total
+        sized = fn.size(done, s.train_time, c.max_time)  # when: the same on every rank (steps, progress)
+        if sized and w.distributed:  # each rank measured its own time; rank 0's prediction it is
+            fn.__dict__.update(distributed.from_rank0(w, dict(fn.__dict__)))
+        if sized and self.progress and fn.total != before:
             tqdm.write(
-                f"schedule: the cosine decay ends at step {fn.total} ({done} steps in {s.train_time:.0f} s "
-                f"of training; train.max_time = {c.max_time:g} s)"
+                f"schedule: the cosine decay ends at step {fn.total} (step {done}, {s.train_time:.0f} s of "
+                f"training; train.max_time = {c.max_time:g} s)"
             )
 
     def evaluate(self) -> LogRecord:
