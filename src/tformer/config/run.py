@@ -59,8 +59,8 @@ class TrainConfig(Section):
     batch_size: int | None = None  # lm: sequences per batch (None: batch_tokens // max_seq_len)
     lr: float | None = None  # peak learning rate; None: the paper's d_model**-0.5 * warmup**-0.5
     # "inverse_sqrt" (the paper's), "constant" after warm-up, or "cosine" down to min_lr at max_steps; with
-    # max_time and no max_steps the cosine ends where the time runs out, at the step the warm-up's measured
-    # step rate predicts (sized once, then fixed: a resumed run keeps it)
+    # max_time and no max_steps the cosine ends where the time runs out, at the step the measured step rate
+    # predicts (at the warm-up's end, again at 50 / 75 / 90% of the decay; a resumed run keeps it)
     schedule: str = "inverse_sqrt"
     warmup_steps: int = 4000
     min_lr: float = 0.0  # floor of the cosine schedule
