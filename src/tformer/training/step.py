@@ -80,6 +80,12 @@ def update(
     scaler.update()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (FSDP's replicated gradient norm); any other tensor as it is."""
+    local = getattr(t, "to_local", None)
+    return local() if callable(local) else t
+
+
 class NonfiniteFlag:
     """A step's flags, read later without waiting for work queued after it: `skip` (not finite: the step is
     skipped and counted against train.max_nonfinite_skips) and `overflow` (float16: the gradient scaler
@@ -88,7 +94,11 @@ class NonfiniteFlag:
     stream."""
 
     def __init__(self, skip: torch.Tensor, overflow: torch.Tensor | None = None) -> None:
-        flags = torch.stack([skip, overflow if overflow is not None else torch.zeros_like(skip)])
+        # FSDP: the gradient norm (so the flags) is a replicated DTensor; its local value is the same on
+        # every rank, and a plain tensor stacks, copies and reads
+        skip = _local(skip)
+        overflow = _local(overflow) if overflow is not None else torch.zeros_like(skip)
+        flags = torch.stack([skip, overflow])
         self.event: torch.cuda.Event | None = None
         if flags.device.type == "cuda":
             self.host = torch.empty((2,), dtype=torch.bool, pin_memory=True)
