@@ -8,7 +8,7 @@ from support.images import tiny_vision
 from tformer.config import ConfigError, RunConfig, VisionConfig
 from tformer.models import build_model
 from tformer.models.image_cnn import ImageCNN
-from tformer.models.vit import PatchEmbedding, VisionTransformer, sinusoidal_2d_table
+from tformer.models.vit import ConvStem, PatchEmbedding, VisionTransformer, sinusoidal_2d_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds waiting
 
@@ -33,6 +33,51 @@ def test_patch_embeddings_conv_equals_unfold():
     torch.testing.assert_close(m1(images).logits, m2(images).logits, rtol=0, atol=1e-6)
 
 
+def test_conv_stem_tokens_are_local_and_overlap():
+    """Xiao et al.'s stem: the patch grid of tokens, each from a 3x3-of-3x3 receptive field (input rows and
+    columns 4r-3 .. 4r+3 for token r at patch_size 4), so neighbouring tokens share pixels, as the
+    patchify stem's never do; and the layers are what the paper names, checked against torch's functions."""
+    config = tiny_vision(image_size=16, stem="conv")
+    assert config.stem_widths == (4, 8) and tiny_vision(stem="conv", stem_channels=(3, 5)).stem_widths == (
+        3,
+        5,
+    )
+    model = VisionTransformer(config).double().eval()
+    stem = model.patches
+    assert isinstance(stem, ConvStem)
+    g = torch.Generator().manual_seed(0)
+    for module in stem.modules():  # running statistics away from (0, 1), so eval mode's use of them shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(generator=g)
+            module.running_var.uniform_(0.5, 2.0, generator=g)
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64, generator=g)
+    tokens = stem(x)
+    assert tokens.shape == (2, 16, 16)  # (16 / 4)^2 tokens of d_model 16
+    want = x
+    for conv, norm in ((stem.convs[0], stem.convs[1]), (stem.convs[3], stem.convs[4])):
+        want = torch.nn.functional.conv2d(want, conv.weight, stride=2, padding=1)
+        want = torch.nn.functional.batch_norm(
+            want, norm.running_mean, norm.running_var, norm.weight, norm.bias
+        )
+        want = want.relu()
+    want = torch.nn.functional.conv2d(want, stem.proj.weight, stem.proj.bias).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens, want, rtol=0, atol=1e-12)
+
+    def changed(row: int, col: int) -> set[int]:
+        y = x.clone()
+        y[:, :, row, col] += 1.0
+        return set((stem(y) - tokens).abs().amax(dim=(0, 2)).nonzero().flatten().tolist())
+
+    assert changed(0, 0) == {0}  # only token (0, 0) sees pixel (0, 0)
+    assert changed(4, 4) == {5}  # token (1, 1) alone
+    assert changed(3, 3) == {0, 1, 4, 5}  # the four tokens around it overlap there
+    patchify = VisionTransformer(tiny_vision(image_size=16)).double().eval().patches
+    base = patchify(x)
+    y = x.clone()
+    y[:, :, 3, 3] += 1.0
+    assert set((patchify(y) - base).abs().amax(dim=(0, 2)).nonzero().flatten().tolist()) == {0}
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match=r"image_size = 30 is not divisible by patch_size = 4; the patches"):
         VisionConfig(image_size=30, patch_size=4)
@@ -48,8 +93,20 @@ def test_config_errors():
         VisionConfig(architecture="lstm")
     with pytest.raises(ConfigError, match=r"cnn_channels has 5 blocks, each halving the image"):
         VisionConfig(architecture="cnn", image_size=16, cnn_channels=(1, 2, 3, 4, 5))
+    with pytest.raises(ConfigError, match=r"stem = 'conv' halves the image .* power of two >= 2, got 7"):
+        VisionConfig(stem="conv", patch_size=7)
+    with pytest.raises(ConfigError, match=r"stem_channels = \[8\]: patch_size 4 needs 2 positive widths"):
+        VisionConfig(stem="conv", stem_channels=(8,))
+    with pytest.raises(ConfigError, match=r"patch_embedding = 'unfold' is for stem = 'patches'"):
+        VisionConfig(stem="conv", patch_embedding="unfold")
+    with pytest.raises(ConfigError, match=r"stem_channels is for stem = 'conv'"):
+        VisionConfig(stem_channels=(8, 16))
+    with pytest.raises(ConfigError, match=r"stem = 'convolution' is not one of"):
+        VisionConfig(stem="convolution")
     c = VisionConfig(pooling="mean")
     assert c.max_seq_len == 49 and c.replace(image_size=32).max_seq_len == 64
+    assert RunConfig.from_dict(RunConfig(task="vision", model=c).to_dict()).model == c
+    c = VisionConfig(stem="conv", stem_channels=(16, 32))
     assert RunConfig.from_dict(RunConfig(task="vision", model=c).to_dict()).model == c
 
 
@@ -77,14 +134,18 @@ def test_backends_and_errors():
         sdpa(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("architecture", ["transformer", "cnn"])
-def test_trains_under_bf16_autocast(architecture):
-    model = build_model(tiny_vision(architecture=architecture, cnn_channels=(4,)))
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"stem": "conv"}, {"architecture": "cnn", "cnn_channels": (4,)}],
+    ids=["vit", "conv-stem", "cnn"],
+)
+def test_trains_under_bf16_autocast(changes):
+    model = build_model(tiny_vision(**changes))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(4, 1, 8, 8)).logits
     torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 0])).backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
-    bf16 = build_model(tiny_vision(architecture=architecture, cnn_channels=(4,))).to(torch.bfloat16)
+    bf16 = build_model(tiny_vision(**changes)).to(torch.bfloat16)
     assert bf16(torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)).logits.dtype == torch.bfloat16
 
 
@@ -93,9 +154,10 @@ def test_trains_under_bf16_autocast(architecture):
     [
         tiny_vision(n_classes=4, d_model=32, d_ff=64, dropout=0.0),
         tiny_vision(n_classes=4, d_model=32, d_ff=64, dropout=0.0, pooling="mean", positions="sinusoidal_2d"),
+        tiny_vision(n_classes=4, d_model=32, d_ff=64, dropout=0.0, stem="conv"),
         tiny_vision(n_classes=4, architecture="cnn", cnn_channels=(8, 16), dropout=0.0),
     ],
-    ids=["vit-cls", "vit-mean-sin2d", "cnn"],
+    ids=["vit-cls", "vit-mean-sin2d", "vit-conv-stem", "cnn"],
 )
 def test_overfits_64_images(config):
     g = torch.Generator().manual_seed(0)

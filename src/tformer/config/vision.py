@@ -16,6 +16,7 @@ from tformer.config.model import POOLINGS, TransformerConfig
 
 VISION_POSITIONS = ("learned", "sinusoidal_2d", "none")
 PATCH_EMBEDDINGS = ("conv", "unfold")  # one weight (C, channels, p, p), two ways of applying it
+STEMS = ("patches", "conv")  # how an image becomes tokens: one linear map per patch, or a convolutional stem
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class VisionConfig(TransformerConfig):
     n_classes: int = 10
     pooling: str = "cls"  # "cls": a learned [CLS] token in front of the patches; "mean": the patches' mean
     patch_embedding: str = "conv"  # "conv": a strided convolution; "unfold": unfold + linear (the same map)
+    # "patches": each patch_size x patch_size patch is one token by one linear map (the ViT's patchify stem);
+    # "conv": Xiao et al.'s (2021) convolutional stem, log2(patch_size) 3x3 convolutions of stride 2 (each with
+    # batch norm and ReLU) down to the same grid of tokens, then a 1x1 convolution to d_model
+    stem: str = "patches"
+    stem_channels: tuple[int, ...] = ()  # the stride-2 convolutions' widths; () doubles up to d_model / 2
     d_model: int = 128
     n_heads: int = 4
     d_ff: int = 256
@@ -64,6 +70,8 @@ class VisionConfig(TransformerConfig):
             raise ConfigError(f"{name}.n_classes must be >= 2, got {self.n_classes}")
         check_choice(name, "pooling", self.pooling, POOLINGS)
         check_choice(name, "patch_embedding", self.patch_embedding, PATCH_EMBEDDINGS)
+        check_choice(name, "stem", self.stem, STEMS)
+        self._check_stem(name)
         for key in ("token_types", "embedding_norm"):
             if getattr(self, key):
                 raise ConfigError(f"{name}.{key} is for text; an image has no segments or token embedding")
@@ -79,6 +87,35 @@ class VisionConfig(TransformerConfig):
                 f"{name}.cnn_channels has {len(self.cnn_channels)} blocks, each halving the image; "
                 f"image_size = {self.image_size} allows at most {self.image_size.bit_length() - 1}"
             )
+
+    def _check_stem(self, name: str) -> None:
+        if self.stem == "patches":
+            if self.stem_channels:
+                raise ConfigError(f"{name}.stem_channels is for stem = 'conv'; stem = 'patches' has none")
+            return
+        p = self.patch_size
+        if p < 2 or p & (p - 1):
+            raise ConfigError(
+                f"{name}.stem = 'conv' halves the image with each convolution, so patch_size must be a power "
+                f"of two >= 2, got {p}"
+            )
+        if self.patch_embedding != "conv":
+            raise ConfigError(f"{name}.patch_embedding = {self.patch_embedding!r} is for stem = 'patches'")
+        if self.stem_channels and (
+            len(self.stem_channels) != p.bit_length() - 1 or not all(w > 0 for w in self.stem_channels)
+        ):
+            raise ConfigError(
+                f"{name}.stem_channels = {list(self.stem_channels)}: patch_size {p} needs "
+                f"{p.bit_length() - 1} positive widths, one per stride-2 convolution (or none: derived)"
+            )
+
+    @property
+    def stem_widths(self) -> tuple[int, ...]:
+        """The conv stem's stride-2 widths: stem_channels, or doubling up to d_model / 2 (Xiao et al.)."""
+        if self.stem_channels:
+            return self.stem_channels
+        n = self.patch_size.bit_length() - 1
+        return tuple(max(self.d_model >> (n - i), 1) for i in range(n))
 
     def replace(self, **changes: object) -> VisionConfig:
         """A copy with `changes`; max_seq_len is derived again from the new sizes unless given."""

@@ -1,5 +1,6 @@
 """The Vision Transformer (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words"): an image cut into
-patches, each patch a token; then the package's own pre-norm self-attention layers (models/builders.py,
+patches, each patch a token (or, with `stem = "conv"`, the same grid of tokens from a small convolutional
+stem: Xiao et al., 2021); then the package's own pre-norm self-attention layers (models/builders.py,
 any attention backend), a final LayerNorm, pooling ([CLS] or mean) and a linear head (section 3.1).
 
 Images come in normalised (the task and predictor apply the training split's statistics): (B, channels,
@@ -61,6 +62,29 @@ class PatchEmbedding(nn.Module):
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
+class ConvStem(nn.Module):
+    """Xiao et al. (2021, "Early Convolutions Help Transformers See Better"): the patchify stem replaced by
+    3x3 convolutions of stride 2, each with batch norm and ReLU, down to the patch grid (one per halving:
+    log2(patch_size) of them), then a 1x1 convolution to d_model (`proj`). The same tokens, on the same
+    grid, as a patch embedding of patch_size; locality and overlap come from the small kernels."""
+
+    def __init__(self, channels: int, widths: tuple[int, ...], d_model: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip((channels, *widths[:-1]), widths, strict=True):
+            layers += [
+                nn.Conv2d(n_in, n_out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(n_out),
+                nn.ReLU(inplace=True),
+            ]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(widths[-1], d_model, 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, ch, H, W) -> (B, N, C), tokens in row-major order of the (H / p) x (W / p) grid."""
+        return self.proj(self.convs(images)).flatten(2).transpose(1, 2)
+
+
 def sinusoidal_2d_table(grid: int, d_model: int) -> Tensor:
     """(grid * grid, d_model) fixed positions of a grid of patches: the paper's sinusoids (section 3.5) of
     the row in the first half of the features and of the column in the second (MAE's 2-D sin-cos)."""
@@ -79,7 +103,11 @@ class VisionTransformer(LayerCheckpointing, nn.Module):
         self.config = c = config
         if c.architecture != "transformer":
             raise ValueError(f"VisionTransformer needs architecture 'transformer', got {c.architecture!r}")
-        self.patches = PatchEmbedding(c.channels, c.patch_size, c.d_model, method=c.patch_embedding)
+        self.patches: PatchEmbedding | ConvStem = (
+            ConvStem(c.channels, c.stem_widths, c.d_model)
+            if c.stem == "conv"
+            else PatchEmbedding(c.channels, c.patch_size, c.d_model, method=c.patch_embedding)
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pooling == "cls" else None
         if c.positions == "learned":
             self.positions: Tensor | None = nn.Parameter(torch.randn(1, c.n_tokens, c.d_model) * 0.02)
