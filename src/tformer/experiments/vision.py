@@ -8,9 +8,10 @@ the family's defaults) on Fashion-MNIST at equal wall-clock training budgets, ea
 once per run, at its end, by `pipeline.evaluate_checkpoint`), the same augmentation (random crop with
 padding 2, horizontal flip), optimiser, label smoothing and `train.precision = "auto"`.
 
-The ViT's recipe is configs/fashion_mnist_vit.toml's (a test keeps the two equal): patches of 4 x 4 (49
-tokens + [CLS]), 6 pre-norm layers of d_model 128, 4 heads, d_ff 256, dropout 0.1, AdamW lr 1e-3 with
-weight decay 0.05, label smoothing 0.1, batches of 128, a linear warm-up then cosine decay.
+The ViT's recipe is configs/fashion_mnist_vit.toml's (a test keeps the two equal): a convolutional stem
+(decision 105: a hybrid, named as one in every table and plot) down to a 7 x 7 grid of tokens + [CLS], 4
+pre-norm layers of d_model 128, 4 heads, d_ff 256, no dropout, AdamW lr 1e-3 with weight decay 0.05, label
+smoothing 0.1, batches of 128, a linear warm-up then cosine decay.
 
 The schedule depends on the budget, so each budget is its own run: a short probe run per model (through
 the trainer too, not counted) measures its steps per second on this machine, and each budget's run decays
@@ -60,13 +61,14 @@ CLASSES = (
 VIT: dict[str, object] = {
     "image_size": 28,
     "patch_size": 4,
+    "stem": "conv",
     "channels": 1,
     "n_classes": 10,
     "d_model": 128,
     "n_heads": 4,
     "d_ff": 256,
-    "n_layers": 6,
-    "dropout": 0.1,
+    "n_layers": 4,
+    "dropout": 0.0,
     "pooling": "cls",
     "positions": "learned",
 }
@@ -207,6 +209,23 @@ def _resolved_precision(checkpoint: Path) -> str:
     return str(json.loads((checkpoint / "trainer_state.json").read_text())["precision"])
 
 
+def _tokens(vit: dict[str, object]) -> str:
+    """How the ViT makes its tokens, in words (the plain patch embedding or the convolutional stem)."""
+    p = vit["patch_size"]
+    if vit.get("stem", "patches") == "conv":
+        return (
+            f"a convolutional stem (Xiao et al., 2021: stride-2 3x3 convolutions with batch norm and ReLU, "
+            f"then a 1x1 to d_model) down to the grid of {p} x {p} patches: a hybrid, not Dosovitskiy et al.'s "
+            "patch embedding"
+        )
+    return f"patches {p} x {p} (one linear map each)"
+
+
+def _label(name: str, model: dict[str, object]) -> str:
+    """A model's name in tables and plots: the hybrid is named as one wherever it is shown (decision 105)."""
+    return f"{name}, conv stem" if model.get("stem") == "conv" else name
+
+
 def cpu_name() -> str:
     """The CPU's model name and the instruction sets that decide bf16 (accel's machine fingerprint)."""
     from tformer.accel.machine import fingerprint
@@ -264,7 +283,7 @@ def run(out: Path, size: str) -> Result:
                     "test_images": int(test["images"]),
                 }
             )
-            curves[f"{name}, {budget:g} s"] = done.history
+            curves[f"{_label(name, model)}, {budget:g} s"] = done.history
     return _result(out, size, runs, curves, rates, data_note, models)
 
 
@@ -283,9 +302,9 @@ def _result(
     vit, cnn = models["ViT"], models["CNN"]
     result.notes = [
         data_note,
-        f"ViT: patches {vit['patch_size']} x {vit['patch_size']}, {vit['n_layers']} pre-norm layers, d_model "
-        f"{vit['d_model']}, {vit['n_heads']} heads, d_ff {vit['d_ff']}, [CLS] pooling, learned positions "
-        f"(configs/fashion_mnist_vit.toml's recipe{', scaled down' if size == 'quick' else ''}). CNN: the "
+        f"ViT: {_tokens(vit)}, {vit['n_layers']} pre-norm layers, d_model {vit['d_model']}, {vit['n_heads']} "
+        f"heads, d_ff {vit['d_ff']}, dropout {vit['dropout']:g}, {vit['pooling']} pooling, {vit['positions']} "
+        f"positions (configs/fashion_mnist_vit.toml's recipe{', scaled down' if size == 'quick' else ''}). CNN: the "
         "vision family's baseline, "
         f"{cnn.get('cnn_channels', list(VisionConfig.cnn_channels))} channels of (conv 3x3 + BN + ReLU) "
         "x 2 + max-pool blocks, global average pooling.",
@@ -299,12 +318,13 @@ def _result(
         "reached depend on the load at the time. The final model of each run is scored on the test set once "
         "(the validation accuracy is the same model's).",
     ]
+    label = {name: _label(name, models[name]) for name in runs}
     rows: list[list[object]] = []
     for name, points in runs.items():
         for p in points:
             rows.append(
                 [
-                    name,
+                    label[name],
                     p["budget"],
                     p["train_seconds"],
                     f"{p['steps']} / {p['planned_steps']}",
@@ -355,7 +375,7 @@ def _result(
             [
                 {
                     "series": {
-                        name: ([p["train_seconds"] for p in ps], [p["test_accuracy"] for p in ps])
+                        label[name]: ([p["train_seconds"] for p in ps], [p["test_accuracy"] for p in ps])
                         for name, ps in runs.items()
                     },
                     "xlabel": "training seconds (one run per budget)",
@@ -367,7 +387,7 @@ def _result(
                     "xlabel": "parameters",
                     "ylabel": "test accuracy",
                     "logx": True,
-                    "title": "test accuracy vs parameters (" + " and ".join(runs) + ")",
+                    "title": "test accuracy vs parameters (" + " and ".join(label.values()) + ")",
                 },
                 {
                     "series": loss_series,
