@@ -15,6 +15,7 @@ from tformer.data.images import (
     ImageSet,
     check_labels,
     check_seen,
+    load_image,
     read_image_folder,
     read_images,
     read_npz,
@@ -131,6 +132,11 @@ def test_image_folder_errors(tmp_path, monkeypatch):
         DataError, match=r"a/0.png: refused as a possible decompression bomb .*at most 30 pixels"
     ):
         read_image_folder(root, channels=1, size=8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 64 pixels: Pillow only warns below twice the limit
+    with pytest.raises(
+        DataError, match=r"a/0.png: refused as a possible decompression bomb .*at most 40 pixels"
+    ):
+        read_image_folder(root, channels=1, size=8)
     monkeypatch.undo()
     (root / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: empty class folder; expected at least one image"):
@@ -148,6 +154,43 @@ def test_image_folder_errors(tmp_path, monkeypatch):
         DataError, match=r"flat: has no subfolders; expected one subfolder of images per class"
     ):
         read_image_folder(tmp_path / "flat", channels=1, size=8)
+
+
+def test_jpeg(tmp_path):
+    """JPEG through Pillow: a smooth image decodes close to what was saved (lossy), a cut file is an error."""
+    rows = np.linspace(20, 230, 16)
+    pixels = np.repeat(rows[:, None], 16, 1).astype(np.uint8)
+    path = tmp_path / "ramp.jpg"
+    Image.fromarray(pixels, "L").save(path, quality=95)
+    out = load_image(path, channels=1, size=16, resize=False)
+    assert out.shape == (1, 16, 16) and out.dtype == np.uint8
+    assert np.abs(out[0].astype(int) - pixels.astype(int)).max() <= 4
+    rgb = load_image(path, channels=3, size=8, resize=True)
+    assert rgb.shape == (3, 8, 8) and (rgb[0] == rgb[1]).all() and (rgb[1] == rgb[2]).all()
+    (tmp_path / "cut.jpg").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(
+        DataError, match=r"cut.jpg: corrupt or truncated image .*expected a complete image file"
+    ):
+        load_image(tmp_path / "cut.jpg", channels=1, size=16, resize=False)
+
+
+def test_pixel_depths(tmp_path):
+    """16-bit grey is scaled to 8 bits (Pillow's convert would clip at 255); 32-bit int and float refused."""
+    wide = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 17) * 257  # 0 .. 65535 in steps of 17 * 257
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+    out = load_image(tmp_path / "g16.png", channels=1, size=4, resize=False)
+    np.testing.assert_array_equal(out[0], np.arange(16).reshape(4, 4) * 17)
+    assert (load_image(tmp_path / "g16.png", channels=3, size=4, resize=False) == out).all()
+    Image.fromarray(np.full((4, 4), 1000, np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(
+        DataError, match=r"i32.tif: 32-bit integer pixels \(Pillow mode I\).*expected 8- or 16-bit"
+    ):
+        load_image(tmp_path / "i32.tif", channels=1, size=4, resize=False)
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "f32.tif")
+    with pytest.raises(DataError, match=r"f32.tif: 32-bit float pixels \(Pillow mode F\)"):
+        load_image(tmp_path / "f32.tif", channels=1, size=4, resize=False)
 
 
 def test_npz(tmp_path):
@@ -184,6 +227,17 @@ def test_npz(tmp_path):
     (tmp_path / "nan.npz").write_bytes(buf.getvalue())
     with pytest.raises(DataError, match=r"nan.npz: x\[0\] has a non-finite value"):
         read_npz(tmp_path / "nan.npz", channels=1)
+    floats = np.zeros((3, 2, 2), np.float32)
+    floats[1, 0, 0] = 255.0  # 0..255 floats: would be read as 255 times too bright
+    np.savez(tmp_path / "f255.npz", x=floats, y=np.array([0, 1, 2]))
+    with pytest.raises(
+        DataError,
+        match=r"f255.npz: x\[1\] has pixels in \[0, 255\]; expected floating-point pixels in \[0, 1\]",
+    ):
+        read_npz(tmp_path / "f255.npz", channels=1)
+    with open(tmp_path / "UPPER.NPZ", "wb") as f:  # a path would get ".npz" appended
+        np.savez(f, x=x, y=np.array([0, 1, 2]))
+    assert len(read_images([str(tmp_path / "UPPER.NPZ")], channels=3, size=8)) == 3
 
 
 def test_labels_and_splits(tmp_path):

@@ -16,13 +16,17 @@ from tformer.tasks import open_predictor
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("architecture", ["transformer", "cnn"])
-def test_vision_graph_equals_pytorch(tmp_path, architecture):
+@pytest.mark.parametrize(
+    "model",
+    [["model.architecture=transformer"], ["model.stem=conv"], ["model.architecture=cnn"]],
+    ids=["vit", "conv-stem", "cnn"],
+)
+def test_vision_graph_equals_pytorch(tmp_path, model):
     image_folder(tmp_path / "data", {"a": 3, "b": 3})
     args = ["train", "vision", "--train", str(tmp_path / "data"), "--valid", str(tmp_path / "data")]
     args += ["--out", str(tmp_path / "run"), "--no-progress", "model.image_size=8", "model.d_model=16"]
     args += ["model.n_heads=2", "model.d_ff=32", "model.n_layers=1", "model.dropout=0.3", "train.max_steps=2"]
-    args += [f"model.architecture={architecture}", "model.cnn_channels=[4]", "train.batch_size=3"]
+    args += [*model, "model.cnn_channels=[4]", "train.batch_size=3"]
     assert cli.main(args) == 0
     ckpt = tmp_path / "run" / "checkpoint"
     assert cli.main(["export", "onnx", str(ckpt), str(tmp_path / "onnx")]) == 0

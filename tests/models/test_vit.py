@@ -135,6 +135,38 @@ def test_backends_and_errors():
 
 
 @pytest.mark.parametrize(
+    "attention, changes, exact",
+    [
+        ("chunked", {}, True),
+        ("local", {"attention_window": 5}, True),  # 5 tokens: a window over all of them is exact
+        ("local", {"attention_window": 1}, False),
+        ("performer", {}, False),
+        ("linformer", {"linformer_rank": 3}, False),
+    ],
+    ids=["chunked", "local-full", "local-1", "performer", "linformer"],
+)
+def test_every_backend_runs_the_vit(attention, changes, exact):
+    """Every backend of tformer/backends.py behind the ViT: the exact ones (chunked, a window over every
+    token) equal the math reference on the same weights; the others train (finite gradients everywhere)
+    and differ from it."""
+    ref = VisionTransformer(tiny_vision(dropout=0.0, attention="math")).eval()
+    model = VisionTransformer(tiny_vision(dropout=0.0, attention=attention, **changes))
+    missing = model.load_state_dict(ref.state_dict(), strict=False)
+    assert not missing.unexpected_keys
+    assert all("linformer" in k or k.endswith(("proj_k", "proj_v")) for k in missing.missing_keys)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want, got = ref(x).logits, model.eval()(x).logits
+    if exact:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert not torch.allclose(got, want, atol=1e-4)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x).logits, torch.tensor([0, 1, 2])).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
     "changes",
     [{}, {"stem": "conv"}, {"architecture": "cnn", "cnn_channels": (4,)}],
     ids=["vit", "conv-stem", "cnn"],

@@ -62,7 +62,7 @@ def resolve(precision: str, device: torch.device | str, tuner: Tuner | None = No
         tuner = accel.tuner()
     ratio = bf16_speedup(tuner)
     chosen = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
-    return chosen, f"bfloat16 products {ratio:.1f}x float32's on this CPU (bf16 from {BF16_MIN_SPEEDUP:g}x)"
+    return chosen, f"bfloat16 products {ratio:.2g}x float32's on this CPU (bf16 from {BF16_MIN_SPEEDUP:g}x)"
 
 
 def confirm_by_step(key: Key, step: Callable[[str], object], tuner: Tuner | None = None) -> tuple[str, str]:

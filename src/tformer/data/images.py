@@ -10,7 +10,9 @@ and what was expected.
 - NumPy .npz with arrays `x` (N, H, W) or (N, H, W, channels) and `y` (N,) integers, read with
   allow_pickle=False (an object array is an error, never unpickled).
 
-Images are kept as (N, channels, H, W) uint8 (0..255; floats from .npz stay float32 as given), labels as
+16-bit grey images are scaled to 8 bits (Pillow's own conversion would clip them at 255); 32-bit integer
+and float images (Pillow modes I and F), whose range cannot be told, are errors. Images are kept as
+(N, channels, H, W) uint8 (0..255; floats from .npz, which must lie in [0, 1], stay float32), labels as
 int64 class indices.
 """
 
@@ -31,6 +33,13 @@ from tformer.data.readers import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MODES = {1: "L", 3: "RGB"}
+# Pillow modes whose pixel range is unknown: converting them to "L" clips at 255 (refused, not guessed)
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def sixteen_to_eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """uint16 0..65535 -> uint8 0..255, rounded to nearest (65535 / 255 = 257)."""
+    return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 @dataclass
@@ -68,7 +77,10 @@ def load_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused
             with Image.open(source) as im:
                 im.load()  # decodes now: a truncated file fails here, not later
-                pixels = im.convert(MODES[channels])
+                mode = im.mode
+                if mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip it at 255
+                    im = Image.fromarray(sixteen_to_eight_bit(np.asarray(im)))
+                pixels = None if mode in WIDE_MODES else im.convert(MODES[channels])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(
             f"{path}: refused as a possible decompression bomb ({exc}); expected an image of at most "
@@ -82,6 +94,11 @@ def load_image(
         raise DataError(
             f"{path}: corrupt or truncated image ({exc}); expected a complete image file"
         ) from None
+    if pixels is None:
+        raise DataError(
+            f"{path}: {WIDE_MODES[mode]} pixels (Pillow mode {mode}), whose range Pillow cannot tell; "
+            "expected 8- or 16-bit pixels (save it as an 8-bit PNG or JPEG)"
+        )
     if pixels.size != (size, size):
         if not resize:
             w, h = pixels.size
@@ -179,6 +196,13 @@ def read_npz(path: str | Path, *, channels: int) -> ImageSet:
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))[0])
         raise DataError(f"{path}: x[{bad}] has a non-finite value; expected finite pixels")
+    if x.dtype.kind == "f" and len(x) and (x.min() < 0 or x.max() > 1):
+        flat = x.reshape(len(x), -1)
+        bad = int(np.flatnonzero((flat < 0).any(1) | (flat > 1).any(1))[0])
+        raise DataError(
+            f"{path}: x[{bad}] has pixels in [{flat[bad].min():g}, {flat[bad].max():g}]; expected floating-point "
+            "pixels in [0, 1] (image files are read as 0..255 / 255: divide by 255, or save x as uint8)"
+        )
     x = x if x.dtype == np.uint8 else x.astype(np.float32)
     return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), str(path))
 
@@ -198,7 +222,7 @@ def read_images(
         data = ImageSet(images, labels, paths[1])
     elif len(paths) == 1 and Path(paths[0]).is_dir():
         return read_image_folder(paths[0], channels=channels, size=size, resize=resize, classes=classes)
-    elif len(paths) == 1 and paths[0].endswith(".npz"):
+    elif len(paths) == 1 and paths[0].lower().endswith(".npz"):
         data = read_npz(paths[0], channels=channels)
     else:
         raise DataError(
