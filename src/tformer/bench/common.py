@@ -74,16 +74,34 @@ def matmul_ceiling(
     out = {}
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for name, dtype in ((p, dtypes[p]) for p in precisions):
-        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+        size = _affordable_size(n, dtype, device)
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         seconds = median_seconds(partial(torch.matmul, a, b), repeats, device=device)
-        out[f"{name}_matmul"] = 2 * n**3 / seconds / 1e9
+        out[f"{name}_matmul"] = 2 * size**3 / seconds / 1e9
         if device.type == "cpu":
             with torch.no_grad():
                 bt = b.t().contiguous()  # linear(a, w) = a @ w^T
                 onednn = median_seconds(partial(onednn_linear, a, bt), repeats)
-                out[f"{name}_onednn"] = 2 * n**3 / onednn / 1e9
+                out[f"{name}_onednn"] = 2 * size**3 / onednn / 1e9
         out[name] = max(out[f"{name}_matmul"], out.get(f"{name}_onednn", 0.0))
     return out
+
+
+def _affordable_size(n: int, dtype: torch.dtype, device: torch.device, call_s: float = 0.5) -> int:
+    """`n`, halved (not below 256) while one (n, n) product would take over `call_s` at the rate a
+    256-sized one measures: where a precision is emulated (bfloat16 without AVX-512 BF16 or AMX runs at
+    about 1 GFLOP/s) a 2048-sized ceiling would take minutes; the rate of such a path barely depends on n."""
+    small = 256
+    if n <= small or device.type != "cpu":
+        return n
+    a, b = (torch.randn(small, small, dtype=dtype) for _ in range(2))
+    torch.matmul(a, b)  # warm-up
+    t0 = time.perf_counter()
+    torch.matmul(a, b)
+    rate = 2 * small**3 / max(time.perf_counter() - t0, 1e-9)
+    while n > small and 2 * n**3 / rate > call_s:
+        n //= 2
+    return n
 
 
 class CopyProbe:
