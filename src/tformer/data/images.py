@@ -193,12 +193,13 @@ def read_npz(path: str | Path, *, channels: int) -> ImageSet:
         raise DataError(f"{path}: y has shape {y.shape}, {y.dtype}; expected (N,) integers")
     if len(y) != len(x):
         raise DataError(f"{path}: {len(y)} labels in y for {len(x)} images in x; expected one per image")
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))[0])
+    flat = x.reshape(len(x), int(np.prod(x.shape[1:])))  # (N, pixels), N = 0 too
+    if x.dtype.kind == "f" and not np.isfinite(flat).all():
+        bad = int(np.flatnonzero(~np.isfinite(flat).all(1))[0])
         raise DataError(f"{path}: x[{bad}] has a non-finite value; expected finite pixels")
-    if x.dtype.kind == "f" and len(x) and (x.min() < 0 or x.max() > 1):
-        flat = x.reshape(len(x), -1)
-        bad = int(np.flatnonzero((flat < 0).any(1) | (flat > 1).any(1))[0])
+    outside = (flat < 0).any(1) | (flat > 1).any(1) if x.dtype.kind == "f" else np.zeros(0, bool)
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
         raise DataError(
             f"{path}: x[{bad}] has pixels in [{flat[bad].min():g}, {flat[bad].max():g}]; expected floating-point "
             "pixels in [0, 1] (image files are read as 0..255 / 255: divide by 255, or save x as uint8)"
