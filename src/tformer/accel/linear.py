@@ -20,7 +20,9 @@ see `F.linear`). Results differ from MKL's only in summation order (about 1e-6 r
 Decoding (accel/compiled.py: inside `compiled_decoding()`, or by default where this machine measured it
 faster): a one-row product in inference, float32 or bfloat16 (read as it is stored, 2 bytes a weight;
 summed in float32) on the CPU, is one reduction kernel that inductor generates per weight shape,
-`(W * x).sum(-1) + b` fused; torchao's int8 weights take accel/int8.py's kernel.
+`(W * x).sum(-1) + b` fused; torchao's int8 weights take accel/int8.py's kernel. Products of torchao's
+int8 weights with several rows take accel/int8.py's dequantised product where this machine measured
+it faster than torchao's own (`Plan.int8_path`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tformer.accel import bucket as _bucket
 from tformer.accel import compiled as _compiled
 from tformer.accel.compiled import PLAIN as _PLAIN
 from tformer.accel.compiled import compile_failed, compiled_decoding, grad_wanted, kernel_bias, row, with_bias
-from tformer.accel.int8 import int8_gemv
+from tformer.accel.int8 import dequant_eligible, int8_dequant_linear, int8_gemv
 
 if TYPE_CHECKING:
     from tformer.accel.plan import Plan
@@ -248,7 +250,17 @@ def eager_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan | No
     """`accel_linear` without the one-row paths: bfloat16 autocast products with padded rows where `plan`
     chose "bucket"; float32 products oneDNN can compute through oneDNN (forward and backward) where `plan`
     (an accel.plan.Plan) chose it for their shape class, or without a plan from `ONEDNN_MIN_MNK`
-    multiply-adds on; everything else F.linear."""
+    multiply-adds on; products of several rows with torchao int8 weights through `int8_dequant_linear`
+    where `plan` chose "dequant"; everything else F.linear."""
+    if (
+        plan is not None
+        and type(weight) not in _PLAIN
+        and x.numel() != x.shape[-1]  # several rows (one row: `accel_linear`'s decoding paths)
+        and dequant_eligible(x, weight, bias)
+    ):
+        if plan.int8_path(x, weight, bias) == "dequant":
+            return int8_dequant_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
     if plan is not None and _bucket.bucket_eligible(x, weight, bias):
         training = (torch.is_grad_enabled() and x.requires_grad) or grad_wanted(weight, bias)
         if plan.bf16_path(x, weight, bias, training) == "bucket":

@@ -32,16 +32,22 @@ from torch import Tensor
 from tformer.accel import bucket as _bucket
 from tformer.accel import compiled as _compiled
 from tformer.accel import dropout as _dropout
+from tformer.accel import int8 as _int8
 from tformer.accel import linear as _linear
 from tformer.accel.compiled import PLAIN as _PLAIN
 from tformer.accel.machine import rows_bucket
 from tformer.accel.tune import Tuner
 
 # the paths of each op, by the first part of its class name; the first is stock
-OP_PATHS = {"linear": ("stock", "onednn", "bucket"), "dropout": ("stock", "bits16")}
+OP_PATHS = {"linear": ("stock", "onednn", "bucket", "dequant"), "dropout": ("stock", "bits16")}
 # bfloat16 autocast products: one class per train / inference (the kernel builds it avoids do not depend
 # on the layer's size), timed on the first call's operands at row counts the process has not met
 BF16_CLASS = "linear/bfloat16/{}/rows"
+# torchao int8 weights in inference, products of several rows: torchao's own kernels ("stock") or
+# `int8_dequant_linear`; one class per machine, as what decides is whether this CPU has fast int8
+# products (AVX512-VNNI, AMX) at all
+INT8_CLASS = "linear/int8/infer"
+INT8_TIMED = (16, 1024)  # the timing's rows and most output features (a slice of the call's weight)
 
 
 def class_name(training: bool, bucket: str, n: int, k: int) -> str:
@@ -113,6 +119,22 @@ class Plan:
                 name, "stock", lambda: _bucket_candidates(x, weight, bias, training), collective=training
             )
             self._fast[fast] = got
+        return got
+
+    def int8_path(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+        """ "dequant" or "stock" for an inference product of several rows with a torchao int8 weight (the
+        caller checked `dequant_eligible`): one choice per machine (`INT8_CLASS`), timed on `INT8_TIMED`
+        rows against the first output features of the call's own weight; stock without a tuner. One-row
+        products keep their own paths (`decode_path`: the compiled kernel or torchao's): in a GPT-2
+        decoding step on an AVX2 AMD EPYC the dequantised one-row products made the step 1.3x slower
+        than torchao's, though alone they timed faster (the float32 product's threads and the
+        conversion's hand over the cores at every call; decision 107)."""
+        got = self._fast.get(("int8",))
+        if got is None:
+            got = self._decide(
+                INT8_CLASS, "stock", lambda: _int8_candidates(x, weight, bias), collective=False
+            )
+            self._fast[("int8",)] = got
         return got
 
     def decode_path(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, measure: bool) -> str:
@@ -305,6 +327,28 @@ def _row_candidates(
             return _linear.addmv_row(xs, weight, bias)
 
     return {"eager": eager, "addmv": addmv}
+
+
+def _int8_candidates(x: Tensor, weight: Tensor, bias: Tensor | None) -> dict[str, Callable[[], object]]:
+    """torchao's int8 product and `int8_dequant_linear` on `INT8_TIMED` rows of seeded activations times
+    the first output features of this weight (torchao slices its int8 tensors), in inference."""
+    rows, most = INT8_TIMED
+    n = min(int(weight.shape[0]), most)
+    w = weight[:n] if n < weight.shape[0] else weight
+    b = None if bias is None else bias[:n].contiguous()
+    xs = torch.randn(rows, x.shape[-1], generator=torch.Generator().manual_seed(0))
+
+    def stock() -> Tensor:
+        with torch.no_grad():
+            return F.linear(xs, w, b)
+
+    def dequant() -> Tensor:
+        with torch.no_grad():
+            if not _int8.dequant_eligible(xs, w, b):
+                raise RuntimeError("this int8 weight's slice is not one int8_dequant_linear reads")
+            return _int8.int8_dequant_linear(xs, w, b)
+
+    return {"stock": stock, "dequant": dequant}
 
 
 def _bucket_candidates(
