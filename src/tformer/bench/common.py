@@ -178,7 +178,7 @@ def machine_line(report: dict[str, Any]) -> str:
     )
     return (
         f"Machine: {m['cpu']} ({' '.join(m['isa']) or 'no listed ISA extensions'}), {m['threads']} threads, "
-        f"torch {m['torch']}. tformer.accel ({report['accel_mode']}): float32 shape classes {chosen} "
+        f"torch {m['torch']}. tformer.accel ({report['accel_mode']}): shape classes (linear and dropout) {chosen} "
         f"(measured here, cached per machine). Peak resident memory of the benchmark process: "
         f"{'n/a' if peak is None else format_bytes(peak)}." + on_gpu
     )
