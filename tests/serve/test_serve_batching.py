@@ -86,3 +86,40 @@ def test_a_closed_batcher_refuses_new_jobs():
         assert info.value.status == 503
 
     asyncio.run(main())
+
+
+def test_a_job_that_timed_out_while_gathered_takes_no_row():
+    """A lone job waits for batch-mates and times out (cancelled) meanwhile; two later jobs, the second
+    arriving after the first, form one batch: the dead job neither takes a row nor ends the first live
+    one's wait for a mate."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Recorder()
+        batcher = Batcher(2, max_wait_s=30.0)
+        ready = asyncio.Event()
+        batcher.worker = worker = Worker(
+            engine, max_batch=2, warm_up=True, loop=loop, release=batcher.release,
+            ready=lambda failure: ready.set(), observe_batch=lambda n: None,
+        )  # fmt: skip
+        worker.start()
+        task = asyncio.create_task(batcher.run())
+        await ready.wait()
+        lone = Job("k", 1, loop=loop, timeout_s=60, stream=False)
+        batcher.put(lone)
+        await asyncio.sleep(0.05)  # the batcher holds it, waiting for a mate
+        lone.cancelled = True  # (the app's timeout)
+        a, b = (Job("k", r, loop=loop, timeout_s=60, stream=False) for r in (2, 3))
+        batcher.put(a)
+        await asyncio.sleep(0.05)  # a arrives alone: it must wait for b, not go as a batch of one
+        assert engine.batches == []
+        batcher.put(b)
+        results = await asyncio.wait_for(asyncio.gather(a.result, b.result), 10)
+        batcher.close()
+        await task
+        await asyncio.to_thread(worker.thread.join)
+        assert batcher.free == 2
+        return engine.batches, results
+
+    batches, results = asyncio.run(main())
+    assert batches == [[2, 3]] and results == [4, 6]

@@ -363,13 +363,20 @@ class Batcher:
                 await self._room.wait()
             idle = self.free == self.max_batch
             batch = [first]
-            while len(batch) < self.free:
+            while True:
+                # a gathered job may have timed out (its 504 sent) while the batch waited for others: it
+                # takes no row, and the wait for batch-mates counts from the first live job's arrival
+                batch = [j for j in batch if not j.cancelled]
+                if len(batch) >= self.free:
+                    break
                 if self._pending:
                     job = self._pending.popleft()
                     if not job.cancelled:
                         batch.append(job)
                     continue
-                remaining = first.arrived + self.max_wait_s - loop.time()
+                if not batch:  # every job gathered so far timed out: start again from the next
+                    break
+                remaining = batch[0].arrived + self.max_wait_s - loop.time()
                 if not idle or remaining <= 0 or self._closing:
                     break
                 self._arrival.clear()
