@@ -25,10 +25,11 @@ class _ScriptedTuner:
     """A tuner whose measurements give `winner`: `choose` runs each candidate once and caches the scripted
     winner, `lookup` answers from that cache."""
 
-    def __init__(self, winner: str) -> None:
-        self.winner = winner
+    def __init__(self, winner: str, step: str | None = None) -> None:
+        self.winner, self.step = winner, step  # step: the whole decoding step's verdict (None: not cached)
         self.cache: dict[tuple[object, ...], str] = {}
         self.asked: list[tuple[object, ...]] = []
+        self.steps: list[tuple[object, ...]] = []
 
     def choose(self, key, candidates, *, stock):
         if key[0] == "decode":
@@ -38,6 +39,13 @@ class _ScriptedTuner:
             self.asked.append(key)
             self.cache[key] = self.winner
             return self.winner
+        if key[0] == "decode-step" and self.step is not None:
+            assert stock == "eager" and set(candidates) == {"eager", "compiled"}
+            for run in candidates.values():
+                run()
+            self.steps.append(key)
+            self.cache[key] = self.step
+            return self.step
         return stock
 
     def lookup(self, key, *, stock=None):
@@ -249,3 +257,81 @@ def test_a_one_row_products_kernel_is_decided_once_per_class(monkeypatch):
                 lm(torch.tensor([[7]]), cache=cache)
                 assert len(checks) == first  # decided: no checks on later steps
     assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("step", ["compiled", "eager"])
+def test_the_default_follows_the_whole_steps_verdict(step, gemv_calls, monkeypatch):
+    """compile=True at batch 1 times the model's decoding step as the default takes it against the eager
+    step, once; where the step measured slower compiled, the default compiles nothing, though each
+    product's kernel alone measured faster (decision 108). Tokens are compile=False's either way."""
+    tuner = _ScriptedTuner("compiled", step=step)
+    monkeypatch.setattr(accel, "_tuner", tuner)
+    prompt = torch.randint(61, (1, 5), generator=torch.Generator().manual_seed(1))
+    first = accel.apply(_lm())
+    plain = generate(first, prompt, max_new_tokens=6, greedy=True, compile=False)
+    assert torch.equal(generate(first, prompt, max_new_tokens=6, greedy=True, compile=True), plain)
+    shapes = "float32:32x32,float32:32x64,float32:61x32,float32:64x32,float32:96x32"
+    assert tuner.steps == [("decode-step", shapes)]  # once, after every product had its verdict
+    generate(first, prompt, max_new_tokens=6, greedy=True, compile=True)
+    assert len(tuner.steps) == 1  # cached
+    served = len(gemv_calls)
+    second = accel.apply(_lm())  # another process's model, reading the machine's cache
+    assert torch.equal(generate(second, prompt, max_new_tokens=6, greedy=True), plain)
+    took = len(gemv_calls) - served
+    assert (took > 0) if step == "compiled" else (took == 0)
+    assert accel.decoding_setting(second, None) is (None if step == "compiled" else False)
+    assert accel.decoding_setting(second, True) is True and accel.decoding_setting(second, False) is False
+
+
+def test_the_step_is_not_timed_where_no_product_compiles_or_at_batch_8(gemv_calls, monkeypatch):
+    tuner = _ScriptedTuner("eager", step="eager")
+    monkeypatch.setattr(accel, "_tuner", tuner)
+    lm = accel.apply(_lm())
+    generate(lm, torch.tensor([[1, 2, 3]]), max_new_tokens=4, greedy=True, compile=True)
+    assert len(tuner.asked) == len(SHAPES) and tuner.steps == []  # nothing compiled by default anyway
+    tuner.winner = "compiled"
+    eight = accel.apply(_lm())
+    generate(eight, torch.randint(61, (8, 3)), max_new_tokens=4, greedy=True, compile=True)
+    assert tuner.steps == []  # several rows: no one-row products in the step
+    generate(eight, torch.tensor([[1, 2, 3]]), max_new_tokens=4, greedy=True, compile=True)
+    assert len(tuner.steps) == 1
+
+
+def test_the_timed_step_leaves_the_callers_cache_alone():
+    from tformer.inference.sampling import _trial_step
+
+    lm = accel.apply(_lm(), measure=False)
+    with torch.no_grad():
+        cache = lm.new_cache(8)
+        lm(torch.tensor([[1, 2, 3]]), cache=cache)
+        before = [(kv.length, kv.k_buf.clone(), kv.v_buf.clone()) for kv in cache.kv]
+        step = _trial_step(lm, torch.tensor([[4]]), cache)
+        outs = [step(setting).logits for setting in (False, None, False)]
+        after = lm(torch.tensor([[4]]), cache=cache).logits
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[0], after)
+    for (length, k, v), kv in zip(before, cache.kv, strict=True):
+        assert length == 3 and torch.equal(kv.k_buf[:, :, :3], k[:, :, :3])
+        assert torch.equal(kv.v_buf[:, :, :3], v[:, :, :3])
+
+
+def test_the_real_tuner_keeps_the_steps_verdict(tmp_path, monkeypatch):
+    """The step's verdict goes through the machine's Tuner like any class (timed, stored against "eager"),
+    and `decoding_setting` reads it back from a fresh Tuner on the same file."""
+    import time
+
+    from tformer.accel.tune import Tuner
+
+    monkeypatch.setenv("TFORMER_CACHE_DIR", str(tmp_path))
+    lm = accel.apply(_lm())
+    key = accel._decoding_key(lm)
+
+    def slow() -> None:
+        time.sleep(0.002)
+
+    for verdict, timed in (("compiled", {"eager": slow, "compiled": lambda: None}),
+                           ("eager", {"eager": lambda: None, "compiled": slow})):  # fmt: skip
+        monkeypatch.setattr(accel, "_tuner", Tuner(tmp_path / f"{verdict}.json"))
+        assert accel.tuner().choose(key, timed, stock="eager") == verdict
+        monkeypatch.setattr(accel, "_tuner", Tuner(tmp_path / f"{verdict}.json"))  # the next process's
+        fresh = accel.apply(_lm())
+        assert accel.decoding_setting(fresh, None) is (None if verdict == "compiled" else False)

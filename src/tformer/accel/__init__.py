@@ -40,12 +40,12 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from torch import nn
 
 from tformer.accel import attention as _attention
-from tformer.accel.compiled import compiled_decoding
+from tformer.accel.compiled import PLAIN, compiled_decoding
 from tformer.accel.dropout import AccelDropout
 from tformer.accel.linear import AccelLinear, onednn_available
 from tformer.accel.machine import MODES, mode
@@ -55,6 +55,12 @@ from tformer.attention.backends import get_backend
 from tformer.attention.multihead import MultiHeadAttention
 
 M = TypeVar("M", bound=nn.Module)
+
+
+class _Modules(Protocol):
+    """A model as `decoding_setting` and `confirm_decoding` read it (an nn.Module, or a protocol of one)."""
+
+    def modules(self) -> Iterator[nn.Module]: ...
 
 
 def _retired_variables() -> None:
@@ -84,7 +90,7 @@ def tuner() -> Tuner:
 _SWAPPED: dict[type[nn.Module], type[nn.Module]] = {AccelLinear: nn.Linear, AccelDropout: nn.Dropout}
 
 
-def _plan_of(model: nn.Module) -> Plan | None:
+def _plan_of(model: _Modules) -> Plan | None:
     return next((m.__dict__["_accel_plan"] for m in model.modules() if "_accel_plan" in m.__dict__), None)
 
 
@@ -128,6 +134,52 @@ def agree(model: nn.Module, decide: Callable[[str, str], str]) -> None:
     plan = _plan_of(model)
     if plan is not None:
         plan.agree = decide
+
+
+def _decoding_key(model: _Modules) -> tuple[str, str]:
+    """The tuner's class of `model`'s batch-1 decoding step: its accelerated layers' weight kinds and
+    shapes, e.g. ("decode-step", "float32:2304x768,float32:3072x768,...")."""
+    shapes = {
+        f"{'int8' if type(m.weight) not in PLAIN else str(m.weight.dtype).removeprefix('torch.')}:"
+        f"{m.weight.shape[0]}x{m.weight.shape[-1]}"
+        for m in model.modules()
+        if type(m) is AccelLinear
+    }
+    return ("decode-step", ",".join(sorted(shapes)))
+
+
+def decoding_setting(model: _Modules, compile: bool | None) -> bool | None:
+    """The `compiled_decoding` setting to decode `model` with: `compile` itself, except that the default
+    (None: each one-row product compiled where its kernel alone measured faster) becomes False where this
+    machine measured that default slower than the eager kernels in this model's own decoding step
+    (`confirm_decoding`; decision 108)."""
+    if compile is not None:
+        return compile
+    plan = _plan_of(model)
+    if plan is None or plan.tuner is None:
+        return None
+    return False if plan.tuner.lookup(_decoding_key(model), stock="eager") == "eager" else None
+
+
+def confirm_decoding(model: _Modules, step: Callable[[bool | None], object]) -> None:
+    """Once per machine and decoding class (`_decoding_key`), after compile=True measured each one-row
+    product's compiled kernel alone: time `model`'s whole batch-1 decoding step as the default would
+    take it (`step(None)`) against the eager kernels (`step(False)`), and cache which was faster for
+    `decoding_setting`. Kernels that win alone can lose inside the step: on an AVX2-only AMD EPYC the
+    compiled int8 kernels and torchao's hand the two cores over at every call (decision 108). Nothing is
+    timed where no product has a compiled verdict (the default is then eager already). `step` runs one
+    decoding step on a scratch copy of the caller's cache, under `compiled_decoding(setting)`."""
+    plan = _plan_of(model)
+    if plan is None or plan.tuner is None or not plan.auto_compiles():
+        return
+    key = _decoding_key(model)
+    if plan.tuner.lookup(key, stock="eager") is not None:
+        return
+    plan.tuner.choose(
+        key,
+        {"eager": lambda: step(False), "compiled": lambda: step(None)},
+        stock="eager",
+    )
 
 
 def revert(model: M) -> M:
@@ -187,6 +239,8 @@ __all__ = [
     "AccelLinear",
     "apply",
     "compiled_decoding",
+    "confirm_decoding",
+    "decoding_setting",
     "describe",
     "mode",
     "onednn_available",

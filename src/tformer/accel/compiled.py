@@ -9,9 +9,13 @@ weights (accel/linear.py) and torchao's int8 weights (accel/int8.py). Each shape
 Three settings, context-local (one thread's block does not reach another thread):
 - `compiled_decoding(True)` (`generate(..., compile=True)`, `tformer generate --compile`): every such
   product is compiled, and the first one of each weight shape also times the compiled kernel against the
-  eager path (accel/plan.py) and caches the verdict for this machine.
+  eager path (accel/plan.py) and caches the verdict for this machine; at batch 1 `generate` then times the
+  model's whole decoding step as the default would take it against the eager step, and caches that too
+  (`accel.confirm_decoding`).
 - auto, the default (`compile=None`): a shape is compiled only where that cache says the compiled kernel
-  measured faster here; a shape never measured stays eager. So a short command never pays a cold compile
+  measured faster here, and not at all in a model whose decoding step measured slower so
+  (`accel.decoding_setting`; kernels that win alone can lose inside the step, decision 108); a shape
+  never measured stays eager. So a short command never pays a cold compile
   nobody asked for, and once `tformer bench tune`, `bench generate` or a `--compile` run has measured, the
   default takes the faster kernel. Compiling that takes over a second is said once on stderr.
 - `compiled_decoding(False)` (`compile=False`, `--no-compile`): never.

@@ -166,6 +166,11 @@ class Plan:
             self._fast[fast] = got
         return got
 
+    def auto_compiles(self) -> bool:
+        """Some one-row product of this model has a "compiled" verdict (`decode_path`): decoding by
+        default (compile=None) would take a compiled kernel for it."""
+        return any(key[0] == "decode" and got == "compiled" for key, got in list(self._fast.items()))
+
     def one_row(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, compiled: bool) -> str:
         """The kernel of a one-row inference product (the caller checked `_one_row_inference`), decided
         once per (dtype, weight kind, shape, bias or not, `compiled` allowed) and then a dict lookup, as

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from tformer.accel import compiled_decoding
+from tformer.accel import compiled_decoding, decoding_setting
 from tformer.inference.modes import evaluating
 from tformer.inference.sampling import check_compile, check_sampling, new_generator, sample
 from tformer.inference.streaming import Continuation, TextStream
@@ -183,7 +183,8 @@ class BatchDecoder(RowBatch[_Row, LMCache]):
     """Continuous batching over a `LanguageModel` (see the module docstring): `add`, `step`, `cancel`.
 
     `max_batch` bounds the rows decoded together; further requests wait, first come first served. `compile`
-    is `generate`'s (compiled one-row kernels; None: where this machine measured them faster)."""
+    is `generate`'s (compiled one-row kernels; None: where this machine measured them faster, alone and in
+    this model's decoding step)."""
 
     def __init__(
         self, model: LanguageModel, tokenizer: Tokenizer, *, max_batch: int = 16, compile: bool | None = None
@@ -195,7 +196,7 @@ class BatchDecoder(RowBatch[_Row, LMCache]):
             )
         check_compile(model, compile)
         super().__init__(max_batch, next(model.parameters()).device)
-        self.model, self.tok, self.compile = model, tokenizer, compile
+        self.model, self.tok, self.compile = model, tokenizer, decoding_setting(model, compile)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The ids generation starts from: the prompt's, or BOS for an empty one."""

@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
-from tformer.accel import AccelLinear, compiled_decoding
+from tformer.accel import AccelLinear, compiled_decoding, confirm_decoding, decoding_setting
 from tformer.attention.kv_cache import DecodingCache
 from tformer.config import LMConfig
 from tformer.inference.modes import evaluating
@@ -154,8 +154,10 @@ def generate(
     float32, bfloat16 and int8 CPU decoding steps use compiled matrix-vector kernels (tformer.accel; a few
     seconds of compiling per process, then faster steps; each weight shape's kernel is also timed against
     the eager path once and the verdict cached for this machine), which needs a model given tformer's
-    accelerated layers (`tformer.accel.apply(model)`); None (the default): compiled where this machine's
-    cache says it measured faster, else eager; False: never. The model runs in eval mode; one already in it
+    accelerated layers (`tformer.accel.apply(model)`; at batch 1 the whole step as the default would take
+    it is then also timed against the eager one, once per machine); None (the default): compiled where
+    this machine's cache says it measured faster, both alone and in this model's decoding step, else
+    eager; False: never. The model runs in eval mode; one already in it
     is not written to, so threads may share it (tformer.inference.modes)."""
     ids = prompt
     for ids in generate_steps(
@@ -196,7 +198,7 @@ def generate_steps(
     return _steps(
         model, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
         top_k=top_k, top_p=top_p, generator=new_generator(seed, prompt.device), eos_id=eos_id,
-        use_cache=use_cache, compile=compile,
+        use_cache=use_cache, compile=decoding_setting(model, compile),
     )  # fmt: skip
 
 
@@ -221,6 +223,9 @@ def _steps(
     ids[:, :n] = prompt
     cache: G | None = None
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    # compile=True at batch 1: after the first decoding step measured each product's kernels, the whole
+    # step as the default takes it is timed against the eager one, once per machine (confirm_decoding)
+    confirm = compile is True and use_cache and b == 1
     with evaluating(model):
         for _ in range(max_new_tokens):
             with compiled_decoding(compile), torch.no_grad():
@@ -233,6 +238,9 @@ def _steps(
                         out = model(ids[:, n - limit // 2 : n], cache=cache, last_only=True, checked=True)
                     else:  # the token chosen last step: valid by construction, not checked again
                         out = model(ids[:, n - 1 : n], cache=cache, last_only=True, checked=True)
+                        if confirm and cache.length < cache.capacity:
+                            confirm = False
+                            confirm_decoding(model, _trial_step(model, ids[:, n - 1 : n], cache))
                 else:
                     out = model(ids[:, max(0, n - limit) : n], last_only=True)
                 logits = out.logits[:, -1].float()  # (B, V)
@@ -249,6 +257,17 @@ def _steps(
             # Host reads only for what stopping needs: none without eos_id.
             if eos_id is not None and bool(done.all()):
                 return
+
+
+def _trial_step(model: IncrementalLM[G], token: Tensor, cache: G) -> Callable[[bool | None], object]:
+    """setting -> one decoding step of `token` under `compiled_decoding(setting)`, on a copy of `cache`
+    (which has a free position): the caller's cache and ids are untouched."""
+
+    def step(setting: bool | None) -> object:
+        with compiled_decoding(setting), torch.no_grad():
+            return model(token, cache=cache.clone(), last_only=True, checked=True)
+
+    return step
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
