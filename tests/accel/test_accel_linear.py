@@ -367,6 +367,8 @@ def test_int8_model_generates_the_same_tokens_compiled():
     ).eval()
     q = accel.apply(apply_precision(copy.deepcopy(lm), "int8"))
     prompt = torch.randint(61, (1, 5))
+    # compile=True once before: its first run also times whole decoding steps (accel.confirm_decoding)
+    generate(q, prompt, max_new_tokens=2, greedy=True, compile=True)
     logits: list[torch.Tensor] = []
     hook = q.output.register_forward_hook(lambda m, i, o: logits.append(o.detach().clone()))
     plain = generate(q, prompt, max_new_tokens=8, greedy=True)
