@@ -32,21 +32,15 @@ class _ScriptedTuner:
         self.steps: list[tuple[object, ...]] = []
 
     def choose(self, key, candidates, *, stock):
-        if key[0] == "decode":
-            assert stock == "eager" and set(candidates) == {"eager", "compiled"}
-            for run in candidates.values():
-                run()
-            self.asked.append(key)
-            self.cache[key] = self.winner
-            return self.winner
-        if key[0] == "decode-step" and self.step is not None:
-            assert stock == "eager" and set(candidates) == {"eager", "compiled"}
-            for run in candidates.values():
-                run()
-            self.steps.append(key)
-            self.cache[key] = self.step
-            return self.step
-        return stock
+        verdict = {"decode": self.winner, "decode-step": self.step}.get(key[0])
+        if verdict is None:
+            return stock
+        assert stock == "eager" and set(candidates) == {"eager", "compiled"}
+        for run in candidates.values():
+            run()
+        (self.asked if key[0] == "decode" else self.steps).append(key)
+        self.cache[key] = verdict
+        return verdict
 
     def lookup(self, key, *, stock=None):
         return self.cache.get(key)
