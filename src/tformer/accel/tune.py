@@ -199,11 +199,14 @@ class Tuner:
         base: Callable[[], object],
         *,
         past_budget: bool = False,
+        warmup: int = _WARMUP,
+        min_repeats: int = _MIN_REPEATS,
     ) -> float:
         """median(base) / median(fast), cached: > 1 where `fast` is faster. 1.0 untimed (off, out of budget;
         `past_budget=True` times it even after the budget is spent, for a decision too coarse to default,
         such as the precision of a whole run); 0.0 where `fast` raises (it cannot run here); `base` raising
-        propagates."""
+        propagates. `warmup` untimed calls and at least `min_repeats` timed rounds each: fewer for calls
+        that take seconds (a whole training step)."""
         skey = _canonical(key)
         if mode() == "off":
             return 1.0
@@ -216,7 +219,9 @@ class Tuner:
             cached = self._cached_ratio(skey, refresh=True)
             if cached is not None:
                 return cached
-            median_s, noise, excluded, _ = self._measure({"base": base, "fast": fast}, must_run="base")
+            median_s, noise, excluded, _ = self._measure(
+                {"base": base, "fast": fast}, must_run="base", warmup=warmup, min_repeats=min_repeats
+            )
             if "fast" in excluded:
                 value = 0.0
             else:
@@ -226,6 +231,13 @@ class Tuner:
         if message is not None and self._report is not None:
             self._report(message)
         return value
+
+    def cached_ratio(self, key: Key) -> float | None:
+        """The ratio `ratio(key, ...)` would return from the cache without timing (made by this tformer
+        version), or None where this machine has not measured it."""
+        skey = _canonical(key)
+        with self._lock:
+            return self._cached_ratio(skey)
 
     def _cached_ratio(self, skey: str, *, refresh: bool = False) -> float | None:
         entry = self._cached(skey, refresh=refresh)
@@ -255,7 +267,12 @@ class Tuner:
     # -- timing ------------------------------------------------------------------------------------
 
     def _measure(
-        self, candidates: Mapping[str, Callable[[], object]], *, must_run: str
+        self,
+        candidates: Mapping[str, Callable[[], object]],
+        *,
+        must_run: str,
+        warmup: int = _WARMUP,
+        min_repeats: int = _MIN_REPEATS,
     ) -> tuple[dict[str, float], dict[str, float], dict[str, str], dict[str, list[float]]]:
         """Warm up, then time the candidates in rotating round-robin. -> (median_s, noise, excluded, the
         timed samples by round)."""
@@ -265,7 +282,7 @@ class Tuner:
         self._depth += 1
         start = self._timer()
         try:
-            for r in range(_WARMUP + _MAX_REPEATS):
+            for r in range(warmup + _MAX_REPEATS):
                 alive = [name for name in names if name not in excluded]
                 shift = r % len(alive)
                 for name in alive[shift:] + alive[:shift]:
@@ -277,9 +294,9 @@ class Tuner:
                             raise
                         excluded[name] = _reason(exc)
                         continue
-                    if r >= _WARMUP:
+                    if r >= warmup:
                         samples[name].append(self._timer() - t0)
-                if r + 1 - _WARMUP >= _MIN_REPEATS:
+                if r + 1 - warmup >= min_repeats:
                     slowest = max(sum(samples[name]) for name in names if name not in excluded)
                     out_of_budget = self._spent + (self._timer() - start) >= self._budget_s
                     if slowest >= _TARGET_S or out_of_budget:

@@ -9,9 +9,11 @@ the same weights (a seeded Hugging Face GPT2LMHeadModel, copied into the others)
 Two phases per shape:
 1. Loss curves: each model, eagerly, for `loss_steps` steps in float32 and in bfloat16 autocast, from
    the same weights on the same batches; the largest gap to Hugging Face's loss shows the curves agree.
-2. Speed: per precision, the models (tformer with tformer.accel's kernels, as the command line trains
-   it; the same model without them, "tformer (stock)", what TFORMER_ACCEL=off gives; tformer with
-   torch.compile) are timed interleaved (A B C A B C ...)
+2. Speed: per precision, the models (tformer as the command line trains a long run: tformer.accel's
+   kernels, and compiled steps where train.compile = "auto" measured them faster on this model, once per
+   machine; the same model without accel's kernels, eager, "tformer (stock)", what TFORMER_ACCEL=off
+   gives; the same model with the other kind of step, "tformer+compile" or "tformer (eager)") are timed
+   interleaved (A B C A B C ...)
    for `repeats` rounds of `steps` steps after a warm-up; medians. Model FLOPs utilisation divides the
    model's FLOPs per step (6 N + 12 L C T per token) by the step time and this machine's matmul ceiling
    of the same precision, measured at the start of the same run.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import statistics
 import sys
 import time
@@ -53,6 +56,7 @@ from tformer.bench.common import (
     write_outputs,
 )
 from tformer.models.lm import LanguageModel
+from tformer.training import compiling
 
 SHAPES = {
     "baby": GPTShape(n_layers=4, n_heads=4, d_model=128, vocab_size=65, block=64, batch=12),
@@ -67,6 +71,29 @@ DEFAULT_SHAPES = {"cpu": ("baby", "gpt2-small"), "cuda": ("gpt2-small",)}  # bab
 PRECISIONS = ("fp32", "bf16")
 SEED = 0
 STOCK = "tformer (stock)"  # the row of tformer's model without tformer.accel's kernels
+COMPILED, EAGER = "tformer+compile", "tformer (eager)"  # the kind of step the default row does not take
+
+
+def _compile_auto(lm: nn.Module, batches: Tensor, precision: str) -> tuple[bool, str]:
+    """What train.compile = "auto" takes for a long run of this model and batch (training/compiling.py:
+    the model's forward and backward timed eager and compiled, once per machine, cached)."""
+    x, y = batches[0][:, :-1], batches[0][:, 1:]
+
+    def loss() -> Tensor:
+        logits = lm(x).logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+
+    return compiling.decide(
+        lm,
+        loss,
+        precision=precision,
+        device=batches.device,
+        distributed=False,
+        batches=list(batches),
+        step_s=math.inf,
+        remaining_s=math.inf,
+        tuner=accel.tuner(),
+    )
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -85,9 +112,13 @@ class _Runner:
         logits: Callable[[Tensor], Tensor],
         batches: Tensor,
         stock: bool = False,
+        compiled: bool | None = None,
     ):
         self.name, self.model, self.logits, self.batches = name, model, logits, batches
         self.stock = stock  # tformer's model, run for this row without tformer.accel's paths
+        self.compiled = (
+            compiled  # tformer's model: its compiled training steps (training/compiling.py) or not
+        )
         model.train()
         # the same AdamW for every model (nanoGPT's learning rate for the baby shape), torch's fused kernel
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
@@ -99,6 +130,8 @@ class _Runner:
         self.position += 1
         x, y = batch[:, :-1], batch[:, 1:]
         paths = accel.reverted(self.model) if self.stock else contextlib.nullcontext()
+        if self.compiled is not None:
+            compiling.set_compiled(self.model, self.compiled)
         with paths, _autocast(precision, self.batches.device):
             logits = self.logits(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
@@ -193,6 +226,7 @@ def speed(
     ceiling: dict[str, float],
     ceiling_n: int = 2048,
     choices: dict[str, str] | None = None,
+    compile_auto: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Interleaved timing of every model per precision; -> one row per (model, precision). MFU is against
@@ -203,15 +237,25 @@ def speed(
     batches = _batches(shape, 64, SEED + 7, device)
     for precision in precisions:
         runners = _models(shape, batches, with_hf=with_hf)
-        if compile:  # tformer compiled: the same module and optimiser, a compiled forward
-            lm = runners[0].model
-            compiled = torch.compile(lm)
-            c = _Runner("tformer+compile", lm, _lm_logits(compiled), batches)
+        lm = runners[0].model
+        # the command line's default for a long run: train.compile = "auto", measured on this model
+        auto, why = (
+            _compile_auto(lm, batches, precision) if compile else (False, "not measured: --no-compile")
+        )
+        if compile_auto is not None:
+            compile_auto[precision] = {"compiled": auto, "why": why}
+        print(
+            f"  train.compile=auto, {precision}: {'compiled' if auto else 'eager'} ({why})", file=sys.stderr
+        )
+        runners[0].compiled = auto
+        if compile:  # the other kind: the same module and optimiser, eager or compiled steps
+            c = _Runner(EAGER if auto else COMPILED, lm, _lm_logits(lm), batches, compiled=not auto)
             c.opt = runners[0].opt
             runners.insert(1, c)
+        if compile:
+            compiling.compile_steps(lm)  # once, kept; each row sets its own kind before its forward
         if accel.mode() != "off":  # what tformer.accel's paths are worth: the same model without them
-            lm = runners[0].model
-            a = _Runner(STOCK, lm, _lm_logits(lm), batches, stock=True)
+            a = _Runner(STOCK, lm, _lm_logits(lm), batches, stock=True, compiled=False)
             a.opt = runners[0].opt
             runners.insert(1, a)
         for r in runners:  # warm-up (and compilation)
@@ -255,7 +299,8 @@ def speed(
             )
         if choices is not None:  # the kernels tformer's model chose here, per shape class
             choices.update(accel.recorded(runners[0].model) or {})
-        del runners
+        compiling.set_compiled(lm, False)
+        del runners, lm
         gc.collect()
     return rows
 
@@ -300,6 +345,7 @@ def run(
     }
     choices: dict[str, str] = {}
     for name, shape in shapes.items():
+        compile_auto: dict[str, Any] = {}
         print(f"{name}: loss curves", file=sys.stderr)
         curves = loss_curves(
             shape, loss_steps.get(name, 4), precisions=precisions, with_hf=with_hf, device=device
@@ -315,12 +361,14 @@ def run(
             ceiling=ceiling,
             ceiling_n=ceiling_n,
             choices=choices,
+            compile_auto=compile_auto,
             device=device,
         )
         report["shapes"][name] = {
             "shape": shape.__dict__,
             "flops_per_token": shape.flops_per_token(),
             "rows": rows,
+            "compile_auto": compile_auto,
             "loss_curves": curves,
             "max_loss_gap_to_hf": {
                 p: max(abs(a - b) for a, b in zip(c["tformer"], c["hf-gpt2"], strict=True))
@@ -369,6 +417,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['model']} | {r['precision']} | {1000 * r['seconds_per_step']:.1f} | "
                 f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.0f}% | {ratio} |"
+            )
+        for p, choice in s.get("compile_auto", {}).items():
+            kind = "compiled" if choice["compiled"] else "eager"
+            lines.append(
+                f"\nThe tformer row, {p}: accel's kernels and {kind} steps, what train.compile = auto takes "
+                f"for a run of 10 minutes or more ({choice['why']})."
             )
         for p, r in peaks.items():
             lo, hi = min(r["ceilings_gflops"]), max(r["ceilings_gflops"])

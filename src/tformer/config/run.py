@@ -80,7 +80,10 @@ class TrainConfig(Section):
     # "auto": bf16 where this machine's bfloat16 products are >= 2x float32's, else fp32 (accel/precision.py);
     # "bf16": bfloat16 autocast (CPU, GPU); "fp16": float16 autocast + grad scaler (GPU); "fp32"
     precision: str = "auto"
-    compile: bool = False  # torch.compile the model (slow to start, faster steps)
+    # torch.compile the training steps (slow to start, faster steps; evaluation stays eager): true, false, or
+    # "auto": where this machine measured the model's compiled step faster, in runs of 10 minutes or more
+    # with batches of one shape (training/compiling.py)
+    compile: bool | str = "auto"
     accumulate: int = 1  # batches per rank summed into one optimiser step (gradient accumulation)
     parallel: str = "ddp"  # with several processes (torchrun): "ddp" replicas or "fsdp" sharded (FSDP2)
     device: str = "auto"  # "auto": the process's CUDA GPU when there is one, else CPU; or "cpu", "cuda"
@@ -171,6 +174,8 @@ class TrainConfig(Section):
         check_choice(name, "schedule", self.schedule, SCHEDULES)
         check_choice(name, "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check_choice(name, "parallel", self.parallel, ("ddp", "fsdp"))
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise ConfigError(f"{name}.compile = {self.compile!r}: expected true, false or 'auto'")
         check_choice(name, "device", self.device, ("auto", "cpu", "cuda"))
         if self.init_from is not None and not self.init_from.strip():
             raise ConfigError(f"{name}.init_from is empty; give hf:DIR or a checkpoint directory")

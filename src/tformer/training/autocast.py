@@ -4,7 +4,8 @@ chooses; this times the step it is asked about)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -38,29 +39,39 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "fp32")
 
 
-def confirm_on_step(
-    model: torch.nn.Module,
-    loss: Callable[[], torch.Tensor],
-    confirm: Callable[[Key, Callable[[str], object]], tuple[str, str]],
-) -> tuple[str, str]:
-    """`confirm(key, step)` (accel.precision.confirm_by_step) with `step(precision)` one forward (`loss()`, a summed loss) and backward of
-    the model on the CPU under that precision, the random streams forked; afterwards the gradients are
-    cleared and the buffers (batch-norm statistics) restored, so training starts as if it had not run.
-    -> (precision, why)."""
+@contextlib.contextmanager
+def scratch_steps(model: torch.nn.Module) -> Iterator[None]:
+    """Trial forward and backward passes inside leave no trace: the gradients are cleared (before and after) and
+    the buffers (batch-norm statistics) restored, so training starts as if they had not run (each trial
+    forks the random streams itself, `trial_step`)."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-
-    def step(precision: str) -> None:
-        with torch.random.fork_rng(devices=[]):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                total = loss()
-            total.backward()
-        model.zero_grad(set_to_none=True)
-
-    n_params = sum(p.numel() for p in model.parameters())
+    model.zero_grad(set_to_none=True)  # the trials' own gradients, not added to a step's
     try:
-        return confirm((type(model).__name__, n_params), step)
+        yield
     finally:
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
+
+
+def trial_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor], precision: str) -> None:
+    """One forward (`loss()`, a summed loss) and backward of `model` on the CPU under `precision`, the
+    random streams forked; the gradients cleared after (inside `scratch_steps`)."""
+    with torch.random.fork_rng(devices=[]):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            total = loss()
+        total.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def confirm_on_step(
+    model: torch.nn.Module,
+    loss: Callable[[], torch.Tensor],
+    confirm: Callable[[Key, Callable[[str], object]], tuple[str, str]],
+) -> tuple[str, str]:
+    """`confirm(key, step)` (accel.precision.confirm_by_step) with `step(precision)` one `trial_step` of
+    the model under that precision, inside `scratch_steps`. -> (precision, why)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    with scratch_steps(model):
+        return confirm((type(model).__name__, n_params), lambda precision: trial_step(model, loss, precision))

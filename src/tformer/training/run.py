@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from tformer.config import ConfigError, TrainConfig
 from tformer.config.run import BEST_METRICS, best_metric_lower
-from tformer.training import distributed, lora, run_dir
+from tformer.training import compiling, distributed, lora, run_dir
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint import write_checkpoint
+from tformer.training.compiling import eager, is_compiled
 from tformer.training.ema import EMA, EMA_WEIGHTS
 from tformer.training.logsinks import TensorBoardLog, attention_picture
 from tformer.training.schedules import budget_cosine
@@ -41,6 +42,7 @@ class TrainingRun(Generic[BatchT]):
         task: Task[BatchT],
         config: TrainConfig,
         asked_precision: str,
+        asked_compile: bool | str,
         module: torch.nn.Module,
         model: torch.nn.Module,
         optimizer: SkippingAdamW,
@@ -53,8 +55,10 @@ class TrainingRun(Generic[BatchT]):
     ) -> None:
         """`module`: the tformer model (evaluation, config, checkpoints); `model`: what training steps call
         (`module`, or its DDP / FSDP wrapper); `config`: with the precision resolved, `asked_precision` the
-        configured one; `progress`: this rank shows progress."""
+        configured one, `asked_compile` train.compile as configured ("auto" is decided before the first
+        step); `progress`: this rank shows progress."""
         self.world, self.task, self.config, self.asked_precision = world, task, config, asked_precision
+        self.asked_compile = asked_compile
         self.module, self.model = module, model
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.out_dir = out_dir
@@ -184,8 +188,11 @@ class TrainingRun(Generic[BatchT]):
             scaler=self.scaler,
             config=self.config,
             asked_precision=self.asked_precision,
+            asked_compile=self.asked_compile,
             progress=self.progress,
         )
+        if self.config.compile is True and not is_compiled(self.module):  # the run's recorded "auto"
+            compiling.compile_steps(self.module)
         if self.ema is not None and not self.ema.load(found, self.module):
             self.ema = EMA(self.module, self.ema.decay)  # the average starts from the resumed weights
             if self.progress:
@@ -314,7 +321,7 @@ class TrainingRun(Generic[BatchT]):
         metrics: dict[str, float] = {}
         if self.world.is_main or distributed.is_sharded(self.model):
             self.module.eval()
-            with torch.no_grad():
+            with eager(self.module), torch.no_grad():  # a compiled run's steps only (compiling.py)
                 metrics = self.task.evaluate(self.module)
                 if self.ema is not None:  # the averaged weights, then the raw ones again, exactly
                     with self.ema.swapped_in(self.module):
@@ -332,7 +339,7 @@ class TrainingRun(Generic[BatchT]):
         board = self._board()
         draw = getattr(self.task, "attention_maps", None)  # the task's fixed validation example
         if board is not None and draw is not None:
-            with torch.no_grad():
+            with eager(self.module), torch.no_grad():
                 maps = draw(self.module)
             if maps is not None:
                 board.image("attention", attention_picture(maps), self.state.step)

@@ -75,6 +75,7 @@ def trainer_state(
         "world_size": world.size,
         "accumulate": config.accumulate,
         "precision": config.precision,  # as resolved: a resumed "auto" run keeps it
+        "compile": config.compile,  # likewise: whether the steps run compiled ("auto": not decided yet)
         "accel": accel.recorded(module),  # the kernels chosen per shape class (None: stock)
     }
 
@@ -90,11 +91,12 @@ def restore(
     scaler: torch.amp.GradScaler,
     config: TrainConfig,
     asked_precision: str,
+    asked_compile: bool | str,
     progress: bool,
 ) -> tuple[TrainState, TrainConfig]:
     """Load the checkpoint `found` into `module` (through `model`, the FSDP-sharded one, where sharded),
     the optimiser, schedule and scaler, and set this rank's RNG streams. -> (the counters, `config` with
-    the run's resolved precision where "auto" was asked)."""
+    the run's resolved precision and compile where "auto" was asked)."""
     state = load_trainer_state(found)  # first: a tformer 0.1 state is refused before anything loads
     require(state, found, "optimizer", "scheduler", "trainer", "rng")
     sharded = distributed.is_sharded(model)  # a flag, not a narrowing: `model` stays a Module
@@ -109,6 +111,8 @@ def restore(
         load_weights(found, module)
     if asked_precision == "auto" and state.get("precision") not in (None, config.precision):
         config = config.replace(precision=state["precision"])  # the run's, measured then
+    if asked_compile == "auto":  # the run's decision (a checkpoint from before it was recorded: eager)
+        config = config.replace(compile=state.get("compile", False))
     if state.get("accel") and accel.recorded(module) is not None:
         accel.apply(module, choices=state["accel"])  # the same kernels as before the stop
     try:

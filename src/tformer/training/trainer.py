@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 import torch
+from tqdm.auto import tqdm
 
 from tformer import accel
 from tformer.accel.precision import confirm_by_step
@@ -31,7 +32,7 @@ from tformer.accel.precision import resolve as resolve_precision
 from tformer.config import ConfigError, TrainConfig
 from tformer.memory import peak_rss_bytes
 from tformer.models.checkpointing import set_activation_checkpointing
-from tformer.training import distributed, lora, run_dir
+from tformer.training import compiling, distributed, lora, run_dir
 from tformer.training.autocast import autocast, check_precision, confirm_on_step
 from tformer.training.logsinks import training_bar
 from tformer.training.run import TrainingRun
@@ -80,6 +81,7 @@ class Trainer(TrainingRun[BatchT]):
                 print(f"precision: auto -> {resolved} ({why})", file=sys.stderr)
         # the product rule's bf16 is confirmed on the model's own step before the first one (_confirm_auto)
         self._confirm = config.precision == "auto" and resolved == "bf16"
+        # "auto" compile is decided on the run's first batch, after the precision (_decide_compile)
         c = config.replace(precision=resolved)
         check_precision(c, world)
         module = model.to(world.device)  # the tformer model: evaluation, config, checkpoints
@@ -91,8 +93,10 @@ class Trainer(TrainingRun[BatchT]):
             )
         d_model: int = getattr(model, "config").d_model  # noqa: B009  (every tformer model has a config)
         peak = peak_lr(c.lr, d_model, c.warmup_steps)
-        if c.compile:
-            model.compile()  # torch.compile of forward, in place: the module, its state dict and names stay
+        if c.compile is True:
+            compiling.compile_steps(
+                model
+            )  # in place: the module, its state dict and names stay (compiling.py)
         if world.distributed:  # the kernels of training products: rank 0's choices on every rank
             accel.agree(model, lambda _name, winner: distributed.from_rank0(world, winner))
         wrapped = distributed.wrap(model, world, c.parallel)  # what training steps call
@@ -102,6 +106,7 @@ class Trainer(TrainingRun[BatchT]):
             task=task,
             config=c,
             asked_precision=config.precision,
+            asked_compile=config.compile,
             module=module,
             model=wrapped,
             optimizer=optimizer,
@@ -215,6 +220,41 @@ class Trainer(TrainingRun[BatchT]):
             print(f"precision: auto -> {chosen} ({why})", file=sys.stderr)
         self.config = self.config.replace(precision=chosen)
 
+    def _decide_compile(self, batches: list[BatchT], step_s: float) -> None:
+        """train.compile = "auto", after the second step: compile the rest of the run's steps or not
+        (training/compiling.py); the seconds a measurement takes count as training time."""
+        c, s, w = self.config, self.state, self.world
+        per_step = w.size * c.accumulate
+        planned = (len(batches) // per_step) * c.epochs
+        if c.max_steps is not None:
+            planned = min(planned, c.max_steps)
+        remaining = max(0, planned - s.step) * step_s
+        if c.max_time is not None:
+            remaining = min(remaining, max(0.0, c.max_time - s.train_time))
+        one = batches[w.rank * c.accumulate]
+        timed = remaining >= compiling.rule.MIN_RUN_S  # a short run: nothing timed, not even the clock read
+        t0 = time.perf_counter() if timed else 0.0
+        chosen, why = compiling.decide(
+            self.module,
+            lambda: self.task.loss(self.module, one).total,
+            precision=c.precision,
+            device=w.device,
+            distributed=w.distributed,
+            batches=batches,
+            step_s=step_s,
+            remaining_s=remaining,
+            tuner=accel.tuner(),
+        )
+        if w.distributed:  # every rank compiles alike: rank 0's verdict
+            chosen = distributed.from_rank0(w, chosen)
+        if chosen:
+            compiling.compile_steps(self.module)
+        self.config = self.config.replace(compile=chosen)
+        if timed:
+            s.train_time += time.perf_counter() - t0
+        if w.is_main:
+            tqdm.write(f"compile: auto -> {'compiled' if chosen else 'eager'} ({why})", file=sys.stderr)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self._interrupted:  # a second signal: stop now, unless the counters are half-changed
@@ -244,7 +284,8 @@ class Trainer(TrainingRun[BatchT]):
                 desc=f"epoch {s.epoch + 1}/{c.epochs}",
                 enabled=self.progress,
             )
-            if self._confirm and s.step == 0 and s.batch_in_epoch == 0 and not self._resumed:
+            fresh = s.step == 0 and s.batch_in_epoch == 0 and not self._resumed
+            if self._confirm and fresh:
                 self._confirm_auto(batches[w.rank * c.accumulate])
             self._confirm = False
             window_loss: float | torch.Tensor = 0.0
@@ -264,6 +305,8 @@ class Trainer(TrainingRun[BatchT]):
                 self._updating, self._step_rng = False, None
                 if self._deferred:  # a second signal during the update: the step is counted now
                     raise Interrupted(self._deferred)
+                if s.step == 2 and self.config.compile == "auto":  # (a resumed run keeps its decision)
+                    self._decide_compile(batches, dt)
                 window_loss = window_loss + loss_value
                 window_count = window_count + n_count
                 window_tokens += n_tokens
