@@ -18,7 +18,9 @@ from tformer.models.lm import LanguageModel
 
 pytestmark = pytest.mark.skipif(tl._op is None, reason="this PyTorch build has no oneDNN (mkldnn)")
 
-SHAPES = {("decode", "float32", n, k) for n, k in ((96, 32), (32, 32), (64, 32), (32, 64), (61, 32))}
+SHAPES = {
+    ("decode", "float32", n, k, "streamed") for n, k in ((96, 32), (32, 32), (64, 32), (32, 64), (61, 32))
+}
 
 
 class _ScriptedTuner:
@@ -144,7 +146,9 @@ def test_the_real_tuner_caches_the_verdict_per_machine(tmp_path, monkeypatch):
         layer = fresh.blocks.layers[0].ff.linear1
         assert (
             layer._accel_plan.decode_path(x, layer.weight, layer.bias, measure=False)
-            == (decode[json.dumps(["decode", "float32", 64, 32], separators=(",", ":"))]["winner"])
+            == (
+                decode[json.dumps(["decode", "float32", 64, 32, "streamed"], separators=(",", ":"))]["winner"]
+            )
         )
 
 
@@ -265,7 +269,7 @@ def test_the_default_follows_the_whole_steps_verdict(step, gemv_calls, monkeypat
     plain = generate(first, prompt, max_new_tokens=6, greedy=True, compile=False)
     assert torch.equal(generate(first, prompt, max_new_tokens=6, greedy=True, compile=True), plain)
     shapes = "float32:32x32,float32:32x64,float32:61x32,float32:64x32,float32:96x32"
-    assert tuner.steps == [("decode-step", shapes)]  # once, after every product had its verdict
+    assert tuner.steps == [("decode-step", shapes, "streamed")]  # once, after every product had its verdict
     generate(first, prompt, max_new_tokens=6, greedy=True, compile=True)
     assert len(tuner.steps) == 1  # cached
     served = len(gemv_calls)
@@ -329,3 +333,35 @@ def test_the_real_tuner_keeps_the_steps_verdict(tmp_path, monkeypatch):
         monkeypatch.setattr(accel, "_tuner", Tuner(tmp_path / f"{verdict}.json"))  # the next process's
         fresh = accel.apply(_lm())
         assert accel.decoding_setting(fresh, None) is (None if verdict == "compiled" else False)
+
+
+def test_the_last_level_cache_is_read_from_sysfs_with_a_default(tmp_path):
+    from tformer.accel.machine import DEFAULT_LLC_BYTES, last_level_cache_bytes
+
+    for index, (level, size) in enumerate([(1, "32K"), (2, "1024K"), (3, "32768K"), (1, "64K")]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(f"{level}\n")
+        (tmp_path / f"index{index}" / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert last_level_cache_bytes(tmp_path / "absent") == DEFAULT_LLC_BYTES
+    (tmp_path / "index3" / "size").write_text("many\n")
+    assert last_level_cache_bytes(tmp_path) == DEFAULT_LLC_BYTES
+
+
+def test_one_row_candidates_are_timed_on_copies_of_the_weight_in_turn(monkeypatch):
+    """Each timed call reads the next of several copies, enough for twice the last-level cache (at most
+    STREAM_COPIES), as a decoding step reads every weight from memory; a weight bigger than that alone."""
+    from tformer.accel import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "last_level_cache_bytes", lambda: 64 * 1024)
+    weight, bias = torch.randn(64, 32), torch.randn(64)  # 8 KiB: 16 copies make 128 KiB
+    turn = plan_module.streamed(weight, bias)
+    pairs = [turn() for _ in range(33)]
+    assert len({id(w) for w, _ in pairs}) == 16 and pairs[0][0] is weight and pairs[16][0] is weight
+    assert all(torch.equal(w, weight) and torch.equal(b, bias) for w, b in pairs)
+    big = torch.randn(512, 256)  # 512 KiB
+    turn = plan_module.streamed(big, None)
+    assert {id(turn()[0]) for _ in range(5)} == {id(big)}
+    monkeypatch.setattr(plan_module, "last_level_cache_bytes", lambda: 2**40)  # capped in number
+    turn = plan_module.streamed(weight, None)
+    assert len({id(turn()[0]) for _ in range(200)}) == plan_module.STREAM_COPIES

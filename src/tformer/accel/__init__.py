@@ -49,7 +49,7 @@ from tformer.accel.compiled import PLAIN, compiled_decoding
 from tformer.accel.dropout import AccelDropout
 from tformer.accel.linear import AccelLinear, onednn_available
 from tformer.accel.machine import MODES, mode
-from tformer.accel.plan import Plan
+from tformer.accel.plan import STREAMED, Plan
 from tformer.accel.tune import Tuner
 from tformer.attention.backends import get_backend
 from tformer.attention.multihead import MultiHeadAttention
@@ -136,16 +136,16 @@ def agree(model: nn.Module, decide: Callable[[str, str], str]) -> None:
         plan.agree = decide
 
 
-def _decoding_key(model: _Modules) -> tuple[str, str]:
+def _decoding_key(model: _Modules) -> tuple[str, str, str]:
     """The tuner's class of `model`'s batch-1 decoding step: its accelerated layers' weight kinds and
-    shapes, e.g. ("decode-step", "float32:2304x768,float32:3072x768,...")."""
+    shapes, e.g. ("decode-step", "float32:2304x768,float32:3072x768,...", "streamed")."""
     shapes = {
         f"{'int8' if type(m.weight) not in PLAIN else str(m.weight.dtype).removeprefix('torch.')}:"
         f"{m.weight.shape[0]}x{m.weight.shape[-1]}"
         for m in model.modules()
         if type(m) is AccelLinear
     }
-    return ("decode-step", ",".join(sorted(shapes)))
+    return ("decode-step", ",".join(sorted(shapes)), STREAMED)  # its shapes' verdicts timed from memory
 
 
 def decoding_setting(model: _Modules, compile: bool | None) -> bool | None:

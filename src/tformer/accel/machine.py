@@ -101,6 +101,26 @@ def fingerprint_key(fp: Fingerprint | None = None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+DEFAULT_LLC_BYTES = 32 * 2**20  # where the OS does not say: a common server part's last-level cache
+
+
+def last_level_cache_bytes(base: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size of this CPU's last-level cache (Linux sysfs: the highest cache level cpu0 reports), or
+    `DEFAULT_LLC_BYTES` where it cannot be read."""
+    best_level, best = -1, 0
+    try:
+        for index in base.glob("index*"):
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * scale
+            if level > best_level or (level == best_level and size > best):
+                best_level, best = level, size
+    except (OSError, ValueError):
+        return DEFAULT_LLC_BYTES
+    return best if best > 0 else DEFAULT_LLC_BYTES
+
+
 def cache_dir() -> Path:
     """$TFORMER_CACHE_DIR, else $XDG_CACHE_HOME/tformer, else ~/.cache/tformer; made on first write only."""
     explicit = os.environ.get("TFORMER_CACHE_DIR")
