@@ -86,6 +86,12 @@ def test_the_default_follows_what_compile_true_measured(winner, gemv_calls, monk
     assert set(tuner.asked) == SHAPES  # each weight shape measured once (qkv, out, ff1, ff2, head)
     served = len(gemv_calls)
 
+    # the same model, in the same process, by default takes the verdict measured since its first call
+    generate(first, prompt, max_new_tokens=6, greedy=True)
+    took = len(gemv_calls) - served
+    assert (took > 0) if winner == "compiled" else (took == 0)
+    served = len(gemv_calls)
+
     # a new model (a new process's, reading the machine's cache) by default takes the verdict
     second = accel.apply(_lm())
     again = generate(second, prompt, max_new_tokens=6, greedy=True)
