@@ -212,3 +212,27 @@ def test_train_compile_takes_true_false_or_auto():
         TrainConfig(compile="yes")
     with pytest.raises(ConfigError, match=r"compile = 1 \(int\)"):
         TrainConfig(compile=1)
+
+
+def test_a_compiled_step_that_fails_here_leaves_the_run_eager(tmp_path, monkeypatch):
+    """No C++ compiler, an operation inductor cannot lower: the compiled trial raises, the verdict is
+    eager (cached as such), and the module runs its own forward again."""
+    task, model = build("lm")
+
+    def compile_steps(module: torch.nn.Module) -> None:
+        def broken(*args, **kwargs):
+            raise RuntimeError("inductor: no working C++ compiler")
+
+        compiling._compiled_calls[module] = broken
+        compiling.set_compiled(module, True)
+
+    monkeypatch.setattr(compiling, "compile_steps", compile_steps)
+    clock = _FakeClock(eager_s=1.0, compiled_s=0.5)
+    _timed_trials(monkeypatch, clock)
+    tuner = Tuner(tmp_path / "cache.json", timer=clock)
+    chosen, why = _decide(task, model, tuner, remaining_s=1e9)
+    assert not chosen and "failed" in why
+    assert not compiling.is_compiled(model)
+    batch = task.train_batches(0)[0]
+    assert torch.isfinite(task.loss(model, batch).total)  # the model's own forward runs
+    assert _decide(task, model, Tuner(tmp_path / "cache.json", timer=clock), remaining_s=1e9)[0] is False
