@@ -329,15 +329,15 @@ def _decode_candidates(
     `eager`) and by its compiled kernel (excluded where it has none), in inference, each call on the next
     of `streamed`'s copies."""
     xs = x.detach()
-    eager_pair, compiled_pair = streamed(weight, bias), streamed(weight, bias)
+    pair = streamed(weight, bias)  # one turn for both: the round-robin alternates them over the copies
 
     def by_eager() -> Tensor:
-        w, b = eager_pair()
+        w, b = pair()
         with torch.no_grad(), _compiled.compiled_decoding(False):
             return _linear.accel_linear(xs, w, b, plan)
 
     def compiled() -> Tensor:
-        w, b = compiled_pair()
+        w, b = pair()
         with torch.no_grad():
             y = _linear.compiled_row(xs, w, b)
         if y is None:
@@ -353,15 +353,15 @@ def _row_candidates(
     """This one-row product by the layer's eager path and as a matrix-vector product, in inference, each
     call on the next of `streamed`'s copies."""
     xs = x.detach()
-    eager_pair, addmv_pair = streamed(weight, bias), streamed(weight, bias)
+    pair = streamed(weight, bias)  # one turn for both, as in _decode_candidates
 
     def eager() -> Tensor:
-        w, b = eager_pair()
+        w, b = pair()
         with torch.no_grad():
             return _linear.eager_linear(xs, w, b, plan)
 
     def addmv() -> Tensor:
-        w, b = addmv_pair()
+        w, b = pair()
         with torch.no_grad():
             return _linear.addmv_row(xs, w, b)
 

@@ -116,9 +116,7 @@ class _Runner:
     ):
         self.name, self.model, self.logits, self.batches = name, model, logits, batches
         self.stock = stock  # tformer's model, run for this row without tformer.accel's paths
-        self.compiled = (
-            compiled  # tformer's model: its compiled training steps (training/compiling.py) or not
-        )
+        self.compiled = compiled  # tformer's model: compiled training steps (training/compiling.py) or not
         model.train()
         # the same AdamW for every model (nanoGPT's learning rate for the baby shape), torch's fused kernel
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
@@ -252,7 +250,6 @@ def speed(
             c = _Runner(EAGER if auto else COMPILED, lm, _lm_logits(lm), batches, compiled=not auto)
             c.opt = runners[0].opt
             runners.insert(1, c)
-        if compile:
             compiling.compile_steps(lm)  # once, kept; each row sets its own kind before its forward
         if accel.mode() != "off":  # what tformer.accel's paths are worth: the same model without them
             a = _Runner(STOCK, lm, _lm_logits(lm), batches, stock=True, compiled=False)

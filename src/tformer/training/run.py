@@ -22,7 +22,6 @@ from tformer.config.run import BEST_METRICS, best_metric_lower
 from tformer.training import compiling, distributed, lora, run_dir
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint import write_checkpoint
-from tformer.training.compiling import eager, is_compiled
 from tformer.training.ema import EMA, EMA_WEIGHTS
 from tformer.training.logsinks import TensorBoardLog, attention_picture
 from tformer.training.schedules import budget_cosine
@@ -55,7 +54,7 @@ class TrainingRun(Generic[BatchT]):
     ) -> None:
         """`module`: the tformer model (evaluation, config, checkpoints); `model`: what training steps call
         (`module`, or its DDP / FSDP wrapper); `config`: with the precision resolved, `asked_precision` the
-        configured one, `asked_compile` train.compile as configured ("auto" is decided before the first
+        configured one, `asked_compile` train.compile as configured ("auto" is decided after the second
         step); `progress`: this rank shows progress."""
         self.world, self.task, self.config, self.asked_precision = world, task, config, asked_precision
         self.asked_compile = asked_compile
@@ -191,7 +190,9 @@ class TrainingRun(Generic[BatchT]):
             asked_compile=self.asked_compile,
             progress=self.progress,
         )
-        if self.config.compile is True and not is_compiled(self.module):  # the run's recorded "auto"
+        if self.config.compile is True and not compiling.is_compiled(
+            self.module
+        ):  # the run's recorded "auto"
             compiling.compile_steps(self.module)
         if self.ema is not None and not self.ema.load(found, self.module):
             self.ema = EMA(self.module, self.ema.decay)  # the average starts from the resumed weights
@@ -321,7 +322,7 @@ class TrainingRun(Generic[BatchT]):
         metrics: dict[str, float] = {}
         if self.world.is_main or distributed.is_sharded(self.model):
             self.module.eval()
-            with eager(self.module), torch.no_grad():  # a compiled run's steps only (compiling.py)
+            with compiling.eager(self.module), torch.no_grad():  # a compiled run's steps only (compiling.py)
                 metrics = self.task.evaluate(self.module)
                 if self.ema is not None:  # the averaged weights, then the raw ones again, exactly
                     with self.ema.swapped_in(self.module):
@@ -339,7 +340,7 @@ class TrainingRun(Generic[BatchT]):
         board = self._board()
         draw = getattr(self.task, "attention_maps", None)  # the task's fixed validation example
         if board is not None and draw is not None:
-            with eager(self.module), torch.no_grad():
+            with compiling.eager(self.module), torch.no_grad():
                 maps = draw(self.module)
             if maps is not None:
                 board.image("attention", attention_picture(maps), self.state.step)

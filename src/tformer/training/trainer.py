@@ -81,7 +81,7 @@ class Trainer(TrainingRun[BatchT]):
                 print(f"precision: auto -> {resolved} ({why})", file=sys.stderr)
         # the product rule's bf16 is confirmed on the model's own step before the first one (_confirm_auto)
         self._confirm = config.precision == "auto" and resolved == "bf16"
-        # "auto" compile is decided on the run's first batch, after the precision (_decide_compile)
+        # "auto" compile is decided after the run's second step (_decide_compile)
         c = config.replace(precision=resolved)
         check_precision(c, world)
         module = model.to(world.device)  # the tformer model: evaluation, config, checkpoints
@@ -94,9 +94,8 @@ class Trainer(TrainingRun[BatchT]):
         d_model: int = getattr(model, "config").d_model  # noqa: B009  (every tformer model has a config)
         peak = peak_lr(c.lr, d_model, c.warmup_steps)
         if c.compile is True:
-            compiling.compile_steps(
-                model
-            )  # in place: the module, its state dict and names stay (compiling.py)
+            # in place: the module, its state dict and names stay (compiling.py)
+            compiling.compile_steps(model)
         if world.distributed:  # the kernels of training products: rank 0's choices on every rank
             accel.agree(model, lambda _name, winner: distributed.from_rank0(world, winner))
         wrapped = distributed.wrap(model, world, c.parallel)  # what training steps call
