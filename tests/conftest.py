@@ -56,6 +56,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_decode_graph(request, monkeypatch):
+    """compile=True also compiles a batch-1 decoding step as one graph (accel/decode_graph.py), about 15 s
+    per tiny model here: the tests of the per-product kernels do not; those marked `decode_graph` do."""
+    if request.node.get_closest_marker("decode_graph") is None:
+        from tformer.accel import decode_graph
+
+        monkeypatch.setattr(decode_graph, "eligible", lambda model: False)
+    yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny models of the distributed and export tests: threads only add synchronisation (and stall on a

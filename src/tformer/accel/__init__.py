@@ -42,16 +42,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from tformer import __version__
 from tformer.accel import attention as _attention
+from tformer.accel import decode_graph as _decode_graph
 from tformer.accel.compiled import PLAIN, compiled_decoding
+from tformer.accel.decode_graph import DecodeGraph
 from tformer.accel.dropout import AccelDropout
 from tformer.accel.linear import AccelLinear, onednn_available
 from tformer.accel.machine import MODES, mode
 from tformer.accel.plan import STREAMED, Plan
 from tformer.accel.tune import Tuner
 from tformer.attention.backends import get_backend
+from tformer.attention.kv_cache import DecodingCache
 from tformer.attention.multihead import MultiHeadAttention
 
 M = TypeVar("M", bound=nn.Module)
@@ -182,6 +187,56 @@ def confirm_decoding(model: _Modules, step: Callable[[bool | None], object]) -> 
     )
 
 
+def _graph_key(model: _Modules) -> tuple[str, str, str]:
+    """The tuner's class of `model`'s whole-step decoding graph (decision 111): as `_decoding_key`."""
+    return ("decode-graph",) + _decoding_key(model)[1:]
+
+
+def decoding_graph(model: nn.Module, compile: bool | None, batch: int, steps: int) -> DecodeGraph | None:
+    """The compiled whole decoding step (accel/decode_graph.py) that `generate` should decode `model` with
+    for `steps` tokens of `batch` rows, or None (its per-product kernels): at batch 1, with compile=True
+    wherever it compiles; by default where this machine measured it at least MIN_SPEEDUP faster than the
+    default's kernels and it is compiled in this process already or these steps pay for compiling it."""
+    if compile is False or batch != 1 or not _decode_graph.eligible(model):
+        return None
+    if compile is True:
+        return _decode_graph.graph_for(model)
+    plan = _plan_of(model)
+    if plan is None or plan.tuner is None:
+        return None
+    record = plan.tuner.record(_graph_key(model))
+    ratio = None if record is None or record.get("tformer") != __version__ else record.get("ratio")
+    if not isinstance(ratio, (int, float)) or ratio < _decode_graph.MIN_SPEEDUP:
+        return None
+    graph = _decode_graph.compiled_graph(model)
+    if graph is None and _decode_graph.worth_compiling(record, steps):
+        graph = _decode_graph.graph_for(model)
+    return graph
+
+
+def confirm_graph(model: nn.Module, graph: DecodeGraph, token: Tensor, cache: DecodingCache) -> None:
+    """Once per machine and model class (`_graph_key`), with compile=True after the first decoding step:
+    time `graph`'s step against the default's kernels (`decoding_setting(model, None)`), each on a
+    scratch copy of `cache`, and cache the ratio with the seconds the compile took (for
+    `decoding_graph`'s default)."""
+    plan = _plan_of(model)
+    if plan is None or plan.tuner is None or plan.tuner.cached_ratio(_graph_key(model)) is not None:
+        return
+    setting = decoding_setting(model, None)
+
+    def kernels() -> object:
+        with compiled_decoding(setting), torch.no_grad():
+            return model(token, cache=cache.clone(), last_only=True, checked=True)
+
+    def whole() -> object:
+        with torch.no_grad():
+            return graph(model, token, cache.clone())
+
+    plan.tuner.ratio(
+        _graph_key(model), whole, kernels, warmup=2, min_repeats=5, extra={"compile_s": graph.compile_s}
+    )
+
+
 def revert(model: M) -> M:
     """Undo `apply`: stock `nn.Linear` modules and the "sdpa" backend again. Returns the model."""
     for module in model.modules():
@@ -240,6 +295,8 @@ __all__ = [
     "apply",
     "compiled_decoding",
     "confirm_decoding",
+    "confirm_graph",
+    "decoding_graph",
     "decoding_setting",
     "describe",
     "mode",

@@ -287,7 +287,27 @@ class AccelLinear(nn.Linear):
     built on them, stay the same objects) and `accel.revert` turns it back."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # traced: a whole decoding step (accel/decode_graph.py) or a user's
+            return traced_linear(x, self.weight, self.bias, rows=self.__dict__.get("_accel_graph", False))
         return accel_linear(x, self.weight, self.bias, self.__dict__.get("_accel_plan"))
+
+
+def traced_linear(x: Tensor, weight: Tensor, bias: Tensor | None, *, rows: bool) -> Tensor:
+    """What torch.compile sees of an AccelLinear: F.linear, except that in a model with a decoding graph
+    (`rows`) a one-row float32 or bfloat16 inference product is the compiled kernels' reduction, which
+    inductor fuses with the work around it (decision 111)."""
+    if (
+        rows
+        and x.numel() == x.shape[-1]
+        and not torch.is_grad_enabled()
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1]
+    ):
+        eager = _gemv_eager if x.dtype == torch.float32 else _gemv_bf16_eager
+        return eager(x.reshape(-1), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 __all__ = [

@@ -201,8 +201,10 @@ class Tuner:
         past_budget: bool = False,
         warmup: int = _WARMUP,
         min_repeats: int = _MIN_REPEATS,
+        extra: JSONObject | None = None,
     ) -> float:
-        """median(base) / median(fast), cached: > 1 where `fast` is faster. 1.0 untimed (off, out of budget;
+        """median(base) / median(fast), cached: > 1 where `fast` is faster (with `extra` facts in its entry,
+        which `record` gives back). 1.0 untimed (off, out of budget;
         `past_budget=True` times it even after the budget is spent, for a decision too coarse to default,
         such as the precision of a whole run); 0.0 where `fast` raises (it cannot run here); `base` raising
         propagates. `warmup` untimed calls and at least `min_repeats` timed rounds each: fewer for calls
@@ -226,7 +228,7 @@ class Tuner:
                 value = 0.0
             else:
                 value = median_s["base"] / median_s["fast"] if median_s["fast"] > 0 else 1.0
-            self._store(skey, {"ratio": value, **self._facts(median_s, noise, excluded)})
+            self._store(skey, {**(extra or {}), "ratio": value, **self._facts(median_s, noise, excluded)})
             message = self._due_report()
         if message is not None and self._report is not None:
             self._report(message)

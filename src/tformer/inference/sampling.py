@@ -17,7 +17,16 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
-from tformer.accel import AccelLinear, compiled_decoding, confirm_decoding, decoding_setting
+from tformer.accel import (
+    AccelLinear,
+    compiled_decoding,
+    confirm_decoding,
+    confirm_graph,
+    decode_graph,
+    decoding_graph,
+    decoding_setting,
+)
+from tformer.accel.decode_graph import DecodeGraph
 from tformer.attention.kv_cache import DecodingCache
 from tformer.config import LMConfig
 from tformer.inference.modes import evaluating
@@ -226,6 +235,13 @@ def _steps(
     # compile=True at batch 1: after the first decoding step measured each product's kernels, the whole
     # step as the default takes it is timed against the eager one, once per machine (confirm_decoding)
     confirm = compile is True and use_cache and b == 1
+    # the whole step as one compiled graph, at batch 1 where compile=True or this machine measured it
+    # faster (accel.decoding_graph); the first decoding step runs the kernels (compile=True measures them)
+    graph = (
+        decoding_graph(model, compile, b, max_new_tokens)
+        if use_cache and isinstance(model, nn.Module)
+        else None
+    )
     with evaluating(model):
         for _ in range(max_new_tokens):
             with compiled_decoding(compile), torch.no_grad():
@@ -236,11 +252,22 @@ def _steps(
                     elif cache.length >= cache.capacity:  # full: re-read the last half window, once
                         cache.clear()
                         out = model(ids[:, n - limit // 2 : n], cache=cache, last_only=True, checked=True)
+                    elif graph is not None and not confirm and 2 <= cache.length < cache.capacity - 1:
+                        # (the graph is traced for these lengths: 0 and 1 specialise, as does filling the
+                        # cache's last slot; those steps take the kernels and compile nothing more)
+                        logits = _graph_step(model, graph, _token(ids, n), cache)
+                        if logits is None:  # it did not compile: the kernels from now on
+                            graph = None
+                            out = model(ids[:, n - 1 : n], cache=cache, last_only=True, checked=True)
+                        else:
+                            out = LMOutput(logits, cache)
                     else:  # the token chosen last step: valid by construction, not checked again
                         out = model(ids[:, n - 1 : n], cache=cache, last_only=True, checked=True)
                         if confirm and cache.length < cache.capacity:
                             confirm = False
                             confirm_decoding(model, _trial_step(model, ids[:, n - 1 : n], cache))
+                            if graph is not None:
+                                graph = _confirmed(model, graph, _token(ids, n), cache)
                 else:
                     out = model(ids[:, max(0, n - limit) : n], last_only=True)
                 logits = out.logits[:, -1].float()  # (B, V)
@@ -257,6 +284,37 @@ def _steps(
             # Host reads only for what stopping needs: none without eos_id.
             if eos_id is not None and bool(done.all()):
                 return
+
+
+def _token(ids: Tensor, n: int) -> Tensor:
+    """The last token of ids[:, :n] as a tensor of its own, strides (1, 1): the graph would otherwise
+    relate the ids' row stride to the cache's capacity (the two are often equal) and compile again."""
+    return ids[:, n - 1 : n].clone(memory_format=torch.contiguous_format)
+
+
+def _graph_step(model: object, graph: DecodeGraph, token: Tensor, cache: DecodingCache) -> Tensor | None:
+    """One decoding step by the compiled graph -> logits (B, 1, V); None where it did not compile (said
+    once; the model decodes with its kernels from then on)."""
+    assert isinstance(model, nn.Module)
+    try:
+        return graph(model, token, cache)
+    except Exception as exc:  # noqa: BLE001 - whatever dynamo or inductor raise
+        decode_graph.failed(model, exc)
+        return None
+
+
+def _confirmed(
+    model: object, graph: DecodeGraph, token: Tensor, cache: GenerationCache
+) -> DecodeGraph | None:
+    """compile=True's first decoding step ran the kernels: compile the graph on a copy of the cache and
+    measure it against them (once per machine); the graph, or None where it did not compile."""
+    assert isinstance(model, nn.Module)
+    if not 2 <= cache.length < cache.capacity - 1:  # (see _steps)
+        return graph  # compiled at its first use instead, and not measured
+    if _graph_step(model, graph, token, cache.clone()) is None:
+        return None
+    confirm_graph(model, graph, token, cache)
+    return graph
 
 
 def _trial_step(model: IncrementalLM[G], token: Tensor, cache: G) -> Callable[[bool | None], object]:
