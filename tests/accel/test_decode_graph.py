@@ -31,8 +31,14 @@ def _lm(dtype: torch.dtype = torch.float32, seed: int = 0) -> LanguageModel:
 
 @pytest.fixture(scope="module")
 def lm() -> LanguageModel:
-    """One model for the tests that compile (each model compiles once per process)."""
-    return accel.apply(_lm())
+    """One model for the tests that compile (each model compiles once per process), its products the
+    reduction (what the default's compiled kernels compute; this tiny model's own verdicts would pick
+    F.linear: it is below the kernels' size floor)."""
+    model = accel.apply(_lm())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode_graph, "_reduces", lambda layer, plan: True)
+        generate(model, _prompt(4), max_new_tokens=6, greedy=True, compile=True)  # compiles it
+    return model
 
 
 def _prompt(n: int, seed: int = 1) -> torch.Tensor:
@@ -60,6 +66,7 @@ def test_the_graph_computes_the_eager_step_and_writes_the_same_cache(lm):
     graph = decode_graph.graph_for(lm)
     assert graph is not None
     pairs, eager_cache, graph_cache = _steps_both_ways(lm, graph, steps=5)
+    assert all(m.__dict__[decode_graph.GRAPH_ATTR] for m in lm.modules() if type(m) is accel.AccelLinear)
     for eager, compiled in pairs:
         assert compiled.shape == eager.shape == (1, 1, VOCAB)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)  # float32 sums in another order
@@ -96,10 +103,13 @@ def test_compile_true_measures_the_graph_once_and_the_default_follows_the_record
 
 
 def test_a_bfloat16_model_decodes_as_its_eager_step_to_bfloat16_precision():
+    """Its own verdicts (below the compiled kernels' size floor: stock) give it F.linear's products."""
     model = accel.apply(_lm(torch.bfloat16, seed=3))
     graph = decode_graph.graph_for(model)
     assert graph is not None
     pairs, _, _ = _steps_both_ways(model, graph, steps=3)
+    marks = {m.__dict__[decode_graph.GRAPH_ATTR] for m in model.modules() if type(m) is accel.AccelLinear}
+    assert marks == {False}
     for eager, compiled in pairs:  # bfloat16 products: float32 sums rounded once per product, both ways
         assert compiled.dtype == torch.bfloat16
         torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
@@ -172,3 +182,24 @@ def test_a_graph_that_does_not_compile_warns_once_and_the_kernels_decode(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(generate(model, _prompt(3), max_new_tokens=6, greedy=True, compile=True), expected)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "reduces"), [("compiled", True), ("eager", True), ("stock", False), ("addmv", False)]
+)
+def test_the_graph_computes_each_product_as_the_default_would(kernel, reduces, monkeypatch):
+    """The default's kernel for a layer (Plan.one_row: the machine's verdicts) -> the graph's: the
+    reduction for the compiled kernel and for oneDNN (which a graph cannot call), F.linear otherwise."""
+    model = accel.apply(_lm(seed=7))
+    plan = accel._plan_of(model)
+    asked = []
+
+    def one_row(x, weight, bias, *, compiled):
+        asked.append((tuple(x.shape), tuple(weight.shape), compiled))
+        return kernel
+
+    monkeypatch.setattr(plan, "one_row", one_row)
+    decode_graph.mark(model)
+    layers = [m for m in model.modules() if type(m) is accel.AccelLinear]
+    assert {m.__dict__[decode_graph.GRAPH_ATTR] for m in layers} == {reduces}
+    assert asked == [((1, 1, m.weight.shape[1]), tuple(m.weight.shape), True) for m in layers]

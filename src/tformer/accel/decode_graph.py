@@ -5,9 +5,9 @@ still runs its other ~400 operations one by one (layer norms, residual adds, GEL
 cache, the cache writes), each a dispatcher round trip: on an AVX2-only AMD EPYC (family 25 model 1)
 GPT-2 small's step took about 27 ms where its products alone took about 20. `DecodeGraph` hands the
 model's own forward for one token (`model(token, cache=cache, last_only=True, checked=True)`) to
-`torch.compile` once per model: inductor fuses the pointwise work into the products' kernels, every
-one-row product is the same `(W * x).sum(-1) + b` reduction as the compiled kernels (`AccelLinear` under
-tracing, where the model has a graph), and the keys and values are written into the static cache in
+`torch.compile` once per model: inductor fuses the pointwise work into the products' kernels, each
+one-row product is the compiled kernels' `(W * x).sum(-1) + b` reduction or stock F.linear, as the
+machine's per-shape verdicts chose for the default (`mark`; `AccelLinear` under tracing), and the keys and values are written into the static cache in
 place. Shapes are dynamic (`dynamic=True`): one graph serves every prompt length, cache capacity and
 position, with the products' shapes static (parameters keep static shapes), so it compiles once per
 model and process (about 35 s for GPT-2 small on 2 cores with inductor's disk cache empty).
@@ -46,7 +46,7 @@ from tformer.accel.linear import AccelLinear
 from tformer.accel.machine import mode
 
 MIN_SPEEDUP = 1.05  # the default takes the graph only where it measured at least this much faster
-GRAPH_ATTR = "_accel_graph"  # set on a model's AccelLinear modules once it has a graph (read while tracing)
+GRAPH_ATTR = "_accel_graph"  # on a model's AccelLinear layers once it compiles a graph (read while tracing)
 
 _graphs: weakref.WeakKeyDictionary[nn.Module, DecodeGraph] = weakref.WeakKeyDictionary()
 _broken: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose graph failed to compile
@@ -63,9 +63,6 @@ class DecodeGraph:
     none to it): the model is an argument."""
 
     def __init__(self, model: nn.Module) -> None:
-        for m in model.modules():
-            if type(m) is AccelLinear:
-                m.__dict__[GRAPH_ATTR] = True
         # A code object of its own per model: dynamo keeps its compiled graphs and their recompile limit
         # per code object, so models decoded in one process (a server's, the tests') do not share them.
         fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, f"decode_step_{id(model):x}")
@@ -78,6 +75,7 @@ class DecodeGraph:
             return self._fn(model, token, cache)
         with _lock:
             start = time.perf_counter()
+            mark(model)
             print(
                 "tformer accel: compiling the decoding step as one graph, once per model and process "
                 "(compile=False / --no-compile skips it)",
@@ -87,6 +85,27 @@ class DecodeGraph:
             self.compile_s = time.perf_counter() - start
             self.compiled = True
         return out
+
+
+def mark(model: nn.Module) -> None:
+    """Say on each of `model`'s AccelLinear layers how the graph computes its one-row product: the
+    reduction (True) or F.linear (False), as `_reduces` decides from the layer's plan."""
+    for m in model.modules():
+        if type(m) is AccelLinear:
+            m.__dict__[GRAPH_ATTR] = _reduces(m, m.__dict__.get("_accel_plan"))
+
+
+def _reduces(layer: nn.Linear, plan: Any) -> bool:
+    """The graph's kernel for this layer's one-row product, from what the default decodes it with
+    (`Plan.one_row`, the machine's verdicts): the reduction where that is the compiled kernel, or oneDNN
+    (which a graph cannot call; the reduction is the compiled stand-in, and the whole graph is timed
+    against the kernels before the default takes it); F.linear where stock PyTorch's product (or its
+    matrix-vector product) measured fastest, as bfloat16's did on an AVX2-only AMD EPYC."""
+    if plan is None:
+        return True
+    x = layer.weight.new_zeros(1, 1, layer.weight.shape[1])
+    with torch.no_grad():
+        return bool(plan.one_row(x, layer.weight, layer.bias, compiled=True) in ("compiled", "eager"))
 
 
 def eligible(model: nn.Module) -> bool:

@@ -3,8 +3,11 @@
 Rows: tformer's `generate` (its model with tformer.accel's kernels, as the command line loads it, by
 default: compiled one-row kernels where this machine measured them faster) with the static KV cache and
 without a cache (re-reading the whole context each step); with the cache but without tformer.accel's
-kernels ("stock": what TFORMER_ACCEL=off gives); with the cache and compiled matrix-vector kernels for
-every shape (`compile=True`; tformer.accel.linear), which also measures them for the default row; and Hugging Face
+kernels ("stock": what TFORMER_ACCEL=off gives); with the cache and `compile=True`: compiled
+matrix-vector kernels for every shape (tformer.accel.linear) and, at batch 1, the whole decoding step
+compiled as one graph (accel/decode_graph.py), both measured for the default row, which takes what
+measured faster (the graph where it is compiled in the process, as it is after the compiled row; the
+"steps as" column says which); and Hugging Face
 `GPT2LMHeadModel.generate()` on the same weights (a seeded random GPT-2, copied
 into tformer's LanguageModel: same architecture, GELU with tanh as GPT-2's "gelu_new"). Both generate
 exactly `new_tokens` tokens after the same prompt (no EOS), so their outputs must be the same tokens;
@@ -113,6 +116,20 @@ def _variants(
     return out
 
 
+def _how(lm: LanguageModel, variant: str, batch: int, new_tokens: int) -> str | None:
+    """How a row's decoding steps ran: "graph" (the whole step compiled as one graph,
+    accel/decode_graph.py), "kernels" (op by op, with tformer.accel's kernels), "stock" (without them),
+    "uncached" (the whole context every step); None for Hugging Face's."""
+    if variant == "hf generate()":
+        return None
+    if variant == "tformer (no cache)":
+        return "uncached"
+    if variant == "tformer (KV cache, stock)" or accel.mode() == "off":
+        return "stock"
+    compile = True if variant == COMPILED else None
+    return "graph" if accel.decoding_graph(lm, compile, batch, new_tokens) is not None else "kernels"
+
+
 def run(
     *,
     shape: GPTShape = SHAPE,
@@ -218,6 +235,7 @@ def run(
                 step = median_step if median_step > 0 else None
                 step_rate = b / median_step if median_step > 0 else None
                 same = None if reference is None else bool(torch.equal(outputs[name], reference))
+                how = _how(lm, name, b, new_tokens)
                 rows.append(
                     {
                         "variant": name,
@@ -236,6 +254,7 @@ def run(
                         if step_rate is None
                         else step_rate / read_floor,
                         "same_tokens_as_hf": same,
+                        "decoding": how,
                         "all_seconds": times[name],
                     }
                 )
@@ -293,8 +312,8 @@ def markdown(report: dict[str, Any]) -> str:
         machine_line(report),
         "",
         "| precision | batch | variant | tokens / s | of the floor | of the read floor | vs HF generate() "
-        "| decoding step | of the floor (steps) | of the read floor (steps) | same tokens as HF |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| decoding step | of the floor (steps) | of the read floor (steps) | steps as | same tokens as HF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     hf = {
         (r["precision"], r["batch"]): r["tokens_per_s"]
@@ -316,7 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
                 else f"{1e3 * r['decode_step_seconds']:.2f} ms | {100 * r['decode_fraction_of_floor']:.0f}% | "
                 f"{100 * r['decode_fraction_of_read_floor']:.0f}%"
             )
-            + f" | {same} |"
+            + f" | {r.get('decoding') or 'n/a'} | {same} |"
         )
     return "\n".join(lines) + "\n"
 
