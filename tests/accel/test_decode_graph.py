@@ -36,7 +36,7 @@ def lm() -> LanguageModel:
     F.linear: it is below the kernels' size floor)."""
     model = accel.apply(_lm())
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decode_graph, "_reduces", lambda layer, plan: True)
+        patch.setattr(decode_graph, "_reduces", lambda layer, plan, compiled: True)
         generate(model, _prompt(4), max_new_tokens=6, greedy=True, compile=True)  # compiles it
     return model
 
@@ -187,9 +187,12 @@ def test_a_graph_that_does_not_compile_warns_once_and_the_kernels_decode(monkeyp
 @pytest.mark.parametrize(
     ("kernel", "reduces"), [("compiled", True), ("eager", True), ("stock", False), ("addmv", False)]
 )
-def test_the_graph_computes_each_product_as_the_default_would(kernel, reduces, monkeypatch):
-    """The default's kernel for a layer (Plan.one_row: the machine's verdicts) -> the graph's: the
-    reduction for the compiled kernel and for oneDNN (which a graph cannot call), F.linear otherwise."""
+@pytest.mark.parametrize("step", [None, False])
+def test_the_graph_computes_each_product_as_the_default_would(kernel, reduces, step, monkeypatch):
+    """The default's kernel for a layer (Plan.one_row: the machine's verdicts, with compiled kernels
+    unless the whole step measured slower with them) -> the graph's: the reduction for the compiled
+    kernel and for oneDNN (which a graph cannot call), F.linear otherwise."""
+    monkeypatch.setattr(accel, "decoding_setting", lambda model, compile: step)
     model = accel.apply(_lm(seed=7))
     plan = accel._plan_of(model)
     asked = []
@@ -202,4 +205,4 @@ def test_the_graph_computes_each_product_as_the_default_would(kernel, reduces, m
     decode_graph.mark(model)
     layers = [m for m in model.modules() if type(m) is accel.AccelLinear]
     assert {m.__dict__[decode_graph.GRAPH_ATTR] for m in layers} == {reduces}
-    assert asked == [((1, 1, m.weight.shape[1]), tuple(m.weight.shape), True) for m in layers]
+    assert asked == [((1, 1, m.weight.shape[1]), tuple(m.weight.shape), step is None) for m in layers]

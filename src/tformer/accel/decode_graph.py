@@ -89,13 +89,17 @@ class DecodeGraph:
 
 def mark(model: nn.Module) -> None:
     """Say on each of `model`'s AccelLinear layers how the graph computes its one-row product: the
-    reduction (True) or F.linear (False), as `_reduces` decides from the layer's plan."""
+    reduction (True) or F.linear (False), as `_reduces` decides from the layer's plan and whether the
+    default compiles any kernel in this model's step (`decoding_setting`, decision 108)."""
+    from tformer.accel import decoding_setting  # (the package imports this module)
+
+    compiled = decoding_setting(model, None) is not False
     for m in model.modules():
         if type(m) is AccelLinear:
-            m.__dict__[GRAPH_ATTR] = _reduces(m, m.__dict__.get("_accel_plan"))
+            m.__dict__[GRAPH_ATTR] = _reduces(m, m.__dict__.get("_accel_plan"), compiled)
 
 
-def _reduces(layer: nn.Linear, plan: Any) -> bool:
+def _reduces(layer: nn.Linear, plan: Any, compiled: bool = True) -> bool:
     """The graph's kernel for this layer's one-row product, from what the default decodes it with
     (`Plan.one_row`, the machine's verdicts): the reduction where that is the compiled kernel, or oneDNN
     (which a graph cannot call; the reduction is the compiled stand-in, and the whole graph is timed
@@ -105,7 +109,7 @@ def _reduces(layer: nn.Linear, plan: Any) -> bool:
         return True
     x = layer.weight.new_zeros(1, 1, layer.weight.shape[1])
     with torch.no_grad():
-        return bool(plan.one_row(x, layer.weight, layer.bias, compiled=True) in ("compiled", "eager"))
+        return bool(plan.one_row(x, layer.weight, layer.bias, compiled=compiled) in ("compiled", "eager"))
 
 
 def eligible(model: nn.Module) -> bool:
