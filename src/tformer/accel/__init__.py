@@ -209,7 +209,7 @@ def decoding_graph(model: nn.Module, compile: bool | None, batch: int, steps: in
     if not isinstance(ratio, (int, float)) or ratio < _decode_graph.MIN_SPEEDUP:
         return None
     graph = _decode_graph.compiled_graph(model)
-    if graph is None and _decode_graph.worth_compiling(record, steps):
+    if graph is None and record is not None and _decode_graph.worth_compiling(record, steps):
         graph = _decode_graph.graph_for(model)
     return graph
 

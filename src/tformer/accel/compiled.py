@@ -162,6 +162,11 @@ def with_bias(
     return None if fn is None else fn(*args, bias.contiguous())
 
 
+def first_line(exc: Exception) -> str:
+    """What a compiler raised, for a one-line warning: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def compile_failed(exc: Exception) -> None:
     """Whatever the compiler raised: say so once, and use the eager kernels for the rest of the process."""
     import warnings
@@ -170,7 +175,7 @@ def compile_failed(exc: Exception) -> None:
     with _compile_lock:
         if _gemv_broken is not None:
             return
-        _gemv_broken = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        _gemv_broken = first_line(exc)
     warnings.warn(
         f"compiled matrix-vector products are off for this process ({_gemv_broken}); using the eager "
         "kernels (oneDNN, or torchao's for int8 weights)",

@@ -7,14 +7,15 @@ GPT-2 small's step took about 27 ms where its products alone took about 20. `Dec
 model's own forward for one token (`model(token, cache=cache, last_only=True, checked=True)`) to
 `torch.compile` once per model: inductor fuses the pointwise work into the products' kernels, each
 one-row product is the compiled kernels' `(W * x).sum(-1) + b` reduction or stock F.linear, as the
-machine's per-shape verdicts chose for the default (`mark`; `AccelLinear` under tracing), and the keys and values are written into the static cache in
-place. Shapes are dynamic (`dynamic=True`): one graph serves every prompt length, cache capacity and
+machine's per-shape verdicts chose for the default (`mark`; `AccelLinear` under tracing), and the keys
+and values are written into the static cache in place. Shapes are dynamic (`dynamic=True`): one graph serves every prompt length, cache capacity and
 position, with the products' shapes static (parameters keep static shapes), so it compiles once per
 model and process (about 35 s for GPT-2 small on 2 cores with inductor's disk cache empty).
 
 Whether it is taken:
 - `compile=True` (`generate(..., compile=True)`, `--compile`): at batch 1 with the cache, always where it
-  compiles; after the first decoding step it is timed against the default's kernels (`measure`), once
+  compiles; after the first decoding step it is timed against the default's kernels
+  (`accel.confirm_graph`), once
   per machine and model class, and the ratio cached with the seconds the compile took.
 - the default (`compile=None`): where that ratio is at least `MIN_SPEEDUP` and either the graph is
   already compiled in this process (a server, a benchmark, a second `generate` call) or the generation's
@@ -41,12 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tformer.accel.compiled import PLAIN
-from tformer.accel.linear import AccelLinear
+from tformer.accel.compiled import PLAIN, first_line
+from tformer.accel.linear import GRAPH_ATTR, AccelLinear
 from tformer.accel.machine import mode
 
 MIN_SPEEDUP = 1.05  # the default takes the graph only where it measured at least this much faster
-GRAPH_ATTR = "_accel_graph"  # on a model's AccelLinear layers once it compiles a graph (read while tracing)
 
 _graphs: weakref.WeakKeyDictionary[nn.Module, DecodeGraph] = weakref.WeakKeyDictionary()
 _broken: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose graph failed to compile
@@ -99,7 +99,7 @@ def mark(model: nn.Module) -> None:
             m.__dict__[GRAPH_ATTR] = _reduces(m, m.__dict__.get("_accel_plan"), compiled)
 
 
-def _reduces(layer: nn.Linear, plan: Any, compiled: bool = True) -> bool:
+def _reduces(layer: nn.Linear, plan: Any, compiled: bool) -> bool:
     """The graph's kernel for this layer's one-row product, from what the default decodes it with
     (`Plan.one_row`, the machine's verdicts): the reduction where that is the compiled kernel, or oneDNN
     (which a graph cannot call; the reduction is the compiled stand-in, and the whole graph is timed
@@ -140,41 +140,33 @@ def graph_for(model: nn.Module) -> DecodeGraph | None:
 
 
 def compiled_graph(model: nn.Module) -> DecodeGraph | None:
-    """`model`'s graph where it is already compiled in this process."""
+    """`model`'s graph where it is already compiled in this process (the caller checked `eligible`)."""
     graph = _graphs.get(model)
-    return graph if graph is not None and graph.compiled and eligible(model) else None
+    return graph if graph is not None and graph.compiled else None
 
 
 def failed(model: nn.Module, exc: Exception) -> None:
-    """The graph did not compile: say so once for this model, and decode it with its kernels."""
+    """The graph did not compile: say so once for this model, and decode it with its kernels (its layers
+    trace as plain linear layers again)."""
     _graphs.pop(model, None)
     _broken.add(model)
-    forget(model)
-    reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    for m in model.modules():
+        m.__dict__.pop(GRAPH_ATTR, None)
     warnings.warn(
-        f"tformer accel: the decoding step did not compile as one graph ({reason}); decoding with the "
-        "per-product kernels",
+        f"tformer accel: the decoding step did not compile as one graph ({first_line(exc)}); decoding "
+        "with the per-product kernels",
         RuntimeWarning,
         stacklevel=3,
     )
 
 
-def forget(model: nn.Module) -> None:
-    """Drop `model`'s graph (accel.revert): its layers trace as plain linear layers again."""
-    _graphs.pop(model, None)
-    for m in model.modules():
-        m.__dict__.pop(GRAPH_ATTR, None)
-
-
-def worth_compiling(record: dict[str, Any] | None, steps: int) -> bool:
-    """A cached measurement (`Tuner.record`) says the graph is at least MIN_SPEEDUP faster, and `steps`
-    decoding steps save more than its compile took."""
-    if record is None:
-        return False
-    ratio, median_s, compile_s = record.get("ratio"), record.get("median_s"), record.get("compile_s")
-    if not isinstance(ratio, (int, float)) or ratio < MIN_SPEEDUP or not isinstance(median_s, dict):
+def worth_compiling(record: dict[str, Any], steps: int) -> bool:
+    """`steps` decoding steps save more than the graph's compile took, by a cached measurement
+    (`Tuner.record`, whose ratio the caller checked)."""
+    median_s, compile_s = record.get("median_s"), record.get("compile_s")
+    if not isinstance(median_s, dict) or not isinstance(compile_s, (int, float)):
         return False
     base, fast = median_s.get("base"), median_s.get("fast")
-    if not isinstance(base, float) or not isinstance(fast, float) or not isinstance(compile_s, (int, float)):
+    if not isinstance(base, float) or not isinstance(fast, float):
         return False
     return steps * (base - fast) > compile_s

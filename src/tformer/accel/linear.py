@@ -279,6 +279,11 @@ def eager_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: Plan | No
     return _onednn(x, weight, bias)
 
 
+# Set on a model's AccelLinear layers when it compiles a decoding graph (accel/decode_graph.py): whether
+# the graph computes the layer's one-row product as the reduction (True) or F.linear (False).
+GRAPH_ATTR = "_accel_graph"
+
+
 class AccelLinear(nn.Linear):
     """nn.Linear (same parameters, state-dict keys and initialisation) computed by `accel_linear`, with
     the plan `accel.apply` gave it (`_accel_plan`, shared by the model's layers; none: the fixed rule).
@@ -288,7 +293,7 @@ class AccelLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # traced: a whole decoding step (accel/decode_graph.py) or a user's
-            return traced_linear(x, self.weight, self.bias, rows=self.__dict__.get("_accel_graph", False))
+            return traced_linear(x, self.weight, self.bias, rows=self.__dict__.get(GRAPH_ATTR, False))
         return accel_linear(x, self.weight, self.bias, self.__dict__.get("_accel_plan"))
 
 
