@@ -15,8 +15,8 @@ model and process (about 35 s for GPT-2 small on 2 cores with inductor's disk ca
 Whether it is taken:
 - `compile=True` (`generate(..., compile=True)`, `--compile`): at batch 1 with the cache, always where it
   compiles; after the first decoding step it is timed against the default's kernels
-  (`accel.confirm_graph`), once
-  per machine and model class, and the ratio cached with the seconds the compile took.
+  (`accel.confirm_graph`), once per machine and model class, and the ratio cached with the seconds the
+  compile took.
 - the default (`compile=None`): where that ratio is at least `MIN_SPEEDUP` and either the graph is
   already compiled in this process (a server, a benchmark, a second `generate` call) or the generation's
   steps save more than the compile costs (`worth_compiling`). A short command never pays a cold compile.
