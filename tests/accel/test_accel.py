@@ -243,6 +243,8 @@ class _FakeTuner:
         self.winner, self.asked = winner, []
 
     def choose(self, key, candidates, *, stock):
+        if key[0] == "attention":  # float32 attention classes (decision 112): not scripted here
+            return stock
         if key[0] == "decode-eager":  # a one-row inference product's matrix-vector path: not scripted here
             assert stock == "eager" and set(candidates) == {"eager", "addmv"}
             return stock
@@ -423,6 +425,8 @@ class _StepTuner(_FakeTuner):
         self.step_ratio, self.steps = step_ratio, []
 
     def choose(self, key, candidates, *, stock):
+        if key[0] == "attention":  # float32 attention classes (decision 112): not scripted here
+            return stock
         return stock
 
     def ratio(self, key, fast, base, *, past_budget=False):
@@ -458,3 +462,114 @@ def test_auto_precision_is_confirmed_on_the_models_step_and_leaves_no_trace(
         confirmed.model.state_dict().items(), direct.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+# --- float32 short attention in training, chosen per key-length class (decision 112) ---------------------
+@pytest.mark.parametrize("case", _lowp_cases(), ids=lambda c: c[0])
+def test_short_fp32_kernel_is_as_accurate_as_the_fused_kernel(case):
+    """float32 through the three products against float64 attention, beside torch's fused kernel: values
+    and gradients within 2x the fused kernel's rms error (plus float32's resolution at these sizes)."""
+    _, t, s, mask, causal = case
+    g = torch.Generator().manual_seed(1)
+    q, k, v = ((2 * torch.randn(2, H, n, 16, generator=g)).requires_grad_() for n in (t, s, s))
+    w = torch.randn(2, H, t, 16, generator=g)
+
+    def run(fn, *xs):
+        out = fn(*xs)
+        grads = torch.autograd.grad((out.double() * w).sum(), xs)
+        return [out.detach().double(), *(x.double() for x in grads)]
+
+    exact = run(
+        lambda *xs: math_attention(*xs, mask, causal=causal)[0],
+        *(x.detach().double().requires_grad_() for x in (q, k, v)),
+    )
+    ours = run(lambda *xs: accel_attention._short_lowp_cpu(*xs, mask, causal, 0.0, None), q, k, v)
+    fused = run(lambda *xs: sdpa_attention(*xs, mask, causal=causal)[0], q, k, v)
+    for name, o, f, e in zip(("out", "dq", "dk", "dv"), ours, fused, exact, strict=True):
+        err, ref = float((o - e).pow(2).mean().sqrt()), float((f - e).pow(2).mean().sqrt())
+        assert err <= 2 * ref + 1e-6, (name, err, ref)
+    if case[0] == "empty-row":
+        assert torch.equal(ours[0][0, :, 4], torch.zeros_like(ours[0][0, :, 4]))
+
+
+class _AttentionTuner:
+    """Scripted winners for attention classes (linear and dropout classes: stock); runs each candidate."""
+
+    def __init__(self, winner: str) -> None:
+        self.winner, self.asked = winner, []
+
+    def choose(self, key, candidates, *, stock):
+        if key[0] != "attention":
+            return stock
+        assert stock == "stock" and set(candidates) == {"stock", "short"}
+        for run in candidates.values():  # each computes forward and backward on tensors of its own
+            dq, dk, dv = run()
+            assert dq.shape[-1] == dk.shape[-1] == dv.shape[-1] == 8
+        self.asked.append(key)
+        return self.winner
+
+    def lookup(self, key, *, stock=None):
+        return None
+
+
+def _lm() -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(LMConfig(vocab_size=30, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=160))
+
+
+@pytest.mark.parametrize("winner", ["stock", "short"])
+def test_fp32_attention_class_is_timed_once_and_its_winner_taken(winner, monkeypatch):
+    monkeypatch.setattr(accel, "_tuner", _AttentionTuner(winner))
+    calls = []
+    real = accel_attention._short_lowp_cpu
+    monkeypatch.setattr(
+        accel_attention, "_short_lowp_cpu", lambda *a: calls.append(a[1].shape[-2]) or real(*a)
+    )
+    lm = _lm()
+    ids = torch.randint(30, (3, 11))
+    stock_logits = lm(ids).logits
+    stock_logits.square().mean().backward()
+    want = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    accel.apply(lm)
+    logits = lm(ids).logits  # training mode (dropout 0.0): the first call times "attention/.../keys<=16"
+    logits.square().mean().backward()
+    assert accel.tuner().asked == [("attention", "float32", "train", "keys<=16")]
+    assert accel.recorded(lm)["attention/float32/train/keys<=16"] == winner
+    assert calls == ([11] * 3 if winner == "short" else [11])  # the timing's own, then one per layer
+    torch.testing.assert_close(logits, stock_logits, rtol=1e-5, atol=1e-6)
+    for got, ref in zip((p.grad for p in lm.parameters()), want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    lm(torch.randint(30, (2, 14))).logits.sum().backward()  # the same class: no new timing
+    lm(torch.randint(30, (2, 40))).logits.sum().backward()  # keys<=64: a class of its own
+    assert accel.tuner().asked[1:] == [("attention", "float32", "train", "keys<=64")]
+    n = len(calls)
+    lm(torch.randint(30, (1, accel_attention.SHORT_FP32_KEYS + 1))).logits.sum().backward()  # too long
+    with torch.no_grad():
+        lm(ids)  # no gradients (evaluation, decoding): the fused kernel
+    assert len(calls) == n and len(accel.tuner().asked) == 2
+    # a resumed run takes the recorded choice without timing; a copy keeps a plan of its own
+    again = accel.apply(_lm(), choices=accel.recorded(lm))
+    again(ids).logits.sum().backward()
+    assert len(accel.tuner().asked) == 2
+    import copy
+
+    twin = copy.deepcopy(again)
+    plans = {id(m.backend.fn.plan) for m in twin.modules() if isinstance(m, MultiHeadAttention)}
+    assert plans == {id(accel._plan_of(twin))} and plans != {id(accel._plan_of(again))}
+
+
+def test_fp32_attention_without_a_plan_or_a_tuner_is_the_fused_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(accel_attention, "_short_lowp_cpu", lambda *a: calls.append(1) or a[0])
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    accel_attention.sdpa_lowp_cpu(q, q, q)  # the registered function itself: no plan
+    lm = accel.apply(_lm(), measure=False)
+    lm(torch.randint(30, (2, 5))).logits.sum().backward()
+    assert calls == [] and accel.recorded(lm)["attention/float32/train/keys<=16"] == "stock"
+    with accel.reverted(lm):
+        assert {m.backend.name for m in lm.modules() if isinstance(m, MultiHeadAttention)} == {"sdpa"}
+    backends = [m.backend for m in lm.modules() if isinstance(m, MultiHeadAttention)]
+    assert all(isinstance(b.fn, accel_attention.PlannedAttention) for b in backends)
+    with pytest.raises(ValueError, match="attention/...: stock, short"):
+        accel.apply(_lm(), choices={"attention/float32/train/keys<=16": "onednn"})

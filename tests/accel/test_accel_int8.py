@@ -157,6 +157,8 @@ class _Int8Tuner:
         self.asked: list[tuple[tuple[object, ...], str]] = []
 
     def choose(self, key, candidates, *, stock):
+        if key[0] == "attention":  # float32 attention classes (decision 112): not scripted here
+            return stock
         self.asked.append((key, stock))
         if key == tuple(tp.INT8_CLASS.split("/")):
             assert stock == "stock" and set(candidates) == {"stock", "dequant"}

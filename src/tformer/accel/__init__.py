@@ -122,8 +122,8 @@ def apply(model: M, *, choices: dict[str, str] | None = None, measure: bool = Tr
             module.__class__ = AccelDropout
         if type(module) in _SWAPPED:
             module.__dict__["_accel_plan"] = plan
-        elif isinstance(module, MultiHeadAttention) and module.backend.name == "sdpa":
-            module.backend = get_backend(_attention.NAME)
+        elif isinstance(module, MultiHeadAttention) and module.backend.name in ("sdpa", _attention.NAME):
+            module.backend = _attention.backend(plan)  # float32 classes chosen by the model's plan
     return model
 
 
@@ -255,7 +255,9 @@ def reverted(model: nn.Module) -> Iterator[None]:
     bench`) in one thread: the model itself changes for the block."""
     swapped = [(m, type(m)) for m in model.modules() if type(m) in _SWAPPED]
     attentions = [
-        m for m in model.modules() if isinstance(m, MultiHeadAttention) and m.backend.name == _attention.NAME
+        (m, m.backend)
+        for m in model.modules()
+        if isinstance(m, MultiHeadAttention) and m.backend.name == _attention.NAME
     ]
     plan = _plan_of(model)
     revert(model)
@@ -266,8 +268,8 @@ def reverted(model: nn.Module) -> Iterator[None]:
             m.__class__ = cls
             if plan is not None:
                 m.__dict__["_accel_plan"] = plan
-        for a in attentions:
-            a.backend = get_backend(_attention.NAME)
+        for a, backend in attentions:
+            a.backend = backend
 
 
 def describe(model: nn.Module) -> dict[str, int]:

@@ -1,21 +1,30 @@
-"""A faster CPU kernel for short low-precision attention, registered as the attention backend
+"""A faster CPU kernel for short attention in training, registered as the attention backend
 "sdpa_lowp_cpu" that `accel.apply` puts in the place of "sdpa".
 
 Why: on the CPU, torch's fused `scaled_dot_product_attention` in bfloat16 / float16 was 1.4-1.9x slower
 than three plain products with a float32 softmax at up to `SHORT_LOWP_KEYS` keys, at the same accuracy
-(docs/decisions.md, decision 52), when training. Everything else (float32, CUDA, longer sequences,
-calls without gradients, where the fused kernel is faster: decision 75) is "sdpa" itself.
+(docs/decisions.md, decision 52), when training. In float32 the same products beat the fused kernel's
+forward and backward at a few dozen keys on some CPUs (1.3-2.4x at 5-15 keys, even at 64, 0.6x at 512 on
+an AVX2 AMD EPYC, family 25 model 1; decision 112), so there the model's plan chooses per key-length
+class by timing (`Plan.attention_path`, up to `SHORT_FP32_KEYS` keys), and `backend(plan)` binds this
+backend to the model's plan. Everything else (CUDA, longer sequences, calls without gradients, where the
+fused kernel is faster: decision 75) is "sdpa" itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tformer.attention.backends import full_mask, register, sdpa_attention
+from tformer.attention.backends import Backend, full_mask, get_backend, register, sdpa_attention
+
+if TYPE_CHECKING:
+    from tformer.accel.plan import Plan
 
 NAME = "sdpa_lowp_cpu"
 _LOWP = (torch.bfloat16, torch.float16)
@@ -24,6 +33,15 @@ _LOWP = (torch.bfloat16, torch.float16)
 # 30.9 ms at T = 64 / 256 / 512, and lost from 1024 keys on (86 vs 69 ms) as the (T, S) scores outgrow
 # the caches (docs/decisions.md, decision 52).
 SHORT_LOWP_KEYS = 512
+# float32 training calls of up to this many keys are timed per key-length class (`FP32_KEY_CLASSES`); past
+# it the fused kernel stays (it won from 256 keys on the CPU of decision 112)
+SHORT_FP32_KEYS = 128
+FP32_KEY_CLASSES = (16, 32, 64, 128)  # a class: keys up to this (above the one before)
+
+
+def key_class(keys: int) -> int:
+    """The float32 key-length class of a call with `keys` keys (<= SHORT_FP32_KEYS)."""
+    return next(c for c in FP32_KEY_CLASSES if keys <= c)
 
 
 def _short_lowp_cpu(
@@ -74,24 +92,73 @@ def sdpa_lowp_cpu(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     scale: float | None = None,
+    plan: Plan | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """ "sdpa", with bfloat16 / float16 CPU calls of up to `SHORT_LOWP_KEYS` keys that autograd records
     (training) through `_short_lowp_cpu`. Without gradients (decoding, evaluation) the fused kernel is
     faster: 5-9x at one query against 33-64 keys, 1.05-1.5x at 32 queries (Intel Xeon family 6 model 167,
     no_grad); with gradients `_short_lowp_cpu` was 1.16x faster at (2, 12, 256, 64) and 6-14x at the demo's
-    and nanoGPT's shapes there (decision 75)."""
+    and nanoGPT's shapes there (decision 75). float32 training calls of up to `SHORT_FP32_KEYS` keys take
+    it where `plan` (the model's) chose "short" for their key-length class (decision 112)."""
     if (
         not need_weights
         and q.device.type == "cpu"
-        and q.dtype in _LOWP
-        and k.shape[-2] <= SHORT_LOWP_KEYS
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
     ):
-        return _short_lowp_cpu(q, k, v, mask, causal, dropout_p, scale), None
+        keys = k.shape[-2]
+        if q.dtype in _LOWP and keys <= SHORT_LOWP_KEYS:
+            return _short_lowp_cpu(q, k, v, mask, causal, dropout_p, scale), None
+        if (
+            plan is not None
+            and q.dtype == torch.float32 == k.dtype == v.dtype
+            and keys <= SHORT_FP32_KEYS
+            and not torch.compiler.is_compiling()
+            and plan.attention_path(q, k, v, mask, causal, scale) == "short"
+        ):
+            return _short_lowp_cpu(q, k, v, mask, causal, dropout_p, scale), None
     return sdpa_attention(
         q, k, v, mask, causal=causal, dropout_p=dropout_p, need_weights=need_weights, scale=scale
     )
 
 
-__all__ = ["NAME", "SHORT_LOWP_KEYS", "sdpa_lowp_cpu"]
+class PlannedAttention:
+    """`sdpa_lowp_cpu` bound to one model's plan: the `fn` of the backend `backend(plan)` gives. A copied
+    model (copy.deepcopy) gets its copy's plan, a pickled one the plan's choices (Plan's own rules)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        *,
+        causal: bool = False,
+        dropout_p: float = 0.0,
+        need_weights: bool = False,
+        scale: float | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        return sdpa_lowp_cpu(
+            q, k, v, mask, causal=causal, dropout_p=dropout_p, need_weights=need_weights, scale=scale,
+            plan=self.plan,
+        )  # fmt: skip
+
+
+def backend(plan: Plan) -> Backend:
+    """The "sdpa_lowp_cpu" backend whose float32 choices are `plan`'s (what `accel.apply` gives a model's
+    attention layers)."""
+    return dataclasses.replace(get_backend(NAME), fn=PlannedAttention(plan))
+
+
+__all__ = [
+    "NAME",
+    "SHORT_FP32_KEYS",
+    "SHORT_LOWP_KEYS",
+    "PlannedAttention",
+    "backend",
+    "key_class",
+    "sdpa_lowp_cpu",
+]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tformer.accel import attention as _attention
 from tformer.accel import bucket as _bucket
 from tformer.accel import compiled as _compiled
 from tformer.accel import dropout as _dropout
@@ -40,7 +41,11 @@ from tformer.accel.machine import last_level_cache_bytes, rows_bucket
 from tformer.accel.tune import Tuner
 
 # the paths of each op, by the first part of its class name; the first is stock
-OP_PATHS = {"linear": ("stock", "onednn", "bucket", "dequant"), "dropout": ("stock", "bits16")}
+OP_PATHS = {
+    "linear": ("stock", "onednn", "bucket", "dequant"),
+    "dropout": ("stock", "bits16"),
+    "attention": ("stock", "short"),
+}
 # bfloat16 autocast products: one class per train / inference (the kernel builds it avoids do not depend
 # on the layer's size), timed on the first call's operands at row counts the process has not met
 BF16_CLASS = "linear/bfloat16/{}/rows"
@@ -226,6 +231,23 @@ class Plan:
         got = self._fast.get(fast)
         if got is None:
             got = self._choose_dropout(f"dropout/{str(x.dtype).removeprefix('torch.')}/train", x.dtype, p)
+            self._fast[fast] = got
+        return got
+
+    def attention_path(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None
+    ) -> str:
+        """The path of a float32 training attention call (the caller checked it is one, of at most
+        SHORT_FP32_KEYS keys): "short" (accel/attention.py's three products) or "stock" (the fused kernel),
+        per key-length class, timed on this first call's shapes."""
+        cls = _attention.key_class(k.shape[-2])
+        fast = ("attention", q.dtype, cls)
+        got = self._fast.get(fast)
+        if got is None:
+            name = f"attention/{str(q.dtype).removeprefix('torch.')}/train/keys<={cls}"
+            got = self._decide(
+                name, "stock", lambda: _attention_candidates(q, k, v, mask, causal, scale), collective=True
+            )
             self._fast[fast] = got
         return got
 
@@ -420,6 +442,29 @@ def _bucket_candidates(
         return run
 
     return {"stock": fresh(F.linear), "bucket": fresh(_bucket.bucketed_linear)}
+
+
+def _attention_candidates(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None
+) -> dict[str, Callable[[], object]]:
+    """The fused kernel ("stock") and the three products ("short"), forward and backward, on random
+    tensors of this call's shapes with its mask (no dropout: the caller's random stream is not drawn)."""
+    g = torch.Generator().manual_seed(0)
+    qs, ks, vs = (torch.randn(t.shape, generator=g).requires_grad_() for t in (q, k, v))
+    m = None if mask is None else mask.detach()
+    grad = torch.randn(*q.shape[:-1], v.shape[-1], generator=g)
+
+    def step(fn: Callable[[], Tensor]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.enable_grad():
+                return torch.autograd.grad(fn(), (qs, ks, vs), grad)
+
+        return run
+
+    return {
+        "stock": step(lambda: _attention.sdpa_attention(qs, ks, vs, m, causal=causal, scale=scale)[0]),
+        "short": step(lambda: _attention._short_lowp_cpu(qs, ks, vs, m, causal, 0.0, scale)),
+    }
 
 
 def _dropout_candidates(dtype: torch.dtype, p: float) -> dict[str, Callable[[], object]]:
