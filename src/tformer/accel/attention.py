@@ -14,6 +14,7 @@ fused kernel is faster: decision 75) is "sdpa" itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -107,9 +108,7 @@ def sdpa_lowp_cpu(
         and (q.requires_grad or k.requires_grad or v.requires_grad)
     ):
         keys = k.shape[-2]
-        if q.dtype in _LOWP and keys <= SHORT_LOWP_KEYS:
-            return _short_lowp_cpu(q, k, v, mask, causal, dropout_p, scale), None
-        if (
+        if (q.dtype in _LOWP and keys <= SHORT_LOWP_KEYS) or (
             plan is not None
             and q.dtype == torch.float32 == k.dtype == v.dtype
             and keys <= SHORT_FP32_KEYS
@@ -122,42 +121,17 @@ def sdpa_lowp_cpu(
     )
 
 
-class PlannedAttention:
-    """`sdpa_lowp_cpu` bound to one model's plan: the `fn` of the backend `backend(plan)` gives. A copied
-    model (copy.deepcopy) gets its copy's plan, a pickled one the plan's choices (Plan's own rules)."""
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-
-    def __call__(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None = None,
-        *,
-        causal: bool = False,
-        dropout_p: float = 0.0,
-        need_weights: bool = False,
-        scale: float | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        return sdpa_lowp_cpu(
-            q, k, v, mask, causal=causal, dropout_p=dropout_p, need_weights=need_weights, scale=scale,
-            plan=self.plan,
-        )  # fmt: skip
-
-
 def backend(plan: Plan) -> Backend:
     """The "sdpa_lowp_cpu" backend whose float32 choices are `plan`'s (what `accel.apply` gives a model's
-    attention layers)."""
-    return dataclasses.replace(get_backend(NAME), fn=PlannedAttention(plan))
+    attention layers): its function bound to the plan, so a copied model (copy.deepcopy) gets its copy's
+    plan and a pickled one the plan's choices (Plan's own rules)."""
+    return dataclasses.replace(get_backend(NAME), fn=functools.partial(sdpa_lowp_cpu, plan=plan))
 
 
 __all__ = [
     "NAME",
     "SHORT_FP32_KEYS",
     "SHORT_LOWP_KEYS",
-    "PlannedAttention",
     "backend",
     "key_class",
     "sdpa_lowp_cpu",

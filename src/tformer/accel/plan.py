@@ -39,6 +39,7 @@ from tformer.accel import linear as _linear
 from tformer.accel.compiled import PLAIN as _PLAIN
 from tformer.accel.machine import last_level_cache_bytes, rows_bucket
 from tformer.accel.tune import Tuner
+from tformer.attention.backends import sdpa_attention
 
 # the paths of each op, by the first part of its class name; the first is stock
 OP_PATHS = {
@@ -462,7 +463,7 @@ def _attention_candidates(
         return run
 
     return {
-        "stock": step(lambda: _attention.sdpa_attention(qs, ks, vs, m, causal=causal, scale=scale)[0]),
+        "stock": step(lambda: sdpa_attention(qs, ks, vs, m, causal=causal, scale=scale)[0]),
         "short": step(lambda: _attention._short_lowp_cpu(qs, ks, vs, m, causal, 0.0, scale)),
     }
 
