@@ -15,6 +15,7 @@ from tformer.attention.kv_cache import KV, KVCache
 from tformer.attention.masks import check_mask, combine, positions_mask
 from tformer.attention.scores import AttentionScore
 from tformer.backends import SCORES, unsupported
+from tformer.positions import RotaryEmbedding
 
 
 class AttentionOutput(NamedTuple):
@@ -51,7 +52,7 @@ class MultiHeadAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         backend: str = "sdpa",
-        rotary: nn.Module | None = None,
+        rotary: RotaryEmbedding | None = None,
         backend_options: Mapping[str, int] | None = None,
         n_kv_heads: int | None = None,
         score: str = "dot",
@@ -163,12 +164,17 @@ class MultiHeadAttention(nn.Module):
         rows = past.positions(t) if isinstance(past, KVCache) else None
         if not self.cross:
             # self-attention: one product for q, k and v
-            q, k, v = self.in_proj(x).split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
-            q, k, v = self._split(q), self._split(k), self._split(v)  # (B, H, T, D)
+            y = self.in_proj(x)  # (B, T, C + 2 C_kv)
+            qk_dim = self.d_model + self.kv_dim
+            v = self._split(y[..., qk_dim:])
             if self.rotary is not None:
                 offset = (0 if past is None else past.length) if rows is None else rows
-                q, k = self.rotary(q, offset), self.rotary(k, offset)
-            kv = KV(self.score.keys(k), v)
+                # the query and key heads rotated together, as the projection lays them out: one pass
+                qk = self.rotary.rotate_heads(y[..., :qk_dim].view(b, t, -1, self.d_head), offset)
+                q, k = (h.transpose(1, 2) for h in qk.split([self.n_heads, self.n_kv_heads], dim=2))
+            else:
+                q, k = self._split(y[..., : self.d_model]), self._split(y[..., self.d_model : qk_dim])
+            kv = KV(self.score.keys(k), v)  # (B, H or H_kv, T, D) each
         else:
             q = self._split(self.q_proj(x))  # (B, H, T, D)
             if static_kv is not None:

@@ -8,11 +8,10 @@ so a seed gives the same weights as before the layers took injected sublayers.
 
 from __future__ import annotations
 
-from torch import nn
-
 from tformer.attention.multihead import MultiHeadAttention
 from tformer.config import Seq2SeqConfig, TransformerConfig
 from tformer.layers import DecoderLayer, FeedForward, Residual, SelfAttentionLayer
+from tformer.positions import RotaryEmbedding
 
 
 def backend_options(c: TransformerConfig) -> dict[str, int]:
@@ -21,7 +20,11 @@ def backend_options(c: TransformerConfig) -> dict[str, int]:
 
 
 def attention(
-    c: TransformerConfig, *, backend: str | None = None, rotary: nn.Module | None = None, cross: bool = False
+    c: TransformerConfig,
+    *,
+    backend: str | None = None,
+    rotary: RotaryEmbedding | None = None,
+    cross: bool = False,
 ) -> MultiHeadAttention:
     """One attention sublayer: `backend` (default `c.attention`), self- or cross-attention."""
     return MultiHeadAttention(
@@ -49,12 +52,12 @@ def residual(c: TransformerConfig) -> Residual:
     return Residual(c.d_model, dropout=c.dropout, norm_first=c.norm_first, eps=c.layer_norm_eps, bias=c.bias)
 
 
-def self_attention_layer(c: TransformerConfig, rotary: nn.Module | None = None) -> SelfAttentionLayer:
+def self_attention_layer(c: TransformerConfig, rotary: RotaryEmbedding | None = None) -> SelfAttentionLayer:
     """Self-attention (`c.attention`) + feed-forward: an encoder layer, or run causally a GPT block."""
     return SelfAttentionLayer(attention(c, rotary=rotary), feed_forward(c), residual(c), residual(c))
 
 
-def decoder_layer(c: Seq2SeqConfig, rotary: nn.Module | None = None) -> DecoderLayer:
+def decoder_layer(c: Seq2SeqConfig, rotary: RotaryEmbedding | None = None) -> DecoderLayer:
     """Causal self-attention (`c.decoder_backend`), cross-attention (`c.cross_backend`), feed-forward."""
     return DecoderLayer(
         attention(c, backend=c.decoder_backend, rotary=rotary),

@@ -24,7 +24,7 @@ from tformer.layers import DecoderLayer, Embedding, dropout_layer, layer_norm
 from tformer.models.builders import decoder_layer
 from tformer.models.checkpointing import LayerCheckpointing
 from tformer.models.stack import row_offsets
-from tformer.positions import PositionalEncoding
+from tformer.positions import PositionalEncoding, RotaryEmbedding
 
 
 @dataclass
@@ -124,7 +124,7 @@ class Decoder(LayerCheckpointing, nn.Module):
     (models/checkpointing.py); `step` never does."""
 
     def __init__(
-        self, c: Seq2SeqConfig, *, embed: Embedding | None = None, rotary: nn.Module | None = None
+        self, c: Seq2SeqConfig, *, embed: Embedding | None = None, rotary: RotaryEmbedding | None = None
     ) -> None:
         super().__init__()
         # Made in the order Seq2Seq made them before it had a Decoder, so a seed gives the same weights.
