@@ -512,6 +512,31 @@ class _AttentionTuner:
         return None
 
 
+def test_fp32_attention_timing_takes_the_calls_layout(monkeypatch):
+    """The timed tensors have the call's strides (attention's transposed views of the projections), so the
+    products' copies of a strided q, k, v are timed too; a broadcast view gets a tensor of its own."""
+    from tformer.accel import plan as accel_plan
+
+    seen = []
+    real = accel_plan.sdpa_attention
+    monkeypatch.setattr(
+        accel_plan,
+        "sdpa_attention",
+        lambda q, k, v, *a, **kw: seen.append((q, k, v)) or real(q, k, v, *a, **kw),
+    )
+    b, t, h, d = 2, 5, 3, 4
+    qkv = torch.randn(b, t, 3 * h * d)
+    q, k, v = (x.view(b, t, h, d).transpose(1, 2) for x in qkv.split(h * d, dim=-1))
+    broadcast = torch.randn(1, h, t, d).expand(b, h, t, d)
+    candidates = accel_plan._attention_candidates(q, k, broadcast, None, True, None)
+    grads = {name: run() for name, run in candidates.items()}
+    ((qs, ks, vs),) = seen
+    assert qs.stride() == q.stride() and ks.stride() == k.stride() and not qs.is_contiguous()
+    assert vs.shape == broadcast.shape and vs.is_contiguous()
+    for got, ref in zip(grads["short"], grads["stock"], strict=True):  # both compute the same gradients
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def _lm() -> LanguageModel:
     torch.manual_seed(0)
     return LanguageModel(LMConfig(vocab_size=30, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=160))

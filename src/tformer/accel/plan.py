@@ -449,9 +449,18 @@ def _attention_candidates(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float | None
 ) -> dict[str, Callable[[], object]]:
     """The fused kernel ("stock") and the three products ("short"), forward and backward, on random
-    tensors of this call's shapes with its mask (no dropout: the caller's random stream is not drawn)."""
+    tensors of this call's shapes and strides with its mask (no dropout: the caller's random stream is not
+    drawn). The strides matter: attention's q, k and v are transposed views of the projections' (B, T, C)
+    outputs, which the fused kernel reads in place and the products copy first."""
     g = torch.Generator().manual_seed(0)
-    qs, ks, vs = (torch.randn(t.shape, generator=g).requires_grad_() for t in (q, k, v))
+
+    def like(t: Tensor) -> Tensor:  # a leaf laid out as `t` (a view's strides; storage of its extent)
+        if 0 in t.stride():  # a broadcast view: its elements share memory, which a leaf cannot
+            return torch.randn(t.shape, generator=g).requires_grad_()
+        leaf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        return leaf.copy_(torch.randn(t.shape, generator=g)).requires_grad_()
+
+    qs, ks, vs = like(q), like(k), like(v)
     m = None if mask is None else mask.detach()
     grad = torch.randn(*q.shape[:-1], v.shape[-1], generator=g)
 
