@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="training steps per round (default 10)")
     parser.add_argument("--no-compile", action="store_true", help="no compiled tformer row")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     model_py = Path(args.nanogpt) / "model.py"
     if not model_py.exists():
         print(f"skipping: {model_py} not found (a nanoGPT checkout is needed)")
