@@ -110,8 +110,8 @@ class RotaryEmbedding(nn.Module):
         positions: (B, T, D). float64 computes its own tables (the float32 buffers would round them)."""
         if isinstance(offset, Tensor):
             if x.dtype == torch.float64:
-                cos, sin = (m.to(x.device)[offset] for m in self._tables(0, self.max_seq_len, torch.float64))
-                return cos, sin
+                cos, sin = self._tables(0, self.max_seq_len, torch.float64)
+                return cos.to(x.device)[offset], sin.to(x.device)[offset]
             return self.cos[offset].to(x.dtype), self.sin_rot[offset].to(x.dtype)
         _check_length(offset + t, self.max_seq_len)
         if x.dtype == torch.float64:
